@@ -1,0 +1,23 @@
+"""ttt-jax: One-Minute Video Generation with Test-Time Training, in JAX."""
+
+from setuptools import setup
+
+setup(
+    name="ttt-jax",
+    version="0.1.0",
+    description="JAX/Flax reimplementation of One-Minute Video Generation with Test-Time Training",
+    packages=["ttt_jax", "ttt_jax.ops", "ttt_jax.nn", "configs"],
+    python_requires=">=3.12",
+    install_requires=[
+        "jax>=0.11.2",
+        "flax>=0.12.9",
+        "ml-collections>=1.1",
+        "absl-py",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist"],
+        # PyTorch oracles for parity tests only; never imported by the library.
+        "oracle": ["torch==2.13.0", "diffusers", "transformers"],
+    },
+)

@@ -1,0 +1,1 @@
+"""ttt-jax: One-Minute Video Generation with Test-Time Training, in JAX."""

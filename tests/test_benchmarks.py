@@ -1,0 +1,26 @@
+"""benchmarks/ttt_op.py runs and prints well-formed JSON lines (no timing asserts)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def test_ttt_op_benchmark_smoke(tmp_path):
+  out = tmp_path / "r.jsonl"
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "ttt_op.py"), "--num_mini_batches=2",
+       "--head_dim=16", "--mini_batch=8", "--repeats=1", "--matmul_size=64", f"--out={out}"],
+      capture_output=True, text=True, check=True, timeout=600)
+  rows = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert rows == [json.loads(line) for line in out.read_text().splitlines()]
+  # 2 kinds x 2 dtypes x 1 N x 2 modes x 2 forms
+  assert len(rows) == 16
+  for r in rows:
+    assert {"device_kind", "jax", "dtype", "median_ms", "gflops_per_s",
+            "pct_of_matmul_rate"} <= set(r)
+    assert r["median_ms"] > 0 and r["flops"] > 0
+    assert r["rel_err_dual_vs_per_token"] < (1e-5 if r["dtype"] == "float32" else 1e-2)
+  assert sum("speedup_vs_per_token" in r for r in rows) == 8

@@ -6,7 +6,7 @@ setup(
     name="ttt-jax",
     version="0.1.0",
     description="JAX/Flax reimplementation of One-Minute Video Generation with Test-Time Training",
-    packages=["ttt_jax", "ttt_jax.ops", "ttt_jax.nn", "configs"],
+    packages=["ttt_jax", "ttt_jax.ops", "ttt_jax.nn", "ttt_jax.checkpoint", "configs"],
     python_requires=">=3.12",
     install_requires=[
         "jax>=0.11.2",
@@ -14,10 +14,12 @@ setup(
         "ml-collections>=1.1",
         "absl-py",
         "numpy",
+        "ml_dtypes",
+        "orbax-checkpoint",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist"],
         # PyTorch oracles for parity tests only; never imported by the library.
-        "oracle": ["torch==2.13.0", "diffusers", "transformers"],
+        "oracle": ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.24.0", "safetensors"],
     },
 )

@@ -1,11 +1,14 @@
-"""CogVideoX + TTT: model size presets x video durations x TTT layer kind.
+"""CogVideoX + TTT: model size presets x video durations x sequence-layer variant.
 
 Usage (ml-collections config file with an argument, big_vision style):
 
   --config=configs/default.py                          # tiny, 3 s, ttt_mlp
   --config=configs/default.py:preset=5b,seconds=63     # the paper's 63 s stage
-  --config=configs/default.py:preset=debug,layer=ttt_linear
+  --config=configs/default.py:preset=debug,variant=ttt_linear
   --config.model.ttt.checkpoint_group=4                # override one field
+
+Variants: `ttt_mlp` (the paper's model), `ttt_linear`, `local_attention` (no TTT branch) and
+`full_attention` (attention over the whole sequence, no TTT).
 
 Presets: `tiny` runs on a CPU in seconds (tests, the README job); `debug` is upstream's debug
 model (512 wide, 8 heads, 6 layers) at the real 480x720 latent size; `5b` is CogVideoX-5B.
@@ -27,7 +30,8 @@ PRESETS = {
                latent_height=60, latent_width=90),
 }
 
-# Per TTT kind, as upstream's training configs (spec 1.4).
+# Per TTT kind, as upstream's training configs (spec 1.4). The attention-only variants keep the
+# TTT-MLP values so every variant sees the same sequence (text length) for a comparison.
 TTT = {
     "ttt_mlp": dict(mini_batch_size=64, base_lr=0.1, checkpoint_group=16),
     "ttt_linear": dict(mini_batch_size=16, base_lr=1.0, checkpoint_group=16),
@@ -35,12 +39,12 @@ TTT = {
 
 
 def get_config(arg=None):
-  """Returns the config for `arg` = 'preset=...,seconds=...,layer=...'."""
-  arg = config_lib.parse_arg(arg, preset="tiny", seconds=3, layer="ttt_mlp")
+  """Returns the config for `arg` = 'preset=...,seconds=...,variant=...'."""
+  arg = config_lib.parse_arg(arg, preset="tiny", seconds=3, variant="ttt_mlp")
   if arg.preset not in PRESETS:
     raise config_lib.ConfigError(f"preset={arg.preset!r}: use one of {sorted(PRESETS)}.")
-  if arg.layer not in TTT:
-    raise config_lib.ConfigError(f"layer={arg.layer!r}: use one of {sorted(TTT)}.")
+  if arg.variant not in config_lib.VARIANTS:
+    raise config_lib.ConfigError(f"variant={arg.variant!r}: use one of {config_lib.VARIANTS}.")
   if arg.seconds not in config_lib.DURATIONS:
     raise config_lib.ConfigError(f"seconds={arg.seconds}: use one of {config_lib.DURATIONS}.")
 
@@ -55,9 +59,13 @@ def get_config(arg=None):
   m.attn_length = 12  # latent frames per 3 s segment
   m.prefix_temporal_length = 1
   m.rope_theta = 10000.0
+  m.variant = arg.variant
+  m.attention_backend = "xla"  # "cudnn" on GPU, "pallas_tpu" (splash attention) on TPU
+  m.remat_policy = "none" if arg.preset == "tiny" else "full"  # see config.REMAT_POLICIES
+  m.scan_layers = True  # lax.scan over stacked layers; False unrolls them (debugging)
+  m.dtype = "float32"  # compute dtype; "bfloat16" as upstream trains. Parameters stay float32.
 
-  m.ttt = t = ml_collections.ConfigDict(TTT[arg.layer])
-  t.kind = arg.layer
+  m.ttt = t = ml_collections.ConfigDict(TTT.get(arg.variant, TTT["ttt_mlp"]))
   t.inner_eps = 1e-6  # the kernels' value, what the released model was trained with
   t.rope_theta = 10000.0
   t.eta_layout = "kernel"  # "kernel": upstream's step-size quirk (spec 3.5); "aligned"

@@ -14,9 +14,9 @@ CONFIG_FILE = str(pathlib.Path(__file__).parents[1] / "configs" / "default.py")
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("seconds", config_lib.DURATIONS)
-@pytest.mark.parametrize("layer", config_lib.TTT_KINDS)
-def test_every_preset_validates(preset, seconds, layer):
-  config = get_config(f"preset={preset},seconds={seconds},layer={layer}")
+@pytest.mark.parametrize("variant", config_lib.VARIANTS)
+def test_every_preset_validates(preset, seconds, variant):
+  config = get_config(f"preset={preset},seconds={seconds},variant={variant}")
   config_lib.validate(config)
   lay = config_lib.sequence_layout(config)
   assert lay.num_frames == 4 * seconds + 1
@@ -36,7 +36,7 @@ def test_5b_sequence_sizes_match_spec_table(seconds, tokens, mini_batches):
 
 def test_ttt_kind_defaults_follow_upstream():
   mlp = get_config("preset=5b").model.ttt
-  linear = get_config("preset=5b,layer=ttt_linear").model.ttt
+  linear = get_config("preset=5b,variant=ttt_linear").model.ttt
   assert (mlp.mini_batch_size, mlp.base_lr, mlp.inner_eps) == (64, 0.1, 1e-6)
   assert (linear.mini_batch_size, linear.base_lr) == (16, 1.0)
 
@@ -51,9 +51,9 @@ def _parse(*argv):
 
 
 def test_command_line_overrides():
-  config = _parse(f"--config={CONFIG_FILE}:seconds=9,layer=ttt_linear",
+  config = _parse(f"--config={CONFIG_FILE}:seconds=9,variant=ttt_linear",
                   "--config.model.ttt.mini_batch_size=32", "--config.model.ttt.eta_layout=aligned")
-  assert config.seconds == 9 and config.model.ttt.kind == "ttt_linear"
+  assert config.seconds == 9 and config.model.variant == "ttt_linear"
   assert config.model.ttt.mini_batch_size == 32 and config.model.ttt.eta_layout == "aligned"
   config_lib.validate(config)
 
@@ -61,7 +61,10 @@ def test_command_line_overrides():
 @pytest.mark.parametrize("override, field", [
     ("--config.model.ttt.mini_batch_size=7", "mini_batch_size"),
     ("--config.model.num_heads=3", "model.num_heads"),
-    ("--config.model.ttt.kind=mamba", "model.ttt.kind"),
+    ("--config.model.variant=mamba", "model.variant"),
+    ("--config.model.attention_backend=flash", "model.attention_backend"),
+    ("--config.model.remat_policy=some", "model.remat_policy"),
+    ("--config.model.dtype=float16", "model.dtype"),
     ("--config.model.ttt.eta_layout=rows", "model.ttt.eta_layout"),
     ("--config.model.ttt.checkpoint_group=-1", "model.ttt.checkpoint_group"),
     ("--config.seconds=9", "sequence.num_frames"),
@@ -77,7 +80,7 @@ def test_invalid_values_name_the_field(override, field):
 @pytest.mark.parametrize("arg, message", [
     ("preset=huge", "preset='huge'"),
     ("seconds=10", "seconds=10"),
-    ("layer=mamba", "layer='mamba'"),
+    ("variant=mamba", "variant='mamba'"),
     ("colour=red", "colour=red"),
     ("seconds=three", "seconds='three'"),
 ])

@@ -9,8 +9,9 @@ from oracles import naive_ttt, numpy_rope, rel_err
 
 from configs.default import get_config
 from ttt_jax import config as config_lib
-from ttt_jax.nn import (UPSTREAM_NAMES, TTTLayer, load_upstream_state_dict,
-                        upstream_state_dict)
+from ttt_jax.checkpoint import names as ckpt_names
+from ttt_jax.checkpoint.convert import load_state_dict, state_dict
+from ttt_jax.nn import TTTLayer
 
 
 def _upstream_permutation(lay):
@@ -75,12 +76,12 @@ def _random_layer(config, seed, base_lr):
   layer.base_lr = base_lr
   rng = np.random.default_rng(seed)
   sd = {}
-  for name, value in upstream_state_dict(layer).items():
+  for name, value in state_dict(layer).items():
     scale = 1 / np.sqrt(value.shape[-1]) if value.ndim > 1 else 0.3
     sd[name] = rng.normal(size=value.shape) * scale
   sd["post_norm.weight"] += 1.0
   sd["ttt_norm_weight"] += 1.0
-  load_upstream_state_dict(layer, sd)
+  load_state_dict(layer, sd)
   return layer, {k: np.asarray(v, np.float32).astype(np.float64) for k, v in sd.items()}
 
 
@@ -88,7 +89,7 @@ def _random_layer(config, seed, base_lr):
 @pytest.mark.parametrize("kind", ["ttt_mlp", "ttt_linear"])
 @pytest.mark.parametrize("eta_layout", ["kernel", "aligned"])
 def test_layer_matches_float64_reference(kind, seconds, eta_layout):
-  config = get_config(f"seconds={seconds},layer={kind}")
+  config = get_config(f"seconds={seconds},variant={kind}")
   config.model.ttt.eta_layout = eta_layout
   config.model.ttt.checkpoint_group = 4
   config_lib.validate(config)
@@ -121,7 +122,7 @@ def test_eta_layouts_differ_only_for_several_scenes():
 @pytest.mark.parametrize("kind, extra", [("ttt_mlp", 39_521_328), ("ttt_linear", 38_132_784)])
 def test_5b_parameters_match_upstream(kind, extra):
   """Spec 1.5: names and shapes, and the per-layer count (which also holds 4 gates of 3072)."""
-  config = get_config(f"preset=5b,layer={kind}")
+  config = get_config(f"preset=5b,variant={kind}")
   layer = nnx.eval_shape(lambda: TTTLayer.from_config(config, rngs=nnx.Rngs(0)))
   shapes = _upstream_shapes(layer)
   f = 256 if kind == "ttt_mlp" else 64
@@ -140,20 +141,16 @@ def test_5b_parameters_match_upstream(kind, extra):
 
 def _upstream_shapes(layer):
   """Upstream name -> upstream (PyTorch) shape, from a possibly abstract layer."""
-  params = dict(nnx.to_flat_state(nnx.state(layer, nnx.Param)))
-  shapes = {}
-  for path, (name, transpose) in ((p, UPSTREAM_NAMES[tuple(map(str, p))]) for p in params):
-    shape = tuple(params[path].shape)
-    shapes[name] = shape[::-1] if transpose else shape
-  return shapes
+  params = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(layer, nnx.Param))}
+  return {e.names[0]: e.torch_shape for e in ckpt_names.entries(params)}
 
 
 def test_upstream_state_dict_round_trip_and_errors():
   config = get_config("")
   layer, sd = _random_layer(config, seed=3, base_lr=0.1)
   fresh = TTTLayer.from_config(config, rngs=nnx.Rngs(9))
-  load_upstream_state_dict(fresh, {"ssm.ttt." + k: v for k, v in sd.items()}, prefix="ssm.ttt.")
-  for k, v in upstream_state_dict(fresh).items():
+  load_state_dict(fresh, {"ssm.ttt." + k: v for k, v in sd.items()}, prefix="ssm.ttt.")
+  for k, v in state_dict(fresh).items():
     np.testing.assert_array_equal(v, np.asarray(sd[k], np.float32))
   bad = dict(sd)
   del bad["W2"]
@@ -161,11 +158,11 @@ def test_upstream_state_dict_round_trip_and_errors():
   bad["wq.weight"] = bad["wq.weight"].T[:3]
   bad["extra"] = np.zeros(1)
   with pytest.raises(ValueError) as e:
-    load_upstream_state_dict(fresh, bad)
+    load_state_dict(fresh, bad)
   msg = str(e.value)
   assert "missing: W2" in msg and "unexpected: extra" in msg
-  assert "shape of W1: got (4, 16, 5), expected (4, 16, 64)" in msg
-  assert "shape of wq.weight: got (3, 64), expected (64, 64)" in msg
+  assert "wrong shape: W1 is (4, 16, 5), expected (4, 16, 64)" in msg
+  assert "wrong shape: wq.weight is (3, 64), expected (64, 64)" in msg
 
 
 def test_gradients_flow_to_every_parameter():

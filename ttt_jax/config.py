@@ -8,17 +8,32 @@ naming the field and the fix.
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 
 from ttt_jax.sequence import SequenceLayout
 
 DURATIONS = (3, 9, 18, 30, 63)  # seconds; one 3 s segment per text chunk
 TTT_KINDS = ("ttt_mlp", "ttt_linear")
+# The sequence layer of every DiT block: TTT on top of segment-local attention (the paper's
+# model), segment-local attention alone, or attention over the whole sequence (no TTT).
+VARIANTS = TTT_KINDS + ("local_attention", "full_attention")
+ATTENTION_BACKENDS = ("xla", "cudnn", "pallas_tpu")
 ETA_LAYOUTS = ("kernel", "aligned")
 
 # Text tokens per segment that upstream's eval configs use at 480x720 (spec 1.3): chosen so
 # that n*L + T*1350 is a multiple of 64.
 UPSTREAM_TEXT_LENGTH = {3: 498, 9: 502, 18: 471, 30: 497, 63: 458}
+
+
+# Named remat policies for the scan over DiT layers (`model.remat_policy`): what the backward
+# pass keeps from each layer's forward; the rest is recomputed.
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep everything (fastest, most memory)
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only the layer inputs
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+    "dots_all": jax.checkpoint_policies.dots_saveable,  # keep every matmul incl. attention
+}
 
 
 class ConfigError(ValueError):
@@ -93,7 +108,13 @@ def validate(config) -> None:
   for name in ("latent_height", "latent_width"):
     _require(m[name] % m.patch_size == 0, f"model.{name}", m[name],
              f"must be divisible by model.patch_size={m.patch_size}.")
-  _require(t.kind in TTT_KINDS, "model.ttt.kind", t.kind, f"use one of {TTT_KINDS}.")
+  _require(m.variant in VARIANTS, "model.variant", m.variant, f"use one of {VARIANTS}.")
+  _require(m.attention_backend in ATTENTION_BACKENDS, "model.attention_backend",
+           m.attention_backend, f"use one of {ATTENTION_BACKENDS}.")
+  _require(m.remat_policy in REMAT_POLICIES, "model.remat_policy", m.remat_policy,
+           f"use one of {sorted(REMAT_POLICIES)}.")
+  _require(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
+           "use 'float32' or 'bfloat16' (compute dtype; parameters stay float32).")
   _require(t.eta_layout in ETA_LAYOUTS, "model.ttt.eta_layout", t.eta_layout,
            f"use one of {ETA_LAYOUTS}.")
   _require(isinstance(t.mini_batch_size, int) and t.mini_batch_size > 0,

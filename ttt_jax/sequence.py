@@ -135,6 +135,16 @@ class SequenceLayout:
       pos += v1 - v0
     return _concatenate(texts + videos, axis)
 
+  def reverse(self, x, axis: int = 1):
+    """The backward scan's reversal (spec 3.2): all video tokens reversed, text chunks in
+    reverse order (tokens inside a chunk kept; a single chunk stays as it is). An involution."""
+    T0 = self.seq_text_length
+    flip = np.flip if isinstance(x, np.ndarray) else jnp.flip
+    video = flip(_slice(x, T0, self.total_tokens, axis), axis=axis)
+    L = self.text_length
+    texts = [_slice(x, s * L, (s + 1) * L, axis) for s in reversed(range(self.num_chunks))]
+    return _concatenate(texts + [video], axis)
+
   @functools.cached_property
   def interleave_permutation(self) -> np.ndarray:
     """pi[q] = pre-interleave position of the token at interleaved position q."""

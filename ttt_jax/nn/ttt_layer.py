@@ -12,14 +12,13 @@ One call runs one scan direction over a sample laid out [all text | all video]:
 
 The bidirectional scan and the tanh gates belong to the DiT block, which calls this layer
 twice with shared parameters. Parameter names follow upstream's `TTTBase`/`TTTMLP`, so
-checkpoints convert by rename and transpose (`UPSTREAM_NAMES`).
+checkpoints convert by rename and transpose (`ttt_jax.checkpoint.names`).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ttt_jax import ops
@@ -28,17 +27,6 @@ from ttt_jax.rope import apply_rope, rope_3d_angles
 from ttt_jax.sequence import SequenceLayout
 
 _normal = nnx.initializers.normal(0.02)
-
-# Our parameter path -> (upstream name under `ssm.ttt.`, transpose?). Linear kernels are stored
-# [in, out] here and [out, in] by PyTorch; everything else has upstream's shape.
-UPSTREAM_NAMES = {
-    **{(p, "kernel"): (f"{p}.weight", True) for p in ("wq", "wk", "wv", "wo")},
-    **{(p, "bias"): (f"{p}.bias", False) for p in ("wq", "wk", "wv", "wo")},
-    ("post_norm", "scale"): ("post_norm.weight", False),
-    ("post_norm", "bias"): ("post_norm.bias", False),
-    **{(p,): (p, False) for p in ("W1", "b1", "W2", "b2", "ttt_norm_weight", "ttt_norm_bias",
-                                 "learnable_ttt_lr_weight", "learnable_ttt_lr_bias")},
-}
 
 
 class TTTLayer(nnx.Module):
@@ -85,7 +73,10 @@ class TTTLayer(nnx.Module):
   @classmethod
   def from_config(cls, config, *, dtype=jnp.float32, rngs: nnx.Rngs) -> "TTTLayer":
     m, t = config.model, config.model.ttt
-    return cls(m.model_dim, m.num_heads, kind=t.kind, mini_batch_size=t.mini_batch_size,
+    if m.variant not in TTT_KINDS:
+      raise ValueError(f"config.model.variant={m.variant!r} has no TTT layer; use one of "
+                       f"{TTT_KINDS}.")
+    return cls(m.model_dim, m.num_heads, kind=m.variant, mini_batch_size=t.mini_batch_size,
                base_lr=t.base_lr, checkpoint_group=t.checkpoint_group, inner_eps=t.inner_eps,
                rope_theta=t.rope_theta, eta_layout=t.eta_layout, dtype=dtype, rngs=rngs)
 
@@ -148,47 +139,3 @@ def _l2_normalize(x):
   xf = x.astype(jnp.float32)
   norm = jnp.sqrt(jnp.sum(xf * xf, axis=-1, keepdims=True))
   return (xf / jnp.maximum(norm, 1e-12)).astype(x.dtype)
-
-
-def _upstream_entries(layer: TTTLayer):
-  """(our path, upstream name, transpose?) for every parameter `layer` has."""
-  state = nnx.to_flat_state(nnx.state(layer, nnx.Param))
-  return [(path, *UPSTREAM_NAMES[tuple(map(str, path))]) for path, _ in state]
-
-
-def upstream_state_dict(layer: TTTLayer, prefix: str = "") -> dict[str, np.ndarray]:
-  """The layer's parameters under upstream's names and shapes (numpy)."""
-  params = dict(nnx.to_flat_state(nnx.state(layer, nnx.Param)))
-  return {prefix + name: np.asarray(params[path][...]).T if transpose
-          else np.asarray(params[path][...])
-          for path, name, transpose in _upstream_entries(layer)}
-
-
-def load_upstream_state_dict(layer: TTTLayer, state_dict, prefix: str = "") -> None:
-  """Loads upstream-named tensors (e.g. `...ssm.ttt.` of a ttt-video-dit checkpoint) in place.
-
-  Raises a ValueError listing every missing, unexpected or mis-shaped key; nothing is
-  assigned unless all keys check out.
-  """
-  params = dict(nnx.to_flat_state(nnx.state(layer, nnx.Param)))
-  entries = _upstream_entries(layer)
-  wanted = {prefix + name for _, name, _ in entries}
-  given = {k for k in state_dict if k.startswith(prefix)}
-  problems = [f"missing: {k}" for k in sorted(wanted - given)]
-  problems += [f"unexpected: {k}" for k in sorted(given - wanted)]
-  values = {}
-  for path, name, transpose in entries:
-    if prefix + name not in state_dict:
-      continue
-    value = np.asarray(state_dict[prefix + name])
-    value = value.T if transpose else value
-    want = params[path][...].shape
-    if value.shape != want:
-      shown = value.T.shape if transpose else value.shape
-      problems.append(f"shape of {prefix + name}: got {shown}, expected "
-                      f"{want[::-1] if transpose else want}")
-    values[path] = value
-  if problems:
-    raise ValueError("TTT layer checkpoint does not match the layer:\n  " + "\n  ".join(problems))
-  for path, value in values.items():
-    params[path][...] = jnp.asarray(value, params[path][...].dtype)

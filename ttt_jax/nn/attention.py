@@ -1,0 +1,106 @@
+"""Attention of the DiT block: segment-local windows (spec 2.7) or the whole sequence.
+
+Segment-local attention runs one full (unmasked) attention per 3 s segment i over
+
+  [text chunk i | latent frames A*i .. A*(i+1)+Q-1]      A = attn_length, Q = prefix frames
+
+with the attention RoPE (spec 2.8) restarted at frame 0 in every window. All windows have the
+same length, so they are stacked on the batch axis and run as one attention call. Text rows go
+back to their chunk; video rows are summed into the frames they cover and divided by how many
+windows cover each frame (the Q overlap frames are the mean of two windows).
+
+`full_attention` (a comparison variant, no TTT) is one window over [all text | all frames]
+with global frame positions.
+
+Backends (`model.attention_backend`): "xla" (einsum + float32 softmax; any device), "cudnn"
+(`jax.nn.dot_product_attention`, GPU), "pallas_tpu" (splash attention from
+`jax.experimental.pallas.ops.tpu`, sequences padded to its block size and masked by segment
+ids; runs in interpret mode off TPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ttt_jax.sequence import SequenceLayout
+
+_SPLASH_BLOCK = 128
+
+
+def dot_product_attention(q, k, v, *, backend: str = "xla"):
+  """softmax(q k^T / sqrt(d)) v with no mask. q, k, v: [B, S, H, d] -> [B, S, H, d]."""
+  scale = q.shape[-1] ** -0.5
+  if backend == "xla":
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+  if backend == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+  if backend == "pallas_tpu":
+    return _splash_attention(q * jnp.asarray(scale, q.dtype), k, v,
+                             interpret=jax.default_backend() != "tpu")
+  raise ValueError(f"attention backend {backend!r}: use 'xla', 'cudnn' or 'pallas_tpu'.")
+
+
+def _splash_attention(q, k, v, *, interpret: bool):
+  """Splash attention (TPU Pallas) on [B, S, H, d]; pads S to the block size, masks the pad."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+  B, S, H, d = q.shape
+  Sp = -(-S // _SPLASH_BLOCK) * _SPLASH_BLOCK
+  pad = lambda t: jnp.pad(t, ((0, 0), (0, Sp - S), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.FullMask((Sp, Sp))] * H), head_shards=1,
+                              q_seq_shards=1, interpret=interpret)
+  ids = jnp.asarray(np.arange(Sp) >= S, jnp.int32)  # pad tokens only see each other
+  out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(pad(q), pad(k), pad(v),
+                                                  sk.SegmentIds(q=ids, kv=ids))  # [B, H, Sp, d]
+  return out.transpose(0, 2, 1, 3)[:, :S]
+
+
+@functools.lru_cache(maxsize=None)
+def _window_frames(layout: SequenceLayout, attn_length: int, prefix: int):
+  """(first frame, frames per window, per-frame coverage count) of the segment windows."""
+  n, T = layout.num_chunks, layout.num_frames
+  if n * attn_length + prefix != T:
+    raise ValueError(
+        f"Segment-local attention needs num_frames = num_chunks * attn_length + "
+        f"prefix_temporal_length, got {T} != {n} * {attn_length} + {prefix}; set "
+        "model.attn_length / model.prefix_temporal_length to match the duration.")
+  starts = tuple(attn_length * i for i in range(n))
+  count = np.zeros(T, np.float32)
+  for s in starts:
+    count[s:s + attn_length + prefix] += 1
+  return starts, attn_length + prefix, count
+
+
+def segment_windows(x_text, x_video, layout: SequenceLayout, attn_length: int, prefix: int):
+  """Cuts [B, n*L, D] text and [B, T*P, D] video into windows [B*n, L + W*P, D]."""
+  B, _, D = x_text.shape
+  n, L, P = layout.num_chunks, layout.text_length, layout.tokens_per_frame
+  starts, W, _ = _window_frames(layout, attn_length, prefix)
+  frames = x_video.reshape(B, layout.num_frames, P, D)
+  video = jnp.stack([frames[:, s:s + W] for s in starts], axis=1)  # [B, n, W, P, D]
+  text = x_text.reshape(B, n, L, D)
+  return jnp.concatenate([text, video.reshape(B, n, W * P, D)], axis=2).reshape(B * n, -1, D)
+
+
+def merge_windows(y, layout: SequenceLayout, attn_length: int, prefix: int):
+  """Inverse of `segment_windows` for outputs: text rows back, video rows averaged."""
+  n, L, P, T = layout.num_chunks, layout.text_length, layout.tokens_per_frame, layout.num_frames
+  D = y.shape[-1]
+  y = y.reshape(-1, n, y.shape[1], D)
+  B = y.shape[0]
+  starts, W, count = _window_frames(layout, attn_length, prefix)
+  text = y[:, :, :L].reshape(B, n * L, D)
+  video = y[:, :, L:].reshape(B, n, W, P, D).astype(jnp.float32)
+  acc = jnp.zeros((B, T, P, D), jnp.float32)
+  for i, s in enumerate(starts):
+    acc = acc.at[:, s:s + W].add(video[:, i])
+  acc = acc / jnp.asarray(count)[None, :, None, None]
+  return text, acc.reshape(B, T * P, D).astype(y.dtype)

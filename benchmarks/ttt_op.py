@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import statistics
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from bench_util import Emitter, default_matmul_size, device_fields, matmul_rate, time_fn
 from ttt_jax import ops
 
 OPS = {"ttt_mlp": ops.ttt_mlp, "ttt_linear": ops.ttt_linear}
@@ -79,24 +75,6 @@ def make_inputs(kind, B, H, N, b, d, dtype, seed=0):
   return tuple(a.astype(dtype) for a in args)
 
 
-def time_fn(fn, args, repeats):
-  """Median wall milliseconds of `fn(*args)` after one compile-and-run call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
-
-
-def matmul_rate(dtype, n, repeats):
-  """Measured GFLOP/s of one n x n x n matmul: this device's reference rate for `dtype`."""
-  a = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  ms = time_fn(jax.jit(lambda a: a @ a), (a,), repeats)
-  return 2 * n**3 / ms / 1e6
-
-
 def build(impl, kind, mode, checkpoint_group):
   fwd = (functools.partial(OPS[kind], checkpoint_group=checkpoint_group) if impl == "dual"
          else functools.partial(per_token_ttt, kind))
@@ -127,14 +105,12 @@ def main(argv=None):
   p.add_argument("--out", default=None, help="also append the JSON lines to this file")
   args = p.parse_args(argv)
 
-  dev = jax.devices()[0]
-  base = dict(bench="ttt_op", device_kind=dev.device_kind, platform=dev.platform,
-              jax=jax.__version__, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+  base = dict(device_fields("ttt_op"), batch=args.batch, heads=args.heads, head_dim=args.head_dim,
               mini_batch=args.mini_batch, checkpoint_group=args.checkpoint_group)
-  msize = args.matmul_size or (1024 if dev.platform == "cpu" else 8192)
+  msize = args.matmul_size or default_matmul_size()
   peak = {dt: matmul_rate(jnp.dtype(dt), msize, args.repeats) for dt in args.dtypes}
-  out_file = open(args.out, "a") if args.out else None
-  rows = []
+  emit = Emitter(args.out, ("impl", "kind", "mode", "dtype", "tokens", "median_ms",
+                            "gflops_per_s", "pct_of_matmul_rate", "speedup_vs_per_token"))
   for kind in args.kinds:
     for dtype in args.dtypes:
       for N in args.num_mini_batches:
@@ -160,23 +136,8 @@ def main(argv=None):
                        rel_err_dual_vs_per_token=check)
             if impl == "dual" and "per_token" in times:
               row["speedup_vs_per_token"] = round(times["per_token"] / ms, 2)
-            rows.append(row)
-            line = json.dumps(row)
-            print(line, flush=True)
-            if out_file:
-              out_file.write(line + "\n")
-  if out_file:
-    out_file.close()
-  _print_table(rows)
-
-
-def _print_table(rows):
-  """A human summary on stderr; stdout stays JSON lines."""
-  cols = ("impl", "kind", "mode", "dtype", "tokens", "median_ms", "gflops_per_s",
-          "pct_of_matmul_rate", "speedup_vs_per_token")
-  print("\n" + " | ".join(cols), file=sys.stderr)
-  for r in rows:
-    print(" | ".join(str(r.get(c, "")) for c in cols), file=sys.stderr)
+            emit(row)
+  emit.close()
 
 
 if __name__ == "__main__":

@@ -24,3 +24,18 @@ def test_ttt_op_benchmark_smoke(tmp_path):
     assert r["median_ms"] > 0 and r["flops"] > 0
     assert r["rel_err_dual_vs_per_token"] < (1e-5 if r["dtype"] == "float32" else 1e-2)
   assert sum("speedup_vs_per_token" in r for r in rows) == 8
+
+
+def test_dit_step_benchmark_smoke(tmp_path):
+  out = tmp_path / "r.jsonl"
+  subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "dit_step.py"), "--seconds=3,9",
+       "--variants=ttt_linear,local_attention", "--modes=fwd", "--repeats=1",
+       "--matmul_size=64", f"--out={out}"],
+      capture_output=True, text=True, check=True, timeout=600)
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [(r["seconds"], r["variant"]) for r in rows] == [
+      (3, "local_attention"), (3, "ttt_linear"), (9, "local_attention"), (9, "ttt_linear")]
+  for r in rows:
+    assert r["median_ms"] > 0 and r["flops"] > 0 and r["tokens"] in (96, 288)
+  assert rows[1]["x_local_attention"] > 0 and rows[3]["x_shortest"] > 0

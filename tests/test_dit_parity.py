@@ -69,7 +69,9 @@ def test_bf16_within_bf16_tolerance(diffusers_model):
   model = convert.import_diffusers(folder / "transformer", tiny_config(dtype="bfloat16"))
   _zero_gates(model)
   out = model(io["video"], io["text"][:, None], jnp.asarray(io["timesteps"]))
-  assert rel_err(np.asarray(out), io["out"]) <= 3e-2
+  err = rel_err(np.asarray(out), io["out"])
+  print(f"bfloat16: rel err vs diffusers (float32) {err:.2e}")
+  assert err <= 3e-2
 
 
 def test_diffusers_import_lists_bad_tensors(diffusers_model, tmp_path):

@@ -73,6 +73,13 @@ def get_config(arg=None):
   if arg.preset == "tiny":
     t.mini_batch_size = 16
 
+  # Device mesh (data, fsdp, tensor); one -1 takes the remaining devices. Logical axis names
+  # used by the model -> mesh axes (ttt_jax.sharding).
+  config.sharding = ml_collections.ConfigDict()
+  config.sharding.mesh_shape = (-1, 1, 1)
+  config.sharding.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),
+                           ("mlp", "tensor"), ("layers", None))
+
   config.sequence = s = ml_collections.ConfigDict()
   s.num_frames = config_lib.latent_frames(arg.seconds)
   s.num_chunks = s.num_frames // m.attn_length

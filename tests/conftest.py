@@ -1,4 +1,4 @@
-"""Shared test fixtures: the PyTorch parity oracle, run in its own venv.
+"""Shared test set-up: eight CPU devices, and the PyTorch parity oracle in its own venv.
 
 torch 2.13.0's CPU wheel on these machines is for Python 3.11 while jax >= 0.11 needs 3.12, so
 the oracle lives in `.venv-oracle` (made by `bash install.sh --oracle`) and the tests talk to it
@@ -11,7 +11,13 @@ import os
 import pathlib
 import subprocess
 
-import pytest
+# Eight host CPU devices for the sharding tests; set before anything imports jax. Single-device
+# code runs on device 0 as before (measured: no slowdown).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
 
 ROOT = pathlib.Path(__file__).parents[1]
 ORACLE_PYTHON = pathlib.Path(os.environ.get("TTT_JAX_ORACLE_PYTHON",

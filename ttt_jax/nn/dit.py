@@ -19,6 +19,7 @@ from flax import nnx
 from ttt_jax import config as config_lib
 from ttt_jax.nn.seq_block import SeqModelingBlock
 from ttt_jax.sequence import SequenceLayout
+from ttt_jax.sharding import constrain
 
 _normal = nnx.initializers.normal(0.02)
 
@@ -170,7 +171,8 @@ class DiT(nnx.Module):
 
     def layer(carry, layer_state):
       x_video, x_text = nnx.merge(graphdef, layer_state)(*carry, t_emb, layout)
-      return (x_video, x_text), None
+      # The residual stream between layers: batch-sharded, replicated over tensor.
+      return tuple(constrain(x, ("batch", None, None)) for x in (x_video, x_text)), None
 
     policy = config_lib.REMAT_POLICIES[m.remat_policy]
     if m.remat_policy != "none":

@@ -22,6 +22,7 @@ from ttt_jax.nn import attention
 from ttt_jax.nn.ttt_layer import TTTLayer
 from ttt_jax.rope import apply_rope, rope_3d_angles
 from ttt_jax.sequence import SequenceLayout
+from ttt_jax.sharding import constrain
 
 _normal = nnx.initializers.normal(0.02)
 
@@ -91,9 +92,10 @@ class SeqModelingBlock(nnx.Module):
     B, S, D = x.shape
     H, d = self.num_heads, self.head_dim
     x = x.astype(self.dtype)
-    q = self.q_norm(self.q(x).reshape(B, S, H, d))
-    k = self.k_norm(self.k(x).reshape(B, S, H, d))
-    v = self.v(x).reshape(B, S, H, d)
+    heads = lambda t: constrain(t.reshape(B, S, H, d), ("batch", None, "heads", None))
+    q = self.q_norm(heads(self.q(x)))
+    k = self.k_norm(heads(self.k(x)))
+    v = heads(self.v(x))
     # Positions restart at frame 0 in every window (spec 2.8); text is not rotated.
     angles = rope_3d_angles(d, num_frames, layout.grid_h, layout.grid_w, self.rope_theta)
     q, k = (jnp.concatenate([t[:, :num_text], apply_rope(t[:, num_text:], angles)], axis=1)

@@ -25,6 +25,7 @@ from ttt_jax import ops
 from ttt_jax.config import ETA_LAYOUTS, TTT_KINDS
 from ttt_jax.rope import apply_rope, rope_3d_angles
 from ttt_jax.sequence import SequenceLayout
+from ttt_jax.sharding import constrain
 
 _normal = nnx.initializers.normal(0.02)
 
@@ -103,12 +104,14 @@ class TTTLayer(nnx.Module):
       eta = eta.reshape(B, N, b, H)[:, layout.eta_source_mini_batches(b)]  # [B, N, b, H]
     else:
       eta = layout.interleave(eta, axis=1).reshape(B, N, b, H)
-    eta = eta.transpose(0, 3, 1, 2)  # [B, H, N, b]
+    # Heads over the tensor axis: each shard runs the inner loop for its own heads.
+    eta = constrain(eta.transpose(0, 3, 1, 2), ("batch", "heads", None, None))  # [B, H, N, b]
 
     def to_mini_batches(t):  # [B, S, H, d] -> [B, H, N, b, d], interleaved order
       return layout.interleave(t, axis=1).reshape(B, N, b, H, d).transpose(0, 3, 1, 2, 4)
 
-    XQ, XK, XV = map(to_mini_batches, (XQ, XK, XV))
+    XQ, XK, XV = (constrain(to_mini_batches(t), ("batch", "heads", None, None, None))
+                  for t in (XQ, XK, XV))
     inner = (self.W1, self.b1, self.W2, self.b2) if self.kind == "ttt_mlp" else (self.W1, self.b1)
     op = ops.ttt_mlp if self.kind == "ttt_mlp" else ops.ttt_linear
     out = op(XQ, XK, XV, eta, self.ttt_norm_weight[...], self.ttt_norm_bias[...],

@@ -1,0 +1,173 @@
+"""Meshes and logical-axis sharding (the flax lm1b way: names in the model, one rules table).
+
+Parameters get logical axes from their path (`PARAM_AXES`, first match wins; every parameter
+must match one); activations are annotated in the layer code with `constrain(x, names)`. The
+config's `sharding.rules` maps logical names to mesh axes:
+
+  batch -> (data, fsdp)   embed -> fsdp (FSDP of every large weight)
+  heads -> tensor         mlp -> tensor (attention / TTT heads and MLP columns per shard)
+
+so each tensor shard runs the TTT inner loop for its own heads, as upstream's tensor
+parallelism does. Outside `use_rules` (single device, tests) `constrain` does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Parameter path (joined by '/', the stacked-layer prefix removed) -> logical axes per dim.
+PARAM_AXES = (
+    (r"patch_embedding/(vid_proj|text_proj)/kernel", (None, "embed")),
+    (r"time_embed_0/kernel", ("embed", None)),
+    (r"time_embed_2/kernel", (None, None)),
+    (r".*adaLN_modulation/kernel", (None, "embed")),
+    (r"seq_modeling_block/(q|k|v)/kernel", ("embed", "heads")),
+    (r"seq_modeling_block/ssm/(wq|wk|wv)/kernel", ("embed", "heads")),
+    (r"seq_modeling_block/(o|ssm/wo)/kernel", ("heads", "embed")),
+    (r"seq_modeling_block/ssm/learnable_ttt_lr_weight", ("heads", None, "embed")),
+    (r"seq_modeling_block/ssm/(W1|b1|W2|b2)", ("heads", None, None)),
+    (r"seq_modeling_block/ssm/(ttt_norm_weight|ttt_norm_bias|learnable_ttt_lr_bias)",
+     ("heads", None)),
+    (r"mlp/layer1/kernel", ("embed", "mlp")),
+    (r"mlp/layer2/kernel", ("mlp", "embed")),
+    (r"final_layer/linear/kernel", ("embed", None)),
+    # Vectors: biases, norm scales, gates. Small; replicated.
+    (r".*/(bias|scale|gating_alpha)", (None,)),
+)
+
+_ACTIVE = contextvars.ContextVar("ttt_jax_sharding_rules", default=None)
+
+
+class MeshError(ValueError):
+  """The mesh does not fit the devices or the model; the message names the axis."""
+
+
+def make_mesh(mesh_shape, devices=None, *, num_heads: int | None = None,
+              model_dim: int | None = None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh; one -1 entry takes the remaining devices.
+
+  Checks, before anything compiles, that the shape uses every device and that the tensor axis
+  divides the heads and the fsdp axis the model width.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  shape = list(mesh_shape)
+  if len(shape) != len(MESH_AXES):
+    raise MeshError(f"sharding.mesh_shape={tuple(mesh_shape)} needs {len(MESH_AXES)} entries "
+                    f"for axes {MESH_AXES}.")
+  if shape.count(-1) > 1:
+    raise MeshError(f"sharding.mesh_shape={tuple(mesh_shape)}: at most one axis may be -1.")
+  if -1 in shape:
+    rest = int(np.prod([s for s in shape if s != -1]))
+    if len(devices) % rest:
+      raise MeshError(f"sharding.mesh_shape={tuple(mesh_shape)}: {len(devices)} devices are not "
+                      f"divisible by the fixed axes ({rest}).")
+    shape[shape.index(-1)] = len(devices) // rest
+  if int(np.prod(shape)) != len(devices):
+    raise MeshError(f"sharding.mesh_shape={tuple(mesh_shape)} = {int(np.prod(shape))} devices, "
+                    f"but {len(devices)} are available; make the product match or use -1.")
+  sizes = dict(zip(MESH_AXES, shape))
+  if num_heads is not None and num_heads % sizes["tensor"]:
+    raise MeshError(f"mesh axis 'tensor'={sizes['tensor']} must divide model.num_heads="
+                    f"{num_heads} (each tensor shard runs whole heads).")
+  if model_dim is not None and model_dim % sizes["fsdp"]:
+    raise MeshError(f"mesh axis 'fsdp'={sizes['fsdp']} must divide model.model_dim={model_dim}.")
+  return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                           axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def mesh_from_config(config, devices=None) -> jax.sharding.Mesh:
+  return make_mesh(config.sharding.mesh_shape, devices, num_heads=config.model.num_heads,
+                   model_dim=config.model.model_dim)
+
+
+def param_logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
+  """Logical axes of one parameter; stacked layers get a leading 'layers' axis."""
+  stacked = path[0] == "layers"
+  name = "/".join(path[1:] if stacked else path)
+  for pattern, axes in PARAM_AXES:
+    if re.fullmatch(pattern, name):
+      axes = ("layers",) + axes if stacked else axes
+      if len(axes) != ndim:
+        raise ValueError(f"sharding rule {pattern!r} gives {len(axes)} axes for {name}, "
+                         f"which has {ndim} dims; fix PARAM_AXES.")
+      return axes
+  raise ValueError(f"parameter {'/'.join(path)} has no logical axes; add a rule to "
+                   "ttt_jax.sharding.PARAM_AXES.")
+
+
+def logical_to_spec(axes, rules) -> PartitionSpec:
+  table = dict(rules)
+  return PartitionSpec(*(table.get(a) if a is not None else None for a in axes))
+
+
+def param_shardings(state, mesh, rules):
+  """NamedShardings for an nnx State (or abstract State) of parameters, same structure."""
+  def one(path, var):
+    axes = param_logical_axes(tuple(map(str, path)), len(var.shape))
+    return var.replace(NamedSharding(mesh, logical_to_spec(axes, rules)))
+  return nnx.map_state(one, state)
+
+
+@contextlib.contextmanager
+def use_rules(mesh, rules):
+  """Within this context (while tracing), `constrain` applies the rules on `mesh`."""
+  token = _ACTIVE.set((mesh, tuple(map(tuple, rules))))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x, axes):
+  """Sharding constraint by logical axis names; a no-op outside `use_rules`."""
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
+
+
+def batch_sharding(mesh, rules, ndim: int) -> NamedSharding:
+  """Inputs: the leading (batch) axis over the batch mesh axes, the rest replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def shard_batch(x, mesh, rules):
+  """Puts a host array on the mesh, batch-sharded; checks the batch divides the batch axes."""
+  spec = batch_sharding(mesh, rules, np.ndim(x))
+  axes = spec.spec[0] if isinstance(spec.spec[0], tuple) else (spec.spec[0],)
+  ways = int(np.prod([mesh.shape[a] for a in axes if a is not None]))
+  if np.shape(x)[0] % ways:
+    raise MeshError(f"batch size {np.shape(x)[0]} is not divisible by the mesh axes {axes} "
+                    f"({ways} ways); change the batch size or sharding.mesh_shape.")
+  return jax.device_put(x, spec)
+
+
+def create_sharded(make_module, mesh, rules):
+  """Builds `make_module()` with every parameter created directly in its sharding.
+
+  The module is traced abstractly first (`nnx.eval_shape`), then initialised inside a jit whose
+  out_shardings are the parameter shardings: no host ever holds a whole parameter.
+  """
+  graphdef, abstract = nnx.split(nnx.eval_shape(make_module))
+  shardings = param_shardings(abstract, mesh, rules)
+  state = jax.jit(lambda: nnx.split(make_module())[1], out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def jit_sharded(fn, mesh, rules, **jit_kwargs):
+  """`jax.jit(fn)` whose tracing sees the logical rules (so `constrain` inside applies)."""
+  def traced(*args, **kwargs):
+    with use_rules(mesh, rules):
+      return fn(*args, **kwargs)
+  traced.__name__ = getattr(fn, "__name__", "sharded_fn")
+  return jax.jit(traced, **jit_kwargs)

@@ -128,3 +128,18 @@ def test_batch_not_divisible_by_the_batch_axes():
   mesh = sharding.make_mesh((1, 8, 1))
   with pytest.raises(sharding.MeshError, match=r"batch size 4 is not divisible by the mesh axes"):
     sharding.shard_batch(np.zeros((4, 3)), mesh, get_config("").sharding.rules)
+
+
+def test_checkpoint_restores_into_the_target_sharding(tmp_path):
+  from ttt_jax.checkpoint import convert
+  config, inputs = _setup()
+  model = _make(config)()
+  convert.save(model, tmp_path / "ckpt", config)
+  config.sharding.mesh_shape = (2, 2, 2)
+  mesh = sharding.mesh_from_config(config)
+  restored = convert.restore(tmp_path / "ckpt", config, mesh=mesh)
+  want = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  for path, var in nnx.to_flat_state(nnx.state(restored, nnx.Param)):
+    axes = sharding.param_logical_axes(tuple(map(str, path)), var[...].ndim)
+    assert var[...].sharding.spec == sharding.logical_to_spec(axes, config.sharding.rules)
+    np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(want[path][...]))

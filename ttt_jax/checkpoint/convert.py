@@ -155,9 +155,15 @@ def save(model, directory, config) -> pathlib.Path:
   return directory
 
 
-def restore(directory, config=None):
-  """Reads a checkpoint written by `save` into a new DiT (config: the saved one by default)."""
+def restore(directory, config=None, mesh=None):
+  """Reads a checkpoint written by `save` into a new DiT (config: the saved one by default).
+
+  With a `mesh`, every parameter is read straight into its sharding (config.sharding.rules):
+  no host materialises a whole parameter.
+  """
   import orbax.checkpoint as ocp
+
+  from ttt_jax import sharding
 
   directory = pathlib.Path(directory).absolute()
   if not (directory / "params").is_dir():
@@ -165,14 +171,15 @@ def restore(directory, config=None):
                           "write one with `launch/import_checkpoint.py` or ttt_jax.checkpoint.save.")
   if config is None:
     config = ml_collections.ConfigDict(json.loads((directory / _CONFIG_FILE).read_text()))
-  abstract = nnx.eval_shape(lambda: new_model(config))
-  graphdef, state = nnx.split(abstract)
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: new_model(config)))
+  shapes = nnx.to_pure_dict(abstract)
+  if mesh is not None:
+    shardings = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh, config.sharding.rules))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          shapes, shardings)
+  else:
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), shapes)
   with ocp.StandardCheckpointer() as ckptr:
     restored = ckptr.restore(directory / "params", target)
-  params = nnx.state(abstract, nnx.Param)
-  nnx.replace_by_pure_dict(params, restored)
-  model = nnx.merge(graphdef, state)
-  nnx.update(model, params)
-  return model
+  nnx.replace_by_pure_dict(abstract, restored)
+  return nnx.merge(graphdef, abstract)

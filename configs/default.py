@@ -78,7 +78,7 @@ def get_config(arg=None):
   config.sharding = ml_collections.ConfigDict()
   config.sharding.mesh_shape = (-1, 1, 1)
   config.sharding.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),
-                           ("mlp", "tensor"), ("layers", None))
+                           ("mlp", None), ("length", "tensor"), ("layers", None))
 
   config.sequence = s = ml_collections.ConfigDict()
   s.num_frames = config_lib.latent_frames(arg.seconds)

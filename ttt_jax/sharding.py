@@ -5,10 +5,12 @@ must match one); activations are annotated in the layer code with `constrain(x, 
 config's `sharding.rules` maps logical names to mesh axes:
 
   batch -> (data, fsdp)   embed -> fsdp (FSDP of every large weight)
-  heads -> tensor         mlp -> tensor (attention / TTT heads and MLP columns per shard)
+  heads -> tensor         (attention and TTT heads per tensor shard)
+  length -> tensor        (sequence-parallel norms and MLP; MLP columns "mlp" not split)
 
-so each tensor shard runs the TTT inner loop for its own heads, as upstream's tensor
-parallelism does. Outside `use_rules` (single device, tests) `constrain` does nothing.
+so each tensor shard runs the TTT inner loop for its own heads and the MLP for its own tokens,
+as upstream's tensor parallelism does (spec 6.6). Mapping "mlp" -> tensor instead gives
+Megatron-style MLP column parallelism. Outside `use_rules` (single device, tests) `constrain` does nothing.
 """
 
 from __future__ import annotations

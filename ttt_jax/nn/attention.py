@@ -12,7 +12,8 @@ windows cover each frame (the Q overlap frames are the mean of two windows).
 `full_attention` (a comparison variant, no TTT) is one window over [all text | all frames]
 with global frame positions.
 
-Backends (`model.attention_backend`): "xla" (einsum + float32 softmax; any device), "cudnn"
+Backends (`model.attention_backend`): "xla" (einsum + float32 softmax, query blocks of
+`XLA_QUERY_CHUNK` above that length; any device), "cudnn"
 (`jax.nn.dot_product_attention`, GPU), "pallas_tpu" (splash attention from
 `jax.experimental.pallas.ops.tpu`, sequences padded to its block size and masked by segment
 ids; runs in interpret mode off TPU).
@@ -29,22 +30,40 @@ import numpy as np
 from ttt_jax.sequence import SequenceLayout
 
 _SPLASH_BLOCK = 128
+XLA_QUERY_CHUNK = 2048  # queries per step of the chunked XLA path
 
 
 def dot_product_attention(q, k, v, *, backend: str = "xla"):
   """softmax(q k^T / sqrt(d)) v with no mask. q, k, v: [B, S, H, d] -> [B, S, H, d]."""
   scale = q.shape[-1] ** -0.5
   if backend == "xla":
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32)
-    return out.astype(q.dtype)
+    return _xla_attention(q, k, v, scale, XLA_QUERY_CHUNK)
   if backend == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
   if backend == "pallas_tpu":
     return _splash_attention(q * jnp.asarray(scale, q.dtype), k, v,
                              interpret=jax.default_backend() != "tpu")
   raise ValueError(f"attention backend {backend!r}: use 'xla', 'cudnn' or 'pallas_tpu'.")
+
+
+def _xla_attention(q, k, v, scale, chunk: int):
+  """Plain XLA attention; above `chunk` queries it runs query blocks in sequence, each
+  rematerialised, so logits take [B, H, chunk, S] instead of [B, H, S, S] (at 5B, one 3 s
+  window's full logits would be ~62 GB)."""
+  def block(qc):  # [B, c, H, d]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", qc, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+  B, S, H, d = q.shape
+  if S <= chunk:
+    return block(q)
+  n = -(-S // chunk)
+  qp = jnp.pad(q, ((0, 0), (0, n * chunk - S), (0, 0), (0, 0)))
+  qp = qp.reshape(B, n, chunk, H, d).swapaxes(0, 1)  # [n, B, c, H, d]
+  out = jax.lax.map(jax.checkpoint(block), qp)
+  return out.swapaxes(0, 1).reshape(B, n * chunk, H, d)[:, :S]
 
 
 def _splash_attention(q, k, v, *, interpret: bool):

@@ -6,7 +6,8 @@ setup(
     name="ttt-jax",
     version="0.1.0",
     description="JAX/Flax reimplementation of One-Minute Video Generation with Test-Time Training",
-    packages=["ttt_jax", "ttt_jax.ops", "ttt_jax.nn", "ttt_jax.checkpoint", "configs"],
+    packages=["ttt_jax", "ttt_jax.ops", "ttt_jax.nn", "ttt_jax.checkpoint", "configs",
+              "pallas_kernels", "pallas_kernels.ttt_mlp"],
     python_requires=">=3.12",
     install_requires=[
         "jax>=0.11.2",
@@ -21,5 +22,9 @@ setup(
         "test": ["pytest>=8", "pytest-xdist"],
         # PyTorch oracles for parity tests only; never imported by the library.
         "oracle": ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.24.0", "safetensors"],
+        # Compile-only TPU / GPU devices for launch/compile_only.py (no accelerator needed), and
+        # the runtimes on TPU VMs / GPU hosts.
+        "tpu": ["jax[tpu]"],
+        "cuda": ["jax[cuda12]"],
     },
 )

@@ -70,6 +70,7 @@ def get_config(arg=None):
   t.rope_theta = 10000.0
   t.eta_layout = "kernel"  # "kernel": upstream's step-size quirk (spec 3.5); "aligned"
   t.gating_alpha_init = 0.1
+  t.impl = "xla"  # TTT scan: "xla", "pallas" (pallas_kernels) or "auto" (Pallas where built)
   if arg.preset == "tiny":
     t.mini_batch_size = 16
 

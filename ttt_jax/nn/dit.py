@@ -65,7 +65,7 @@ class DiTBlock(nnx.Module):
         attention_backend=m.attention_backend, gating_alpha_init=t.gating_alpha_init,
         ttt_kwargs=dict(mini_batch_size=t.mini_batch_size, base_lr=t.base_lr,
                         checkpoint_group=t.checkpoint_group, inner_eps=t.inner_eps,
-                        rope_theta=t.rope_theta, eta_layout=t.eta_layout),
+                        rope_theta=t.rope_theta, eta_layout=t.eta_layout, impl=t.impl),
         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.pre_mlp_adaLN_modulation = _dense(E, 6 * D, dtype, param_dtype, rngs)
     self.pre_mlp_layernorm = _norm(D, eps, dtype, param_dtype, rngs)

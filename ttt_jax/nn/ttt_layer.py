@@ -36,7 +36,7 @@ class TTTLayer(nnx.Module):
   def __init__(self, model_dim: int, num_heads: int, *, kind: str = "ttt_mlp",
                mini_batch_size: int = 64, base_lr: float = 0.1, checkpoint_group: int = 16,
                inner_eps: float = 1e-6, rope_theta: float = 10000.0, eta_layout: str = "kernel",
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               impl: str = "xla", dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if kind not in TTT_KINDS:
       raise ValueError(f"kind={kind!r}: use one of {TTT_KINDS}.")
     if eta_layout not in ETA_LAYOUTS:
@@ -47,6 +47,7 @@ class TTTLayer(nnx.Module):
     self.mini_batch_size, self.base_lr, self.checkpoint_group = (
         mini_batch_size, base_lr, checkpoint_group)
     self.inner_eps, self.rope_theta, self.eta_layout = inner_eps, rope_theta, eta_layout
+    self.impl = impl
     self.dtype = dtype
     H, d, D = num_heads, self.head_dim, model_dim
 
@@ -79,7 +80,8 @@ class TTTLayer(nnx.Module):
                        f"{TTT_KINDS}.")
     return cls(m.model_dim, m.num_heads, kind=m.variant, mini_batch_size=t.mini_batch_size,
                base_lr=t.base_lr, checkpoint_group=t.checkpoint_group, inner_eps=t.inner_eps,
-               rope_theta=t.rope_theta, eta_layout=t.eta_layout, dtype=dtype, rngs=rngs)
+               rope_theta=t.rope_theta, eta_layout=t.eta_layout, impl=t.impl, dtype=dtype,
+               rngs=rngs)
 
   def __call__(self, x: jax.Array, layout: SequenceLayout) -> jax.Array:
     """x: [B, S, D] ordered [all text | all video]; returns [B, S, D] in the same order."""
@@ -116,7 +118,7 @@ class TTTLayer(nnx.Module):
     op = ops.ttt_mlp if self.kind == "ttt_mlp" else ops.ttt_linear
     out = op(XQ, XK, XV, eta, self.ttt_norm_weight[...], self.ttt_norm_bias[...],
              *(p[...] for p in inner), eps=self.inner_eps,
-             checkpoint_group=self.checkpoint_group)  # [B, H, N, b, d]
+             checkpoint_group=self.checkpoint_group, impl=self.impl)  # [B, H, N, b, d]
 
     out = out.transpose(0, 2, 3, 1, 4).reshape(B, S, D)  # heads merged, feature = h*d + j
     out = self.wo(self.post_norm(out))

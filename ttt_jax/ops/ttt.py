@@ -195,8 +195,26 @@ def _run(step_fn, state_cls, xq, xk, xv, eta, ln_weight, ln_bias, init, eps, che
   return (out, state) if return_state else out
 
 
+IMPLS = ("xla", "pallas", "auto")
+
+
+def _use_pallas(impl: str, kind: str) -> bool:
+  """Resolves `impl`: "auto" takes the Pallas kernel where one is built for this platform."""
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r}: use one of {IMPLS} (config.model.ttt.impl).")
+  if impl == "xla":
+    return False
+  if kind != "ttt_mlp":
+    if impl == "pallas":
+      raise ValueError(f"impl='pallas': there is no Pallas kernel for {kind} yet; use "
+                       "impl='xla' or 'auto'.")
+    return False
+  # The kernel is Triton-style (GPU, or interpret mode); a Mosaic TPU kernel is not built yet.
+  return impl == "pallas" or jax.default_backend() == "gpu"
+
+
 def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float = 1e-6,
-            checkpoint_group: int | None = 16, return_state: bool = False):
+            checkpoint_group: int | None = 16, return_state: bool = False, impl: str = "xla"):
   """TTT-MLP over a sequence of mini-batches.
 
   Args:
@@ -209,6 +227,8 @@ def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float =
     eps: inner LayerNorm epsilon.
     checkpoint_group: remat every this many mini-batches (None or 0: no remat).
     return_state: also return the final per-example `TTTMLPState`.
+    impl: "xla" (this scan), "pallas" (the kernel in `pallas_kernels.ttt_mlp`, interpret mode
+      on CPU) or "auto" (the kernel where it is built for the platform).
 
   Returns:
     [B, H, N, b, d] outputs in the dtype of xq (and the final state if asked).
@@ -218,13 +238,20 @@ def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float =
   _check(xq, xk, xv, eta, ln_weight, ln_bias,
          {"W1": (W1, (H, d, f)), "b1": (b1, (H, 1, f)), "W2": (W2, (H, f, d)),
           "b2": (b2, (H, 1, d))})
+  if _use_pallas(impl, "ttt_mlp"):
+    if return_state:
+      raise ValueError("return_state=True is only available with impl='xla'.")
+    from pallas_kernels.ttt_mlp import op  # here: pallas_kernels builds on this module
+    return op.ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, eps=eps,
+                      checkpoint_group=checkpoint_group)
   return _run(_mlp_mini_batch, TTTMLPState, xq, xk, xv, eta, ln_weight, ln_bias,
               (W1, b1, W2, b2), eps, checkpoint_group, return_state)
 
 
 def ttt_linear(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, *, eps: float = 1e-6,
-               checkpoint_group: int | None = 16, return_state: bool = False):
+               checkpoint_group: int | None = 16, return_state: bool = False, impl: str = "xla"):
   """TTT-Linear over a sequence of mini-batches; as `ttt_mlp` with W1: [H, d, d], b1: [H, 1, d]."""
+  _use_pallas(impl, "ttt_linear")  # validates; no kernel yet, "auto" runs this scan
   H, d = xq.shape[1], xq.shape[-1]
   _check(xq, xk, xv, eta, ln_weight, ln_bias,
          {"W1": (W1, (H, d, d)), "b1": (b1, (H, 1, d))})

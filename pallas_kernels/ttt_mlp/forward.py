@@ -1,0 +1,150 @@
+"""TTT-MLP forward as a Pallas kernel, Triton style (GPU; interpret mode on CPU).
+
+Design: one program per (batch element, head), grid (B, H). Each program loads its initial
+state W1 [d, 4d], b1 [1, 4d], W2 [4d, d], b2 [1, d] once, then runs a `lax.fori_loop` over the
+N mini-batches with the state carried as float32 loop values, reading mini-batch n of XQ, XK, XV
+and eta by a dynamic index into the refs and writing that mini-batch's output. The mini-batch
+math is that of `ttt_jax.ops.ttt._mlp_mini_batch` on 2-D tiles, built from the same helpers
+(`layer_norm`, `ln_l2_grad`, `gelu_tanh`, `gelu_tanh_grad`). The state is written to memory
+only every `checkpoint_group` mini-batches (the state at the start of each group,
+[B, H, ceil(N/g), ...]), which is what the backward pass recomputes from.
+
+The work of one (b, h) is sequential over N, so the parallelism is the B x H programs only (the
+SMs are not all busy when B * H is below their count, e.g. 48 heads on 132 SMs); it is the
+simplest layout. Triton decides where the loop-carried state lives: at d = 64 it is 128 KiB
+(W1 + W2) plus [b, 4d] temporaries of 64 KiB each, more than one program's registers, so expect
+spills to local memory (L1/L2) until this is measured on a GPU. A TPU (Mosaic) variant will
+instead put N on an 'arbitrary' grid axis and keep the state in VMEM scratch across grid steps,
+letting BlockSpecs pipeline the mini-batch loads; it is not written yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.ttt_mlp.block_sizes import BlockSizes
+from ttt_jax.ops.ttt import gelu_tanh, gelu_tanh_grad, layer_norm, ln_l2_grad
+
+_HIGHEST = jax.lax.Precision.HIGHEST  # f32 state math: no TF32 on GPU
+
+
+def _dot(a, b, contract=(1, 0)):
+  """2-D matmul contracting a's axis contract[0] with b's axis contract[1], f32 accumulate."""
+  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                             precision=_HIGHEST, preferred_element_type=a.dtype)
+
+
+def _mm(a, b):  # a @ b
+  return _dot(a, b, (1, 0))
+
+
+def _mm_t(a, b):  # a @ b^T
+  return _dot(a, b, (1, 1))
+
+
+def _tm(a, b):  # a^T @ b
+  return _dot(a, b, (0, 0))
+
+
+def mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta):
+  """One TTT-MLP mini-batch on one (batch, head): `_mlp_mini_batch` on 2-D tiles.
+
+  gamma, beta: [1, d]; state: W1 [d, f], b1 [1, f], W2 [f, d], b2 [1, d]; XQ, XK, XV: [b, d];
+  eta: [b, 1]. Returns (new state, out [b, d]), all in the state's dtype.
+  """
+  W1, b1, W2, b2 = state
+  Z1 = _mm(XK, W1) + b1  # [b, f]
+  X2 = gelu_tanh(Z1)
+  Z2 = _mm(X2, W2) + b2  # [b, d]
+  G2 = ln_l2_grad(Z2, XV - XK, gamma, beta, eps)  # [b, d]
+  G1 = _mm_t(G2, W2) * gelu_tanh_grad(Z1)  # [b, f]
+  eG1, eG2 = eta * G1, eta * G2
+
+  # Dual form, as in the pure op: (E o Attn) G = Attn (eta * G).
+  Z1_bar = _mm(XQ, W1) - _mm(_mm_t(XQ, XK), eG1) + b1 - eG1.sum(0, keepdims=True)  # [b, f]
+  X2_bar = gelu_tanh(Z1_bar)
+  Z2_bar = _mm(X2_bar, W2) - _mm(_mm_t(X2_bar, X2), eG2) + b2 - eG2.sum(0, keepdims=True)
+  out = XQ + layer_norm(Z2_bar, gamma, beta, eps)  # [b, d]
+
+  new_state = (W1 - _tm(XK, eG1), b1 - eG1.sum(0, keepdims=True),
+               W2 - _tm(X2, eG2), b2 - eG2.sum(0, keepdims=True))
+  return new_state, out
+
+
+def _kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, W1_ref, b1_ref, W2_ref, b2_ref,
+            out_ref, ckpt_refs, *, eps, checkpoint_group, num_mini_batches):
+  """One (batch, head). Refs: x [N, b, d], eta [N, b, 1], gamma/beta [1, d], state as in
+  `mini_batch`; outputs out [N, b, d] and ckpt_refs, the checkpoints [G, ...] of the four
+  state arrays."""
+  dtype = W1_ref.dtype
+  gamma, beta = gamma_ref[...], beta_ref[...]  # [1, d]
+  state = (W1_ref[...], b1_ref[...], W2_ref[...], b2_ref[...])
+
+  def body(n, state):
+    # lax.rem / lax.div: n >= 0, and jnp's floor-mod does not lower to Triton.
+    @pl.when(jax.lax.rem(n, checkpoint_group) == 0)
+    def _save():  # state at the start of group n // g
+      k = jax.lax.div(n, checkpoint_group)
+      for ref, w in zip(ckpt_refs, state):
+        ref[pl.ds(k, 1)] = w[None]
+
+    XQ, XK, XV = (ref[pl.ds(n, 1)][0].astype(dtype) for ref in (xq_ref, xk_ref, xv_ref))
+    eta = eta_ref[pl.ds(n, 1)][0].astype(dtype)  # [b, 1]
+    state, out = mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta)
+    out_ref[pl.ds(n, 1)] = out.astype(out_ref.dtype)[None]
+    return state
+
+  jax.lax.fori_loop(0, num_mini_batches, body, state)
+
+
+def num_groups(num_mini_batches: int, checkpoint_group: int) -> int:
+  return math.ceil(num_mini_batches / checkpoint_group)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "checkpoint_group", "interpret", "debug",
+                                             "block_sizes"))
+def ttt_mlp_forward(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float,
+                    checkpoint_group: int, interpret: bool, debug: bool = False,
+                    block_sizes: BlockSizes = BlockSizes()):
+  """Kernel call. xq, xk, xv: [B, H, N, b, d]; eta: [B, H, N, b]; ln_weight, ln_bias: [H, d];
+  W1 [H, d, f], b1 [H, 1, f], W2 [H, f, d], b2 [H, 1, d] already in the state dtype.
+
+  Returns (out [B, H, N, b, d] in xq's dtype, checkpoints (W1, b1, W2, b2) each
+  [B, H, ceil(N/g), ...] in the state dtype: the state at the start of each group of g).
+  """
+  B, H, N, b, d = xq.shape
+  f = W1.shape[-1]
+  dtype = W1.dtype
+  G = num_groups(N, checkpoint_group)
+  eta = eta[..., None]  # [B, H, N, b, 1]: a column, so no reshape is needed in the kernel
+  gamma = ln_weight.astype(dtype)[:, None, :]  # [H, 1, d]
+  beta = ln_bias.astype(dtype)[:, None, :]
+
+  x_spec = pl.BlockSpec((None, None, N, b, d), lambda i, j: (i, j, 0, 0, 0))
+  eta_spec = pl.BlockSpec((None, None, N, b, 1), lambda i, j: (i, j, 0, 0, 0))
+  per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda i, j: (j,) + (0,) * len(shape))
+  ckpt = lambda *shape: pl.BlockSpec((None, None, G, *shape),
+                                     lambda i, j: (i, j, 0) + (0,) * len(shape))
+  state_shapes = ((d, f), (1, f), (f, d), (1, d))
+
+  kernel = functools.partial(_kernel, eps=eps, checkpoint_group=checkpoint_group,
+                             num_mini_batches=N)
+  return pl.pallas_call(
+      kernel,
+      grid=(B, H),
+      in_specs=[x_spec, x_spec, x_spec, eta_spec, per_head(1, d), per_head(1, d),
+                *(per_head(*s) for s in state_shapes)],
+      out_specs=(x_spec, tuple(ckpt(*s) for s in state_shapes)),
+      out_shape=(jax.ShapeDtypeStruct(xq.shape, xq.dtype),
+                 tuple(jax.ShapeDtypeStruct((B, H, G, *s), dtype) for s in state_shapes)),
+      compiler_params=pltriton.CompilerParams(num_warps=block_sizes.num_warps,
+                                              num_stages=block_sizes.num_stages),
+      interpret=interpret,
+      debug=debug,
+      name="ttt_mlp_forward",
+  )(xq, xk, xv, eta, gamma, beta, W1, b1, W2, b2)

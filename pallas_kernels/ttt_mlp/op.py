@@ -1,0 +1,159 @@
+"""The public TTT-MLP Pallas op: the forward kernel under a `jax.custom_vjp`.
+
+Forward: `forward.ttt_mlp_forward`, which also saves the state at the start of every group of
+`checkpoint_group` mini-batches. Backward: for each group, last first, recompute the group from
+its saved state with the pure op (`ttt_jax.ops.ttt_mlp`, per example since saved states are
+[B, H, ...]) under `jax.vjp`, and pull the output cotangent and the cotangent of the group's
+final state back to the group's inputs and initial state; that initial-state cotangent is the
+final-state cotangent of the group before. The backward therefore holds one group's
+activations at a time, as the pure op's remat does; a Pallas backward kernel comes later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.ttt_mlp import reference
+from pallas_kernels.ttt_mlp.block_sizes import BlockSizes, get_block_sizes
+from pallas_kernels.ttt_mlp.forward import ttt_mlp_forward
+from ttt_jax.ops.ttt import _check
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  eps: float
+  checkpoint_group: int
+  interpret: bool
+  debug: bool
+  block_sizes: BlockSizes
+
+
+def _target():
+  """(platform, device kind) being compiled for: the abstract device of the current abstract
+  mesh if it has one (AOT lowering for a GPU from a CPU host), else the default backend."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  if device is not None:
+    return device.platform, device.device_kind
+  return jax.default_backend(), jax.devices()[0].device_kind
+
+
+def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float = 1e-6,
+            checkpoint_group: int | None = 16, interpret: bool | None = None,
+            debug: bool = False):
+  """TTT-MLP over a sequence of mini-batches: `ttt_jax.ops.ttt_mlp` as a Pallas kernel.
+
+  Args:
+    xq, xk, xv: [B, H, N, b, d]; eta: [B, H, N, b]; ln_weight, ln_bias: [H, d];
+      W1 [H, d, 4d], b1 [H, 1, 4d], W2 [H, 4d, d], b2 [H, 1, d]: as in `ttt_jax.ops.ttt_mlp`.
+    eps: inner LayerNorm epsilon.
+    checkpoint_group: the forward saves the state every this many mini-batches and the
+      backward recomputes one group at a time (None or 0: one group, the whole sequence).
+    interpret: run the kernel in Pallas interpret mode. None: interpret when compiling for CPU
+      (the platform of the current abstract mesh's device if set, else the default backend).
+    debug: print the kernel's jaxpr and lowered code (`pallas_call(debug=True)`).
+
+  Returns:
+    [B, H, N, b, d] outputs in the dtype of xq; the state is float32 (float64 for float64
+    inputs) whatever the input dtype.
+  """
+  H, N, d = xq.shape[1], xq.shape[2], xq.shape[-1]
+  f = W1.shape[-1]
+  _check(xq, xk, xv, eta, ln_weight, ln_bias,
+         {"W1": (W1, (H, d, f)), "b1": (b1, (H, 1, f)), "W2": (W2, (H, f, d)),
+          "b2": (b2, (H, 1, d))})
+  platform, device_kind = _target()
+  if interpret is None:
+    interpret = platform == "cpu"
+  if not interpret and platform not in ("gpu", "cuda", "rocm"):
+    raise NotImplementedError(
+        f"pallas_kernels.ttt_mlp has only a Triton (GPU) kernel so far; on {platform!r} use "
+        "interpret=True or the pure op ttt_jax.ops.ttt_mlp.")
+  g = min(checkpoint_group, N) if checkpoint_group and checkpoint_group > 0 else N
+  cfg = _Config(float(eps), g, bool(interpret), bool(debug),
+                get_block_sizes(device_kind, xq.dtype, d))
+  return _ttt_mlp(cfg, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2)
+
+
+def _state_dtype(xq):
+  return jnp.promote_types(xq.dtype, jnp.float32)  # f32 state; f64 stays f64
+
+
+def _forward(cfg: _Config, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2):
+  dtype = _state_dtype(xq)
+  return ttt_mlp_forward(xq, xk, xv, eta, ln_weight, ln_bias,
+                         *(w.astype(dtype) for w in (W1, b1, W2, b2)), eps=cfg.eps,
+                         checkpoint_group=cfg.checkpoint_group, interpret=cfg.interpret,
+                         debug=cfg.debug, block_sizes=cfg.block_sizes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ttt_mlp(cfg, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2):
+  return _forward(cfg, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2)[0]
+
+
+def _fwd(cfg, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2):
+  out, checkpoints = _forward(cfg, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2)
+  # The initial weights are kept (they are small, [H, ...]) for their dtypes.
+  return out, (xq, xk, xv, eta, ln_weight, ln_bias, (W1, b1, W2, b2), checkpoints)
+
+
+def _group_vjp(eps, xs, gamma, beta, state, ct_out, ct_state):
+  """Recompute one group from its initial state and pull cotangents back through it.
+
+  xs: (xq, xk, xv [B, H, n, b, d], eta [B, H, n, b]); gamma, beta: [H, d] in the state dtype;
+  state: 4 arrays [B, H, ...]; ct_out: [B, H, n, b, d]; ct_state: cotangent of the group's
+  final state. Returns the cotangents of (xs, gamma, beta, state); gamma's and beta's are
+  summed over the batch.
+  """
+
+  def one_example(xq, xk, xv, eta, gamma, beta, *state):  # [H, n, ...]; state [H, ...]
+    out, final = reference.ttt_mlp(xq[None], xk[None], xv[None], eta[None], gamma, beta, *state,
+                                   eps=eps, checkpoint_group=None, return_state=True)
+    return out[0], tuple(s[0] for s in final)
+
+  group = jax.vmap(one_example, in_axes=(0, 0, 0, 0, None, None, 0, 0, 0, 0))
+  _, vjp = jax.vjp(group, *xs, gamma, beta, *state)
+  cts = vjp((ct_out, tuple(ct_state)))
+  return cts[:4], cts[4], cts[5], cts[6:]
+
+
+def _bwd(cfg, residuals, ct_out):
+  xq, xk, xv, eta, ln_weight, ln_bias, init, checkpoints = residuals
+  B, H, N = xq.shape[:3]
+  g = cfg.checkpoint_group
+  G = checkpoints[0].shape[2]
+  dtype = _state_dtype(xq)
+  gamma, beta = ln_weight.astype(dtype), ln_bias.astype(dtype)  # accumulate their grads in f32
+
+  # A last, shorter group is padded to g mini-batches with zero inputs and eta = 0: there the
+  # state update is exactly zero and the output cotangent is zero, so the padded steps pass the
+  # state cotangent through unchanged and every group has the same shape (one traced scan body).
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, G * g - N)] + [(0, 0)] * (x.ndim - 3))
+  to_groups = lambda x: jnp.moveaxis(pad(x).reshape(B, H, G, g, *x.shape[3:]), 2, 0)
+  from_groups = lambda x: jnp.moveaxis(x, 0, 2).reshape(B, H, G * g, *x.shape[4:])[:, :, :N]
+
+  def step(carry, group):  # group k, last first: [B, H, g, ...] inputs, [B, H, ...] state
+    ct_state, ct_gamma, ct_beta = carry
+    xs_k, state_k, ct_out_k = group
+    ct_xs_k, ct_gamma_k, ct_beta_k, ct_state = _group_vjp(cfg.eps, xs_k, gamma, beta, state_k,
+                                                          ct_out_k, ct_state)
+    return (ct_state, ct_gamma + ct_gamma_k, ct_beta + ct_beta_k), ct_xs_k
+
+  xs = (xq, xk, xv, eta)
+  ct_state = tuple(jnp.zeros(c.shape[:2] + c.shape[3:], dtype) for c in checkpoints)
+  (ct_state, ct_gamma, ct_beta), ct_xs = jax.lax.scan(
+      step, (ct_state, jnp.zeros_like(gamma), jnp.zeros_like(beta)),
+      (tuple(map(to_groups, xs)), tuple(jnp.moveaxis(c, 2, 0) for c in checkpoints),
+       to_groups(ct_out)),
+      reverse=True)
+
+  ct_init = tuple(c.sum(0).astype(w.dtype) for c, w in zip(ct_state, init))  # shared by batch
+  return (*(from_groups(c).astype(x.dtype) for c, x in zip(ct_xs, xs)),
+          ct_gamma.astype(ln_weight.dtype), ct_beta.astype(ln_bias.dtype), *ct_init)
+
+
+_ttt_mlp.defvjp(_fwd, _bwd)

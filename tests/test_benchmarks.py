@@ -39,3 +39,18 @@ def test_dit_step_benchmark_smoke(tmp_path):
   for r in rows:
     assert r["median_ms"] > 0 and r["flops"] > 0 and r["tokens"] in (96, 288)
   assert rows[1]["x_local_attention"] > 0 and rows[3]["x_shortest"] > 0
+
+
+def test_ttt_kernels_benchmark_smoke(tmp_path):
+  out = tmp_path / "r.jsonl"
+  subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "ttt_kernels.py"), "--seconds=3", "--heads=1",
+       "--num_mini_batches=3", "--dtypes=float32", "--repeats=1", "--matmul_size=64",
+       "--checkpoint_group=2", f"--out={out}"],
+      capture_output=True, text=True, check=True, timeout=600)
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [(r["mode"], r["impl"]) for r in rows] == [
+      ("fwd", "xla"), ("fwd", "pallas"), ("fwd_bwd", "xla"), ("fwd_bwd", "pallas")]
+  assert all(r["median_ms"] > 0 and r["tokens"] == 192 for r in rows)
+  assert rows[1]["speedup_vs_xla"] > 0 and rows[3]["speedup_vs_xla"] > 0
+  assert "speedup_vs_xla" not in rows[0]

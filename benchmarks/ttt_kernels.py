@@ -1,0 +1,87 @@
+"""TTT-MLP scan: the Pallas kernel (`impl=pallas`) against the XLA scan (`impl=xla`), forward
+and forward + backward, at the 5B model's per-layer shapes (48 heads, d = 64, b = 64) for the
+sequence of each video duration, side by side in one run.
+
+One JSON line per (seconds, dtype, mode, impl): device, jax version, shapes, median ms, achieved
+TFLOP/s by the dual-form FLOP count (`ttt_jax.ops.ttt_flops`, fwd+bwd = 3x fwd) and % of the
+bf16/f32 matmul rate measured in the same run; the pallas rows add the speed-up over xla. On a
+CPU the kernel runs in interpret mode, so only the numerics and the plumbing mean anything;
+run it on the accelerator (device tool METHOD.md) and commit the JSON under benchmarks/results/.
+
+  python benchmarks/ttt_kernels.py --seconds=3,9,18,63 --out=benchmarks/results/h100.jsonl
+  python benchmarks/ttt_kernels.py --heads=2 --seconds=3 --repeats=1      # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from bench_util import Emitter, default_matmul_size, device_fields, matmul_rate, time_fn
+from configs.default import get_config
+from ttt_jax import config as config_lib
+from ttt_jax import ops
+from ttt_op import make_inputs
+
+
+def build(impl, mode, checkpoint_group):
+  fwd = functools.partial(ops.ttt_mlp, checkpoint_group=checkpoint_group, impl=impl)
+  if mode == "fwd":
+    return jax.jit(fwd)
+  loss = lambda *a: jnp.sum(fwd(*a).astype(jnp.float32))
+  return jax.jit(jax.grad(loss, argnums=tuple(range(10))))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  csv = lambda t: lambda s: [t(v) for v in s.split(",")]
+  p.add_argument("--seconds", type=csv(int), default=[3, 9, 18, 63])
+  p.add_argument("--dtypes", type=csv(str), default=["bfloat16"])
+  p.add_argument("--modes", type=csv(str), default=["fwd", "fwd_bwd"])
+  p.add_argument("--impls", type=csv(str), default=["xla", "pallas"])
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--heads", type=int, default=48)
+  p.add_argument("--checkpoint_group", type=int, default=16)
+  p.add_argument("--num_mini_batches", type=int, default=None,
+                 help="override the duration's N (smoke runs)")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--matmul_size", type=int, default=None)
+  p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+  args = p.parse_args(argv)
+
+  b, d = 64, 64
+  peak = {dt: matmul_rate(jnp.dtype(dt), args.matmul_size or default_matmul_size(),
+                          args.repeats) for dt in args.dtypes}
+  emit = Emitter(args.out, ("seconds", "tokens", "dtype", "mode", "impl", "median_ms",
+                            "tflops_per_s", "pct_of_matmul_rate", "speedup_vs_xla"))
+  for seconds in args.seconds:
+    layout = config_lib.sequence_layout(get_config(f"preset=5b,seconds={seconds}"))
+    N = args.num_mini_batches or layout.num_mini_batches(b)
+    for dtype in args.dtypes:
+      inputs = make_inputs("ttt_mlp", args.batch, args.heads, N, b, d, jnp.dtype(dtype))
+      for mode in args.modes:
+        flops = ops.ttt_flops("ttt_mlp", args.batch, args.heads, N, b, d) * (
+            3 if mode == "fwd_bwd" else 1)
+        times = {}
+        for impl in args.impls:
+          times[impl] = ms = time_fn(build(impl, mode, args.checkpoint_group), inputs,
+                                     args.repeats)
+          tflops = flops / ms / 1e9
+          row = dict(device_fields("ttt_kernels"), seconds=seconds, tokens=N * b,
+                     batch=args.batch, heads=args.heads, num_mini_batches=N, mini_batch=b,
+                     head_dim=d, checkpoint_group=args.checkpoint_group, dtype=dtype, mode=mode,
+                     impl=impl, median_ms=round(ms, 3), flops=flops,
+                     tflops_per_s=round(tflops, 4),
+                     matmul_tflops_per_s=round(peak[dtype] / 1e3, 4),
+                     pct_of_matmul_rate=round(100 * tflops * 1e3 / peak[dtype], 2))
+          if impl != "xla" and "xla" in times:
+            row["speedup_vs_xla"] = round(times["xla"] / ms, 4)
+          emit(row)
+  emit.close()
+
+
+if __name__ == "__main__":
+  main()

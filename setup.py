@@ -6,7 +6,8 @@ setup(
     name="ttt-jax",
     version="0.1.0",
     description="JAX/Flax reimplementation of One-Minute Video Generation with Test-Time Training",
-    packages=["ttt_jax", "ttt_jax.ops", "ttt_jax.nn", "ttt_jax.checkpoint", "configs",
+    packages=["ttt_jax", "ttt_jax.ops", "ttt_jax.nn", "ttt_jax.checkpoint", "ttt_jax.data",
+              "ttt_jax.train", "configs",
               "pallas_kernels", "pallas_kernels.ttt_mlp"],
     python_requires=">=3.12",
     install_requires=[
@@ -17,6 +18,11 @@ setup(
         "numpy",
         "ml_dtypes",
         "orbax-checkpoint",
+        "optax",
+        "grain",
+        "tensorstore",
+        "tqdm",
+        "tensorboardX",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist"],

@@ -53,7 +53,9 @@ def get_config(arg=None):
   config.seconds = arg.seconds
 
   config.model = m = ml_collections.ConfigDict(PRESETS[arg.preset])
-  m.in_channels = 16 if arg.preset != "tiny" else 4
+  # Latent channels: CogVideoX's VAE gives 16; the tiny presets use the deterministic
+  # space-to-depth codec of ttt_jax.data (RGB frames, 4x4 pixels per latent pixel: 3*4*4).
+  m.in_channels = 16 if arg.preset != "tiny" else 48
   m.patch_size = 2
   m.layer_norm_eps = 1e-6
   m.attn_length = 12  # latent frames per 3 s segment
@@ -79,7 +81,51 @@ def get_config(arg=None):
   config.sharding = ml_collections.ConfigDict()
   config.sharding.mesh_shape = (-1, 1, 1)
   config.sharding.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),
-                           ("mlp", None), ("length", "tensor"), ("layers", None))
+                           ("mlp", "tensor"), ("length", "tensor"), ("layers", None))
+
+  # Training data (ttt_jax.data): a dataset folder per duration, `<root>/<seconds>s`, holding
+  # tensorstore latents + text embeddings and an index.jsonl. The tiny presets generate theirs
+  # (multi-scene sprite storyboards) when it is missing; real data is precomputed (spec 6.7).
+  config.data = d = ml_collections.ConfigDict()
+  d.root = "data/storyboard"
+  d.generate = arg.preset == "tiny"  # build the generated dataset if the folder is missing
+  d.num_clips = 256  # clips the generator writes per duration
+  d.seed = 0  # generator seed
+  d.shuffle_seed = 0  # one fixed permutation per epoch, derived from this seed
+  d.num_threads = 2  # grain read threads
+  d.prefetch = 4  # batches prefetched
+  d.text_dropout = 0.1  # per-sample probability of zeroing all text (CFG training, spec 5)
+
+  # Training (ttt_jax.train), upstream's stage recipe (spec 6.1-6.4).
+  config.train = tr = ml_collections.ConfigDict()
+  stage = {3: dict(adapter="sft", steps=5000, warmup=100, lr_ttt=1e-4, ckpt=500),
+           9: dict(adapter="qkvo", steps=5000, warmup=100, lr_ttt=1e-5, ckpt=500),
+           18: dict(adapter="qkvo", steps=1000, warmup=50, lr_ttt=1e-5, ckpt=500),
+           30: dict(adapter="qkvo", steps=1000, warmup=50, lr_ttt=1e-5, ckpt=25),
+           63: dict(adapter="qkvo", steps=250, warmup=25, lr_ttt=1e-5, ckpt=25)}[arg.seconds]
+  tr.adapter = stage["adapter"]  # trainable parameters: "sft" (all), "qkvo", "none" (spec 6.2)
+  tr.steps = stage["steps"]
+  tr.warmup_steps = stage["warmup"]
+  tr.batch_size = 64  # global batch, split over the mesh's batch axes and the hosts
+  tr.grad_accum = 1  # micro-batches per optimizer step (a scan inside the jitted step)
+  tr.lr = 1e-5  # peak, non-TTT parameters; "linear" decay to lr_end
+  tr.lr_end = 1e-5
+  tr.lr_schedule = "linear"
+  tr.lr_ttt = stage["lr_ttt"]  # peak, TTT parameters (names with ttt/ssm); "cosine" to lr_end
+  tr.lr_ttt_schedule = "cosine"
+  tr.weight_decay = 1e-4  # not on biases and norms (spec 6.3)
+  tr.b1, tr.b2, tr.eps = 0.9, 0.95, 1e-8
+  tr.grad_clip = 0.1  # global L2 norm over the trainable parameters
+  tr.timesteps = "stratified"  # "stratified" over the global batch (spec 6.4) or "uniform"
+  tr.seed = 0
+  tr.init_from = ""  # checkpoint to start from: a previous stage's workdir or an import
+  tr.checkpoint_every = stage["ckpt"]
+  tr.keep_checkpoints = 2
+  tr.log_every = 10
+  tr.profile_steps = ""  # e.g. "5:8": a jax.profiler trace of steps 5..7 into the workdir
+  if arg.preset == "tiny":  # from scratch on the generated data, minutes on a CPU
+    tr.update(adapter="sft", steps=300, warmup_steps=20, batch_size=8, lr=1e-3, lr_end=1e-4,
+              lr_ttt=1e-3, checkpoint_every=100, log_every=10)
 
   config.sequence = s = ml_collections.ConfigDict()
   s.num_frames = config_lib.latent_frames(arg.seconds)

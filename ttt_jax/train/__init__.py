@@ -1,0 +1,1 @@
+"""Training: diffusion loss, optimiser, the sharded train step, checkpoints, the loop."""

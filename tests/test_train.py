@@ -287,3 +287,15 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, how):
   assert "resumed at step" in resumed.stdout
   for a, b in zip(_final_params(tmp_path / "whole"), _final_params(tmp_path / "killed")):
     np.testing.assert_array_equal(a, b)
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
+  """Two micro-batches of 4 give the step of one batch of 8 (same draws, mean of means)."""
+  batch = _batch(_config(tmp_path), 8)
+  whole, m1 = _run_steps(_config(tmp_path, batch_size=8), jax.devices()[:1], batch, steps=1)
+  accum, m2 = _run_steps(_config(tmp_path, batch_size=8, grad_accum=2), jax.devices()[:1],
+                         batch, steps=1)
+  for k in ("loss", "grad_norm"):  # the norm also checks the gradients' scale (Adam hides it)
+    assert abs(m1[k] - m2[k]) <= 1e-5 * abs(m1[k]), k
+  for a, b in zip(jax.tree.leaves(whole["params"]), jax.tree.leaves(accum["params"])):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

@@ -53,7 +53,7 @@ quiet .venv/bin/python -m pip install -q -e ".[test]"
 
 if [ "$ORACLE" = 1 ]; then
   if [ ! -x .venv-oracle/bin/python ] ||
-     ! .venv-oracle/bin/python -c 'import torch, diffusers' 2>/dev/null; then
+     ! .venv-oracle/bin/python -c 'import torch, diffusers, sentencepiece' 2>/dev/null; then
     if ! OPY="$(find_python "python3.11 python3" "3.11" "sys.version_info[:2] == (3, 11)")"; then
       echo "install.sh --oracle: the PyTorch parity oracle needs Python 3.11 (torch 2.13.0's CPU" >&2
       echo "  wheel on this machine is cp311), and none was found on PATH or under $PYENV_VERSIONS." >&2
@@ -66,7 +66,7 @@ if [ "$ORACLE" = 1 ]; then
     # torch pinned exactly: a looser pin makes pip fetch a CUDA build of several GB.
     quiet .venv-oracle/bin/python -m pip install -q torch==2.13.0
     quiet .venv-oracle/bin/python -m pip install -q torch==2.13.0 diffusers==0.42.1 \
-      transformers==5.24.0 safetensors numpy
+      transformers==5.24.0 safetensors numpy sentencepiece
   fi
   .venv-oracle/bin/python -c 'import torch, diffusers; print(f"install.sh: oracle ready (torch {torch.__version__}, diffusers {diffusers.__version__})")'
 fi

@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="JAX/Flax reimplementation of One-Minute Video Generation with Test-Time Training",
     packages=["ttt_jax", "ttt_jax.ops", "ttt_jax.nn", "ttt_jax.checkpoint", "ttt_jax.data",
-              "ttt_jax.train", "configs",
+              "ttt_jax.train", "ttt_jax.sampling", "ttt_jax.text", "configs",
               "pallas_kernels", "pallas_kernels.ttt_mlp"],
     python_requires=">=3.12",
     install_requires=[
@@ -23,6 +23,10 @@ setup(
         "tensorstore",
         "tqdm",
         "tensorboardX",  # TensorBoard event files without TensorFlow
+        "safetensors",
+        "imageio",
+        "imageio-ffmpeg",  # mp4 output; ships its own ffmpeg binary
+        "sentencepiece",  # the T5 tokenizer (no transformers at run time)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist"],

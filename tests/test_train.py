@@ -223,12 +223,15 @@ def test_config_errors_name_the_field(tmp_path):
 
 def test_loss_falls_on_a_tiny_run(tmp_path):
   config = _config(tmp_path, steps=60, warmup_steps=5, lr=2e-3, lr_ttt=2e-3, lr_end=2e-3,
-                   log_every=10, checkpoint_every=60, grad_clip=1.0, batch_size=8)
+                   log_every=10, checkpoint_every=60, grad_clip=1.0, batch_size=8,
+                   profile_steps="2:4")
   summary = loop.train(config, tmp_path / "run")
   losses = [r["loss"] for r in metrics.read_metrics(tmp_path / "run")]
   assert len(losses) == 6 and summary["step"] == 60
   assert losses[-1] < 0.85 * losses[0], losses  # untrained it stays at the first value
   assert (tmp_path / "run" / "loss.svg").read_text().startswith("<svg")
+  assert list((tmp_path / "run" / "trace").rglob("*.xplane.pb"))  # the requested profile
+  assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
 
 
 def _train_cmd(workdir, data, steps):

@@ -1,0 +1,1 @@
+"""Sampling: storyboard -> multi-scene video (upstream sampler, dynamic CFG)."""

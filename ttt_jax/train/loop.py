@@ -87,7 +87,6 @@ def train(config, workdir) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-  writer = metrics_lib.MetricWriter(workdir)
   with ckpt_lib.Checkpoints(workdir / "checkpoints", keep=c.keep_checkpoints) as ckpts:
     start = ckpts.latest_step()
     if start is not None:  # resume: parameters, optimiser and data position
@@ -105,6 +104,10 @@ def train(config, workdir) -> dict:
         origin = "initialised from scratch"
       state = step_lib.init_state(config, mesh, params)
 
+    if start >= c.steps:  # finished earlier (a rerun of a curriculum): nothing to compile
+      print(f"train: {workdir} already holds step {start} of {c.steps}", flush=True)
+      return _summary(config, workdir, start)
+
     def next_batch():
       host = next(pipeline)
       return {k: distributed.global_batch(host[k], mesh, rules, c.batch_size)
@@ -120,6 +123,7 @@ def train(config, workdir) -> dict:
           f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; {origin}; "
           f"{flops / 1e12:.3g} TFLOP per step; workdir {workdir}", flush=True)
 
+    writer = metrics_lib.MetricWriter(workdir)
     bar = tqdm.tqdm(total=c.steps, initial=start, disable=jax.process_index() != 0,
                     desc="train", unit="step", dynamic_ncols=True)
     step, tic, logged, pending = start, time.perf_counter(), start, []
@@ -151,6 +155,11 @@ def train(config, workdir) -> dict:
         batch = next_batch()
     bar.close()
   writer.close()
+  return _summary(config, workdir, step)
+
+
+def _summary(config, workdir, step: int) -> dict:
+  """{workdir, step, seconds, first/last loss}; redraws loss.svg (process 0)."""
   summary = {"workdir": str(workdir), "step": step, "seconds": config.seconds}
   if jax.process_index() == 0 and (workdir / "metrics.jsonl").exists():
     records = metrics_lib.read_metrics(workdir)

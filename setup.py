@@ -7,7 +7,8 @@ setup(
     version="0.1.0",
     description="JAX/Flax reimplementation of One-Minute Video Generation with Test-Time Training",
     packages=["ttt_jax", "ttt_jax.ops", "ttt_jax.nn", "ttt_jax.checkpoint", "ttt_jax.data",
-              "ttt_jax.train", "ttt_jax.sampling", "ttt_jax.text", "configs",
+              "ttt_jax.train", "ttt_jax.sampling", "ttt_jax.text",
+              "ttt_jax.vae", "configs",
               "pallas_kernels", "pallas_kernels.ttt_mlp"],
     python_requires=">=3.12",
     install_requires=[

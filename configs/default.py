@@ -54,8 +54,10 @@ def get_config(arg=None):
 
   config.model = m = ml_collections.ConfigDict(PRESETS[arg.preset])
   # Latent channels: CogVideoX's VAE gives 16; the tiny presets use the deterministic
-  # space-to-depth codec of ttt_jax.data (RGB frames, 4x4 pixels per latent pixel: 3*4*4).
-  m.in_channels = 16 if arg.preset != "tiny" else 48
+  # space-to-depth codec of ttt_jax.data (8x12 RGB frames, 2x2 pixels per latent pixel: 3*2*2).
+  # A 2x2 patch then holds 48 values, fewer than model_dim: a wider patch than the model
+  # (e.g. 4x4 pixels, 192 values into 64) cannot represent the noise, and samples stay noisy.
+  m.in_channels = 16 if arg.preset != "tiny" else 12
   m.patch_size = 2
   m.layer_norm_eps = 1e-6
   m.attn_length = 12  # latent frames per 3 s segment

@@ -65,19 +65,19 @@ def test_existing_dataset_not_overwritten(made):
 
 
 def test_codec_round_trip():
-  codec = sb.SpaceToDepthCodec(4, in_channels=48)
+  codec = sb.SpaceToDepthCodec(2, in_channels=12)
   rng = np.random.default_rng(0)
-  frames = rng.uniform(-1, 1, (49, 16, 24, 3)).astype(np.float32)  # [F, H*f, W*f, 3]
+  frames = rng.uniform(-1, 1, (49, 8, 12, 3)).astype(np.float32)  # [F, H*f, W*f, 3]
   latents = codec.encode(frames)
-  assert latents.shape == (13, 48, 4, 6) and latents.dtype == np.float32
-  # Channel order rgb*16 + dy*4 + dx.
-  assert latents[1, 1 * 16 + 2 * 4 + 3, 1, 2] == frames[4, 1 * 4 + 2, 2 * 4 + 3, 1]
+  assert latents.shape == (13, 12, 4, 6) and latents.dtype == np.float32
+  # Channel order rgb*4 + dy*2 + dx.
+  assert latents[1, 1 * 4 + 1 * 2 + 1, 1, 2] == frames[4, 1 * 2 + 1, 2 * 2 + 1, 1]
   decoded = codec.decode(latents)
   assert decoded.shape == frames.shape
   np.testing.assert_array_equal(decoded[::4], frames[::4])
   np.testing.assert_array_equal(decoded[1:5], np.repeat(frames[4:5], 4, axis=0))
   with pytest.raises(ValueError, match="in_channels=16"):
-    sb.SpaceToDepthCodec(4, in_channels=16)
+    sb.SpaceToDepthCodec(2, in_channels=16)
 
 
 def test_storyboard_texts_and_scene_tokens():
@@ -107,11 +107,11 @@ def test_storyboard_texts_and_scene_tokens():
 def test_rendered_sprite_colour_constant(made):
   path, _ = made
   ds = dataset_lib.open_dataset(path)
-  codec = sb.SpaceToDepthCodec(4)
+  codec = sb.SpaceToDepthCodec(2)
   backgrounds = np.array(list(sb.BACKGROUNDS.values()), np.float32)
   for i in range(4):
     entry = ds.entries[i]
-    frames = codec.decode(ds[i]["latents"])  # [F, 16, 24, 3]
+    frames = codec.decode(ds[i]["latents"])  # [F, 8, 12, 3]
     pixels = frames.reshape(-1, 3)
     is_bg = (np.abs(pixels[:, None] - backgrounds[None]).max(-1) < 1e-6).any(-1)
     sprite = pixels[~is_bg]
@@ -155,7 +155,7 @@ def test_dataset_reads(made):
   ds = dataset_lib.open_dataset(path, config)
   assert len(ds) == 12
   item = ds[5]
-  assert item["latents"].shape == (37, 48, 4, 6) and item["latents"].dtype == np.float32
+  assert item["latents"].shape == (37, 12, 4, 6) and item["latents"].dtype == np.float32
   assert item["text"].shape == (3, 22, 32) and item["text"].dtype == np.float32
   assert item["row"] == 5
   texts = [s["text"] for s in ds.entries[5]["segments"]]
@@ -165,12 +165,12 @@ def test_dataset_reads(made):
 
 def test_mean_logvar_sampling(tmp_path):
   config = _config(3)
-  meta = dataset_lib.make_meta(seconds=3, num_clips=2, T=13, C=96, H=4, W=6, n=1, L=18,
+  meta = dataset_lib.make_meta(seconds=3, num_clips=2, T=13, C=24, H=4, W=6, n=1, L=18,
                                text_dim=32, latent_kind="mean_logvar", latent_dtype="bfloat16")
-  moments = np.zeros((2, 13, 96, 4, 6), np.float32)
-  moments[:, :, :48] = 1.0  # mean 1
-  moments[:, :, 48:] = -100.0  # logvar clipped to -30: std ~3e-7
-  moments[1, :, 48:] = 0.0  # std 1
+  moments = np.zeros((2, 13, 24, 4, 6), np.float32)
+  moments[:, :, :12] = 1.0  # mean 1
+  moments[:, :, 12:] = -100.0  # logvar clipped to -30: std ~3e-7
+  moments[1, :, 12:] = 0.0  # std 1
   entries = [dict(clip=f"c{r}", row=r, seconds=3,
                   segments=[dict(text="x", scene_start=False, scene_end=False)]) for r in (0, 1)]
   with dataset_lib.DatasetWriter(tmp_path / "d", meta) as w:
@@ -178,7 +178,7 @@ def test_mean_logvar_sampling(tmp_path):
   ds = dataset_lib.open_dataset(tmp_path / "d", config)
   np.testing.assert_allclose(ds[0]["latents"], 1.0, atol=1e-5)
   z = ds.read(1, seed=0, epoch=0)["latents"]
-  assert z.shape == (13, 48, 4, 6) and 0.8 < z.std() < 1.2
+  assert z.shape == (13, 12, 4, 6) and 0.8 < z.std() < 1.2
   np.testing.assert_array_equal(z, ds.read(1, seed=0, epoch=0)["latents"])
   assert not np.array_equal(z, ds.read(1, seed=0, epoch=1)["latents"])
 
@@ -207,7 +207,7 @@ def _rewrite_index(path, edit):
     ("duplicate_row", ["clip_00003", "`row` 2 is also used by clip clip_00002"]),
     ("missing_chunk", ["clip_00003", "latents of row 3 is missing"]),
     ("missing_array", ["array `latents` is missing", "latents"]),
-    ("wrong_shape", ["array `latents` has shape [12, 37, 48, 4, 5]"]),
+    ("wrong_shape", ["array `latents` has shape [12, 37, 12, 4, 5]"]),
     ("config_mismatch", ["model.latent_height", "H=4 but the config needs 8"]),
 ])
 def test_bad_entries(made, tmp_path, case, expect):
@@ -237,7 +237,7 @@ def test_bad_entries(made, tmp_path, case, expect):
   elif case == "wrong_shape":
     shutil.rmtree(path / "latents")
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / "latents")}}
-    ts.open(spec, create=True, dtype=ts.float32, shape=[12, 37, 48, 4, 5]).result()
+    ts.open(spec, create=True, dtype=ts.float32, shape=[12, 37, 12, 4, 5]).result()
   elif case == "config_mismatch":
     config = _config(9)
     config.model.latent_height = 8
@@ -269,7 +269,7 @@ def test_pipeline_batches_and_epochs(made):
                                     process_count=1, num_threads=2, prefetch=2)
   batches = _take(pipe, 6)  # two epochs of 12 clips
   b = batches[0]
-  assert b["latents"].shape == (4, 37, 48, 4, 6) and b["latents"].dtype == np.float32
+  assert b["latents"].shape == (4, 37, 12, 4, 6) and b["latents"].dtype == np.float32
   assert b["text"].shape == (4, 3, 22, 32) and b["text"].dtype == np.float32
   assert b["row"].shape == (4,) and b["row"].dtype == np.int32
   np.testing.assert_array_equal(b["latents"][1], ds[int(b["row"][1])]["latents"])
@@ -330,5 +330,5 @@ def test_from_config_generates(tmp_path):
   config = _config(3, root=str(tmp_path / "root"), num_clips=8)
   config.train.batch_size = 4
   pipe = pipeline_lib.from_config(config, process_index=0, process_count=1)
-  assert next(pipe)["latents"].shape == (4, 13, 48, 4, 6)
+  assert next(pipe)["latents"].shape == (4, 13, 12, 4, 6)
   assert (tmp_path / "root" / "3s" / "meta.json").exists()

@@ -12,7 +12,8 @@ on any machine:
     scene tokens (9 with </s>): the tiny 63 s preset has L = 9.
   * `render_clip` draws its RGB frames in [-1, 1] at 16 fps (48 frames per segment + frame 0).
   * `SpaceToDepthCodec` is the tiny presets' "VAE": temporal 4x like CogVideoX's (frames 0, 4,
-    8, ... kept) and 4x4 pixels -> 48 channels, exactly invertible on the kept frames.
+    8, ... kept) and f x f pixels -> 3f^2 channels (tiny: 8x12 frames, f = 2, 12 channels),
+    exactly invertible on the kept frames.
   * `TextEmbedder` is the tiny presets' "T5": fixed random word vectors plus a position signal.
   * `generate_dataset` writes clips in the format of `ttt_jax.data.dataset`.
 
@@ -21,6 +22,7 @@ Clip i is drawn from `np.random.default_rng([seed, i])`, so it is the same whate
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import zlib
@@ -64,14 +66,20 @@ class SpaceToDepthCodec:
   so decode(encode(x)) equals x exactly on the kept frames.
   """
 
-  def __init__(self, factor: int = 4, in_channels: int | None = None):
+  @classmethod
+  def for_channels(cls, in_channels: int) -> "SpaceToDepthCodec":
+    """The codec whose 3*f*f latent channels are `in_channels` (model.in_channels)."""
+    factor = max(1, math.isqrt(in_channels // 3))
+    return cls(factor, in_channels=in_channels)
+
+  def __init__(self, factor: int = 2, in_channels: int | None = None):
     self.factor = factor
     self.channels = 3 * factor * factor
     if in_channels is not None and in_channels != self.channels:
       raise ValueError(
           f"SpaceToDepthCodec(factor={factor}) makes 3*{factor}*{factor}={self.channels} latent "
           f"channels but model.in_channels={in_channels}; the generated dataset needs "
-          f"in_channels = 3*factor^2 (the tiny preset's 48 = factor 4).")
+          f"in_channels = 3*factor^2 (the tiny preset's 12 = factor 2).")
 
   def encode(self, frames: np.ndarray) -> np.ndarray:
     """[F, H*f, W*f, 3] -> [T, 3*f*f, H, W] float32, T = (F-1)/4 + 1."""
@@ -225,8 +233,9 @@ def _sprite_mask(shape: str, dy: np.ndarray, dx: np.ndarray, size: int) -> np.nd
 
 
 def sprite_size(height: int, width: int) -> int:
-  """Sprite side in pixels: ~3/8 of the frame's short side (6 on the tiny 16x24 frames)."""
-  return max(3, int(round(min(height, width) * 0.375)))
+  """Sprite side in pixels: half the frame's short side (4 on the tiny 8x12 frames), so the
+  shapes stay distinct at that size."""
+  return max(3, int(round(min(height, width) * 0.5)))
 
 
 def render_clip(storyboard: list[dict], height: int, width: int) -> np.ndarray:
@@ -275,13 +284,13 @@ def generate_dataset(path, config, num_clips: int | None = None, seed: int | Non
 
   Sizes come from the config: T = sequence.num_frames, n = sequence.num_chunks, L =
   sequence.text_length, latents [T, model.in_channels, model.latent_height,
-  model.latent_width] (in_channels must be 3*4*4 = 48, the codec's), text [n, L,
+  model.latent_width] (in_channels = 3*f*f sets the codec's factor f), text [n, L,
   model.text_dim]. The dataset appears atomically (see `dataset.DatasetWriter`).
   """
   num_clips = config.data.num_clips if num_clips is None else num_clips
   seed = config.data.seed if seed is None else seed
   m, s = config.model, config.sequence
-  codec = SpaceToDepthCodec(4, in_channels=m.in_channels)
+  codec = SpaceToDepthCodec.for_channels(m.in_channels)
   embedder = TextEmbedder(m.text_dim, seed=TEXT_SEED)
   height, width = m.latent_height * codec.factor, m.latent_width * codec.factor
   n, length = s.num_chunks, s.text_length

@@ -5,11 +5,17 @@
   python launch/sample.py --checkpoint=ckpt/5b --config=configs/default.py:preset=5b \
       --storyboard=story.jsonl --video_index=all --output=samples/5b
 
+  python launch/sample.py --checkpoint=ckpt/5b --config=configs/default.py:preset=5b \
+      --t5=CogVideoX-5b/text_encoder --tokenizer=CogVideoX-5b/tokenizer \
+      --vae=CogVideoX-5b/vae --storyboard=story.json --output=samples/5b
+
 --workdir reads a training run's config.json and its latest parameters; --checkpoint (with
 --config) reads an imported checkpoint or a workdir's checkpoints under the given config. The
-duration follows from each video's number of segments. Writes `<output>/latents_<i>.npy` and,
-for the tiny presets (the space-to-depth codec), `video_<i>.mp4` (+ `video_<i>.png`). The
-CogVideoX VAE decoder is not ported yet: other presets write the latents only.
+duration follows from each video's number of segments. Writes `<output>/latents_<i>.npy` and
+`video_<i>.mp4` (+ `video_<i>.png` with --contact_sheet). The tiny presets use the generated
+data's text embedder and space-to-depth codec; the others need --t5 and --tokenizer (the Flax
+T5 v1.1 encoder, HF safetensors + spiece.model) and --vae (the Flax CogVideoX VAE decoder,
+diffusers weights) for the video; without --vae they write the latents only.
 """
 
 import json
@@ -35,6 +41,11 @@ _CFG = flags.DEFINE_enum("cfg", "literal", ["literal", "smooth"],
                          "Dynamic CFG schedule: upstream's t-based one or the smooth ramp.")
 _CFG_SCALE = flags.DEFINE_float("cfg_scale", 6.0, "Dynamic CFG scale.")
 _CONTACT_SHEET = flags.DEFINE_bool("contact_sheet", False, "Also write a PNG contact sheet.")
+_T5 = flags.DEFINE_string("t5", "", "T5 encoder folder (HF config.json + safetensors).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "T5 tokenizer: spiece.model or its folder.")
+_VAE = flags.DEFINE_string("vae", "", "CogVideoX VAE folder (diffusers config.json + weights).")
+_VAE_SCALE = flags.DEFINE_float("vae_scale_factor", 1.0, "Latents are divided by it before "
+                                "decoding: 1.0 for ttt-video models, 0.7 for CogVideoX-5B.")
 _MESH_SHAPE = flags.DEFINE_list("mesh_shape", [], "Mesh (data,fsdp,tensor) for sampling; "
                                 "default: one device, or the config's on several.")
 
@@ -92,22 +103,27 @@ def main(argv):
     tiny = config.preset == "tiny"  # the generated data's codec and text embedder
     output = pathlib.Path(_OUTPUT.value)
     output.mkdir(parents=True, exist_ok=True)
-    if not tiny:
-      print("sample: the CogVideoX VAE decoder is not ported yet; writing latents only "
-            "(decode them with the PyTorch VAE, spec 4.8).", file=sys.stderr)
+    text_encoder = None if tiny else _text_encoder(config)
+    decoder = None if tiny else _vae()
+    if decoder is None and not tiny:
+      print("sample: no --vae given; writing latents only.", file=sys.stderr)
     for i in indices:
       start = time.perf_counter()
       try:
         latents = generate.generate(
             config, params, graphdef, videos[i], seed=_SEED.value + i,
-            num_steps=_NUM_STEPS.value, text_encoder=None if tiny else _text_encoder(config),
+            num_steps=_NUM_STEPS.value, text_encoder=text_encoder,
             sampler=_SAMPLER.value, cfg_mode=_CFG.value, cfg_scale=_CFG_SCALE.value, mesh=mesh)
       except storyboard.StoryboardError as e:
         raise storyboard.StoryboardError(f"{_STORYBOARD.value}: video {i}, {e}") from e
       np.save(output / f"latents_{i}.npy", latents)
       written = [output / f"latents_{i}.npy"]
-      if tiny:
-        frames = video.decode_tiny(latents, config)
+      if tiny or decoder is not None:
+        if tiny:
+          frames = video.decode_tiny(latents, config)
+        else:
+          from ttt_jax import vae  # pylint: disable=g-import-not-at-top
+          frames = vae.decode(decoder, latents, scaling_factor=_VAE_SCALE.value)[0]
         written.append(video.write_mp4(frames, output / f"video_{i}.mp4"))
         if _CONTACT_SHEET.value:
           written.append(video.contact_sheet(frames, output / f"video_{i}.png"))
@@ -120,9 +136,24 @@ def main(argv):
 
 
 def _text_encoder(config):
-  """The T5 encoder for the real presets (ttt_jax.text, separate work)."""
-  raise ValueError(f"preset={config.preset!r} needs the T5 text encoder (ttt_jax.text), which "
-                   "launch/sample.py does not load yet; sample a tiny preset run instead.")
+  """The Flax T5 encoder + tokenizer of --t5 / --tokenizer (real presets)."""
+  if not (_T5.value and _TOKENIZER.value):
+    raise ValueError(f"preset={config.preset!r} needs the T5 text encoder: give --t5=<folder with "
+                     "config.json + safetensors> and --tokenizer=<spiece.model or its folder>.")
+  from ttt_jax.text import TextEncoder  # pylint: disable=g-import-not-at-top
+  encoder = TextEncoder.load(_T5.value, _TOKENIZER.value)
+  if encoder.text_dim != config.model.text_dim:
+    raise ValueError(f"--t5={_T5.value} gives {encoder.text_dim}-wide embeddings but "
+                     f"model.text_dim={config.model.text_dim}.")
+  return encoder
+
+
+def _vae():
+  """The Flax CogVideoX VAE decoder of --vae, or None."""
+  if not _VAE.value:
+    return None
+  from ttt_jax import vae  # pylint: disable=g-import-not-at-top
+  return vae.load_hf(_VAE.value)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,10 @@ hosts; compile-only CUDA devices from jax's CUDA plugin, `pip install -e '.[cuda
 needed). A topology whose plugin is missing fails with the install command, not a traceback.
 
 Mesh: --config.sharding.mesh_shape if given, else (1, D / tensor, tensor) with --tensor (default
-1 up to 9 s and 4 from 18 s on, as upstream). --batch defaults to data * fsdp devices.
+`aot.default_tensor`: 1 up to 9 s, 4 from 18 s on). --batch defaults to data * fsdp devices.
+Rules: the config's `sharding.rules` (see `ttt_jax.sharding`). Kernels are chosen for the
+topology's platform (`ttt_jax.sharding.target_platform`): splash attention and cuDNN run per
+shard under a `shard_map`.
 """
 
 import json

@@ -71,6 +71,31 @@ def test_gpu_topology_without_a_gpu():
   assert fwd["temp_gib"] > 0 and all(f in fwd for f in FIELDS)
 
 
+def test_kernels_follow_the_target_platform():
+  """Under `use_rules` on a compile-only mesh, kernel choices follow the mesh's devices, not
+  the host's: splash attention compiles (no interpret mode) for TPU, the TTT op's
+  impl="auto" takes the Pallas kernel for GPU only."""
+  import jax
+  from configs.default import get_config
+  from ttt_jax import sharding
+  from ttt_jax.ops import ttt
+  rules = get_config("").sharding.rules
+  assert sharding.target_platform() == jax.default_backend()
+  assert ttt._use_pallas("auto", "ttt_mlp") == (jax.default_backend() == "gpu")
+  checked = 0
+  for name, platform in (("v5p-8", "tpu"), ("h100-4x2", "gpu"), ("cpu-8", "cpu")):
+    try:
+      devices = aot.get_topology(name).devices
+    except aot.TopologyError:
+      continue  # no libtpu / CUDA plugin here
+    with sharding.use_rules(sharding.make_mesh((1, -1, 1), devices), rules):
+      assert sharding.target_platform() == platform
+      assert ttt._use_pallas("auto", "ttt_mlp") == (platform == "gpu")
+      assert not ttt._use_pallas("auto", "ttt_linear")
+    checked += 1
+  assert checked >= 1  # cpu-8: conftest's host devices
+
+
 @pytest.mark.parametrize("name, want", [
     ("v5p-8", "v5p:2x2x1"), ("v5p-256", "v5p:4x4x8"), ("v5p-512", "v5p:4x8x8"),
     ("v5e-64", "v5e:8x8"), ("v6e-8", "v6e:2x4"), ("v4-32", "v4:2x2x4"), ("v5p:4x4x4", "v5p:4x4x4"),

@@ -199,10 +199,53 @@ def test_chunked_xla_attention_equals_one_block():
       assert rel_err(g, w) < 1e-5
 
 
+def test_padded_attention_equals_unpadded():
+  """The cuDNN path pads windows to a multiple of 64 and masks the pad (run here with the xla
+  implementation of the same call): values and gradients equal the unpadded attention."""
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.normal(size=(3, 101, 2, 16)), jnp.float32) for _ in range(3))
+  scale = 16 ** -0.5
+  ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+  pad = lambda q, k, v: attention.padded_attention(q, k, v, scale=scale, implementation="xla")
+  assert rel_err(pad(q, k, v), ref(q, k, v)) < 1e-5
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+  for g, w in zip(jax.grad(loss(pad), argnums=(0, 1, 2))(q, k, v),
+                  jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
+    assert rel_err(g, w) < 1e-5
+
+
+def test_kernel_attention_runs_per_shard_under_a_mesh():
+  """Splash attention (interpret mode off TPU) inside `use_rules` runs in a shard_map over the
+  windows and heads; it equals the xla backend on the same mesh."""
+  from ttt_jax import sharding
+  rng = np.random.default_rng(3)
+  q, k, v = (jnp.asarray(rng.normal(size=(4, 96, 4, 16)), jnp.float32) for _ in range(3))
+  rules = get_config("").sharding.rules
+  mesh = sharding.make_mesh((2, 2, 2))
+  assert sharding.target_platform() == jax.default_backend()
+  outs = {}
+  for backend in ("xla", "pallas_tpu"):
+    def f(q, k, v):
+      assert sharding.target_platform() == "cpu"  # the mesh's devices
+      return attention.dot_product_attention(q, k, v, backend=backend)
+    outs[backend] = sharding.jit_sharded(f, mesh, rules)(q, k, v)
+  assert rel_err(outs["pallas_tpu"], outs["xla"]) < 1e-5
+
+
+def test_cudnn_attention_needs_bfloat16():
+  config = get_config("")
+  config.model.attention_backend = "cudnn"
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"model.attention_backend.*model.dtype=bfloat16 or attention_backend=xla"):
+    config_lib.validate(config)
+  config.model.dtype = "bfloat16"
+  config_lib.validate(config)
+
+
 def test_bad_inputs_name_the_argument():
   config, model = _model(3, "local_attention")
   video, text, t = _inputs(config, batch=1)
-  with pytest.raises(ValueError, match=r"video must be \[B, T, C=4, H, W\]"):
+  with pytest.raises(ValueError, match=r"video must be \[B, T, C=12, H, W\]"):
     model(video[:, :, :3], text, t)
   with pytest.raises(ValueError, match=r"text must be \[B=1, n, L, text_dim=32\]"):
     model(video, text[..., :5], t)

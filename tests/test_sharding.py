@@ -103,7 +103,9 @@ def test_parameters_are_created_sharded_with_logical_axes():
   P = jax.sharding.PartitionSpec
   assert specs["layers/seq_modeling_block/ssm/W1"] == P(None, "tensor", None, None)
   assert specs["layers/seq_modeling_block/q/kernel"] == P(None, "fsdp", "tensor")
-  assert specs["layers/mlp/layer2/kernel"] == P(None, None, "fsdp")
+  # Megatron MLP: layer1 columns and layer2 rows over tensor, FSDP over the model width.
+  assert specs["layers/mlp/layer1/kernel"] == P(None, "fsdp", "tensor")
+  assert specs["layers/mlp/layer2/kernel"] == P(None, "tensor", "fsdp")
   assert specs["transformer_norm/scale"] == P(None)
 
 

@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import importlib.util
 import re
-import unittest.mock
 
 import jax
 import jax.numpy as jnp
@@ -146,7 +145,9 @@ def get_topology(name: str) -> Topology:
 
 
 def default_tensor(seconds: int) -> int:
-  """Tensor-parallel size: upstream shards heads 4 ways from 30 s on (longer sequences)."""
+  """Tensor-parallel size of the default mesh: 1 up to 9 s (a sample's activations fit one
+  device: 9 s train 35 GiB on H100), 4 from 18 s (heads, MLP columns and the saved residuals
+  split 4 ways; 63 s train on 32x8 H100 is the bound, README memory table)."""
   return 1 if seconds <= 9 else 4
 
 
@@ -274,16 +275,8 @@ def compile_step(config, topology: Topology, step: str, batch: int | None = None
     raise ValueError(f"step {step!r}: use one of {STEPS}.")
   jitted = sharding.jit_sharded(fn, mesh, rules, **kwargs)
   info = dict(mesh_shape=[int(mesh.shape[a]) for a in sharding.MESH_AXES], batch=batch)
-  with _lowering_for(topology.platform, mesh):
-    try:
-      lowered = jitted.trace(params, *inputs).lower()
-    except NotImplementedError as e:
-      if "cannot be automatically partitioned" not in str(e):
-        raise
-      with _shard_mapped_splash(mesh, rules):  # a new jit: the old one cached its trace
-        jitted = sharding.jit_sharded(fn, mesh, rules, **kwargs)
-        lowered = jitted.trace(params, *inputs).lower()
-      info["splash_shard_map_shim"] = True
+  with _abstract_mesh_for(topology.platform, mesh):
+    lowered = jitted.trace(params, *inputs).lower()
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
@@ -296,42 +289,15 @@ def compile_step(config, topology: Topology, step: str, batch: int | None = None
 
 
 @contextlib.contextmanager
-def _lowering_for(platform: str, mesh):
-  """While tracing for a TPU or GPU topology, shows the model that platform's devices.
-
-  The model picks kernels by the attached backend (splash attention's interpret mode, the TTT
-  `impl="auto"` switch), and Pallas-Triton reads the GPU model from the abstract mesh; compiling
-  on a CPU host for a TPU slice or a GPU cluster must lower what that platform will run.
-  """
-  name = {"tpu": "tpu", "cuda": "gpu"}.get(platform)
-  if name is None:
+def _abstract_mesh_for(platform: str, mesh):
+  """While tracing for a GPU topology, makes the mesh the abstract mesh: Pallas-Triton reads the
+  GPU model it compiles for from there. (Kernel choices follow the mesh's platform by
+  themselves, `ttt_jax.sharding.target_platform`.)"""
+  if platform != "cuda":
     yield
     return
-  with unittest.mock.patch.object(jax, "default_backend", lambda: name):
-    if platform != "cuda":
-      yield
-      return
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      yield
-
-
-def _shard_mapped_splash(mesh, rules):
-  """Runs the splash-attention kernel per shard under `shard_map` while tracing.
-
-  Mosaic kernels cannot be partitioned by XLA, so `attention_backend=pallas_tpu` fails to
-  lower on any multi-device mesh until `ttt_jax.nn.attention` wraps the kernel in a shard_map
-  itself; this does that (windows over the batch axes, heads over tensor, as the q/k/v
-  constraints already place them) so the memory plan reflects the kernel. Used only when the
-  plain lowering fails with that error; delete it once attention.py is fixed.
-  """
-  from ttt_jax.nn import attention
-  kernel = attention._splash_attention
-  spec = sharding.logical_to_spec(("batch", None, "heads", None), rules)
-
-  def per_shard(q, k, v, *, interpret):
-    return jax.shard_map(lambda *a: kernel(*a, interpret=interpret), mesh=mesh,
-                         in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
-  return unittest.mock.patch.object(attention, "_splash_attention", per_shard)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    yield
 
 
 def _out_of_memory(message: str) -> dict:

@@ -115,6 +115,10 @@ def validate(config) -> None:
            f"use one of {sorted(REMAT_POLICIES)}.")
   _require(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
            "use 'float32' or 'bfloat16' (compute dtype; parameters stay float32).")
+  _require(not (m.attention_backend == "cudnn" and m.dtype != "bfloat16"),
+           "model.attention_backend", m.attention_backend,
+           f"cuDNN fused attention has no {m.dtype} kernel (config.model.dtype={m.dtype!r}); "
+           "use model.dtype=bfloat16 or attention_backend=xla.")
   _require(t.eta_layout in ETA_LAYOUTS, "model.ttt.eta_layout", t.eta_layout,
            f"use one of {ETA_LAYOUTS}.")
   _require(isinstance(t.mini_batch_size, int) and t.mini_batch_size > 0,

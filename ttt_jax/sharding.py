@@ -4,13 +4,28 @@ Parameters get logical axes from their path (`PARAM_AXES`, first match wins; eve
 must match one); activations are annotated in the layer code with `constrain(x, names)`. The
 config's `sharding.rules` maps logical names to mesh axes:
 
-  batch -> (data, fsdp)   embed -> fsdp (FSDP of every large weight)
-  heads -> tensor         (attention and TTT heads per tensor shard)
-  length -> tensor        (sequence-parallel norms and MLP; MLP columns "mlp" not split)
+  batch  -> (data, fsdp)   embed -> fsdp (FSDP of every large weight)
+  heads  -> tensor         attention and TTT heads per tensor shard (each shard runs the TTT
+                           inner loop for its own heads, as upstream, spec 6.6)
+  mlp    -> tensor         Megatron MLP: layer1 columns / layer2 rows per tensor shard
+  length -> tensor         sequence-parallel norms around the MLP (Megatron-SP)
 
-so each tensor shard runs the TTT inner loop for its own heads and the MLP for its own tokens,
-as upstream's tensor parallelism does (spec 6.6). Mapping "mlp" -> tensor instead gives
-Megatron-style MLP column parallelism. Outside `use_rules` (single device, tests) `constrain` does nothing.
+Why these (5B, bf16, remat "full", 32x8 H100 = mesh 1x64x4, per-device GiB from
+`launch/compile_only.py`; the README has every duration):
+
+* `length -> tensor`: the scan over layers saves every layer's input for the backward pass,
+  [42, S, 3072] bf16 = 82 GiB per sample at 63 s. With `length -> None` (plain Megatron) nothing
+  shards it by token, XLA keeps it whole on every tensor shard and the 63 s train step needs
+  155 GiB; with `length -> tensor` it is stored token-sharded ([42, S/4, 3072]): 65 GiB.
+* `mlp -> tensor`: each tensor shard gathers (FSDP) and holds a quarter of the 12288-wide MLP
+  weights instead of all of them; the MLP's tokens are gathered instead (Megatron-SP).
+* The attention windows are cut per sample (`attention.segment_windows` constrains them to the
+  batch axes): left to propagation from the token-sharded residual, XLA cut the whole global
+  batch's windows on every device (bf16[384, 18021, 3072] at 18 s): 79.7 GiB in the 18 s
+  forward, 3.4 GiB with the constraint. That, not the sequence-parallel MLP, was the 18/30 s
+  blow-up.
+
+`constrain` and `per_shard` are no-ops outside `use_rules` (single device, tests).
 """
 
 from __future__ import annotations
@@ -127,6 +142,54 @@ def use_rules(mesh, rules):
     yield
   finally:
     _ACTIVE.reset(token)
+
+
+def active():
+  """(mesh, rules) of the enclosing `use_rules`, or None outside one."""
+  return _ACTIVE.get()
+
+
+_PLATFORMS = {"cuda": "gpu", "rocm": "gpu"}
+
+
+def target_platform() -> str:
+  """The platform being compiled for: "tpu", "gpu" or "cpu".
+
+  The devices of the active mesh (concrete, or compile-only ones of a named topology), else the
+  abstract mesh's device, else `jax.default_backend()`. Kernel choices (splash's interpret mode,
+  the TTT op's `impl="auto"`) follow this, so compiling on a CPU host for a TPU slice or a GPU
+  cluster lowers what that platform will run.
+  """
+  platform = None
+  state = _ACTIVE.get()
+  if state is not None:
+    platform = state[0].devices.flat[0].platform
+  else:
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    platform = getattr(device, "platform", None)
+  platform = (platform or jax.default_backend()).lower()
+  return _PLATFORMS.get(platform, platform)
+
+
+def per_shard(fn, axes, *args):
+  """`fn(*args)` run on each shard under `shard_map` over the active mesh (or once, unsharded,
+  outside `use_rules`). Every argument and the output have the logical `axes`.
+
+  For kernels XLA cannot partition (Mosaic/Triton Pallas calls, cuDNN custom calls). A mesh axis
+  that does not divide its dimension is left out there (that dimension is whole per shard).
+  """
+  state = _ACTIVE.get()
+  if state is None:
+    return fn(*args)
+  mesh, rules = state
+  spec = []
+  for axis, size in zip(logical_to_spec(axes, rules), args[0].shape):
+    names = axis if isinstance(axis, tuple) else (axis,) if axis is not None else ()
+    ways = int(np.prod([mesh.shape[a] for a in names]))
+    spec.append(axis if names and size % ways == 0 else None)
+  spec = PartitionSpec(*spec)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec,
+                       check_vma=False)(*args)
 
 
 def constrain(x, axes):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from pallas_kernels.ttt_mlp import reference
 from pallas_kernels.ttt_mlp.block_sizes import BlockSizes, get_block_sizes
 from pallas_kernels.ttt_mlp.forward import ttt_mlp_forward
-from ttt_jax.ops.ttt import _check
+from ttt_jax.ops.ttt import check_shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float =
   """
   H, N, d = xq.shape[1], xq.shape[2], xq.shape[-1]
   f = W1.shape[-1]
-  _check(xq, xk, xv, eta, ln_weight, ln_bias,
+  check_shapes(xq, xk, xv, eta, ln_weight, ln_bias,
          {"W1": (W1, (H, d, f)), "b1": (b1, (H, 1, f)), "W2": (W2, (H, f, d)),
           "b2": (b2, (H, 1, d))})
   platform, device_kind = _target()

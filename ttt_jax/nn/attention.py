@@ -14,9 +14,10 @@ with global frame positions.
 
 Backends (`model.attention_backend`): "xla" (einsum + float32 softmax, query blocks of
 `XLA_QUERY_CHUNK` above that length; any device), "cudnn"
-(`jax.nn.dot_product_attention`, GPU), "pallas_tpu" (splash attention from
+(`jax.nn.dot_product_attention`, GPU, bfloat16 only; sequences padded to a multiple of 64 and
+masked by sequence lengths), "pallas_tpu" (splash attention from
 `jax.experimental.pallas.ops.tpu`, sequences padded to its block size and masked by segment
-ids; runs in interpret mode off TPU).
+ids; interpret mode unless compiling for TPU). Both kernels run per shard under a mesh.
 """
 
 from __future__ import annotations
@@ -27,23 +28,54 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ttt_jax import sharding
 from ttt_jax.sequence import SequenceLayout
+from ttt_jax.sharding import constrain
 
 _SPLASH_BLOCK = 128
+CUDNN_SEQ_MULTIPLE = 64  # cuDNN fused attention's tile: its backward needs S % 64 == 0
 XLA_QUERY_CHUNK = 2048  # queries per step of the chunked XLA path
 
 
 def dot_product_attention(q, k, v, *, backend: str = "xla"):
-  """softmax(q k^T / sqrt(d)) v with no mask. q, k, v: [B, S, H, d] -> [B, S, H, d]."""
+  """softmax(q k^T / sqrt(d)) v with no mask. q, k, v: [B, S, H, d] -> [B, S, H, d].
+
+  The kernel backends ("cudnn", "pallas_tpu") are custom calls XLA cannot partition: under a
+  mesh (`ttt_jax.sharding.use_rules`) they run per shard in a `shard_map`, windows over the
+  batch mesh axes and heads over the heads axis, where the q/k/v constraints put them anyway.
+  """
   scale = q.shape[-1] ** -0.5
   if backend == "xla":
     return _xla_attention(q, k, v, scale, XLA_QUERY_CHUNK)
   if backend == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
-  if backend == "pallas_tpu":
-    return _splash_attention(q * jnp.asarray(scale, q.dtype), k, v,
-                             interpret=jax.default_backend() != "tpu")
-  raise ValueError(f"attention backend {backend!r}: use 'xla', 'cudnn' or 'pallas_tpu'.")
+    kernel = functools.partial(padded_attention, scale=scale, implementation="cudnn")
+  elif backend == "pallas_tpu":
+    kernel = functools.partial(_splash_attention,
+                               interpret=sharding.target_platform() != "tpu")
+    q = q * jnp.asarray(scale, q.dtype)
+  else:
+    raise ValueError(f"attention backend {backend!r}: use 'xla', 'cudnn' or 'pallas_tpu'.")
+  return sharding.per_shard(kernel, ("batch", None, "heads", None), q, k, v)
+
+
+def padded_attention(q, k, v, *, scale: float, implementation: str | None = None,
+                     multiple: int = CUDNN_SEQ_MULTIPLE):
+  """`jax.nn.dot_product_attention` with S padded to a multiple of `multiple`.
+
+  cuDNN's fused attention backward rejects sequence lengths off its tile size (the 18 s and
+  30 s windows, 18021 and 18047 tokens); the padded keys are masked out by
+  `key_value_seq_lengths` and the padded query rows are cut off.
+  """
+  B, S = q.shape[:2]
+  Sp = -(-S // multiple) * multiple
+  if Sp == S:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+  pad = lambda t: jnp.pad(t, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+  lengths = jnp.full((B,), S, jnp.int32)
+  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), scale=scale,
+                                     query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :S]
 
 
 def _xla_attention(q, k, v, scale, chunk: int):
@@ -103,23 +135,28 @@ def segment_windows(x_text, x_video, layout: SequenceLayout, attn_length: int, p
   B, _, D = x_text.shape
   n, L, P = layout.num_chunks, layout.text_length, layout.tokens_per_frame
   starts, W, _ = _window_frames(layout, attn_length, prefix)
-  frames = x_video.reshape(B, layout.num_frames, P, D)
+  # Windows are cut per sample (batch-sharded, whole over tensor): a token-sharded input (the
+  # sequence-parallel residual) would otherwise make XLA cut every sample's windows on every
+  # device ([B*n, L + W*P, D] for the global batch: 40 GiB at 18 s).
+  frames = constrain(x_video.reshape(B, layout.num_frames, P, D), ("batch", None, None, None))
   video = jnp.stack([frames[:, s:s + W] for s in starts], axis=1)  # [B, n, W, P, D]
-  text = x_text.reshape(B, n, L, D)
-  return jnp.concatenate([text, video.reshape(B, n, W * P, D)], axis=2).reshape(B * n, -1, D)
+  text = constrain(x_text.reshape(B, n, L, D), ("batch", None, None, None))
+  windows = jnp.concatenate([text, video.reshape(B, n, W * P, D)], axis=2)
+  return constrain(windows.reshape(B * n, -1, D), ("batch", None, None))
 
 
 def merge_windows(y, layout: SequenceLayout, attn_length: int, prefix: int):
   """Inverse of `segment_windows` for outputs: text rows back, video rows averaged."""
   n, L, P, T = layout.num_chunks, layout.text_length, layout.tokens_per_frame, layout.num_frames
   D = y.shape[-1]
-  y = y.reshape(-1, n, y.shape[1], D)
+  y = constrain(y, ("batch", None, None)).reshape(-1, n, y.shape[1], D)
   B = y.shape[0]
   starts, W, count = _window_frames(layout, attn_length, prefix)
   text = y[:, :, :L].reshape(B, n * L, D)
   video = y[:, :, L:].reshape(B, n, W, P, D).astype(jnp.float32)
-  acc = jnp.zeros((B, T, P, D), jnp.float32)
+  acc = constrain(jnp.zeros((B, T, P, D), jnp.float32), ("batch", None, None, None))
   for i, s in enumerate(starts):
     acc = acc.at[:, s:s + W].add(video[:, i])
   acc = acc / jnp.asarray(count)[None, :, None, None]
-  return text, acc.reshape(B, T * P, D).astype(y.dtype)
+  return (constrain(text, ("batch", None, None)),
+          constrain(acc.reshape(B, T * P, D).astype(y.dtype), ("batch", None, None)))

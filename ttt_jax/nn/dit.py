@@ -81,8 +81,9 @@ class DiTBlock(nnx.Module):
     x_video, x_text = x_video + gv * s_v, x_text + gt * s_t
 
     sv, cv, gv, st, ct, gt = jnp.split(self.pre_mlp_adaLN_modulation(act), 6, axis=-1)
-    # Sequence-parallel norm and MLP: tokens over the tensor axis, MLP weights gathered
-    # (upstream's TP layout, spec 6.6). Uneven token counts are padded by XLA.
+    # Norm and MLP inputs by token ("length"); with the default rules (mlp -> tensor too) the
+    # MLP's columns are split over the same axis, see ttt_jax.sharding. Uneven token counts
+    # are padded by XLA.
     seq = lambda x: constrain(x, ("batch", "length", None))
     w_v = seq(self.pre_mlp_layernorm(seq(x_video)) * (1 + cv) + sv)
     w_t = seq(self.pre_mlp_layernorm(seq(x_text)) * (1 + ct) + st)

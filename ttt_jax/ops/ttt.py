@@ -29,6 +29,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ttt_jax import sharding
+
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
@@ -159,8 +161,9 @@ def scan_remat(step, carry, xs, checkpoint_group: int | None):
 # ----------------------------------------------------------------------------- public ops
 
 
-def _check(xq, xk, xv, eta, ln_weight, ln_bias, weights):
-  """Shape checks with messages naming the argument (never an XLA traceback)."""
+def check_shapes(xq, xk, xv, eta, ln_weight, ln_bias, weights):
+  """Checks the shapes and dtypes of a TTT op's arguments; `weights` maps a name to (array,
+  expected shape). Messages name the argument (never an XLA traceback)."""
   if xq.ndim != 5:
     raise ValueError(f"xq must be [B, H, N, b, d] (N mini-batches of b tokens), got {xq.shape}.")
   B, H, N, b, d = xq.shape
@@ -199,7 +202,8 @@ IMPLS = ("xla", "pallas", "auto")
 
 
 def _use_pallas(impl: str, kind: str) -> bool:
-  """Resolves `impl`: "auto" takes the Pallas kernel where one is built for this platform."""
+  """Resolves `impl`: "auto" takes the Pallas kernel where one is built for the target
+  platform (`ttt_jax.sharding.target_platform`)."""
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r}: use one of {IMPLS} (config.model.ttt.impl).")
   if impl == "xla":
@@ -210,7 +214,8 @@ def _use_pallas(impl: str, kind: str) -> bool:
                        "impl='xla' or 'auto'.")
     return False
   # The kernel is Triton-style (GPU, or interpret mode); a Mosaic TPU kernel is not built yet.
-  return impl == "pallas" or jax.default_backend() == "gpu"
+  # "auto" follows the platform being compiled for (a GPU cluster from a CPU host included).
+  return impl == "pallas" or sharding.target_platform() == "gpu"
 
 
 def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float = 1e-6,
@@ -235,7 +240,7 @@ def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float =
   """
   H, d = xq.shape[1], xq.shape[-1]
   f = W1.shape[-1]
-  _check(xq, xk, xv, eta, ln_weight, ln_bias,
+  check_shapes(xq, xk, xv, eta, ln_weight, ln_bias,
          {"W1": (W1, (H, d, f)), "b1": (b1, (H, 1, f)), "W2": (W2, (H, f, d)),
           "b2": (b2, (H, 1, d))})
   if _use_pallas(impl, "ttt_mlp"):
@@ -253,7 +258,7 @@ def ttt_linear(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, *, eps: float = 1e-6
   """TTT-Linear over a sequence of mini-batches; as `ttt_mlp` with W1: [H, d, d], b1: [H, 1, d]."""
   _use_pallas(impl, "ttt_linear")  # validates; no kernel yet, "auto" runs this scan
   H, d = xq.shape[1], xq.shape[-1]
-  _check(xq, xk, xv, eta, ln_weight, ln_bias,
+  check_shapes(xq, xk, xv, eta, ln_weight, ln_bias,
          {"W1": (W1, (H, d, d)), "b1": (b1, (H, 1, d))})
   return _run(_linear_mini_batch, TTTLinearState, xq, xk, xv, eta, ln_weight, ln_bias,
               (W1, b1), eps, checkpoint_group, return_state)

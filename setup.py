@@ -8,7 +8,7 @@ setup(
     description="JAX/Flax reimplementation of One-Minute Video Generation with Test-Time Training",
     packages=["ttt_jax", "ttt_jax.ops", "ttt_jax.nn", "ttt_jax.checkpoint", "ttt_jax.data",
               "ttt_jax.train", "ttt_jax.sampling", "ttt_jax.text",
-              "ttt_jax.vae", "configs",
+              "ttt_jax.vae", "ttt_jax.cli", "configs",
               "pallas_kernels", "pallas_kernels.ttt_mlp"],
     python_requires=">=3.12",
     install_requires=[
@@ -29,6 +29,8 @@ setup(
         "imageio-ffmpeg",  # mp4 output; ships its own ffmpeg binary
         "sentencepiece",  # the T5 tokenizer (no transformers at run time)
     ],
+    entry_points={"console_scripts": ["ttt-jax-train=ttt_jax.cli.train:run",
+                                      "ttt-jax-sample=ttt_jax.cli.sample:run"]},
     extras_require={
         "test": ["pytest>=8", "pytest-xdist"],
         # PyTorch oracles for parity tests only; never imported by the library.

@@ -156,5 +156,10 @@ def _vae():
   return vae.load_hf(_VAE.value)
 
 
-if __name__ == "__main__":
+def run():
+  """Console-script entry point."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

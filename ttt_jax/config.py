@@ -85,7 +85,8 @@ def sequence_layout(config) -> SequenceLayout:
                         grid_w=m.latent_width // m.patch_size)
 
 
-def _require(ok: bool, field: str, value, fix: str):
+def require(ok: bool, field: str, value, fix: str):
+  """Raises ConfigError for `config.<field>=value` with `fix` unless `ok`."""
   if not ok:
     raise ConfigError(f"config.{field}={value!r} is invalid: {fix}")
 
@@ -93,53 +94,53 @@ def _require(ok: bool, field: str, value, fix: str):
 def validate(config) -> None:
   """Raises ConfigError naming the first invalid field of `config`."""
   m, t, s = config.model, config.model.ttt, config.sequence
-  _require(config.seconds in DURATIONS, "seconds", config.seconds,
+  require(config.seconds in DURATIONS, "seconds", config.seconds,
            f"use one of {DURATIONS}, given in the config argument "
            "(--config=configs/default.py:seconds=9).")
   for name in ("model_dim", "num_heads", "num_layers", "patch_size", "latent_height",
                "latent_width", "attn_length"):
-    _require(isinstance(m[name], int) and m[name] > 0, f"model.{name}", m[name],
+    require(isinstance(m[name], int) and m[name] > 0, f"model.{name}", m[name],
              "must be a positive integer.")
-  _require(m.model_dim % m.num_heads == 0, "model.num_heads", m.num_heads,
+  require(m.model_dim % m.num_heads == 0, "model.num_heads", m.num_heads,
            f"must divide model.model_dim={m.model_dim}.")
   head_dim = m.model_dim // m.num_heads
-  _require(head_dim % 16 == 0, "model.model_dim", m.model_dim,
+  require(head_dim % 16 == 0, "model.model_dim", m.model_dim,
            f"head dim model_dim/num_heads = {head_dim} must be a multiple of 16 (3D RoPE split).")
   for name in ("latent_height", "latent_width"):
-    _require(m[name] % m.patch_size == 0, f"model.{name}", m[name],
+    require(m[name] % m.patch_size == 0, f"model.{name}", m[name],
              f"must be divisible by model.patch_size={m.patch_size}.")
-  _require(m.variant in VARIANTS, "model.variant", m.variant, f"use one of {VARIANTS}.")
-  _require(m.attention_backend in ATTENTION_BACKENDS, "model.attention_backend",
+  require(m.variant in VARIANTS, "model.variant", m.variant, f"use one of {VARIANTS}.")
+  require(m.attention_backend in ATTENTION_BACKENDS, "model.attention_backend",
            m.attention_backend, f"use one of {ATTENTION_BACKENDS}.")
-  _require(m.remat_policy in REMAT_POLICIES, "model.remat_policy", m.remat_policy,
+  require(m.remat_policy in REMAT_POLICIES, "model.remat_policy", m.remat_policy,
            f"use one of {sorted(REMAT_POLICIES)}.")
-  _require(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
+  require(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
            "use 'float32' or 'bfloat16' (compute dtype; parameters stay float32).")
-  _require(not (m.attention_backend == "cudnn" and m.dtype != "bfloat16"),
+  require(not (m.attention_backend == "cudnn" and m.dtype != "bfloat16"),
            "model.attention_backend", m.attention_backend,
            f"cuDNN fused attention has no {m.dtype} kernel (config.model.dtype={m.dtype!r}); "
            "use model.dtype=bfloat16 or attention_backend=xla.")
-  _require(t.eta_layout in ETA_LAYOUTS, "model.ttt.eta_layout", t.eta_layout,
+  require(t.eta_layout in ETA_LAYOUTS, "model.ttt.eta_layout", t.eta_layout,
            f"use one of {ETA_LAYOUTS}.")
-  _require(isinstance(t.mini_batch_size, int) and t.mini_batch_size > 0,
+  require(isinstance(t.mini_batch_size, int) and t.mini_batch_size > 0,
            "model.ttt.mini_batch_size", t.mini_batch_size, "must be a positive integer.")
-  _require(isinstance(t.checkpoint_group, int) and t.checkpoint_group >= 0,
+  require(isinstance(t.checkpoint_group, int) and t.checkpoint_group >= 0,
            "model.ttt.checkpoint_group", t.checkpoint_group,
            "must be an integer >= 0 (0 disables remat).")
-  _require(t.impl in ("xla", "pallas", "auto"), "model.ttt.impl", t.impl,
+  require(t.impl in ("xla", "pallas", "auto"), "model.ttt.impl", t.impl,
            "use 'xla', 'pallas' or 'auto'.")
-  _require(not (t.impl == "pallas" and m.variant == "ttt_linear"), "model.ttt.impl", t.impl,
+  require(not (t.impl == "pallas" and m.variant == "ttt_linear"), "model.ttt.impl", t.impl,
            "there is no Pallas kernel for ttt_linear yet; use 'xla' or 'auto'.")
-  _require(t.base_lr > 0, "model.ttt.base_lr", t.base_lr, "must be > 0.")
-  _require(t.inner_eps > 0, "model.ttt.inner_eps", t.inner_eps, "must be > 0.")
+  require(t.base_lr > 0, "model.ttt.base_lr", t.base_lr, "must be > 0.")
+  require(t.inner_eps > 0, "model.ttt.inner_eps", t.inner_eps, "must be > 0.")
   frames = latent_frames(config.seconds)
-  _require(s.num_frames == frames, "sequence.num_frames", s.num_frames,
+  require(s.num_frames == frames, "sequence.num_frames", s.num_frames,
            f"{config.seconds} s has {frames} latent frames; set the duration with the config "
            "argument (seconds=...) instead of overriding sequence fields.")
   chunks = frames // m.attn_length
-  _require(s.num_chunks == chunks, "sequence.num_chunks", s.num_chunks,
+  require(s.num_chunks == chunks, "sequence.num_chunks", s.num_chunks,
            f"{frames} frames in segments of model.attn_length={m.attn_length} give {chunks}.")
-  _require(isinstance(s.text_length, int) and s.text_length > 0, "sequence.text_length",
+  require(isinstance(s.text_length, int) and s.text_length > 0, "sequence.text_length",
            s.text_length, "must be a positive integer.")
   try:
     layout = sequence_layout(config)

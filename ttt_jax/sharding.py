@@ -206,11 +206,17 @@ def batch_sharding(mesh, rules, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
 
 
+def batch_axes(mesh, rules) -> tuple[tuple[str, ...], int]:
+  """The mesh axes the batch is split over, and into how many pieces."""
+  spec = batch_sharding(mesh, rules, 1).spec[0]
+  axes = tuple(a for a in (spec if isinstance(spec, tuple) else (spec,)) if a is not None)
+  return axes, int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def shard_batch(x, mesh, rules):
   """Puts a host array on the mesh, batch-sharded; checks the batch divides the batch axes."""
   spec = batch_sharding(mesh, rules, np.ndim(x))
-  axes = spec.spec[0] if isinstance(spec.spec[0], tuple) else (spec.spec[0],)
-  ways = int(np.prod([mesh.shape[a] for a in axes if a is not None]))
+  axes, ways = batch_axes(mesh, rules)
   if np.shape(x)[0] % ways:
     raise MeshError(f"batch size {np.shape(x)[0]} is not divisible by the mesh axes {axes} "
                     f"({ways} ways); change the batch size or sharding.mesh_shape.")

@@ -91,9 +91,7 @@ def guided_denoiser(graphdef):
 
 
 def _check_mesh(mesh, rules):
-  spec = sharding.batch_sharding(mesh, rules, 1).spec[0]
-  axes = spec if isinstance(spec, tuple) else (spec,)
-  ways = int(np.prod([mesh.shape[a] for a in axes if a is not None]))
+  axes, ways = sharding.batch_axes(mesh, rules)
   if CFG_BATCH % ways:
     raise sharding.MeshError(
         f"sampling runs a batch of {CFG_BATCH} (unconditional + conditional) but the batch mesh "

@@ -29,7 +29,7 @@ from ttt_jax.train import step as step_lib
 def validate(config) -> None:
   """config.validate plus the training fields; errors name the field and the fix."""
   config_lib.validate(config)
-  c, req = config.train, config_lib._require
+  c, req = config.train, config_lib.require
   req(c.adapter in optim.ADAPTERS, "train.adapter", c.adapter, f"use one of {optim.ADAPTERS}.")
   for name in ("lr_schedule", "lr_ttt_schedule"):
     req(c[name] in optim.SCHEDULES, f"train.{name}", c[name], f"use one of {optim.SCHEDULES}.")
@@ -58,7 +58,7 @@ def _profile_range(text: str) -> tuple[int, int] | None:
     start, stop = (int(x) for x in text.split(":"))
   except ValueError:
     start = stop = -1
-  config_lib._require(0 <= start < stop, "train.profile_steps", text,
+  config_lib.require(0 <= start < stop, "train.profile_steps", text,
                      "use 'START:STOP' (steps START..STOP-1 are traced) or ''.")
   return start, stop
 

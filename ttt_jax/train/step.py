@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -162,9 +161,7 @@ def jit_train_step(config, mesh, graphdef, state):
 def check_batch(config, mesh) -> None:
   """The global batch must split over the mesh's batch axes and the micro-batches."""
   c = config.train
-  axes = sharding.batch_sharding(mesh, config.sharding.rules, 1).spec[0]
-  axes = axes if isinstance(axes, tuple) else (axes,)
-  ways = int(np.prod([mesh.shape[a] for a in axes if a is not None]))
+  axes, ways = sharding.batch_axes(mesh, config.sharding.rules)
   if c.batch_size % c.grad_accum or (c.batch_size // c.grad_accum) % ways:
     raise ValueError(f"config.train.batch_size={c.batch_size} with train.grad_accum="
                      f"{c.grad_accum} gives micro-batches of {c.batch_size / c.grad_accum:g}, "

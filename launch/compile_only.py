@@ -9,13 +9,14 @@ No parameter is materialised (`nnx.eval_shape` + sharded `jax.ShapeDtypeStruct`s
 argument / output / temp / generated-code / alias sizes from `compiled.memory_analysis()` and
 their per-device total (arguments + outputs - aliased + temporaries + code) in GiB, XLA's
 heap-simulator `peak_gib` where the backend reports one, the parameter shard `params_gib`,
-compile seconds, and for `train` the AdamW state the step does not hold yet
-(`optimizer_state_gib_estimate`: 2 float32 moments per parameter shard). A step the compiler
+compile seconds and, for `train`, the adapter (its frozen parameters get no gradients and no
+AdamW moments). A step the compiler
 rejects for memory gets `error` (and `oom_temp_gib`) instead of sizes, the compiler's message on
 stderr, and the run goes on. A table goes to stderr.
 
-Steps: `forward` is one denoising forward (each sampling step); `train` is value_and_grad of an
-MSE v-prediction loss plus an SGD update with the parameters donated (no optimizer exists yet).
+Steps: `forward` is one denoising forward (each sampling step); `train` is the training step of
+`ttt_jax.train.step` (v-prediction loss, gradients, AdamW with upstream's parameter groups and
+`train.adapter`, the state donated), at the config's stage recipe.
 
 Topologies: `cpu-N` (N host devices, always available: a CPU simulation whose buffer sizes
 follow the same sharding but whose fusion and layout decisions are the CPU compiler's),
@@ -77,7 +78,7 @@ from ttt_jax.sharding import MeshError  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Model config.")
 
 _COLUMNS = ("topology", "seconds", "step", "mesh_shape", "batch", "argument_gib", "output_gib",
-            "temp_gib", "alias_gib", "total_gib", "optimizer_state_gib_estimate", "compile_s",
+            "temp_gib", "alias_gib", "total_gib", "adapter", "compile_s",
             "error")
 
 
@@ -127,7 +128,7 @@ def main(argv):
                     params_gib=aot.per_device_bytes(params) / aot.GIB,
                     **(aot.memory_report(compiled) if compiled else {}), jax=jax.__version__)
       if step == "train":
-        record["optimizer_state_gib_estimate"] = aot.optimizer_state_bytes(params) / aot.GIB
+        record["adapter"] = config.train.adapter
       line = json.dumps(record)
       print(line, flush=True)
       if _OUT.value:

@@ -45,7 +45,7 @@ def test_state_dict_names_are_upstreams(source):
   assert "dit.layers.1.seq_modeling_block.ssm.ttt.W1" in sd
   assert "dit.layers.0.pre_seq_adaLN_modulation.1.weight" in sd
   assert "dit.layers.0.seq_modeling_block.forward_ssm_gating_video.gating_alpha" in sd
-  assert sd["dit.patch_embedding.vid_proj.weight"].shape == (64, 4, 2, 2)
+  assert sd["dit.patch_embedding.vid_proj.weight"].shape == (64, 12, 2, 2)
   assert sd["dit.time_embed.0.weight"].shape == (32, 64)
 
 
@@ -88,7 +88,7 @@ def test_bad_checkpoints_are_listed_and_nothing_is_loaded(source, tmp_path):
   msg = str(e.value)
   assert "4 problem(s)" in msg
   assert "missing: dit.layers.1.mlp.layer2.bias" in msg
-  assert "wrong shape: dit.final_layer.linear.weight is (16, 5), expected (16, 64)" in msg
+  assert "wrong shape: dit.final_layer.linear.weight is (48, 5), expected (48, 64)" in msg
   assert "wrong dtype: dit.layers.0.seq_modeling_block.ssm.ttt.b1 is int64" in msg
   assert "unexpected: dit.layers.0.lora_A" in msg
 

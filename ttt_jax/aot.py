@@ -202,19 +202,21 @@ def abstract_model(config, mesh):
 
 
 def abstract_batch(config, mesh, batch: int, step: str):
-  """Sharded shapes of (video, text, timesteps[, v target]) for one global batch."""
+  """Sharded shapes of one global batch: (video, text, timesteps) for `forward`, the train
+  step's {"latents", "text"} for `train` (its noise and timesteps are drawn inside)."""
   m, s = config.model, config.sequence
   video = (batch, s.num_frames, m.in_channels, m.latent_height, m.latent_width)
-  shapes = [video, (batch, s.num_chunks, s.text_length, m.text_dim), (batch,)]
-  if step == "train":
-    shapes.append(video)
-  ways = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+  text = (batch, s.num_chunks, s.text_length, m.text_dim)
+  axes, ways = sharding.batch_axes(mesh, config.sharding.rules)
   if batch % ways:
-    raise sharding.MeshError(f"--batch={batch} is not divisible by data*fsdp={ways}.")
-  return [jax.ShapeDtypeStruct(x, jnp.float32,
-                               sharding=sharding.batch_sharding(mesh, config.sharding.rules,
-                                                                len(x)))
-          for x in shapes]
+    raise sharding.MeshError(f"--batch={batch} is not divisible by the batch axes {axes} "
+                             f"({ways} ways).")
+  spec = lambda shape: jax.ShapeDtypeStruct(
+      shape, jnp.float32, sharding=sharding.batch_sharding(mesh, config.sharding.rules,
+                                                           len(shape)))
+  if step == "train":
+    return {"latents": spec(video), "text": spec(text)}
+  return [spec(video), spec(text), spec((batch,))]
 
 
 def forward_step(graphdef):
@@ -224,31 +226,10 @@ def forward_step(graphdef):
   return forward
 
 
-def train_step(graphdef, lr: float = 1e-4):
-  """MSE v-prediction loss, its gradient w.r.t. every parameter and an SGD update.
-
-  The scheduler's mixing of latents and noise into x_t and the v target is elementwise, so the
-  inputs are x_t and v directly. There is no optimizer yet: AdamW adds two float32 moments per
-  parameter (`optimizer_state_bytes`), which the compiled step here does not hold.
-  """
-  def train(params, video, text, timesteps, target):
-    def loss_fn(p):
-      return jnp.mean(jnp.square(nnx.merge(graphdef, p)(video, text, timesteps) - target))
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    return loss, jax.tree.map(lambda p, g: p - lr * g.astype(p.dtype), params, grads)
-  return train
-
-
 def per_device_bytes(state) -> int:
   """Bytes of the largest shard of every leaf of an abstract sharded State, summed."""
   return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
              for x in jax.tree.leaves(state))
-
-
-def optimizer_state_bytes(params) -> int:
-  """Per-device bytes of AdamW's two float32 moments, sharded as the parameters."""
-  return 2 * sum(int(np.prod(x.sharding.shard_shape(x.shape))) * 4
-                 for x in jax.tree.leaves(params))
 
 
 def compile_step(config, topology: Topology, step: str, batch: int | None = None):
@@ -262,21 +243,21 @@ def compile_step(config, topology: Topology, step: str, batch: int | None = None
   rules = config.sharding.rules
   graphdef, params = abstract_model(config, mesh)
   if batch is None:
-    batch = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    batch = sharding.batch_axes(mesh, rules)[1]
   inputs = abstract_batch(config, mesh, batch, step)
-  param_shardings = jax.tree.map(lambda x: x.sharding, params)
   if step == "forward":
-    fn, kwargs = forward_step(graphdef), {}
+    jitted, args = sharding.jit_sharded(forward_step(graphdef), mesh, rules), (params, *inputs)
   elif step == "train":
-    # New parameters overwrite the old (donated) ones in place, as a real train step does.
-    fn = train_step(graphdef)
-    kwargs = dict(donate_argnums=0, out_shardings=(None, param_shardings))
+    # The training step itself (ttt_jax.train.step): v-prediction loss with noise drawn inside,
+    # AdamW with upstream's groups and `train.adapter`, the donated state updated in place.
+    from ttt_jax.train import step as train_lib  # pylint: disable=g-import-not-at-top
+    state = train_lib.abstract_state(config, mesh, nnx.to_pure_dict(params))
+    jitted, args = train_lib.jit_train_step(config, mesh, graphdef, state), (state, inputs)
   else:
     raise ValueError(f"step {step!r}: use one of {STEPS}.")
-  jitted = sharding.jit_sharded(fn, mesh, rules, **kwargs)
   info = dict(mesh_shape=[int(mesh.shape[a]) for a in sharding.MESH_AXES], batch=batch)
   with _abstract_mesh_for(topology.platform, mesh):
-    lowered = jitted.trace(params, *inputs).lower()
+    lowered = jitted.trace(*args).lower()
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:

@@ -144,11 +144,6 @@ def use_rules(mesh, rules):
     _ACTIVE.reset(token)
 
 
-def active():
-  """(mesh, rules) of the enclosing `use_rules`, or None outside one."""
-  return _ACTIVE.get()
-
-
 _PLATFORMS = {"cuda": "gpu", "rocm": "gpu"}
 
 

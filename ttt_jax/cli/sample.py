@@ -95,10 +95,7 @@ def main(argv):
                                 model_dim=config.model.model_dim)
     else:
       mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    graphdef, abstract = step.abstract_model(config)
-    shardings = step.param_shardings(config, mesh, abstract)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
+    graphdef, abstract = step.sharded_abstract_params(config, mesh)
     params = checkpoints.load_params(source, abstract)
     tiny = config.preset == "tiny"  # the generated data's codec and text embedder
     output = pathlib.Path(_OUTPUT.value)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import pathlib
 import signal
 
-import jax
 import orbax.checkpoint as ocp
 
 from ttt_jax.checkpoint.tensor_files import CheckpointError
@@ -96,8 +95,3 @@ def load_params(path, abstract_params):
     raise CheckpointError(f"train.init_from={str(path)!r}: its parameters do not match this "
                           f"model config ({e}); use a checkpoint of the same preset.") from e
 
-
-def abstract_like(tree):
-  """jax.ShapeDtypeStructs with the shardings of the arrays in `tree`."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      tree)

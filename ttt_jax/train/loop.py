@@ -78,11 +78,7 @@ def train(config, workdir) -> dict:
   step_lib.check_batch(config, mesh)
   rules = config.sharding.rules
   pipeline = data.from_config(config)
-  graphdef, abstract_params = step_lib.abstract_model(config)
-  param_shardings = step_lib.param_shardings(config, mesh, abstract_params)
-  abstract_params = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params,
-      param_shardings)
+  graphdef, abstract_params = step_lib.sharded_abstract_params(config, mesh)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

@@ -35,13 +35,21 @@ def param_shardings(config, mesh, abstract_params):
   return nnx.to_pure_dict(sharding.param_shardings(state, mesh, config.sharding.rules))
 
 
+def sharded_abstract_params(config, mesh):
+  """(graphdef, parameters as jax.ShapeDtypeStructs carrying their shardings on `mesh`): what
+  checkpoints are restored into and fresh parameters are created as."""
+  graphdef, abstract = abstract_model(config)
+  shardings = param_shardings(config, mesh, abstract)
+  return graphdef, jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
 def init_params(config, mesh, seed: int = 0):
   """Freshly initialised parameters, each created in its sharding (never whole on a host)."""
-  _, abstract = abstract_model(config)
-  shardings = param_shardings(config, mesh, abstract)
+  _, abstract = sharded_abstract_params(config, mesh)
   make = lambda: nnx.to_pure_dict(nnx.state(DiT.from_config(config, rngs=nnx.Rngs(seed)),
                                             nnx.Param))
-  return jax.jit(make, out_shardings=shardings)()
+  return jax.jit(make, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))()
 
 
 def state_shardings(config, mesh, params):

@@ -22,13 +22,17 @@ import jax.numpy as jnp
 
 from bench_util import Emitter, default_matmul_size, device_fields, matmul_rate, time_fn
 from configs.default import get_config
+from pallas_kernels.ttt_mlp import ttt_mlp as pallas_ttt_mlp
 from ttt_jax import config as config_lib
-from ttt_jax import ops
+from ttt_jax import ops, sharding
 from ttt_op import make_inputs
 
 
-def build(impl, mode, checkpoint_group):
-  fwd = functools.partial(ops.ttt_mlp, checkpoint_group=checkpoint_group, impl=impl)
+def build(impl, mode, checkpoint_group, backend=None):
+  if impl == "pallas":  # the kernel op itself, to pick the kernel family
+    fwd = functools.partial(pallas_ttt_mlp, checkpoint_group=checkpoint_group, backend=backend)
+  else:
+    fwd = functools.partial(ops.ttt_mlp, checkpoint_group=checkpoint_group, impl=impl)
   if mode == "fwd":
     return jax.jit(fwd)
   loss = lambda *a: jnp.sum(fwd(*a).astype(jnp.float32))
@@ -42,6 +46,8 @@ def main(argv=None):
   p.add_argument("--dtypes", type=csv(str), default=["bfloat16"])
   p.add_argument("--modes", type=csv(str), default=["fwd", "fwd_bwd"])
   p.add_argument("--impls", type=csv(str), default=["xla", "pallas"])
+  p.add_argument("--backend", choices=["tpu", "gpu"], default=None,
+                 help="Pallas kernel family (default: the device's; on CPU tpu, interpreted)")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--heads", type=int, default=48)
   p.add_argument("--checkpoint_group", type=int, default=16)
@@ -57,6 +63,10 @@ def main(argv=None):
                           args.repeats) for dt in args.dtypes}
   emit = Emitter(args.out, ("seconds", "tokens", "dtype", "mode", "impl", "median_ms",
                             "tflops_per_s", "pct_of_matmul_rate", "speedup_vs_xla"))
+  platform = sharding.target_platform()
+  kernel_backend = args.backend or ("gpu" if platform == "gpu" else "tpu")
+  if platform == "cpu":
+    kernel_backend += " (interpret)"
   for seconds in args.seconds:
     layout = config_lib.sequence_layout(get_config(f"preset=5b,seconds={seconds}"))
     N = args.num_mini_batches or layout.num_mini_batches(b)
@@ -67,13 +77,14 @@ def main(argv=None):
             3 if mode == "fwd_bwd" else 1)
         times = {}
         for impl in args.impls:
-          times[impl] = ms = time_fn(build(impl, mode, args.checkpoint_group), inputs,
-                                     args.repeats)
+          times[impl] = ms = time_fn(build(impl, mode, args.checkpoint_group, args.backend),
+                                     inputs, args.repeats)
           tflops = flops / ms / 1e9
           row = dict(device_fields("ttt_kernels"), seconds=seconds, tokens=N * b,
                      batch=args.batch, heads=args.heads, num_mini_batches=N, mini_batch=b,
                      head_dim=d, checkpoint_group=args.checkpoint_group, dtype=dtype, mode=mode,
-                     impl=impl, median_ms=round(ms, 3), flops=flops,
+                     impl=impl, kernel_backend=kernel_backend if impl == "pallas" else None,
+                     median_ms=round(ms, 3), flops=flops,
                      tflops_per_s=round(tflops, 4),
                      matmul_tflops_per_s=round(peak[dtype] / 1e3, 4),
                      pct_of_matmul_rate=round(100 * tflops * 1e3 / peak[dtype], 2))

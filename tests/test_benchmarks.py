@@ -54,3 +54,4 @@ def test_ttt_kernels_benchmark_smoke(tmp_path):
   assert all(r["median_ms"] > 0 and r["tokens"] == 192 for r in rows)
   assert rows[1]["speedup_vs_xla"] > 0 and rows[3]["speedup_vs_xla"] > 0
   assert "speedup_vs_xla" not in rows[0]
+  assert rows[1]["kernel_backend"] == "tpu (interpret)" and rows[0]["kernel_backend"] is None

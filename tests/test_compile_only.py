@@ -75,14 +75,14 @@ def test_gpu_topology_without_a_gpu():
 def test_kernels_follow_the_target_platform():
   """Under `use_rules` on a compile-only mesh, kernel choices follow the mesh's devices, not
   the host's: splash attention compiles (no interpret mode) for TPU, the TTT op's
-  impl="auto" takes the Pallas kernel for GPU only."""
+  impl="auto" takes the Pallas kernels for TPU and GPU (the scan on CPU)."""
   import jax
   from configs.default import get_config
   from ttt_jax import sharding
   from ttt_jax.ops import ttt
   rules = get_config("").sharding.rules
   assert sharding.target_platform() == jax.default_backend()
-  assert ttt._use_pallas("auto", "ttt_mlp") == (jax.default_backend() == "gpu")
+  assert ttt._use_pallas("auto", "ttt_mlp") == (jax.default_backend() in ("gpu", "tpu"))
   checked = 0
   for name, platform in (("v5p-8", "tpu"), ("h100-4x2", "gpu"), ("cpu-8", "cpu")):
     try:
@@ -91,7 +91,8 @@ def test_kernels_follow_the_target_platform():
       continue  # no libtpu / CUDA plugin here
     with sharding.use_rules(sharding.make_mesh((1, -1, 1), devices), rules):
       assert sharding.target_platform() == platform
-      assert ttt._use_pallas("auto", "ttt_mlp") == (platform == "gpu")
+      assert ttt._use_pallas("auto", "ttt_mlp") == (platform != "cpu")
+      assert sharding.target_device()[1] == devices[0].device_kind
       assert not ttt._use_pallas("auto", "ttt_linear")
     checked += 1
   assert checked >= 1  # cpu-8: conftest's host devices

@@ -1,4 +1,9 @@
-"""pallas_kernels.ttt_mlp (interpret mode on CPU) against the pure op, and Triton lowering."""
+"""pallas_kernels.ttt_mlp (interpret mode on CPU) against the pure op; TPU and Triton lowering.
+
+Both kernel families run here: "tpu" (Mosaic TPU forward and backward kernels) and "gpu"
+(Triton forward, XLA backward), in plain interpret mode over a shape x dtype grid, and the TPU
+kernels also under `pltpu.InterpretParams()` (Mosaic semantics: races, out-of-bounds reads).
+"""
 
 import functools
 
@@ -6,16 +11,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 from tests.oracles import random_ttt_inputs, rel_err
 
 from pallas_kernels import ttt_mlp as pk
-from pallas_kernels.ttt_mlp import reference
-from pallas_kernels.ttt_mlp.forward import ttt_mlp_forward
+from pallas_kernels.ttt_mlp import gpu, reference, tpu
 
 SHAPES = {  # name: (B, H, N, b, d)
     "tiny": (1, 1, 3, 16, 16),
     "batched": (2, 2, 5, 16, 32),
+    "mb32": (1, 2, 3, 32, 16),
+    "wide_head": (1, 1, 2, 16, 128),
     "paper_head": (1, 2, 4, 64, 64),  # the released model's b = d = 64
 }
 # Relative, on out - xq (the residual would hide errors in the LayerNorm branch). Kernel and
@@ -23,6 +30,7 @@ SHAPES = {  # name: (B, H, N, b, d)
 # only round the output.
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 NAMES = ("xq", "xk", "xv", "eta", "ln_weight", "ln_bias", "W1", "b1", "W2", "b2")
+BACKENDS = ("tpu", "gpu")
 
 
 def _inputs(shape, dtype=jnp.float32, seed=0):
@@ -30,34 +38,67 @@ def _inputs(shape, dtype=jnp.float32, seed=0):
   return tuple(jnp.asarray(a, dtype) for a in (xq, xk, xv, eta, lw, lb, *W))
 
 
+def _check_out(got, want, xq, tol):
+  xq = np.asarray(xq, np.float32)
+  assert rel_err(np.asarray(got, np.float32) - xq, np.asarray(want, np.float32) - xq) <= tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", TOL, ids=lambda t: jnp.dtype(t).name)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_forward_matches_pure_op(shape, dtype):
+def test_forward_matches_pure_op(shape, dtype, backend):
   args = _inputs(shape, dtype)
-  got = jax.jit(functools.partial(pk.ttt_mlp, checkpoint_group=2))(*args)  # interpret: on CPU
+  op = functools.partial(pk.ttt_mlp, checkpoint_group=2, backend=backend)  # interpret on CPU
+  got = jax.jit(op)(*args)
   want = reference.ttt_mlp(*args)
   assert got.shape == shape and got.dtype == dtype
-  xq = np.asarray(args[0], np.float32)
-  assert rel_err(np.asarray(got, np.float32) - xq, np.asarray(want, np.float32) - xq) <= TOL[dtype]
+  _check_out(got, want, args[0], TOL[dtype])
 
 
-def test_checkpoints_are_group_start_states():
+@pytest.mark.parametrize("dtype", TOL, ids=lambda t: jnp.dtype(t).name)
+def test_tpu_kernels_under_mosaic_interpret(dtype):
+  """InterpretParams: Mosaic's memory semantics (uninitialised scratch, races, out-of-bounds
+  reads raise); two heads per grid step, N = 5 in groups of 2 (a padded last group)."""
+  shape = (1, 4, 5, 16, 16)
+  args = _inputs(shape, dtype, seed=4)
+  op = functools.partial(pk.ttt_mlp, checkpoint_group=2, backend="tpu",
+                         interpret=pltpu.InterpretParams(),
+                         block_sizes=pk.BlockSizes(heads_per_step=2))
+  _check_out(jax.jit(op)(*args), reference.ttt_mlp(*args), args[0], TOL[dtype])
+  cot = jnp.asarray(np.random.default_rng(5).normal(size=shape), dtype)
+  loss = lambda fn: lambda *a: jnp.sum((fn(*a) * cot).astype(jnp.float32))
+  got = jax.jit(jax.grad(loss(op), range(10)))(*args)
+  want = jax.grad(loss(reference.ttt_mlp), range(10))(*args)
+  for name, g, w in zip(NAMES, got, want):
+    assert g.dtype == w.dtype, name
+    assert rel_err(np.asarray(g, np.float32), np.asarray(w, np.float32)) <= TOL[dtype], name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_checkpoints_are_group_start_states(backend):
   """The forward saves the state before mini-batches 0, g, 2g, ...: N = 3, g = 2 gives 2."""
-  args = _inputs((2, 1, 3, 16, 16), seed=1)
-  _, ckpts = ttt_mlp_forward(*args, eps=1e-6, checkpoint_group=2, interpret=True)
+  args = _inputs((2, 2, 3, 16, 16), seed=1)
+  kw = dict(eps=1e-6, checkpoint_group=2, interpret=True)
+  if backend == "tpu":
+    _, ckpts = tpu.forward(*args, heads_per_step=2, **kw)
+  else:
+    _, ckpts = gpu.forward(*args, **kw)
   xq, xk, xv, eta, lw, lb, *W = args
   _, after_2 = reference.ttt_mlp(xq[:, :, :2], xk[:, :, :2], xv[:, :, :2], eta[:, :, :2], lw, lb,
                                  *W, return_state=True)
   for name, c, w0, w2 in zip(NAMES[6:], ckpts, W, after_2):
-    assert c.shape == (2, 1, 2) + w0.shape[1:], name
+    assert c.shape == (2, 2, 2) + w0.shape[1:], name
     np.testing.assert_array_equal(c[:, :, 0], jnp.broadcast_to(w0, (2,) + w0.shape), name)
     assert rel_err(c[:, :, 1], w2) <= 1e-6, name
 
 
-# N = 5, g = 2: two full groups and a remainder (padded in the backward); g = None: one group.
-@pytest.mark.parametrize("shape,group", [(SHAPES["batched"], 2), (SHAPES["paper_head"], None)],
-                         ids=["batched-g2", "paper_head-one_group"])
-def test_gradients_match_pure_op(shape, group):
+# N = 5, g = 2: two full groups and a remainder (padded in the backward); g = 4: a group and a
+# remainder padded by 3 (G = 2 groups, so g != ceil(N / G)); g = None: one group.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,group", [(SHAPES["batched"], 2), (SHAPES["batched"], 4),
+                                         (SHAPES["paper_head"], None), (SHAPES["mb32"], 1)],
+                         ids=["batched-g2", "batched-g4", "paper_head-one_group", "mb32-g1"])
+def test_gradients_match_pure_op(shape, group, backend):
   args = _inputs(shape, seed=2)
   cot = jnp.asarray(np.random.default_rng(3).normal(size=shape), jnp.float32)
 
@@ -65,13 +106,13 @@ def test_gradients_match_pure_op(shape, group):
     loss = lambda *a: jnp.sum(op(*a, **kw) * cot)
     return jax.jit(jax.grad(loss, range(len(args))))(*args)
 
-  got = grads(pk.ttt_mlp, checkpoint_group=group)
+  got = grads(pk.ttt_mlp, checkpoint_group=group, backend=backend)
   want = grads(reference.ttt_mlp, checkpoint_group=None)  # remat does not change the math
   for name, g, w in zip(NAMES, got, want):
     assert g.shape == w.shape and g.dtype == w.dtype, name
-    # Same formulas, but the backward recomputes groups under vmap and sums the batch and the
-    # group contributions in another order than the pure op's scan: f32 rounding only
-    # (measured <= 4e-7).
+    # Same formulas, but the backward recomputes groups and sums the batch and the group
+    # contributions in another order than the pure op's scan: f32 rounding only (measured
+    # <= 5e-7).
     assert rel_err(g, w) <= 1e-5, name
 
 
@@ -80,30 +121,80 @@ def test_bad_shapes_raise():
   args[3] = args[3][..., :-1]  # eta one token short
   with pytest.raises(ValueError, match="eta must be"):
     pk.ttt_mlp(*args)
+  args = _inputs(SHAPES["tiny"])
+  with pytest.raises(ValueError, match="backend='cuda'"):
+    pk.ttt_mlp(*args, backend="cuda")
+  with pytest.raises(ValueError, match="do not compile for 'cpu'"):
+    pk.ttt_mlp(*args, backend="tpu", interpret=False)
+  with pytest.raises(ValueError, match="takes True or False"):
+    pk.ttt_mlp(*args, backend="gpu", interpret=pltpu.InterpretParams())
 
 
 def test_block_sizes_table():
   assert pk.get_block_sizes("NVIDIA H100 80GB HBM3", jnp.bfloat16, 64).num_warps == 8
+  assert pk.get_block_sizes("TPU v5", jnp.bfloat16, 64).heads_per_step == 2
   assert pk.get_block_sizes("cpu", jnp.float32, 64) == pk.BlockSizes()
+  # The backward's VMEM (state stack, double-buffered blocks) fits the table's TPU limit.
+  sizes = pk.get_block_sizes("TPU v5", jnp.float32, 64)
+  assert tpu.vmem_estimate(sizes.heads_per_step, 16, 64, 64) < sizes.vmem_limit_bytes
+
+
+def _abstract_shapes(dtype, B=1, H=2, N=5, b=64, d=64):
+  S = jax.ShapeDtypeStruct
+  shapes = [S((B, H, N, b, d), dtype)] * 3 + [S((B, H, N, b), dtype)] + [S((H, d), dtype)] * 2
+  return shapes + [S((H, d, 4 * d), dtype), S((H, 1, 4 * d), dtype), S((H, 4 * d, d), dtype),
+                   S((H, 1, d), dtype)]
+
+
+def _lower(device, platform, dtype, **kw):
+  """Lowered text of the forward and of the gradient for an abstract `device`."""
+  mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
+  op = functools.partial(pk.ttt_mlp, checkpoint_group=2, **kw)  # interpret=None: False here
+  loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
+  with use_abstract_mesh(mesh):
+    return [jax.jit(f).trace(*_abstract_shapes(dtype)).lower(lowering_platforms=(platform,))
+            .as_text() for f in (op, jax.grad(loss, range(10)))]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_lowers_to_triton_for_abstract_h100(dtype):
   """Forward and backward lower for CUDA on a CPU-only host; the kernel is a Triton call."""
-  B, H, N, b, d = 1, 2, 5, 64, 64
-  S = jax.ShapeDtypeStruct
-  shapes = [S((B, H, N, b, d), dtype)] * 3 + [S((B, H, N, b), dtype)] + [S((H, d), dtype)] * 2
-  shapes += [S((H, d, 4 * d), dtype), S((H, 1, 4 * d), dtype), S((H, 4 * d, d), dtype),
-             S((H, 1, d), dtype)]
   h100 = AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-  mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=h100)
-  op = functools.partial(pk.ttt_mlp, checkpoint_group=2)  # interpret=None: False for a GPU
+  for text in _lower(h100, "cuda", dtype):
+    assert "__gpu$xla.gpu.triton" in text
+    assert "num_warps = 8 : i32" in text  # the table's H100 entry was used
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_lowers_to_mosaic_for_abstract_tpu(dtype):
+  """Forward and backward kernels lower to Mosaic TPU custom calls on a CPU-only host (libtpu
+  then compiles them: `test_compiles_for_tpu_with_libtpu`)."""
+  v5p = AbstractDevice(device_kind="TPU v5", num_cores=1, platform="tpu")
+  fwd, grad = _lower(v5p, "tpu", dtype)
+  assert "ttt_mlp_forward_tpu" in fwd and "tpu_custom_call" in fwd
+  assert "ttt_mlp_forward_tpu" in grad and "ttt_mlp_backward_tpu" in grad
+
+
+def test_compiles_for_tpu_with_libtpu():
+  """libtpu compiles both kernels for a v5p chip (compile-only devices, no TPU needed), under a
+  mesh with the heads over the tensor axis, through `ttt_jax.ops` (the model's entry point)."""
+  pytest.importorskip("libtpu")
+  from jax.experimental import topologies
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from ttt_jax import ops, sharding
+  devices = topologies.get_topology_desc("v5p:2x2x1", platform="tpu").devices
+  mesh = sharding.make_mesh((1, 1, len(devices)), devices=devices)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated)
+            for s in _abstract_shapes(jnp.bfloat16, H=8, N=32)]
+  op = functools.partial(ops.ttt_mlp, impl="auto", checkpoint_group=16)
   loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
-  with use_abstract_mesh(mesh):
+  with sharding.use_rules(mesh, (("batch", ("data", "fsdp")), ("heads", "tensor"))):
     for f in (op, jax.grad(loss, range(10))):
-      text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-      assert "__gpu$xla.gpu.triton" in text
-      assert "num_warps = 8 : i32" in text  # the table's H100 entry was used
+      lowered = jax.jit(f).trace(*shapes).lower()
+      assert "tpu_custom_call" in lowered.as_text()
+      lowered.compile()
 
 
 def test_ops_dispatch_by_impl():
@@ -113,7 +204,7 @@ def test_ops_dispatch_by_impl():
   xla = ops.ttt_mlp(*args, impl="xla")
   kernel = ops.ttt_mlp(*args, impl="pallas")
   assert rel_err(np.asarray(kernel) - args[0], np.asarray(xla) - args[0]) <= 1e-5
-  np.testing.assert_array_equal(ops.ttt_mlp(*args, impl="auto"), xla)  # CPU: no kernel built
+  np.testing.assert_array_equal(ops.ttt_mlp(*args, impl="auto"), xla)  # CPU: the scan
   with pytest.raises(ValueError, match="impl='fast'"):
     ops.ttt_mlp(*args, impl="fast")
   with pytest.raises(ValueError, match="only available with impl='xla'"):
@@ -144,3 +235,25 @@ def test_ttt_layer_with_the_kernel_matches_the_scan():
   assert rel_err(a, b) <= 1e-5
   for (path, x1), (_, x2) in zip(nnx.to_flat_state(ga), nnx.to_flat_state(gb)):
     assert rel_err(x1[...], x2[...]) <= 1e-5, path
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 1, 4), (1, 4, 2)], ids=["data2-tensor4", "fsdp4-tensor2"])
+def test_kernel_runs_per_shard_under_a_mesh(mesh_shape):
+  """Under a mesh the kernel runs per shard (heads over `tensor`, batch over data x fsdp) and
+  the forward and all ten gradients equal the unsharded pure op (f32)."""
+  from ttt_jax import ops, sharding
+  shape = (4, 4, 3, 16, 16)
+  args = _inputs(shape, seed=6)
+  cot = jnp.asarray(np.random.default_rng(7).normal(size=shape), jnp.float32)
+  loss = lambda impl: lambda *a: jnp.sum(ops.ttt_mlp(*a, impl=impl, checkpoint_group=2) * cot)
+  want = jax.value_and_grad(loss("xla"), range(10))(*args)
+  mesh = sharding.make_mesh(mesh_shape)
+  rules = (("batch", ("data", "fsdp")), ("heads", "tensor"))
+  with sharding.use_rules(mesh, rules):
+    fn = jax.jit(jax.value_and_grad(loss("pallas"), range(10)))
+    text = fn.trace(*args).lower().as_text()
+    got = fn(*args)
+  assert "shard_map" in text or "sdy.manual_computation" in text
+  assert rel_err(got[0], want[0]) <= 1e-5
+  for name, g, w in zip(NAMES, got[1], want[1]):
+    assert rel_err(g, w) <= 1e-5, name

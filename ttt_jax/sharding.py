@@ -147,43 +147,58 @@ def use_rules(mesh, rules):
 _PLATFORMS = {"cuda": "gpu", "rocm": "gpu"}
 
 
-def target_platform() -> str:
-  """The platform being compiled for: "tpu", "gpu" or "cpu".
+def target_device() -> tuple[str, str]:
+  """(platform, device kind) being compiled for; platform is "tpu", "gpu" or "cpu".
 
   The devices of the active mesh (concrete, or compile-only ones of a named topology), else the
-  abstract mesh's device, else `jax.default_backend()`. Kernel choices (splash's interpret mode,
-  the TTT op's `impl="auto"`) follow this, so compiling on a CPU host for a TPU slice or a GPU
-  cluster lowers what that platform will run.
+  abstract mesh's device, else the default backend's first device. Kernel choices (splash's
+  interpret mode, the TTT op's `impl="auto"`, the Pallas kernels' tuning table) follow this, so
+  compiling on a CPU host for a TPU slice or a GPU cluster lowers what that platform will run.
   """
-  platform = None
   state = _ACTIVE.get()
   if state is not None:
-    platform = state[0].devices.flat[0].platform
+    device = state[0].devices.flat[0]
   else:
     device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    platform = getattr(device, "platform", None)
-  platform = (platform or jax.default_backend()).lower()
-  return _PLATFORMS.get(platform, platform)
+  if device is None:
+    device = jax.devices()[0]
+  platform = device.platform.lower()
+  return _PLATFORMS.get(platform, platform), device.device_kind
 
 
-def per_shard(fn, axes, *args):
+def target_platform() -> str:
+  """The platform of `target_device()`: "tpu", "gpu" or "cpu"."""
+  return target_device()[0]
+
+
+def per_shard(fn, axes, *args, arg_axes=None):
   """`fn(*args)` run on each shard under `shard_map` over the active mesh (or once, unsharded,
-  outside `use_rules`). Every argument and the output have the logical `axes`.
+  outside `use_rules`). The output has the logical `axes`, and so does every argument unless
+  `arg_axes` gives one logical-axes tuple per argument.
 
   For kernels XLA cannot partition (Mosaic/Triton Pallas calls, cuDNN custom calls). A mesh axis
-  that does not divide its dimension is left out there (that dimension is whole per shard).
+  that does not divide its dimension (in the first argument, for `axes`) is left out there
+  (that dimension is whole per shard).
   """
   state = _ACTIVE.get()
   if state is None:
     return fn(*args)
   mesh, rules = state
-  spec = []
-  for axis, size in zip(logical_to_spec(axes, rules), args[0].shape):
-    names = axis if isinstance(axis, tuple) else (axis,) if axis is not None else ()
-    ways = int(np.prod([mesh.shape[a] for a in names]))
-    spec.append(axis if names and size % ways == 0 else None)
-  spec = PartitionSpec(*spec)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec,
+
+  def spec_for(names, shape):
+    spec = []
+    for axis, size in zip(logical_to_spec(names, rules), shape):
+      mesh_axes = axis if isinstance(axis, tuple) else (axis,) if axis is not None else ()
+      ways = int(np.prod([mesh.shape[a] for a in mesh_axes]))
+      spec.append(axis if mesh_axes and size % ways == 0 else None)
+    return PartitionSpec(*spec)
+
+  out_spec = spec_for(axes, args[0].shape)
+  if arg_axes is None:
+    in_specs = (out_spec,) * len(args)
+  else:
+    in_specs = tuple(spec_for(a, x.shape) for a, x in zip(arg_axes, args, strict=True))
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec,
                        check_vma=False)(*args)
 
 

@@ -1,10 +1,17 @@
 """Tuning table for the TTT-MLP kernels, keyed by (device kind prefix, dtype, head_dim).
 
-The forward kernel runs one program per (batch, head), so its only tunables are Triton's
-`num_warps` and `num_stages`. No entry has been measured yet (no GPU was available when they
-were written): 8 warps for d = 64 is a guess that gives the large loop-carried state (W1, W2:
-2 x 64 KiB in f32) more registers, and one stage because the loop carries the state, leaving
-little to software-pipeline. Replace them with measured values and say so beside each entry.
+GPU (Triton forward, `gpu.py`): one program per (batch, head); the tunables are Triton's
+`num_warps` and `num_stages`. TPU (Mosaic, `tpu.py`): `heads_per_step` heads share a grid step
+(amortising the ~0.35 us per-step overhead over more matmuls and giving the pipeline larger
+DMAs), and `vmem_limit_bytes` raises Mosaic's scoped VMEM limit for the backward's per-group
+state stack.
+
+No entry has been measured yet (no accelerator was available when they were written): 8 warps
+for d = 64 is a guess that gives the large loop-carried state (W1, W2: 2 x 64 KiB in f32) more
+registers; one stage because the loop carries the state, leaving little to software-pipeline;
+two heads per TPU step keeps the backward's VMEM (about 7 MiB per head at g = 16, see
+`tpu.vmem_estimate`) under the limit. The TPU entries were checked to compile with libtpu for
+v5p at the 5B shapes. Replace them with measured values and say so beside each entry.
 """
 
 from __future__ import annotations
@@ -16,9 +23,11 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Triton compiler parameters of the forward kernel."""
+  """Compiler parameters of the TTT-MLP kernels (GPU fields, then TPU fields)."""
   num_warps: int = 4
   num_stages: int = 1  # the mini-batch loop carries the state: nothing to software-pipeline
+  heads_per_step: int = 1  # TPU: heads per grid step (rounded down to a divisor of H)
+  vmem_limit_bytes: int | None = None  # TPU: Mosaic's scoped VMEM limit (None: its default)
 
 
 DEFAULT = BlockSizes()
@@ -28,6 +37,9 @@ DEFAULT = BlockSizes()
 TABLE: tuple[tuple[tuple[str, str | None, int | None], BlockSizes], ...] = (
     (("NVIDIA H100", None, 64), BlockSizes(num_warps=8, num_stages=1)),  # untuned
     (("NVIDIA H200", None, 64), BlockSizes(num_warps=8, num_stages=1)),  # untuned
+    (("TPU v5", None, 64), BlockSizes(heads_per_step=2, vmem_limit_bytes=48 << 20)),  # untuned
+    (("TPU v6", None, 64), BlockSizes(heads_per_step=2, vmem_limit_bytes=48 << 20)),  # untuned
+    (("TPU v4", None, 64), BlockSizes(heads_per_step=1, vmem_limit_bytes=24 << 20)),  # untuned
 )
 
 

@@ -1,49 +1,46 @@
 """The public TTT-MLP Pallas op: the forward kernel under a `jax.custom_vjp`.
 
-Forward: `forward.ttt_mlp_forward`, which also saves the state at the start of every group of
-`checkpoint_group` mini-batches. Backward: for each group, last first, recompute the group from
-its saved state with the pure op (`ttt_jax.ops.ttt_mlp`, per example since saved states are
-[B, H, ...]) under `jax.vjp`, and pull the output cotangent and the cotangent of the group's
-final state back to the group's inputs and initial state; that initial-state cotangent is the
-final-state cotangent of the group before. The backward therefore holds one group's
-activations at a time, as the pure op's remat does; a Pallas backward kernel comes later.
+Two kernel families (`backend`): "tpu" (Mosaic TPU, `tpu.py`: forward and backward kernels) and
+"gpu" (Triton, `gpu.py`: the forward kernel). Both forwards save the state at the start of every
+group of `checkpoint_group` mini-batches. The TPU backward kernel recomputes each group from its
+checkpoint in VMEM and runs it in reverse. The GPU backward is XLA (`_bwd_xla`): for each group,
+last first, recompute it with the pure op (`ttt_jax.ops.ttt_mlp`, per example since the saved
+states are [B, H, ...]) under `jax.vjp` and pull the output cotangent and the cotangent of the
+group's final state back to the group's inputs and initial state. Either way the backward holds
+one group's activations at a time, as the pure op's remat does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ttt_mlp import reference
+from pallas_kernels.ttt_mlp import gpu, reference, tpu
 from pallas_kernels.ttt_mlp.block_sizes import BlockSizes, get_block_sizes
-from pallas_kernels.ttt_mlp.forward import ttt_mlp_forward
+from ttt_jax import sharding
 from ttt_jax.ops.ttt import check_shapes
+
+BACKENDS = ("tpu", "gpu")
 
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
   eps: float
   checkpoint_group: int
-  interpret: bool
+  backend: str
+  heads_per_step: int
+  interpret: Any  # False, True, or pltpu.InterpretParams for the TPU kernels
   debug: bool
   block_sizes: BlockSizes
 
 
-def _target():
-  """(platform, device kind) being compiled for: the abstract device of the current abstract
-  mesh if it has one (AOT lowering for a GPU from a CPU host), else the default backend."""
-  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-  if device is not None:
-    return device.platform, device.device_kind
-  return jax.default_backend(), jax.devices()[0].device_kind
-
-
 def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float = 1e-6,
-            checkpoint_group: int | None = 16, interpret: bool | None = None,
-            debug: bool = False):
+            checkpoint_group: int | None = 16, backend: str | None = None, interpret=None,
+            debug: bool = False, block_sizes: BlockSizes | None = None):
   """TTT-MLP over a sequence of mini-batches: `ttt_jax.ops.ttt_mlp` as a Pallas kernel.
 
   Args:
@@ -52,9 +49,13 @@ def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float =
     eps: inner LayerNorm epsilon.
     checkpoint_group: the forward saves the state every this many mini-batches and the
       backward recomputes one group at a time (None or 0: one group, the whole sequence).
-    interpret: run the kernel in Pallas interpret mode. None: interpret when compiling for CPU
-      (the platform of the current abstract mesh's device if set, else the default backend).
-    debug: print the kernel's jaxpr and lowered code (`pallas_call(debug=True)`).
+    backend: "tpu" (Mosaic TPU kernels) or "gpu" (Triton). None: the platform being compiled
+      for (`ttt_jax.sharding.target_device`); on CPU "tpu", whose kernels cover the backward.
+    interpret: run the kernels in Pallas interpret mode: True, or `pltpu.InterpretParams()`
+      (TPU kernels only: also checks races and out-of-bounds reads, ~30x slower). None:
+      interpret when compiling for CPU.
+    debug: print the kernels' jaxprs and lowered code (`pallas_call(debug=True)`).
+    block_sizes: override the tuning table (`block_sizes.get_block_sizes`).
 
   Returns:
     [B, H, N, b, d] outputs in the dtype of xq; the state is float32 (float64 for float64
@@ -63,18 +64,26 @@ def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float =
   H, N, d = xq.shape[1], xq.shape[2], xq.shape[-1]
   f = W1.shape[-1]
   check_shapes(xq, xk, xv, eta, ln_weight, ln_bias,
-         {"W1": (W1, (H, d, f)), "b1": (b1, (H, 1, f)), "W2": (W2, (H, f, d)),
-          "b2": (b2, (H, 1, d))})
-  platform, device_kind = _target()
+               {"W1": (W1, (H, d, f)), "b1": (b1, (H, 1, f)), "W2": (W2, (H, f, d)),
+                "b2": (b2, (H, 1, d))})
+  platform, device_kind = sharding.target_device()
+  if backend is None:
+    backend = "gpu" if platform == "gpu" else "tpu"
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r}: use one of {BACKENDS} (or None: the platform).")
   if interpret is None:
     interpret = platform == "cpu"
-  if not interpret and platform not in ("gpu", "cuda", "rocm"):
-    raise NotImplementedError(
-        f"pallas_kernels.ttt_mlp has only a Triton (GPU) kernel so far; on {platform!r} use "
-        "interpret=True or the pure op ttt_jax.ops.ttt_mlp.")
+  if not interpret and platform != backend:
+    raise ValueError(f"backend={backend!r} kernels do not compile for {platform!r}: use "
+                     "interpret=True, the platform's backend, or the pure op "
+                     "ttt_jax.ops.ttt_mlp (impl='xla').")
+  if backend == "gpu" and not isinstance(interpret, bool):
+    raise ValueError("interpret: the GPU (Triton) kernel takes True or False, not "
+                     f"{interpret!r}.")
   g = min(checkpoint_group, N) if checkpoint_group and checkpoint_group > 0 else N
-  cfg = _Config(float(eps), g, bool(interpret), bool(debug),
-                get_block_sizes(device_kind, xq.dtype, d))
+  sizes = block_sizes or get_block_sizes(device_kind, xq.dtype, d)
+  hb = max(k for k in range(1, min(sizes.heads_per_step, H) + 1) if H % k == 0)
+  cfg = _Config(float(eps), g, backend, hb, interpret, bool(debug), sizes)
   return _ttt_mlp(cfg, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2)
 
 
@@ -84,10 +93,13 @@ def _state_dtype(xq):
 
 def _forward(cfg: _Config, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2):
   dtype = _state_dtype(xq)
-  return ttt_mlp_forward(xq, xk, xv, eta, ln_weight, ln_bias,
-                         *(w.astype(dtype) for w in (W1, b1, W2, b2)), eps=cfg.eps,
-                         checkpoint_group=cfg.checkpoint_group, interpret=cfg.interpret,
-                         debug=cfg.debug, block_sizes=cfg.block_sizes)
+  state = tuple(w.astype(dtype) for w in (W1, b1, W2, b2))
+  kw = dict(eps=cfg.eps, checkpoint_group=cfg.checkpoint_group, interpret=cfg.interpret,
+            debug=cfg.debug, block_sizes=cfg.block_sizes)
+  if cfg.backend == "tpu":
+    return tpu.forward(xq, xk, xv, eta, ln_weight, ln_bias, *state,
+                       heads_per_step=cfg.heads_per_step, **kw)
+  return gpu.forward(xq, xk, xv, eta, ln_weight, ln_bias, *state, **kw)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -99,6 +111,21 @@ def _fwd(cfg, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2):
   out, checkpoints = _forward(cfg, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2)
   # The initial weights are kept (they are small, [H, ...]) for their dtypes.
   return out, (xq, xk, xv, eta, ln_weight, ln_bias, (W1, b1, W2, b2), checkpoints)
+
+
+def _bwd(cfg, residuals, ct_out):
+  if cfg.backend == "gpu":
+    return _bwd_xla(cfg, residuals, ct_out)
+  xq, xk, xv, eta, ln_weight, ln_bias, init, checkpoints = residuals
+  dtype = _state_dtype(xq)
+  ct_q, ct_k, ct_v, ct_eta, ct_gamma, ct_beta, ct_state = tpu.backward(
+      xq, xk, xv, eta, ln_weight.astype(dtype), ln_bias.astype(dtype), checkpoints, ct_out,
+      eps=cfg.eps, checkpoint_group=cfg.checkpoint_group, heads_per_step=cfg.heads_per_step,
+      interpret=cfg.interpret, debug=cfg.debug, block_sizes=cfg.block_sizes)
+  # The LayerNorm parameters and the initial state are shared by the batch: sum over it.
+  return (ct_q, ct_k, ct_v, ct_eta, ct_gamma.sum(0).astype(ln_weight.dtype),
+          ct_beta.sum(0).astype(ln_bias.dtype),
+          *(c.sum(0).astype(w.dtype) for c, w in zip(ct_state, init)))
 
 
 def _group_vjp(eps, xs, gamma, beta, state, ct_out, ct_state):
@@ -121,7 +148,7 @@ def _group_vjp(eps, xs, gamma, beta, state, ct_out, ct_state):
   return cts[:4], cts[4], cts[5], cts[6:]
 
 
-def _bwd(cfg, residuals, ct_out):
+def _bwd_xla(cfg, residuals, ct_out):
   xq, xk, xv, eta, ln_weight, ln_bias, init, checkpoints = residuals
   B, H, N = xq.shape[:3]
   g = cfg.checkpoint_group

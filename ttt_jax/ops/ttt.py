@@ -213,9 +213,9 @@ def _use_pallas(impl: str, kind: str) -> bool:
       raise ValueError(f"impl='pallas': there is no Pallas kernel for {kind} yet; use "
                        "impl='xla' or 'auto'.")
     return False
-  # The kernel is Triton-style (GPU, or interpret mode); a Mosaic TPU kernel is not built yet.
-  # "auto" follows the platform being compiled for (a GPU cluster from a CPU host included).
-  return impl == "pallas" or sharding.target_platform() == "gpu"
+  # Mosaic TPU and Triton GPU kernels (interpret mode elsewhere). "auto" follows the platform
+  # being compiled for (a TPU slice or GPU cluster from a CPU host included).
+  return impl == "pallas" or sharding.target_platform() in ("tpu", "gpu")
 
 
 def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float = 1e-6,
@@ -232,8 +232,8 @@ def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float =
     eps: inner LayerNorm epsilon.
     checkpoint_group: remat every this many mini-batches (None or 0: no remat).
     return_state: also return the final per-example `TTTMLPState`.
-    impl: "xla" (this scan), "pallas" (the kernel in `pallas_kernels.ttt_mlp`, interpret mode
-      on CPU) or "auto" (the kernel where it is built for the platform).
+    impl: "xla" (this scan), "pallas" (the kernels in `pallas_kernels.ttt_mlp`, interpret mode
+      on CPU) or "auto" (the kernels on TPU and GPU, this scan on CPU).
 
   Returns:
     [B, H, N, b, d] outputs in the dtype of xq (and the final state if asked).
@@ -247,8 +247,12 @@ def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float =
     if return_state:
       raise ValueError("return_state=True is only available with impl='xla'.")
     from pallas_kernels.ttt_mlp import op  # here: pallas_kernels builds on this module
-    return op.ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, eps=eps,
-                      checkpoint_group=checkpoint_group)
+    kernel = functools.partial(op.ttt_mlp, eps=eps, checkpoint_group=checkpoint_group)
+    # XLA cannot partition a Pallas call: run it per shard, heads over the tensor axis and the
+    # batch over the batch axes (the layout the TTT layer constrains its inputs to).
+    x, w = ("batch", "heads", None, None, None), ("heads", None, None)
+    return sharding.per_shard(kernel, x, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2,
+                              arg_axes=(x, x, x, x[:4], w[:2], w[:2], w, w, w, w))
   return _run(_mlp_mini_batch, TTTMLPState, xq, xk, xv, eta, ln_weight, ln_bias,
               (W1, b1, W2, b2), eps, checkpoint_group, return_state)
 

@@ -1,79 +1,37 @@
-"""TTT-MLP forward as a Pallas kernel, Triton style (GPU; interpret mode on CPU).
+"""TTT-MLP forward as a Pallas Triton kernel (GPU; interpret mode on CPU).
+
+Why Triton and not Mosaic GPU: the kernel is a sequential loop with a large loop-carried state
+and small matmuls, which Triton expresses directly (`lax.fori_loop` over refs), and Pallas
+Triton lowers on a CPU-only host for an abstract H100, so CI checks that it stays lowerable;
+jax 0.11/0.12's Mosaic GPU lowering is registered only with the CUDA plugin (see
+jax-stack-notes). Pallas marks its Triton backend as deprecated in favour of Mosaic GPU, so a
+port is the next step once a GPU is at hand to measure both.
 
 Design: one program per (batch element, head), grid (B, H). Each program loads its initial
 state W1 [d, 4d], b1 [1, 4d], W2 [4d, d], b2 [1, d] once, then runs a `lax.fori_loop` over the
 N mini-batches with the state carried as float32 loop values, reading mini-batch n of XQ, XK, XV
 and eta by a dynamic index into the refs and writing that mini-batch's output. The mini-batch
-math is that of `ttt_jax.ops.ttt._mlp_mini_batch` on 2-D tiles, built from the same helpers
-(`layer_norm`, `ln_l2_grad`, `gelu_tanh`, `gelu_tanh_grad`). The state is written to memory
-only every `checkpoint_group` mini-batches (the state at the start of each group,
-[B, H, ceil(N/g), ...]), which is what the backward pass recomputes from.
+math is `tile.mini_batch`. The state is written to memory only every `checkpoint_group`
+mini-batches (the state at the start of each group, [B, H, ceil(N/g), ...]), which is what the
+backward pass recomputes from (on GPU with XLA, `op._bwd_xla`).
 
 The work of one (b, h) is sequential over N, so the parallelism is the B x H programs only (the
 SMs are not all busy when B * H is below their count, e.g. 48 heads on 132 SMs); it is the
 simplest layout. Triton decides where the loop-carried state lives: at d = 64 it is 128 KiB
 (W1 + W2) plus [b, 4d] temporaries of 64 KiB each, more than one program's registers, so expect
-spills to local memory (L1/L2) until this is measured on a GPU. A TPU (Mosaic) variant will
-instead put N on an 'arbitrary' grid axis and keep the state in VMEM scratch across grid steps,
-letting BlockSpecs pipeline the mini-batch loads; it is not written yet.
+spills to local memory (L1/L2) until this is measured on a GPU. The TPU kernels (`tpu.py`)
+instead put N on an 'arbitrary' grid axis and keep the state in VMEM scratch.
 """
-
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.ttt_mlp.block_sizes import BlockSizes
-from ttt_jax.ops.ttt import gelu_tanh, gelu_tanh_grad, layer_norm, ln_l2_grad
-
-_HIGHEST = jax.lax.Precision.HIGHEST  # f32 state math: no TF32 on GPU
-
-
-def _dot(a, b, contract=(1, 0)):
-  """2-D matmul contracting a's axis contract[0] with b's axis contract[1], f32 accumulate."""
-  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                             precision=_HIGHEST, preferred_element_type=a.dtype)
-
-
-def _mm(a, b):  # a @ b
-  return _dot(a, b, (1, 0))
-
-
-def _mm_t(a, b):  # a @ b^T
-  return _dot(a, b, (1, 1))
-
-
-def _tm(a, b):  # a^T @ b
-  return _dot(a, b, (0, 0))
-
-
-def mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta):
-  """One TTT-MLP mini-batch on one (batch, head): `_mlp_mini_batch` on 2-D tiles.
-
-  gamma, beta: [1, d]; state: W1 [d, f], b1 [1, f], W2 [f, d], b2 [1, d]; XQ, XK, XV: [b, d];
-  eta: [b, 1]. Returns (new state, out [b, d]), all in the state's dtype.
-  """
-  W1, b1, W2, b2 = state
-  Z1 = _mm(XK, W1) + b1  # [b, f]
-  X2 = gelu_tanh(Z1)
-  Z2 = _mm(X2, W2) + b2  # [b, d]
-  G2 = ln_l2_grad(Z2, XV - XK, gamma, beta, eps)  # [b, d]
-  G1 = _mm_t(G2, W2) * gelu_tanh_grad(Z1)  # [b, f]
-  eG1, eG2 = eta * G1, eta * G2
-
-  # Dual form, as in the pure op: (E o Attn) G = Attn (eta * G).
-  Z1_bar = _mm(XQ, W1) - _mm(_mm_t(XQ, XK), eG1) + b1 - eG1.sum(0, keepdims=True)  # [b, f]
-  X2_bar = gelu_tanh(Z1_bar)
-  Z2_bar = _mm(X2_bar, W2) - _mm(_mm_t(X2_bar, X2), eG2) + b2 - eG2.sum(0, keepdims=True)
-  out = XQ + layer_norm(Z2_bar, gamma, beta, eps)  # [b, d]
-
-  new_state = (W1 - _tm(XK, eG1), b1 - eG1.sum(0, keepdims=True),
-               W2 - _tm(X2, eG2), b2 - eG2.sum(0, keepdims=True))
-  return new_state, out
+from pallas_kernels.ttt_mlp.tile import mini_batch, num_groups
 
 
 def _kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, W1_ref, b1_ref, W2_ref, b2_ref,
@@ -102,15 +60,11 @@ def _kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, W1_ref, b1_ref
   jax.lax.fori_loop(0, num_mini_batches, body, state)
 
 
-def num_groups(num_mini_batches: int, checkpoint_group: int) -> int:
-  return math.ceil(num_mini_batches / checkpoint_group)
-
-
 @functools.partial(jax.jit, static_argnames=("eps", "checkpoint_group", "interpret", "debug",
                                              "block_sizes"))
-def ttt_mlp_forward(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float,
-                    checkpoint_group: int, interpret: bool, debug: bool = False,
-                    block_sizes: BlockSizes = BlockSizes()):
+def forward(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float,
+            checkpoint_group: int, interpret: bool, debug: bool = False,
+            block_sizes: BlockSizes = BlockSizes()):
   """Kernel call. xq, xk, xv: [B, H, N, b, d]; eta: [B, H, N, b]; ln_weight, ln_bias: [H, d];
   W1 [H, d, f], b1 [H, 1, f], W2 [H, f, d], b2 [H, 1, d] already in the state dtype.
 
@@ -146,5 +100,5 @@ def ttt_mlp_forward(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps:
                                               num_stages=block_sizes.num_stages),
       interpret=interpret,
       debug=debug,
-      name="ttt_mlp_forward",
+      name="ttt_mlp_forward_triton",
   )(xq, xk, xv, eta, gamma, beta, W1, b1, W2, b2)

@@ -1,0 +1,84 @@
+"""One TTT-MLP mini-batch on 2-D tiles: the math every TTT-MLP kernel runs, in one place.
+
+It is `ttt_jax.ops.ttt._mlp_mini_batch` for one (batch element, head), built from the same
+helpers (`layer_norm`, `ln_l2_grad`, `gelu_tanh`, `gelu_tanh_grad`), with 2-D matmuls that both
+Triton and Mosaic TPU lower. The backward kernels differentiate it with `jax.vjp` inside the
+kernel body, so there is no hand-written gradient to drift from the forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from ttt_jax.ops.ttt import gelu_tanh, gelu_tanh_grad, layer_norm, ln_l2_grad
+
+_HIGHEST = jax.lax.Precision.HIGHEST  # f32 state math: no TF32 / one-pass bf16
+
+
+def num_groups(num_mini_batches: int, checkpoint_group: int) -> int:
+  """How many state checkpoints the forward saves: one per group of g mini-batches."""
+  return math.ceil(num_mini_batches / checkpoint_group)
+
+
+def _dot(a, b, contract=(1, 0)):
+  """2-D matmul contracting a's axis contract[0] with b's axis contract[1], accumulated in
+  a's dtype (the state dtype, f32)."""
+  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                             precision=_HIGHEST, preferred_element_type=a.dtype)
+
+
+def _mm(a, b):  # a @ b
+  return _dot(a, b, (1, 0))
+
+
+def _mm_t(a, b):  # a @ b^T
+  return _dot(a, b, (1, 1))
+
+
+def _tm(a, b):  # a^T @ b
+  return _dot(a, b, (0, 0))
+
+
+def mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta):
+  """One TTT-MLP mini-batch on one (batch, head).
+
+  Args:
+    gamma, beta: [1, d] inner LayerNorm parameters.
+    eps: LayerNorm epsilon.
+    state: (W1 [d, f], b1 [1, f], W2 [f, d], b2 [1, d]).
+    XQ, XK, XV: [b, d]; eta: [b, 1] (a column: it scales the rows of the gradients).
+
+  Returns:
+    (new state, out [b, d]), all in the state's dtype.
+  """
+  W1, b1, W2, b2 = state
+  Z1 = _mm(XK, W1) + b1  # [b, f]
+  X2 = gelu_tanh(Z1)
+  Z2 = _mm(X2, W2) + b2  # [b, d]
+  G2 = ln_l2_grad(Z2, XV - XK, gamma, beta, eps)  # [b, d]
+  G1 = _mm_t(G2, W2) * gelu_tanh_grad(Z1)  # [b, f]
+  eG1, eG2 = eta * G1, eta * G2
+
+  # Dual form, as in the pure op: (E o Attn) G = Attn (eta * G).
+  Z1_bar = _mm(XQ, W1) - _mm(_mm_t(XQ, XK), eG1) + b1 - eG1.sum(0, keepdims=True)  # [b, f]
+  X2_bar = gelu_tanh(Z1_bar)
+  Z2_bar = _mm(X2_bar, W2) - _mm(_mm_t(X2_bar, X2), eG2) + b2 - eG2.sum(0, keepdims=True)
+  out = XQ + layer_norm(Z2_bar, gamma, beta, eps)  # [b, d]
+
+  new_state = (W1 - _tm(XK, eG1), b1 - eG1.sum(0, keepdims=True),
+               W2 - _tm(X2, eG2), b2 - eG2.sum(0, keepdims=True))
+  return new_state, out
+
+
+def mini_batch_vjp(gamma, beta, eps, state, XQ, XK, XV, eta, ct_state, ct_out):
+  """Recomputes `mini_batch` and pulls (ct_state, ct_out) back to its inputs.
+
+  Returns (ct of the incoming state, ct_XQ, ct_XK, ct_XV, ct_eta, ct_gamma, ct_beta).
+  """
+  def f(state, XQ, XK, XV, eta, gamma, beta):
+    return mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta)
+
+  _, vjp = jax.vjp(f, state, XQ, XK, XV, eta, gamma, beta)
+  return vjp((ct_state, ct_out))

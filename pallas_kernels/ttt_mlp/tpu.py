@@ -1,0 +1,219 @@
+"""TTT-MLP forward and backward as Mosaic TPU Pallas kernels (interpret mode on CPU).
+
+Forward, grid (B, H / hb, N) with the mini-batch axis N 'arbitrary' (sequential) and the
+others 'parallel' (split over a megacore's TensorCores). The state of the grid step's hb heads
+lives in VMEM scratch (f32: 129 KiB per head at d = 64) for the whole sweep over N: it is loaded
+from the initial weights at n = 0 and never goes back to HBM except as a checkpoint at the start
+of every group of g mini-batches ([B, H, ceil(N/g), ...], what the backward recomputes from).
+Mini-batch n of XQ, XK, XV, eta is a BlockSpec block, so Pallas double-buffers it: the DMA of
+mini-batch n + 1 overlaps the math of n. The math is `tile.mini_batch`, one head at a time.
+
+Backward, grid (B, H / hb, G) with the group axis 'arbitrary' and walked last group first. Each
+step recomputes its group from the saved state, keeping the g states in a VMEM stack
+[g, ...] (about 2 MiB per head at g = 16, d = 64), then runs the g mini-batches in reverse with
+`tile.mini_batch_vjp`. The cotangent of the state flows from group to group in the resident
+output blocks of dW1, db1, dW2, db2 (their block index does not depend on the group), and the
+gradients of the LayerNorm parameters accumulate the same way. Stored state is O(N / g) per
+(batch, head), as in the pure op's remat; the sequence is padded to G * g mini-batches with
+eta = 0 and a zero output cotangent, which leaves the state and its cotangent unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.ttt_mlp.block_sizes import BlockSizes
+from pallas_kernels.ttt_mlp.tile import mini_batch, mini_batch_vjp, num_groups
+
+_SEMANTICS = ("parallel", "parallel", "arbitrary")
+
+
+def _state_shapes(d: int, f: int):
+  return ((d, f), (1, f), (f, d), (1, d))  # W1, b1, W2, b2
+
+
+def vmem_estimate(hb: int, g: int, b: int, d: int, in_bytes: int = 4) -> int:
+  """Bytes of VMEM the backward kernel needs (the forward needs less): the g-state stack, the
+  double-buffered input/output blocks and the resident state cotangents, f32 state, eta padded
+  to 128 lanes."""
+  f = 4 * d
+  state = (2 * d * f + f + d) * 4
+  blocks = 2 * hb * g * b * (7 * d * in_bytes + 2 * 128 * in_bytes)  # xq xk xv ct, dxq dxk dxv
+  return g * state + blocks + 2 * hb * (state + 2 * d * 4) + 2 * 2 * hb * state  # + ckpt in
+
+
+def _params(block_sizes: BlockSizes):
+  return pltpu.CompilerParams(dimension_semantics=_SEMANTICS,
+                              vmem_limit_bytes=block_sizes.vmem_limit_bytes)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, eps, hb, g):
+  """Refs: x [hb, b, d] (mini-batch n), eta [hb, b, 1], gamma/beta [hb, 1, d], initial state
+  [hb, ...]; outputs out [hb, b, d] and the checkpoint blocks [hb, ...] of group n // g;
+  scratch: the running state [hb, ...]."""
+  init, out_ref, ckpt_refs, state_refs = refs[:4], refs[4], refs[5], refs[6:]
+  n = pl.program_id(2)
+
+  @pl.when(n == 0)
+  def _load():
+    for s, w in zip(state_refs, init):
+      s[...] = w[...].astype(s.dtype)
+
+  @pl.when(n % g == 0)
+  def _save():  # the state at the start of group n // g
+    for c, s in zip(ckpt_refs, state_refs):
+      c[...] = s[...]
+
+  dtype = state_refs[0].dtype
+  for h in range(hb):
+    state = tuple(s[h] for s in state_refs)
+    xs = (r[h].astype(dtype) for r in (xq_ref, xk_ref, xv_ref, eta_ref))
+    state, out = mini_batch(gamma_ref[h].astype(dtype), beta_ref[h].astype(dtype), eps, state,
+                            *xs)
+    for s, w in zip(state_refs, state):
+      s[h] = w
+    out_ref[h] = out.astype(out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "checkpoint_group", "heads_per_step",
+                                             "interpret", "debug", "block_sizes"))
+def forward(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float,
+            checkpoint_group: int, heads_per_step: int, interpret=False, debug: bool = False,
+            block_sizes: BlockSizes = BlockSizes()):
+  """Kernel call. xq, xk, xv: [B, H, N, b, d]; eta: [B, H, N, b]; ln_weight, ln_bias: [H, d];
+  W1 [H, d, f], b1 [H, 1, f], W2 [H, f, d], b2 [H, 1, d] already in the state dtype;
+  heads_per_step divides H.
+
+  Returns (out [B, H, N, b, d] in xq's dtype, checkpoints (W1, b1, W2, b2) each
+  [B, H, ceil(N/g), ...] in the state dtype: the state at the start of each group of g).
+  """
+  B, H, N, b, d = xq.shape
+  f, dtype, hb, g = W1.shape[-1], W1.dtype, heads_per_step, checkpoint_group
+  G = num_groups(N, g)
+  shapes = _state_shapes(d, f)
+
+  x_spec = pl.BlockSpec((None, hb, None, b, d), lambda i, j, n: (i, j, n, 0, 0))
+  eta_spec = pl.BlockSpec((None, hb, None, b, 1), lambda i, j, n: (i, j, n, 0, 0))
+  per_head = lambda s: pl.BlockSpec((hb, *s), lambda i, j, n: (j, 0, 0))
+  ckpt_spec = lambda s: pl.BlockSpec((None, hb, None, *s), lambda i, j, n: (i, j, n // g, 0, 0))
+
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, eps=eps, hb=hb, g=g),
+      grid=(B, H // hb, N),
+      in_specs=[x_spec] * 3 + [eta_spec, per_head((1, d)), per_head((1, d))]
+      + [per_head(s) for s in shapes],
+      out_specs=(x_spec, tuple(ckpt_spec(s) for s in shapes)),
+      out_shape=(jax.ShapeDtypeStruct(xq.shape, xq.dtype),
+                 tuple(jax.ShapeDtypeStruct((B, H, G, *s), dtype) for s in shapes)),
+      scratch_shapes=[pltpu.VMEM((hb, *s), dtype) for s in shapes],
+      compiler_params=_params(block_sizes),
+      interpret=interpret,
+      debug=debug,
+      name="ttt_mlp_forward_tpu",
+  )(xq, xk, xv, eta[..., None], ln_weight[:, None], ln_bias[:, None], W1, b1, W2, b2)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, eps, hb, g):
+  """Refs: x [hb, g, b, d] (group G-1-k), eta [hb, g, b, 1], gamma/beta [hb, 1, d], the group's
+  checkpoint [hb, ...], ct_out [hb, g, b, d]; outputs the input cotangents (blocks like the
+  inputs), d gamma / d beta [hb, 1, d] and the state cotangent [hb, ...] (both resident: summed
+  over groups); scratch: the group's states [g, ...] of one head."""
+  ckpt, ct_ref = refs[:4], refs[4]
+  dx_refs, (dgamma, dbeta), dstate = refs[5:9], refs[9:11], refs[11:15]
+  stack = refs[15:]
+  dtype = stack[0].dtype
+
+  @pl.when(pl.program_id(2) == 0)  # the last group: nothing flows back into it yet
+  def _zero():
+    for r in (dgamma, dbeta, *dstate):
+      r[...] = jnp.zeros(r.shape, r.dtype)
+
+  for h in range(hb):
+    gamma, beta = gamma_ref[h].astype(dtype), beta_ref[h].astype(dtype)
+
+    def inputs(t, h=h):
+      return tuple(r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref, eta_ref))
+
+    def recompute(t, state, gamma=gamma, beta=beta, inputs=inputs):
+      for s, w in zip(stack, state):
+        s[t] = w  # the state before mini-batch t
+      return mini_batch(gamma, beta, eps, state, *inputs(t))[0]
+
+    jax.lax.fori_loop(0, g, recompute, tuple(c[h] for c in ckpt))
+
+    def reverse(i, carry, h=h, gamma=gamma, beta=beta, inputs=inputs):
+      ct_gamma, ct_beta, ct_state = carry
+      t = g - 1 - i
+      state = tuple(s[t] for s in stack)
+      ct_state, *ct_x, ct_g, ct_b = mini_batch_vjp(gamma, beta, eps, state, *inputs(t),
+                                                   ct_state, ct_ref[h, t].astype(dtype))
+      for r, c in zip(dx_refs, ct_x):
+        r[h, t] = c.astype(r.dtype)
+      return ct_gamma + ct_g, ct_beta + ct_b, ct_state
+
+    carry = (dgamma[h], dbeta[h], tuple(r[h] for r in dstate))
+    ct_gamma, ct_beta, ct_state = jax.lax.fori_loop(0, g, reverse, carry)
+    dgamma[h], dbeta[h] = ct_gamma, ct_beta
+    for r, c in zip(dstate, ct_state):
+      r[h] = c
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "checkpoint_group", "heads_per_step",
+                                             "interpret", "debug", "block_sizes"))
+def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, eps: float,
+             checkpoint_group: int, heads_per_step: int, interpret=False, debug: bool = False,
+             block_sizes: BlockSizes = BlockSizes()):
+  """Cotangents of `forward`'s output from its checkpoints.
+
+  xq, xk, xv, ct_out: [B, H, N, b, d]; eta: [B, H, N, b]; ln_weight, ln_bias: [H, d] in the
+  state dtype; checkpoints: (W1, b1, W2, b2) each [B, H, G, ...] in the state dtype, G = ceil(N
+  / g) with g = checkpoint_group. Returns the cotangents of (xq, xk, xv, eta) in their
+  dtypes, of ln_weight and ln_bias [B, H, d] and of the initial state [B, H, ...] (state dtype),
+  per batch element (the caller sums what the batch shares).
+  """
+  B, H, N, b, d = xq.shape
+  G, g = checkpoints[0].shape[2], checkpoint_group
+  f, dtype, hb = checkpoints[0].shape[-1], checkpoints[0].dtype, heads_per_step
+  shapes = _state_shapes(d, f)
+  if num_groups(N, g) != G:
+    raise ValueError(f"{G} checkpoints do not match {N} mini-batches in groups of {g}.")
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, G * g - N)] + [(0, 0)] * (x.ndim - 3))
+  xq, xk, xv, ct_out = map(pad, (xq, xk, xv, ct_out))
+  eta = pad(eta)[..., None]
+
+  rev = lambda i, j, k: (i, j, G - 1 - k, 0, 0)
+  x_spec = pl.BlockSpec((None, hb, g, b, d), rev)
+  eta_spec = pl.BlockSpec((None, hb, g, b, 1), rev)
+  per_head = pl.BlockSpec((hb, 1, d), lambda i, j, k: (j, 0, 0))
+  ckpt_spec = lambda s: pl.BlockSpec((None, hb, None, *s), rev)
+  resident = lambda s: pl.BlockSpec((None, hb, *s), lambda i, j, k: (i, j, 0, 0))
+
+  outs = pl.pallas_call(
+      functools.partial(_backward_kernel, eps=eps, hb=hb, g=g),
+      grid=(B, H // hb, G),
+      in_specs=[x_spec] * 3 + [eta_spec, per_head, per_head] + [ckpt_spec(s) for s in shapes]
+      + [x_spec],
+      out_specs=[x_spec] * 3 + [eta_spec, resident((1, d)), resident((1, d))]
+      + [resident(s) for s in shapes],
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (xq, xk, xv, eta)]
+      + [jax.ShapeDtypeStruct((B, H, 1, d), dtype)] * 2
+      + [jax.ShapeDtypeStruct((B, H, *s), dtype) for s in shapes],
+      scratch_shapes=[pltpu.VMEM((g, *s), dtype) for s in shapes],
+      compiler_params=_params(block_sizes),
+      interpret=interpret,
+      debug=debug,
+      name="ttt_mlp_backward_tpu",
+  )(xq, xk, xv, eta, ln_weight[:, None], ln_bias[:, None], *checkpoints, ct_out)
+  ct_xs = tuple(o[:, :, :N] for o in outs[:4])
+  return (*ct_xs[:3], ct_xs[3][..., 0], outs[4][:, :, 0], outs[5][:, :, 0], tuple(outs[6:]))

@@ -9,7 +9,7 @@ setup(
     packages=["ttt_jax", "ttt_jax.ops", "ttt_jax.nn", "ttt_jax.checkpoint", "ttt_jax.data",
               "ttt_jax.train", "ttt_jax.sampling", "ttt_jax.text",
               "ttt_jax.vae", "ttt_jax.cli", "configs",
-              "pallas_kernels", "pallas_kernels.ttt_mlp"],
+              "pallas_kernels", "pallas_kernels.ttt"],
     python_requires=">=3.12",
     install_requires=[
         "jax>=0.11.2",

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from bench_util import Emitter, default_matmul_size, device_fields, matmul_rate, time_fn
 from configs.default import get_config
-from pallas_kernels.ttt_mlp import ttt_mlp as pallas_ttt_mlp
+from pallas_kernels.ttt import ttt_mlp as pallas_ttt_mlp
 from ttt_jax import config as config_lib
 from ttt_jax import ops, sharding
 from ttt_op import make_inputs

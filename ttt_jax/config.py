@@ -129,8 +129,6 @@ def validate(config) -> None:
            "must be an integer >= 0 (0 disables remat).")
   require(t.impl in ("xla", "pallas", "auto"), "model.ttt.impl", t.impl,
            "use 'xla', 'pallas' or 'auto'.")
-  require(not (t.impl == "pallas" and m.variant == "ttt_linear"), "model.ttt.impl", t.impl,
-           "there is no Pallas kernel for ttt_linear yet; use 'xla' or 'auto'.")
   require(t.base_lr > 0, "model.ttt.base_lr", t.base_lr, "must be > 0.")
   require(t.inner_eps > 0, "model.ttt.inner_eps", t.inner_eps, "must be > 0.")
   frames = latent_frames(config.seconds)

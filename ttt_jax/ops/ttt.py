@@ -201,21 +201,31 @@ def _run(step_fn, state_cls, xq, xk, xv, eta, ln_weight, ln_bias, init, eps, che
 IMPLS = ("xla", "pallas", "auto")
 
 
-def _use_pallas(impl: str, kind: str) -> bool:
-  """Resolves `impl`: "auto" takes the Pallas kernel where one is built for the target
-  platform (`ttt_jax.sharding.target_platform`)."""
+def _use_pallas(impl: str) -> bool:
+  """Resolves `impl`: "auto" takes the Pallas kernels where they compile for the target
+  platform (`ttt_jax.sharding.target_platform`): Mosaic TPU and Triton GPU. "pallas" runs them
+  anywhere (interpret mode on CPU)."""
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r}: use one of {IMPLS} (config.model.ttt.impl).")
   if impl == "xla":
     return False
-  if kind != "ttt_mlp":
-    if impl == "pallas":
-      raise ValueError(f"impl='pallas': there is no Pallas kernel for {kind} yet; use "
-                       "impl='xla' or 'auto'.")
-    return False
-  # Mosaic TPU and Triton GPU kernels (interpret mode elsewhere). "auto" follows the platform
-  # being compiled for (a TPU slice or GPU cluster from a CPU host included).
+  # "auto" follows the platform being compiled for (a TPU slice or GPU cluster from a CPU host
+  # included), so compile-only memory plans see the kernels the run will use.
   return impl == "pallas" or sharding.target_platform() in ("tpu", "gpu")
+
+
+def _pallas(kind, xq, xk, xv, eta, ln_weight, ln_bias, init, eps, checkpoint_group,
+            return_state):
+  """The Pallas kernel of `kind`, run per shard: XLA cannot partition a Pallas call, so heads go
+  over the tensor axis and the batch over the batch axes (the layout the TTT layer constrains
+  its inputs to)."""
+  if return_state:
+    raise ValueError("return_state=True is only available with impl='xla'.")
+  from pallas_kernels.ttt import op  # here: pallas_kernels builds on this module
+  kernel = functools.partial(getattr(op, kind), eps=eps, checkpoint_group=checkpoint_group)
+  x, w = ("batch", "heads", None, None, None), ("heads", None, None)
+  return sharding.per_shard(kernel, x, xq, xk, xv, eta, ln_weight, ln_bias, *init,
+                            arg_axes=(x, x, x, x[:4], w[:2], w[:2]) + (w,) * len(init))
 
 
 def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float = 1e-6,
@@ -232,8 +242,8 @@ def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float =
     eps: inner LayerNorm epsilon.
     checkpoint_group: remat every this many mini-batches (None or 0: no remat).
     return_state: also return the final per-example `TTTMLPState`.
-    impl: "xla" (this scan), "pallas" (the kernels in `pallas_kernels.ttt_mlp`, interpret mode
-      on CPU) or "auto" (the kernels on TPU and GPU, this scan on CPU).
+    impl: "xla" (this scan), "pallas" (the kernels in `pallas_kernels.ttt`, interpret mode on
+      CPU) or "auto" (the kernels on TPU and GPU, this scan on CPU).
 
   Returns:
     [B, H, N, b, d] outputs in the dtype of xq (and the final state if asked).
@@ -241,18 +251,11 @@ def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float =
   H, d = xq.shape[1], xq.shape[-1]
   f = W1.shape[-1]
   check_shapes(xq, xk, xv, eta, ln_weight, ln_bias,
-         {"W1": (W1, (H, d, f)), "b1": (b1, (H, 1, f)), "W2": (W2, (H, f, d)),
-          "b2": (b2, (H, 1, d))})
-  if _use_pallas(impl, "ttt_mlp"):
-    if return_state:
-      raise ValueError("return_state=True is only available with impl='xla'.")
-    from pallas_kernels.ttt_mlp import op  # here: pallas_kernels builds on this module
-    kernel = functools.partial(op.ttt_mlp, eps=eps, checkpoint_group=checkpoint_group)
-    # XLA cannot partition a Pallas call: run it per shard, heads over the tensor axis and the
-    # batch over the batch axes (the layout the TTT layer constrains its inputs to).
-    x, w = ("batch", "heads", None, None, None), ("heads", None, None)
-    return sharding.per_shard(kernel, x, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2,
-                              arg_axes=(x, x, x, x[:4], w[:2], w[:2], w, w, w, w))
+               {"W1": (W1, (H, d, f)), "b1": (b1, (H, 1, f)), "W2": (W2, (H, f, d)),
+                "b2": (b2, (H, 1, d))})
+  if _use_pallas(impl):
+    return _pallas("ttt_mlp", xq, xk, xv, eta, ln_weight, ln_bias, (W1, b1, W2, b2), eps,
+                   checkpoint_group, return_state)
   return _run(_mlp_mini_batch, TTTMLPState, xq, xk, xv, eta, ln_weight, ln_bias,
               (W1, b1, W2, b2), eps, checkpoint_group, return_state)
 
@@ -260,10 +263,12 @@ def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float =
 def ttt_linear(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, *, eps: float = 1e-6,
                checkpoint_group: int | None = 16, return_state: bool = False, impl: str = "xla"):
   """TTT-Linear over a sequence of mini-batches; as `ttt_mlp` with W1: [H, d, d], b1: [H, 1, d]."""
-  _use_pallas(impl, "ttt_linear")  # validates; no kernel yet, "auto" runs this scan
   H, d = xq.shape[1], xq.shape[-1]
   check_shapes(xq, xk, xv, eta, ln_weight, ln_bias,
-         {"W1": (W1, (H, d, d)), "b1": (b1, (H, 1, d))})
+               {"W1": (W1, (H, d, d)), "b1": (b1, (H, 1, d))})
+  if _use_pallas(impl):
+    return _pallas("ttt_linear", xq, xk, xv, eta, ln_weight, ln_bias, (W1, b1), eps,
+                   checkpoint_group, return_state)
   return _run(_linear_mini_batch, TTTLinearState, xq, xk, xv, eta, ln_weight, ln_bias,
               (W1, b1), eps, checkpoint_group, return_state)
 

@@ -1,9 +1,10 @@
-"""One TTT-MLP mini-batch on 2-D tiles: the math every TTT-MLP kernel runs, in one place.
+"""One TTT mini-batch on 2-D tiles: the math every TTT kernel runs, in one place.
 
-It is `ttt_jax.ops.ttt._mlp_mini_batch` for one (batch element, head), built from the same
+`mini_batch` (TTT-MLP) and `linear_mini_batch` (TTT-Linear) are `ttt_jax.ops.ttt`'s
+`_mlp_mini_batch` / `_linear_mini_batch` for one (batch element, head), built from the same
 helpers (`layer_norm`, `ln_l2_grad`, `gelu_tanh`, `gelu_tanh_grad`), with 2-D matmuls that both
-Triton and Mosaic TPU lower. The backward kernels differentiate it with `jax.vjp` inside the
-kernel body, so there is no hand-written gradient to drift from the forward.
+Triton and Mosaic TPU lower. The backward kernels differentiate them with `jax.vjp` inside the
+kernel body (`step_vjp`), so there is no hand-written gradient to drift from the forward.
 """
 
 from __future__ import annotations
@@ -72,13 +73,37 @@ def mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta):
   return new_state, out
 
 
-def mini_batch_vjp(gamma, beta, eps, state, XQ, XK, XV, eta, ct_state, ct_out):
-  """Recomputes `mini_batch` and pulls (ct_state, ct_out) back to its inputs.
+def linear_mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta):
+  """One TTT-Linear mini-batch on one (batch, head): as `mini_batch` with state
+  (W1 [d, d], b1 [1, d])."""
+  W1, b1 = state
+  Z1 = _mm(XK, W1) + b1  # [b, d]
+  eG1 = eta * ln_l2_grad(Z1, XV - XK, gamma, beta, eps)
+  Z1_bar = _mm(XQ, W1) - _mm(_mm_t(XQ, XK), eG1) + b1 - eG1.sum(0, keepdims=True)
+  out = XQ + layer_norm(Z1_bar, gamma, beta, eps)
+  return (W1 - _tm(XK, eG1), b1 - eG1.sum(0, keepdims=True)), out
+
+
+STEPS = {"ttt_mlp": mini_batch, "ttt_linear": linear_mini_batch}
+
+
+def state_shapes(kind: str, d: int) -> tuple[tuple[int, int], ...]:
+  """Per-head shapes of the inner model's state: (W1, b1, W2, b2) or (W1, b1)."""
+  if kind == "ttt_mlp":
+    f = 4 * d
+    return ((d, f), (1, f), (f, d), (1, d))
+  return ((d, d), (1, d))
+
+
+def step_vjp(kind, gamma, beta, eps, state, XQ, XK, XV, eta, ct_state, ct_out):
+  """Recomputes one mini-batch of `kind` and pulls (ct_state, ct_out) back to its inputs.
 
   Returns (ct of the incoming state, ct_XQ, ct_XK, ct_XV, ct_eta, ct_gamma, ct_beta).
   """
+  step = STEPS[kind]
+
   def f(state, XQ, XK, XV, eta, gamma, beta):
-    return mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta)
+    return step(gamma, beta, eps, state, XQ, XK, XV, eta)
 
   _, vjp = jax.vjp(f, state, XQ, XK, XV, eta, gamma, beta)
   return vjp((ct_state, ct_out))

@@ -1,5 +1,6 @@
-"""pallas_kernels.ttt_mlp (interpret mode on CPU) against the pure op; TPU and Triton lowering.
+"""pallas_kernels.ttt (interpret mode on CPU) against the pure ops; TPU and Triton lowering.
 
+TTT-MLP over the full shape grid, TTT-Linear (same kernels, other tile math) over a smaller one.
 Both kernel families run here: "tpu" (Mosaic TPU forward and backward kernels) and "gpu"
 (Triton forward, XLA backward), in plain interpret mode over a shape x dtype grid, and the TPU
 kernels also under `pltpu.InterpretParams()` (Mosaic semantics: races, out-of-bounds reads).
@@ -15,8 +16,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 from tests.oracles import random_ttt_inputs, rel_err
 
-from pallas_kernels import ttt_mlp as pk
-from pallas_kernels.ttt_mlp import gpu, reference, tpu
+from pallas_kernels import ttt as pk
+from pallas_kernels.ttt import gpu, reference, tpu
 
 SHAPES = {  # name: (B, H, N, b, d)
     "tiny": (1, 1, 3, 16, 16),
@@ -33,8 +34,11 @@ NAMES = ("xq", "xk", "xv", "eta", "ln_weight", "ln_bias", "W1", "b1", "W2", "b2"
 BACKENDS = ("tpu", "gpu")
 
 
-def _inputs(shape, dtype=jnp.float32, seed=0):
-  xq, xk, xv, eta, lw, lb, W = random_ttt_inputs("ttt_mlp", *shape, seed=seed)
+LINEAR_SHAPES = {k: SHAPES[k] for k in ("tiny", "batched", "paper_head")}
+
+
+def _inputs(shape, dtype=jnp.float32, seed=0, kind="ttt_mlp"):
+  xq, xk, xv, eta, lw, lb, W = random_ttt_inputs(kind, *shape, seed=seed)
   return tuple(jnp.asarray(a, dtype) for a in (xq, xk, xv, eta, lw, lb, *W))
 
 
@@ -53,6 +57,16 @@ def test_forward_matches_pure_op(shape, dtype, backend):
   want = reference.ttt_mlp(*args)
   assert got.shape == shape and got.dtype == dtype
   _check_out(got, want, args[0], TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", TOL, ids=lambda t: jnp.dtype(t).name)
+@pytest.mark.parametrize("shape", LINEAR_SHAPES.values(), ids=LINEAR_SHAPES.keys())
+def test_linear_forward_matches_pure_op(shape, dtype, backend):
+  args = _inputs(shape, dtype, kind="ttt_linear")
+  got = jax.jit(functools.partial(pk.ttt_linear, checkpoint_group=2, backend=backend))(*args)
+  assert got.shape == shape and got.dtype == dtype
+  _check_out(got, reference.ttt_linear(*args), args[0], TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", TOL, ids=lambda t: jnp.dtype(t).name)
@@ -78,11 +92,11 @@ def test_tpu_kernels_under_mosaic_interpret(dtype):
 def test_checkpoints_are_group_start_states(backend):
   """The forward saves the state before mini-batches 0, g, 2g, ...: N = 3, g = 2 gives 2."""
   args = _inputs((2, 2, 3, 16, 16), seed=1)
-  kw = dict(eps=1e-6, checkpoint_group=2, interpret=True)
+  kw = dict(kind="ttt_mlp", eps=1e-6, checkpoint_group=2, interpret=True)
   if backend == "tpu":
-    _, ckpts = tpu.forward(*args, heads_per_step=2, **kw)
+    _, ckpts = tpu.forward(*args[:6], args[6:], heads_per_step=2, **kw)
   else:
-    _, ckpts = gpu.forward(*args, **kw)
+    _, ckpts = gpu.forward(*args[:6], args[6:], **kw)
   xq, xk, xv, eta, lw, lb, *W = args
   _, after_2 = reference.ttt_mlp(xq[:, :, :2], xk[:, :, :2], xv[:, :, :2], eta[:, :, :2], lw, lb,
                                  *W, return_state=True)
@@ -116,6 +130,24 @@ def test_gradients_match_pure_op(shape, group, backend):
     assert rel_err(g, w) <= 1e-5, name
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group", [4, None], ids=["g4", "one_group"])
+def test_linear_gradients_match_pure_op(group, backend):
+  shape = SHAPES["batched"]
+  args = _inputs(shape, seed=8, kind="ttt_linear")
+  cot = jnp.asarray(np.random.default_rng(9).normal(size=shape), jnp.float32)
+
+  def grads(op, **kw):
+    loss = lambda *a: jnp.sum(op(*a, **kw) * cot)
+    return jax.jit(jax.grad(loss, range(len(args))))(*args)
+
+  got = grads(pk.ttt_linear, checkpoint_group=group, backend=backend)
+  want = grads(reference.ttt_linear, checkpoint_group=None)
+  for name, g, w in zip(NAMES, got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    assert rel_err(g, w) <= 1e-5, name
+
+
 def test_bad_shapes_raise():
   args = list(_inputs(SHAPES["tiny"]))
   args[3] = args[3][..., :-1]  # eta one token short
@@ -128,6 +160,9 @@ def test_bad_shapes_raise():
     pk.ttt_mlp(*args, backend="tpu", interpret=False)
   with pytest.raises(ValueError, match="takes True or False"):
     pk.ttt_mlp(*args, backend="gpu", interpret=pltpu.InterpretParams())
+  lin = _inputs(SHAPES["tiny"], kind="ttt_linear")
+  with pytest.raises(ValueError, match=r"W1 must have shape \(1, 16, 16\)"):
+    pk.ttt_linear(*lin[:6], args[6], lin[7])  # a TTT-MLP W1
 
 
 def test_block_sizes_table():
@@ -139,40 +174,45 @@ def test_block_sizes_table():
   assert tpu.vmem_estimate(sizes.heads_per_step, 16, 64, 64) < sizes.vmem_limit_bytes
 
 
-def _abstract_shapes(dtype, B=1, H=2, N=5, b=64, d=64):
+def _abstract_shapes(dtype, B=1, H=2, N=5, b=64, d=64, kind="ttt_mlp"):
+  from pallas_kernels.ttt.tile import state_shapes
   S = jax.ShapeDtypeStruct
   shapes = [S((B, H, N, b, d), dtype)] * 3 + [S((B, H, N, b), dtype)] + [S((H, d), dtype)] * 2
-  return shapes + [S((H, d, 4 * d), dtype), S((H, 1, 4 * d), dtype), S((H, 4 * d, d), dtype),
-                   S((H, 1, d), dtype)]
+  return shapes + [S((H, *s), dtype) for s in state_shapes(kind, d)]
 
 
-def _lower(device, platform, dtype, **kw):
+def _lower(device, platform, dtype, kind="ttt_mlp"):
   """Lowered text of the forward and of the gradient for an abstract `device`."""
   mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
-  op = functools.partial(pk.ttt_mlp, checkpoint_group=2, **kw)  # interpret=None: False here
+  op = functools.partial(getattr(pk, kind), checkpoint_group=2)  # interpret=None: False here
   loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
+  shapes = _abstract_shapes(dtype, kind=kind)
   with use_abstract_mesh(mesh):
-    return [jax.jit(f).trace(*_abstract_shapes(dtype)).lower(lowering_platforms=(platform,))
-            .as_text() for f in (op, jax.grad(loss, range(10)))]
+    return [jax.jit(f).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
+            for f in (op, jax.grad(loss, range(len(shapes))))]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_lowers_to_triton_for_abstract_h100(dtype):
+LOWERINGS = [("ttt_mlp", jnp.float32), ("ttt_mlp", jnp.bfloat16), ("ttt_linear", jnp.bfloat16)]
+LOWERING_IDS = ["ttt_mlp-float32", "ttt_mlp-bfloat16", "ttt_linear-bfloat16"]
+
+
+@pytest.mark.parametrize("kind,dtype", LOWERINGS, ids=LOWERING_IDS)
+def test_lowers_to_triton_for_abstract_h100(kind, dtype):
   """Forward and backward lower for CUDA on a CPU-only host; the kernel is a Triton call."""
   h100 = AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-  for text in _lower(h100, "cuda", dtype):
+  for text in _lower(h100, "cuda", dtype, kind):
     assert "__gpu$xla.gpu.triton" in text
     assert "num_warps = 8 : i32" in text  # the table's H100 entry was used
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_lowers_to_mosaic_for_abstract_tpu(dtype):
+@pytest.mark.parametrize("kind,dtype", LOWERINGS, ids=LOWERING_IDS)
+def test_lowers_to_mosaic_for_abstract_tpu(kind, dtype):
   """Forward and backward kernels lower to Mosaic TPU custom calls on a CPU-only host (libtpu
   then compiles them: `test_compiles_for_tpu_with_libtpu`)."""
   v5p = AbstractDevice(device_kind="TPU v5", num_cores=1, platform="tpu")
-  fwd, grad = _lower(v5p, "tpu", dtype)
-  assert "ttt_mlp_forward_tpu" in fwd and "tpu_custom_call" in fwd
-  assert "ttt_mlp_forward_tpu" in grad and "ttt_mlp_backward_tpu" in grad
+  fwd, grad = _lower(v5p, "tpu", dtype, kind)
+  assert f"{kind}_forward_tpu" in fwd and "tpu_custom_call" in fwd
+  assert f"{kind}_forward_tpu" in grad and f"{kind}_backward_tpu" in grad
 
 
 def test_compiles_for_tpu_with_libtpu():
@@ -186,15 +226,16 @@ def test_compiles_for_tpu_with_libtpu():
   devices = topologies.get_topology_desc("v5p:2x2x1", platform="tpu").devices
   mesh = sharding.make_mesh((1, 1, len(devices)), devices=devices)
   replicated = NamedSharding(mesh, PartitionSpec())
-  shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated)
-            for s in _abstract_shapes(jnp.bfloat16, H=8, N=32)]
-  op = functools.partial(ops.ttt_mlp, impl="auto", checkpoint_group=16)
-  loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
-  with sharding.use_rules(mesh, (("batch", ("data", "fsdp")), ("heads", "tensor"))):
-    for f in (op, jax.grad(loss, range(10))):
-      lowered = jax.jit(f).trace(*shapes).lower()
-      assert "tpu_custom_call" in lowered.as_text()
-      lowered.compile()
+  for kind in ("ttt_mlp", "ttt_linear"):
+    shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated)
+              for s in _abstract_shapes(jnp.bfloat16, H=8, N=32, kind=kind)]
+    op = functools.partial(getattr(ops, kind), impl="auto", checkpoint_group=16)
+    loss = lambda *a, op=op: jnp.sum(op(*a).astype(jnp.float32))
+    with sharding.use_rules(mesh, (("batch", ("data", "fsdp")), ("heads", "tensor"))):
+      for f in (op, jax.grad(loss, range(len(shapes)))):
+        lowered = jax.jit(f).trace(*shapes).lower()
+        assert "tpu_custom_call" in lowered.as_text()
+        lowered.compile()
 
 
 def test_ops_dispatch_by_impl():
@@ -209,19 +250,20 @@ def test_ops_dispatch_by_impl():
     ops.ttt_mlp(*args, impl="fast")
   with pytest.raises(ValueError, match="only available with impl='xla'"):
     ops.ttt_mlp(*args, impl="pallas", return_state=True)
-  lin = random_ttt_inputs("ttt_linear", 1, 1, 2, 16, 16)
-  with pytest.raises(ValueError, match="no Pallas kernel for ttt_linear"):
-    ops.ttt_linear(*lin[:6], *lin[6], impl="pallas")
+  lin = _inputs(SHAPES["batched"], kind="ttt_linear")
+  got = ops.ttt_linear(*lin, impl="pallas")
+  assert rel_err(np.asarray(got) - lin[0], np.asarray(ops.ttt_linear(*lin)) - lin[0]) <= 1e-5
 
 
-def test_ttt_layer_with_the_kernel_matches_the_scan():
+@pytest.mark.parametrize("variant", ["ttt_mlp", "ttt_linear"])
+def test_ttt_layer_with_the_kernel_matches_the_scan(variant):
   """config.model.ttt.impl reaches the op: a 3-scene TTT layer, forward and gradients."""
   from flax import nnx
 
   from configs.default import get_config
   from ttt_jax import config as config_lib
   from ttt_jax.nn import TTTLayer
-  config = get_config("seconds=9")
+  config = get_config(f"seconds=9,variant={variant}")
   lay = config_lib.sequence_layout(config)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, lay.total_tokens, 64)), jnp.float32)
   results = {}

@@ -1,4 +1,7 @@
-"""TTT-MLP forward and backward as Mosaic TPU Pallas kernels (interpret mode on CPU).
+"""TTT forward and backward as Mosaic TPU Pallas kernels (interpret mode on CPU).
+
+One kernel pair for both inner models (`kind`: "ttt_mlp", state W1, b1, W2, b2; "ttt_linear",
+state W1, b1): the mini-batch math is `tile.STEPS[kind]`. Sizes below are TTT-MLP's.
 
 Forward, grid (B, H / hb, N) with the mini-batch axis N 'arbitrary' (sequential) and the
 others 'parallel' (split over a megacore's TensorCores). The state of the grid step's hb heads
@@ -6,12 +9,12 @@ lives in VMEM scratch (f32: 129 KiB per head at d = 64) for the whole sweep over
 from the initial weights at n = 0 and never goes back to HBM except as a checkpoint at the start
 of every group of g mini-batches ([B, H, ceil(N/g), ...], what the backward recomputes from).
 Mini-batch n of XQ, XK, XV, eta is a BlockSpec block, so Pallas double-buffers it: the DMA of
-mini-batch n + 1 overlaps the math of n. The math is `tile.mini_batch`, one head at a time.
+mini-batch n + 1 overlaps the math of n. The math runs one head at a time.
 
 Backward, grid (B, H / hb, G) with the group axis 'arbitrary' and walked last group first. Each
 step recomputes its group from the saved state, keeping the g states in a VMEM stack
 [g, ...] (about 2 MiB per head at g = 16, d = 64), then runs the g mini-batches in reverse with
-`tile.mini_batch_vjp`. The cotangent of the state flows from group to group in the resident
+`tile.step_vjp`. The cotangent of the state flows from group to group in the resident
 output blocks of dW1, db1, dW2, db2 (their block index does not depend on the group), and the
 gradients of the LayerNorm parameters accumulate the same way. Stored state is O(N / g) per
 (batch, head), as in the pure op's remat; the sequence is padded to G * g mini-batches with
@@ -27,22 +30,18 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ttt_mlp.block_sizes import BlockSizes
-from pallas_kernels.ttt_mlp.tile import mini_batch, mini_batch_vjp, num_groups
+from pallas_kernels.ttt.block_sizes import BlockSizes
+from pallas_kernels.ttt.tile import STEPS, num_groups, state_shapes, step_vjp
 
 _SEMANTICS = ("parallel", "parallel", "arbitrary")
 
 
-def _state_shapes(d: int, f: int):
-  return ((d, f), (1, f), (f, d), (1, d))  # W1, b1, W2, b2
-
-
-def vmem_estimate(hb: int, g: int, b: int, d: int, in_bytes: int = 4) -> int:
+def vmem_estimate(hb: int, g: int, b: int, d: int, in_bytes: int = 4,
+                  kind: str = "ttt_mlp") -> int:
   """Bytes of VMEM the backward kernel needs (the forward needs less): the g-state stack, the
   double-buffered input/output blocks and the resident state cotangents, f32 state, eta padded
   to 128 lanes."""
-  f = 4 * d
-  state = (2 * d * f + f + d) * 4
+  state = sum(r * c for r, c in state_shapes(kind, d)) * 4
   blocks = 2 * hb * g * b * (7 * d * in_bytes + 2 * 128 * in_bytes)  # xq xk xv ct, dxq dxk dxv
   return g * state + blocks + 2 * hb * (state + 2 * d * 4) + 2 * 2 * hb * state  # + ckpt in
 
@@ -55,11 +54,13 @@ def _params(block_sizes: BlockSizes):
 # ----------------------------------------------------------------------------- forward
 
 
-def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, eps, hb, g):
+def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, eps, hb,
+                    g):
   """Refs: x [hb, b, d] (mini-batch n), eta [hb, b, 1], gamma/beta [hb, 1, d], initial state
   [hb, ...]; outputs out [hb, b, d] and the checkpoint blocks [hb, ...] of group n // g;
   scratch: the running state [hb, ...]."""
-  init, out_ref, ckpt_refs, state_refs = refs[:4], refs[4], refs[5], refs[6:]
+  k = len(refs) // 2 - 1  # refs: k initial states, out, (k checkpoints), k scratch states
+  init, out_ref, ckpt_refs, state_refs = refs[:k], refs[k], refs[k + 1], refs[k + 2:]
   n = pl.program_id(2)
 
   @pl.when(n == 0)
@@ -76,29 +77,30 @@ def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs,
   for h in range(hb):
     state = tuple(s[h] for s in state_refs)
     xs = (r[h].astype(dtype) for r in (xq_ref, xk_ref, xv_ref, eta_ref))
-    state, out = mini_batch(gamma_ref[h].astype(dtype), beta_ref[h].astype(dtype), eps, state,
-                            *xs)
+    state, out = STEPS[kind](gamma_ref[h].astype(dtype), beta_ref[h].astype(dtype), eps, state,
+                             *xs)
     for s, w in zip(state_refs, state):
       s[h] = w
     out_ref[h] = out.astype(out_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "checkpoint_group", "heads_per_step",
-                                             "interpret", "debug", "block_sizes"))
-def forward(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float,
+@functools.partial(jax.jit, static_argnames=("kind", "eps", "checkpoint_group",
+                                             "heads_per_step", "interpret", "debug",
+                                             "block_sizes"))
+def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
             checkpoint_group: int, heads_per_step: int, interpret=False, debug: bool = False,
             block_sizes: BlockSizes = BlockSizes()):
   """Kernel call. xq, xk, xv: [B, H, N, b, d]; eta: [B, H, N, b]; ln_weight, ln_bias: [H, d];
-  W1 [H, d, f], b1 [H, 1, f], W2 [H, f, d], b2 [H, 1, d] already in the state dtype;
+  init: the initial state [H, ...] of `tile.state_shapes(kind, d)` in the state dtype;
   heads_per_step divides H.
 
-  Returns (out [B, H, N, b, d] in xq's dtype, checkpoints (W1, b1, W2, b2) each
-  [B, H, ceil(N/g), ...] in the state dtype: the state at the start of each group of g).
+  Returns (out [B, H, N, b, d] in xq's dtype, checkpoints: each state array
+  [B, H, ceil(N/g), ...] in the state dtype, the state at the start of each group of g).
   """
   B, H, N, b, d = xq.shape
-  f, dtype, hb, g = W1.shape[-1], W1.dtype, heads_per_step, checkpoint_group
+  dtype, hb, g = init[0].dtype, heads_per_step, checkpoint_group
   G = num_groups(N, g)
-  shapes = _state_shapes(d, f)
+  shapes = state_shapes(kind, d)
 
   x_spec = pl.BlockSpec((None, hb, None, b, d), lambda i, j, n: (i, j, n, 0, 0))
   eta_spec = pl.BlockSpec((None, hb, None, b, 1), lambda i, j, n: (i, j, n, 0, 0))
@@ -106,7 +108,7 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float,
   ckpt_spec = lambda s: pl.BlockSpec((None, hb, None, *s), lambda i, j, n: (i, j, n // g, 0, 0))
 
   return pl.pallas_call(
-      functools.partial(_forward_kernel, eps=eps, hb=hb, g=g),
+      functools.partial(_forward_kernel, kind=kind, eps=eps, hb=hb, g=g),
       grid=(B, H // hb, N),
       in_specs=[x_spec] * 3 + [eta_spec, per_head((1, d)), per_head((1, d))]
       + [per_head(s) for s in shapes],
@@ -117,21 +119,23 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float,
       compiler_params=_params(block_sizes),
       interpret=interpret,
       debug=debug,
-      name="ttt_mlp_forward_tpu",
-  )(xq, xk, xv, eta[..., None], ln_weight[:, None], ln_bias[:, None], W1, b1, W2, b2)
+      name=f"{kind}_forward_tpu",
+  )(xq, xk, xv, eta[..., None], ln_weight[:, None], ln_bias[:, None], *init)
 
 
 # ----------------------------------------------------------------------------- backward
 
 
-def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, eps, hb, g):
+def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, eps, hb,
+                     g):
   """Refs: x [hb, g, b, d] (group G-1-k), eta [hb, g, b, 1], gamma/beta [hb, 1, d], the group's
   checkpoint [hb, ...], ct_out [hb, g, b, d]; outputs the input cotangents (blocks like the
   inputs), d gamma / d beta [hb, 1, d] and the state cotangent [hb, ...] (both resident: summed
   over groups); scratch: the group's states [g, ...] of one head."""
-  ckpt, ct_ref = refs[:4], refs[4]
-  dx_refs, (dgamma, dbeta), dstate = refs[5:9], refs[9:11], refs[11:15]
-  stack = refs[15:]
+  k = (len(refs) - 7) // 3  # refs: k checkpoints, ct_out, 4 + 2 + k cotangents, k scratch
+  ckpt, ct_ref = refs[:k], refs[k]
+  dx_refs, (dgamma, dbeta), dstate = refs[k + 1:k + 5], refs[k + 5:k + 7], refs[k + 7:2 * k + 7]
+  stack = refs[2 * k + 7:]
   dtype = stack[0].dtype
 
   @pl.when(pl.program_id(2) == 0)  # the last group: nothing flows back into it yet
@@ -148,7 +152,7 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
     def recompute(t, state, gamma=gamma, beta=beta, inputs=inputs):
       for s, w in zip(stack, state):
         s[t] = w  # the state before mini-batch t
-      return mini_batch(gamma, beta, eps, state, *inputs(t))[0]
+      return STEPS[kind](gamma, beta, eps, state, *inputs(t))[0]
 
     jax.lax.fori_loop(0, g, recompute, tuple(c[h] for c in ckpt))
 
@@ -156,8 +160,8 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
       ct_gamma, ct_beta, ct_state = carry
       t = g - 1 - i
       state = tuple(s[t] for s in stack)
-      ct_state, *ct_x, ct_g, ct_b = mini_batch_vjp(gamma, beta, eps, state, *inputs(t),
-                                                   ct_state, ct_ref[h, t].astype(dtype))
+      ct_state, *ct_x, ct_g, ct_b = step_vjp(kind, gamma, beta, eps, state, *inputs(t),
+                                             ct_state, ct_ref[h, t].astype(dtype))
       for r, c in zip(dx_refs, ct_x):
         r[h, t] = c.astype(r.dtype)
       return ct_gamma + ct_g, ct_beta + ct_b, ct_state
@@ -169,23 +173,24 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
       r[h] = c
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "checkpoint_group", "heads_per_step",
-                                             "interpret", "debug", "block_sizes"))
-def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, eps: float,
+@functools.partial(jax.jit, static_argnames=("kind", "eps", "checkpoint_group",
+                                             "heads_per_step", "interpret", "debug",
+                                             "block_sizes"))
+def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: str, eps: float,
              checkpoint_group: int, heads_per_step: int, interpret=False, debug: bool = False,
              block_sizes: BlockSizes = BlockSizes()):
   """Cotangents of `forward`'s output from its checkpoints.
 
   xq, xk, xv, ct_out: [B, H, N, b, d]; eta: [B, H, N, b]; ln_weight, ln_bias: [H, d] in the
-  state dtype; checkpoints: (W1, b1, W2, b2) each [B, H, G, ...] in the state dtype, G = ceil(N
+  state dtype; checkpoints: the state arrays, each [B, H, G, ...] in the state dtype, G = ceil(N
   / g) with g = checkpoint_group. Returns the cotangents of (xq, xk, xv, eta) in their
   dtypes, of ln_weight and ln_bias [B, H, d] and of the initial state [B, H, ...] (state dtype),
   per batch element (the caller sums what the batch shares).
   """
   B, H, N, b, d = xq.shape
   G, g = checkpoints[0].shape[2], checkpoint_group
-  f, dtype, hb = checkpoints[0].shape[-1], checkpoints[0].dtype, heads_per_step
-  shapes = _state_shapes(d, f)
+  dtype, hb = checkpoints[0].dtype, heads_per_step
+  shapes = state_shapes(kind, d)
   if num_groups(N, g) != G:
     raise ValueError(f"{G} checkpoints do not match {N} mini-batches in groups of {g}.")
   pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, G * g - N)] + [(0, 0)] * (x.ndim - 3))
@@ -200,7 +205,7 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, eps: f
   resident = lambda s: pl.BlockSpec((None, hb, *s), lambda i, j, k: (i, j, 0, 0))
 
   outs = pl.pallas_call(
-      functools.partial(_backward_kernel, eps=eps, hb=hb, g=g),
+      functools.partial(_backward_kernel, kind=kind, eps=eps, hb=hb, g=g),
       grid=(B, H // hb, G),
       in_specs=[x_spec] * 3 + [eta_spec, per_head, per_head] + [ckpt_spec(s) for s in shapes]
       + [x_spec],
@@ -213,7 +218,7 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, eps: f
       compiler_params=_params(block_sizes),
       interpret=interpret,
       debug=debug,
-      name="ttt_mlp_backward_tpu",
+      name=f"{kind}_backward_tpu",
   )(xq, xk, xv, eta, ln_weight[:, None], ln_bias[:, None], *checkpoints, ct_out)
   ct_xs = tuple(o[:, :, :N] for o in outs[:4])
   return (*ct_xs[:3], ct_xs[3][..., 0], outs[4][:, :, 0], outs[5][:, :, 0], tuple(outs[6:]))

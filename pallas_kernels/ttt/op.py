@@ -1,10 +1,10 @@
-"""The public TTT-MLP Pallas op: the forward kernel under a `jax.custom_vjp`.
+"""The public Pallas TTT ops, `ttt_mlp` and `ttt_linear`: kernels under a `jax.custom_vjp`.
 
 Two kernel families (`backend`): "tpu" (Mosaic TPU, `tpu.py`: forward and backward kernels) and
 "gpu" (Triton, `gpu.py`: the forward kernel). Both forwards save the state at the start of every
 group of `checkpoint_group` mini-batches. The TPU backward kernel recomputes each group from its
 checkpoint in VMEM and runs it in reverse. The GPU backward is XLA (`_bwd_xla`): for each group,
-last first, recompute it with the pure op (`ttt_jax.ops.ttt_mlp`, per example since the saved
+last first, recompute it with the pure op (`ttt_jax.ops`, per example since the saved
 states are [B, H, ...]) under `jax.vjp` and pull the output cotangent and the cotangent of the
 group's final state back to the group's inputs and initial state. Either way the backward holds
 one group's activations at a time, as the pure op's remat does.
@@ -19,8 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ttt_mlp import gpu, reference, tpu
-from pallas_kernels.ttt_mlp.block_sizes import BlockSizes, get_block_sizes
+from pallas_kernels.ttt import gpu, reference, tpu
+from pallas_kernels.ttt.block_sizes import BlockSizes, get_block_sizes
+from pallas_kernels.ttt.tile import state_shapes
 from ttt_jax import sharding
 from ttt_jax.ops.ttt import check_shapes
 
@@ -29,6 +30,7 @@ BACKENDS = ("tpu", "gpu")
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
+  kind: str  # "ttt_mlp" | "ttt_linear"
   eps: float
   checkpoint_group: int
   backend: str
@@ -41,7 +43,7 @@ class _Config:
 def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float = 1e-6,
             checkpoint_group: int | None = 16, backend: str | None = None, interpret=None,
             debug: bool = False, block_sizes: BlockSizes | None = None):
-  """TTT-MLP over a sequence of mini-batches: `ttt_jax.ops.ttt_mlp` as a Pallas kernel.
+  """TTT-MLP over a sequence of mini-batches: `ttt_jax.ops.ttt_mlp` as Pallas kernels.
 
   Args:
     xq, xk, xv: [B, H, N, b, d]; eta: [B, H, N, b]; ln_weight, ln_bias: [H, d];
@@ -61,11 +63,27 @@ def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float =
     [B, H, N, b, d] outputs in the dtype of xq; the state is float32 (float64 for float64
     inputs) whatever the input dtype.
   """
+  return _call("ttt_mlp", xq, xk, xv, eta, ln_weight, ln_bias, (W1, b1, W2, b2), eps=eps,
+               checkpoint_group=checkpoint_group, backend=backend, interpret=interpret,
+               debug=debug, block_sizes=block_sizes)
+
+
+def ttt_linear(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, *, eps: float = 1e-6,
+               checkpoint_group: int | None = 16, backend: str | None = None, interpret=None,
+               debug: bool = False, block_sizes: BlockSizes | None = None):
+  """TTT-Linear over a sequence of mini-batches: `ttt_jax.ops.ttt_linear` as Pallas kernels;
+  W1: [H, d, d], b1: [H, 1, d], the rest as `ttt_mlp`."""
+  return _call("ttt_linear", xq, xk, xv, eta, ln_weight, ln_bias, (W1, b1), eps=eps,
+               checkpoint_group=checkpoint_group, backend=backend, interpret=interpret,
+               debug=debug, block_sizes=block_sizes)
+
+
+def _call(kind, xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps, checkpoint_group, backend,
+          interpret, debug, block_sizes):
   H, N, d = xq.shape[1], xq.shape[2], xq.shape[-1]
-  f = W1.shape[-1]
+  names = ("W1", "b1", "W2", "b2")
   check_shapes(xq, xk, xv, eta, ln_weight, ln_bias,
-               {"W1": (W1, (H, d, f)), "b1": (b1, (H, 1, f)), "W2": (W2, (H, f, d)),
-                "b2": (b2, (H, 1, d))})
+               {n: (w, (H, *s)) for n, w, s in zip(names, init, state_shapes(kind, d))})
   platform, device_kind = sharding.target_device()
   if backend is None:
     backend = "gpu" if platform == "gpu" else "tpu"
@@ -75,42 +93,42 @@ def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float =
     interpret = platform == "cpu"
   if not interpret and platform != backend:
     raise ValueError(f"backend={backend!r} kernels do not compile for {platform!r}: use "
-                     "interpret=True, the platform's backend, or the pure op "
-                     "ttt_jax.ops.ttt_mlp (impl='xla').")
+                     f"interpret=True, the platform's backend, or the pure op ttt_jax.ops.{kind} "
+                     "(impl='xla').")
   if backend == "gpu" and not isinstance(interpret, bool):
     raise ValueError("interpret: the GPU (Triton) kernel takes True or False, not "
                      f"{interpret!r}.")
   g = min(checkpoint_group, N) if checkpoint_group and checkpoint_group > 0 else N
   sizes = block_sizes or get_block_sizes(device_kind, xq.dtype, d)
   hb = max(k for k in range(1, min(sizes.heads_per_step, H) + 1) if H % k == 0)
-  cfg = _Config(float(eps), g, backend, hb, interpret, bool(debug), sizes)
-  return _ttt_mlp(cfg, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2)
+  cfg = _Config(kind, float(eps), g, backend, hb, interpret, bool(debug), sizes)
+  return _ttt(cfg, xq, xk, xv, eta, ln_weight, ln_bias, tuple(init))
 
 
 def _state_dtype(xq):
   return jnp.promote_types(xq.dtype, jnp.float32)  # f32 state; f64 stays f64
 
 
-def _forward(cfg: _Config, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2):
+def _forward(cfg: _Config, xq, xk, xv, eta, ln_weight, ln_bias, init):
   dtype = _state_dtype(xq)
-  state = tuple(w.astype(dtype) for w in (W1, b1, W2, b2))
-  kw = dict(eps=cfg.eps, checkpoint_group=cfg.checkpoint_group, interpret=cfg.interpret,
-            debug=cfg.debug, block_sizes=cfg.block_sizes)
+  state = tuple(w.astype(dtype) for w in init)
+  kw = dict(kind=cfg.kind, eps=cfg.eps, checkpoint_group=cfg.checkpoint_group,
+            interpret=cfg.interpret, debug=cfg.debug, block_sizes=cfg.block_sizes)
   if cfg.backend == "tpu":
-    return tpu.forward(xq, xk, xv, eta, ln_weight, ln_bias, *state,
+    return tpu.forward(xq, xk, xv, eta, ln_weight, ln_bias, state,
                        heads_per_step=cfg.heads_per_step, **kw)
-  return gpu.forward(xq, xk, xv, eta, ln_weight, ln_bias, *state, **kw)
+  return gpu.forward(xq, xk, xv, eta, ln_weight, ln_bias, state, **kw)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ttt_mlp(cfg, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2):
-  return _forward(cfg, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2)[0]
+def _ttt(cfg, xq, xk, xv, eta, ln_weight, ln_bias, init):
+  return _forward(cfg, xq, xk, xv, eta, ln_weight, ln_bias, init)[0]
 
 
-def _fwd(cfg, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2):
-  out, checkpoints = _forward(cfg, xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2)
+def _fwd(cfg, xq, xk, xv, eta, ln_weight, ln_bias, init):
+  out, checkpoints = _forward(cfg, xq, xk, xv, eta, ln_weight, ln_bias, init)
   # The initial weights are kept (they are small, [H, ...]) for their dtypes.
-  return out, (xq, xk, xv, eta, ln_weight, ln_bias, (W1, b1, W2, b2), checkpoints)
+  return out, (xq, xk, xv, eta, ln_weight, ln_bias, init, checkpoints)
 
 
 def _bwd(cfg, residuals, ct_out):
@@ -120,29 +138,32 @@ def _bwd(cfg, residuals, ct_out):
   dtype = _state_dtype(xq)
   ct_q, ct_k, ct_v, ct_eta, ct_gamma, ct_beta, ct_state = tpu.backward(
       xq, xk, xv, eta, ln_weight.astype(dtype), ln_bias.astype(dtype), checkpoints, ct_out,
-      eps=cfg.eps, checkpoint_group=cfg.checkpoint_group, heads_per_step=cfg.heads_per_step,
-      interpret=cfg.interpret, debug=cfg.debug, block_sizes=cfg.block_sizes)
+      kind=cfg.kind, eps=cfg.eps, checkpoint_group=cfg.checkpoint_group,
+      heads_per_step=cfg.heads_per_step, interpret=cfg.interpret, debug=cfg.debug,
+      block_sizes=cfg.block_sizes)
   # The LayerNorm parameters and the initial state are shared by the batch: sum over it.
   return (ct_q, ct_k, ct_v, ct_eta, ct_gamma.sum(0).astype(ln_weight.dtype),
           ct_beta.sum(0).astype(ln_bias.dtype),
-          *(c.sum(0).astype(w.dtype) for c, w in zip(ct_state, init)))
+          tuple(c.sum(0).astype(w.dtype) for c, w in zip(ct_state, init)))
 
 
-def _group_vjp(eps, xs, gamma, beta, state, ct_out, ct_state):
+def _group_vjp(kind, eps, xs, gamma, beta, state, ct_out, ct_state):
   """Recompute one group from its initial state and pull cotangents back through it.
 
   xs: (xq, xk, xv [B, H, n, b, d], eta [B, H, n, b]); gamma, beta: [H, d] in the state dtype;
-  state: 4 arrays [B, H, ...]; ct_out: [B, H, n, b, d]; ct_state: cotangent of the group's
+  state: the state arrays [B, H, ...]; ct_out: [B, H, n, b, d]; ct_state: cotangent of the group's
   final state. Returns the cotangents of (xs, gamma, beta, state); gamma's and beta's are
   summed over the batch.
   """
 
+  op = getattr(reference, kind)
+
   def one_example(xq, xk, xv, eta, gamma, beta, *state):  # [H, n, ...]; state [H, ...]
-    out, final = reference.ttt_mlp(xq[None], xk[None], xv[None], eta[None], gamma, beta, *state,
-                                   eps=eps, checkpoint_group=None, return_state=True)
+    out, final = op(xq[None], xk[None], xv[None], eta[None], gamma, beta, *state, eps=eps,
+                    checkpoint_group=None, return_state=True)
     return out[0], tuple(s[0] for s in final)
 
-  group = jax.vmap(one_example, in_axes=(0, 0, 0, 0, None, None, 0, 0, 0, 0))
+  group = jax.vmap(one_example, in_axes=(0, 0, 0, 0, None, None) + (0,) * len(state))
   _, vjp = jax.vjp(group, *xs, gamma, beta, *state)
   cts = vjp((ct_out, tuple(ct_state)))
   return cts[:4], cts[4], cts[5], cts[6:]
@@ -166,8 +187,8 @@ def _bwd_xla(cfg, residuals, ct_out):
   def step(carry, group):  # group k, last first: [B, H, g, ...] inputs, [B, H, ...] state
     ct_state, ct_gamma, ct_beta = carry
     xs_k, state_k, ct_out_k = group
-    ct_xs_k, ct_gamma_k, ct_beta_k, ct_state = _group_vjp(cfg.eps, xs_k, gamma, beta, state_k,
-                                                          ct_out_k, ct_state)
+    ct_xs_k, ct_gamma_k, ct_beta_k, ct_state = _group_vjp(cfg.kind, cfg.eps, xs_k, gamma, beta,
+                                                          state_k, ct_out_k, ct_state)
     return (ct_state, ct_gamma + ct_gamma_k, ct_beta + ct_beta_k), ct_xs_k
 
   xs = (xq, xk, xv, eta)
@@ -180,7 +201,7 @@ def _bwd_xla(cfg, residuals, ct_out):
 
   ct_init = tuple(c.sum(0).astype(w.dtype) for c, w in zip(ct_state, init))  # shared by batch
   return (*(from_groups(c).astype(x.dtype) for c, x in zip(ct_xs, xs)),
-          ct_gamma.astype(ln_weight.dtype), ct_beta.astype(ln_bias.dtype), *ct_init)
+          ct_gamma.astype(ln_weight.dtype), ct_beta.astype(ln_bias.dtype), ct_init)
 
 
-_ttt_mlp.defvjp(_fwd, _bwd)
+_ttt.defvjp(_fwd, _bwd)

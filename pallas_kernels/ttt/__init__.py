@@ -1,0 +1,10 @@
+"""TTT-MLP and TTT-Linear as Pallas kernels: Mosaic TPU forward and backward, Triton forward.
+
+`ttt_mlp` and `ttt_linear` have the signatures and semantics of `ttt_jax.ops.ttt_mlp` /
+`ttt_linear` (without `return_state`) plus `backend`, `interpret`, `debug` and `block_sizes`.
+"""
+
+from pallas_kernels.ttt.block_sizes import BlockSizes, get_block_sizes
+from pallas_kernels.ttt.op import ttt_linear, ttt_mlp
+
+__all__ = ["BlockSizes", "get_block_sizes", "ttt_linear", "ttt_mlp"]

@@ -10,6 +10,7 @@ run it on the accelerator (device tool METHOD.md) and commit the JSON under benc
 
   python benchmarks/ttt_kernels.py --seconds=3,9,18,63 --out=benchmarks/results/h100.jsonl
   python benchmarks/ttt_kernels.py --heads=2 --seconds=3 --repeats=1      # CPU smoke run
+  python benchmarks/summarize.py benchmarks/results/*.jsonl --svg=summary.svg  # across devices
 """
 
 from __future__ import annotations

@@ -55,3 +55,10 @@ def test_ttt_kernels_benchmark_smoke(tmp_path):
   assert rows[1]["speedup_vs_xla"] > 0 and rows[3]["speedup_vs_xla"] > 0
   assert "speedup_vs_xla" not in rows[0]
   assert rows[1]["kernel_backend"] == "tpu (interpret)" and rows[0]["kernel_backend"] is None
+  # The summary reads it back: a table row per measurement and a plot.
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "summarize.py"), str(out),
+       f"--svg={tmp_path / 's.svg'}"], capture_output=True, text=True, check=True, timeout=120)
+  table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+  assert len(table) == 2 + len(rows) and "(interpret)" in table[2]  # header, rule, rows
+  assert (tmp_path / "s.svg").read_text().count("<polyline") == 4  # mode x impl

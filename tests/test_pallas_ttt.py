@@ -165,6 +165,13 @@ def test_bad_shapes_raise():
     pk.ttt_linear(*lin[:6], args[6], lin[7])  # a TTT-MLP W1
 
 
+def test_gpu_backward_kernel_choice():
+  """The Triton backward kernel where the state fits one SM (measured for an H100), else the
+  XLA reverse sweep; the gradient tests above run both (d = 32 kernel, d = 64 XLA)."""
+  assert not gpu.backward_fits_kernel("ttt_mlp", 64)
+  assert gpu.backward_fits_kernel("ttt_mlp", 32) and gpu.backward_fits_kernel("ttt_linear", 64)
+
+
 def test_block_sizes_table():
   assert pk.get_block_sizes("NVIDIA H100 80GB HBM3", jnp.bfloat16, 64).num_warps == 8
   assert pk.get_block_sizes("TPU v5", jnp.bfloat16, 64).heads_per_step == 2
@@ -200,9 +207,13 @@ LOWERING_IDS = ["ttt_mlp-float32", "ttt_mlp-bfloat16", "ttt_linear-bfloat16"]
 def test_lowers_to_triton_for_abstract_h100(kind, dtype):
   """Forward and backward lower for CUDA on a CPU-only host; the kernel is a Triton call."""
   h100 = AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-  for text in _lower(h100, "cuda", dtype, kind):
+  fwd, grad = _lower(h100, "cuda", dtype, kind)
+  for text in (fwd, grad):
     assert "__gpu$xla.gpu.triton" in text
     assert "num_warps = 8 : i32" in text  # the table's H100 entry was used
+  assert f"{kind}_forward_triton" in fwd and f"{kind}_forward_triton" in grad  # + recompute
+  # TTT-MLP's d = 64 backward does not fit one SM's shared memory: its reverse sweep is XLA.
+  assert (f"{kind}_backward_triton" in grad) == gpu.backward_fits_kernel(kind, 64)
 
 
 @pytest.mark.parametrize("kind,dtype", LOWERINGS, ids=LOWERING_IDS)

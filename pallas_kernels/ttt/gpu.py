@@ -1,5 +1,5 @@
-"""TTT forward as a Pallas Triton kernel (GPU; interpret mode on CPU), TTT-MLP or TTT-Linear
-(`kind`; the mini-batch math is `tile.STEPS[kind]`, sizes below are TTT-MLP's).
+"""TTT forward and backward as Pallas Triton kernels (GPU; interpret mode on CPU), TTT-MLP or
+TTT-Linear (`kind`; the mini-batch math is `tile.STEPS[kind]`, sizes below are TTT-MLP's).
 
 Why Triton and not Mosaic GPU: the kernel is a sequential loop with a large loop-carried state
 and small matmuls, which Triton expresses directly (`lax.fori_loop` over refs), and Pallas
@@ -14,7 +14,19 @@ N mini-batches with the state carried as float32 loop values, reading mini-batch
 and eta by a dynamic index into the refs and writing that mini-batch's output. The mini-batch
 math is `tile.STEPS[kind]`. The state is written to memory only every `checkpoint_group`
 mini-batches (the state at the start of each group, [B, H, ceil(N/g), ...]), which is what the
-backward pass recomputes from (on GPU with XLA, `op._bwd_xla`).
+backward pass recomputes from.
+
+Backward (`backward`), a `lax.scan` over the groups, last first, of two kernel calls each:
+`forward` from the group's checkpoint (per example) with g = 1 writes the g states the group
+passes through ([B, H, g, ...] in HBM: 2 MiB per head at g = 16), then `_backward_kernel`, one
+program per (batch, head), walks the group in reverse with `tile.step_vjp`, reading state t
+and carrying the state's cotangent as loop values. Two calls instead of one because a Triton
+program has no scratch memory to hold the g states, and reading back its own HBM writes would
+need a barrier between its threads that Pallas Triton does not expose. Where the backward's
+working set does not fit one SM's shared memory (TTT-MLP at d = 64: 420 KiB requested, 227 KiB
+on an H100, measured by compiling for it), the reverse sweep runs as XLA over the same
+`tile.step_vjp` (`_backward_group_xla`); splitting the state across a cluster of programs, as
+upstream's 2-CTA ThunderKittens kernel does, needs Mosaic GPU and a GPU to measure it on.
 
 The work of one (b, h) is sequential over N, so the parallelism is the B x H programs only (the
 SMs are not all busy when B * H is below their count, e.g. 48 heads on 132 SMs); it is the
@@ -28,11 +40,12 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.ttt.block_sizes import BlockSizes
-from pallas_kernels.ttt.tile import STEPS, num_groups, state_shapes
+from pallas_kernels.ttt.tile import STEPS, num_groups, state_shapes, step_vjp
 
 
 def _kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, eps,
@@ -63,12 +76,13 @@ def _kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, e
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "eps", "checkpoint_group", "interpret",
-                                             "debug", "block_sizes"))
+                                             "debug", "block_sizes", "per_example_init"))
 def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
             checkpoint_group: int, interpret: bool, debug: bool = False,
-            block_sizes: BlockSizes = BlockSizes()):
+            block_sizes: BlockSizes = BlockSizes(), per_example_init: bool = False):
   """Kernel call. xq, xk, xv: [B, H, N, b, d]; eta: [B, H, N, b]; ln_weight, ln_bias: [H, d];
-  init: the initial state [H, ...] of `tile.state_shapes(kind, d)` in the state dtype.
+  init: the initial state [H, ...] of `tile.state_shapes(kind, d)` in the state dtype
+  ([B, H, ...] with per_example_init, as the backward restarts from saved states).
 
   Returns (out [B, H, N, b, d] in xq's dtype, checkpoints: each state array
   [B, H, ceil(N/g), ...] in the state dtype, the state at the start of each group of g).
@@ -87,13 +101,17 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
   ckpt = lambda *shape: pl.BlockSpec((None, None, G, *shape),
                                      lambda i, j: (i, j, 0) + (0,) * len(shape))
 
+  per_example = lambda *shape: pl.BlockSpec((None, None, *shape),
+                                            lambda i, j: (i, j) + (0,) * len(shape))
+  state_spec = per_example if per_example_init else per_head
+
   kernel = functools.partial(_kernel, kind=kind, eps=eps, checkpoint_group=checkpoint_group,
                              num_mini_batches=N)
   return pl.pallas_call(
       kernel,
       grid=(B, H),
       in_specs=[x_spec, x_spec, x_spec, eta_spec, per_head(1, d), per_head(1, d),
-                *(per_head(*s) for s in shapes)],
+                *(state_spec(*s) for s in shapes)],
       out_specs=(x_spec, tuple(ckpt(*s) for s in shapes)),
       out_shape=(jax.ShapeDtypeStruct(xq.shape, xq.dtype),
                  tuple(jax.ShapeDtypeStruct((B, H, G, *s), dtype) for s in shapes)),
@@ -103,3 +121,134 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
       debug=debug,
       name=f"{kind}_forward_triton",
   )(xq, xk, xv, eta, gamma, beta, *init)
+
+
+def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, eps, g):
+  """One (batch, head) of one group. Refs: x [g, b, d], eta [g, b, 1], gamma/beta [1, d], the
+  states before each mini-batch [g, ...] (k arrays), ct_out [g, b, d], the cotangent of the
+  group's final state (k arrays); outputs the cotangents of x and eta (like the inputs), of
+  gamma and beta [1, d] (this group's share) and of the group's initial state (k arrays)."""
+  k = (len(refs) - 7) // 3  # k states, ct_out, k ct_state; 4 + 2 outputs, k ct_state outputs
+  states, ct_out_ref, ct_final = refs[:k], refs[k], refs[k + 1:2 * k + 1]
+  dx_refs, (dgamma, dbeta), ct_init = refs[2 * k + 1:2 * k + 5], refs[2 * k + 5:2 * k + 7], \
+      refs[2 * k + 7:]
+  dtype = states[0].dtype
+  gamma, beta = gamma_ref[...], beta_ref[...]  # [1, d]
+
+  def body(i, carry):
+    ct_gamma, ct_beta, ct_state = carry
+    t = g - 1 - i
+    state = tuple(r[pl.ds(t, 1)][0] for r in states)
+    xs = tuple(r[pl.ds(t, 1)][0].astype(dtype) for r in (xq_ref, xk_ref, xv_ref, eta_ref))
+    ct_state, *ct_x, ct_g, ct_b = step_vjp(kind, gamma, beta, eps, state, *xs, ct_state,
+                                           ct_out_ref[pl.ds(t, 1)][0].astype(dtype))
+    for r, c in zip(dx_refs, ct_x):
+      r[pl.ds(t, 1)] = c.astype(r.dtype)[None]
+    return ct_gamma + ct_g, ct_beta + ct_b, ct_state
+
+  zeros = jnp.zeros(gamma.shape, dtype)
+  ct_gamma, ct_beta, ct_state = jax.lax.fori_loop(
+      0, g, body, (zeros, zeros, tuple(r[...] for r in ct_final)))
+  dgamma[...], dbeta[...] = ct_gamma, ct_beta
+  for r, c in zip(ct_init, ct_state):
+    r[...] = c
+
+
+# Measured by compiling for an H100 (compile-only, jax 0.12 / Triton): the backward kernel's
+# working set (state, its cotangent and the vjp's temporaries, all f32) needs 420 KiB of shared
+# memory for TTT-MLP at d = 64 (the H100 has 227 KiB per block). Up to this many bytes of state
+# per head the kernel is used; above it the group's reverse sweep is XLA (`_backward_group_xla`).
+_KERNEL_STATE_BYTES = 64 << 10
+
+
+def backward_fits_kernel(kind: str, d: int) -> bool:
+  """Whether the Triton backward kernel fits one SM for this inner model and head dim."""
+  return sum(r * c for r, c in state_shapes(kind, d)) * 4 <= _KERNEL_STATE_BYTES
+
+
+def _backward_group_xla(kind, eps, xs, gamma, beta, states, ct_out, ct_final):
+  """`_backward_group` as XLA: `tile.step_vjp` vmapped over (batch, head), scanned over the
+  group in reverse. Same arguments and results."""
+  B, H, g = xs[0].shape[:3]
+  dtype = states[0].dtype
+  gamma, beta = (jnp.broadcast_to(t, (B, *t.shape)) for t in (gamma, beta))  # [B, H, 1, d]
+  vjp = jax.vmap(jax.vmap(functools.partial(step_vjp, kind, eps=eps)))
+
+  def step(carry, t):
+    ct_gamma, ct_beta, ct_state = carry
+    at = lambda x: x[:, :, t].astype(dtype)
+    ct_state, *ct_x, ct_g, ct_b = vjp(gamma, beta, state=tuple(map(at, states)),
+                                      XQ=at(xs[0]), XK=at(xs[1]), XV=at(xs[2]), eta=at(xs[3]),
+                                      ct_state=ct_state, ct_out=at(ct_out))
+    return (ct_gamma + ct_g, ct_beta + ct_b, ct_state), tuple(ct_x)
+
+  zeros = jnp.zeros_like(gamma)
+  (ct_gamma, ct_beta, ct_init), ct_xs = jax.lax.scan(
+      step, (zeros, zeros, tuple(ct_final)), jnp.arange(g), reverse=True)
+  ct_xs = tuple(jnp.moveaxis(c, 0, 2).astype(x.dtype) for c, x in zip(ct_xs, xs))
+  return (*ct_xs, ct_gamma, ct_beta, *ct_init)
+
+
+def _backward_group(kind, eps, xs, gamma, beta, states, ct_out, ct_final, interpret, debug,
+                    block_sizes):
+  """`_backward_kernel` over the (B, H) grid for one group: xs [B, H, g, ...], gamma/beta
+  [H, 1, d], states [B, H, g, ...], ct_out [B, H, g, b, d], ct_final [B, H, ...]."""
+  B, H, g = xs[0].shape[:3]
+  block = lambda x: pl.BlockSpec((None, None, *x.shape[2:]),
+                                 lambda i, j, n=x.ndim - 2: (i, j) + (0,) * n)
+  per_head = pl.BlockSpec((None, *gamma.shape[1:]), lambda i, j: (j, 0, 0))
+  ins = (*xs, gamma, beta, *states, ct_out, *ct_final)
+  outs = (*xs, jax.ShapeDtypeStruct((B, H, *gamma.shape[1:]), gamma.dtype),
+          jax.ShapeDtypeStruct((B, H, *beta.shape[1:]), beta.dtype), *ct_final)
+  return pl.pallas_call(
+      functools.partial(_backward_kernel, kind=kind, eps=eps, g=g),
+      grid=(B, H),
+      in_specs=[block(x) if x.ndim > 3 else per_head for x in ins],
+      out_specs=[block(x) for x in outs],
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
+      compiler_params=pltriton.CompilerParams(num_warps=block_sizes.num_warps,
+                                              num_stages=block_sizes.num_stages),
+      interpret=interpret,
+      debug=debug,
+      name=f"{kind}_backward_triton",
+  )(*ins)
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "eps", "checkpoint_group", "interpret",
+                                             "debug", "block_sizes"))
+def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: str, eps: float,
+             checkpoint_group: int, interpret: bool, debug: bool = False,
+             block_sizes: BlockSizes = BlockSizes()):
+  """Cotangents of `forward`'s output from its checkpoints; arguments and results as
+  `tpu.backward` (per batch element for ln_weight, ln_bias and the initial state)."""
+  B, H, N, b, d = xq.shape
+  G, g = checkpoints[0].shape[2], checkpoint_group
+  dtype = checkpoints[0].dtype
+  if num_groups(N, g) != G:
+    raise ValueError(f"{G} checkpoints do not match {N} mini-batches in groups of {g}.")
+  # The last group is padded to g mini-batches with eta = 0 and a zero output cotangent: the
+  # padded steps leave the state and its cotangent unchanged.
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, G * g - N)] + [(0, 0)] * (x.ndim - 3))
+  to_groups = lambda x: jnp.moveaxis(pad(x).reshape(B, H, G, g, *x.shape[3:]), 2, 0)
+  from_groups = lambda x: jnp.moveaxis(x, 0, 2).reshape(B, H, G * g, *x.shape[4:])[:, :, :N]
+  gamma = ln_weight.astype(dtype)[:, None, :]  # [H, 1, d]
+  beta = ln_bias.astype(dtype)[:, None, :]
+  kw = dict(interpret=interpret, debug=debug, block_sizes=block_sizes)
+
+  in_kernel = backward_fits_kernel(kind, d)
+
+  def step(ct_final, group):  # group k, last first: inputs [B, H, g, ...], checkpoint [B, H, ...]
+    xs, ckpt, ct = group
+    _, states = forward(*xs, ln_weight, ln_bias, ckpt, kind=kind, eps=eps, checkpoint_group=1,
+                        per_example_init=True, **kw)  # the g states, [B, H, g, ...]
+    args = (kind, eps, (*xs[:3], xs[3][..., None]), gamma, beta, states, ct, ct_final)
+    outs = _backward_group(*args, **kw) if in_kernel else _backward_group_xla(*args)
+    return tuple(outs[6:]), tuple(outs[:6])
+
+  ct_final = tuple(jnp.zeros(c.shape[:2] + c.shape[3:], dtype) for c in checkpoints)
+  ct_init, (ct_q, ct_k, ct_v, ct_eta, ct_gamma, ct_beta) = jax.lax.scan(
+      step, ct_final, (tuple(map(to_groups, (xq, xk, xv, eta))),
+                       tuple(jnp.moveaxis(c, 2, 0) for c in checkpoints), to_groups(ct_out)),
+      reverse=True)
+  return (from_groups(ct_q), from_groups(ct_k), from_groups(ct_v), from_groups(ct_eta)[..., 0],
+          ct_gamma.sum(0)[:, :, 0], ct_beta.sum(0)[:, :, 0], ct_init)

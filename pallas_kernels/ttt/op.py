@@ -1,13 +1,10 @@
 """The public Pallas TTT ops, `ttt_mlp` and `ttt_linear`: kernels under a `jax.custom_vjp`.
 
-Two kernel families (`backend`): "tpu" (Mosaic TPU, `tpu.py`: forward and backward kernels) and
-"gpu" (Triton, `gpu.py`: the forward kernel). Both forwards save the state at the start of every
-group of `checkpoint_group` mini-batches. The TPU backward kernel recomputes each group from its
-checkpoint in VMEM and runs it in reverse. The GPU backward is XLA (`_bwd_xla`): for each group,
-last first, recompute it with the pure op (`ttt_jax.ops`, per example since the saved
-states are [B, H, ...]) under `jax.vjp` and pull the output cotangent and the cotangent of the
-group's final state back to the group's inputs and initial state. Either way the backward holds
-one group's activations at a time, as the pure op's remat does.
+Two kernel families (`backend`): "tpu" (Mosaic TPU, `tpu.py`) and "gpu" (Triton, `gpu.py`),
+each a forward and a backward. Both forwards save the state at the start of every group of
+`checkpoint_group` mini-batches; both backwards recompute one group at a time from its
+checkpoint (the TPU kernel in VMEM, the GPU one into HBM by the forward kernel) and run it in
+reverse, so the backward holds one group's states at a time, as the pure op's remat does.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ttt import gpu, reference, tpu
+from pallas_kernels.ttt import gpu, tpu
 from pallas_kernels.ttt.block_sizes import BlockSizes, get_block_sizes
 from pallas_kernels.ttt.tile import state_shapes
 from ttt_jax import sharding
@@ -132,76 +129,19 @@ def _fwd(cfg, xq, xk, xv, eta, ln_weight, ln_bias, init):
 
 
 def _bwd(cfg, residuals, ct_out):
-  if cfg.backend == "gpu":
-    return _bwd_xla(cfg, residuals, ct_out)
   xq, xk, xv, eta, ln_weight, ln_bias, init, checkpoints = residuals
   dtype = _state_dtype(xq)
-  ct_q, ct_k, ct_v, ct_eta, ct_gamma, ct_beta, ct_state = tpu.backward(
-      xq, xk, xv, eta, ln_weight.astype(dtype), ln_bias.astype(dtype), checkpoints, ct_out,
-      kind=cfg.kind, eps=cfg.eps, checkpoint_group=cfg.checkpoint_group,
-      heads_per_step=cfg.heads_per_step, interpret=cfg.interpret, debug=cfg.debug,
-      block_sizes=cfg.block_sizes)
+  kw = dict(kind=cfg.kind, eps=cfg.eps, checkpoint_group=cfg.checkpoint_group,
+            interpret=cfg.interpret, debug=cfg.debug, block_sizes=cfg.block_sizes)
+  if cfg.backend == "tpu":
+    kw["heads_per_step"] = cfg.heads_per_step
+  backward = tpu.backward if cfg.backend == "tpu" else gpu.backward
+  ct_q, ct_k, ct_v, ct_eta, ct_gamma, ct_beta, ct_state = backward(
+      xq, xk, xv, eta, ln_weight.astype(dtype), ln_bias.astype(dtype), checkpoints, ct_out, **kw)
   # The LayerNorm parameters and the initial state are shared by the batch: sum over it.
   return (ct_q, ct_k, ct_v, ct_eta, ct_gamma.sum(0).astype(ln_weight.dtype),
           ct_beta.sum(0).astype(ln_bias.dtype),
           tuple(c.sum(0).astype(w.dtype) for c, w in zip(ct_state, init)))
-
-
-def _group_vjp(kind, eps, xs, gamma, beta, state, ct_out, ct_state):
-  """Recompute one group from its initial state and pull cotangents back through it.
-
-  xs: (xq, xk, xv [B, H, n, b, d], eta [B, H, n, b]); gamma, beta: [H, d] in the state dtype;
-  state: the state arrays [B, H, ...]; ct_out: [B, H, n, b, d]; ct_state: cotangent of the group's
-  final state. Returns the cotangents of (xs, gamma, beta, state); gamma's and beta's are
-  summed over the batch.
-  """
-
-  op = getattr(reference, kind)
-
-  def one_example(xq, xk, xv, eta, gamma, beta, *state):  # [H, n, ...]; state [H, ...]
-    out, final = op(xq[None], xk[None], xv[None], eta[None], gamma, beta, *state, eps=eps,
-                    checkpoint_group=None, return_state=True)
-    return out[0], tuple(s[0] for s in final)
-
-  group = jax.vmap(one_example, in_axes=(0, 0, 0, 0, None, None) + (0,) * len(state))
-  _, vjp = jax.vjp(group, *xs, gamma, beta, *state)
-  cts = vjp((ct_out, tuple(ct_state)))
-  return cts[:4], cts[4], cts[5], cts[6:]
-
-
-def _bwd_xla(cfg, residuals, ct_out):
-  xq, xk, xv, eta, ln_weight, ln_bias, init, checkpoints = residuals
-  B, H, N = xq.shape[:3]
-  g = cfg.checkpoint_group
-  G = checkpoints[0].shape[2]
-  dtype = _state_dtype(xq)
-  gamma, beta = ln_weight.astype(dtype), ln_bias.astype(dtype)  # accumulate their grads in f32
-
-  # A last, shorter group is padded to g mini-batches with zero inputs and eta = 0: there the
-  # state update is exactly zero and the output cotangent is zero, so the padded steps pass the
-  # state cotangent through unchanged and every group has the same shape (one traced scan body).
-  pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, G * g - N)] + [(0, 0)] * (x.ndim - 3))
-  to_groups = lambda x: jnp.moveaxis(pad(x).reshape(B, H, G, g, *x.shape[3:]), 2, 0)
-  from_groups = lambda x: jnp.moveaxis(x, 0, 2).reshape(B, H, G * g, *x.shape[4:])[:, :, :N]
-
-  def step(carry, group):  # group k, last first: [B, H, g, ...] inputs, [B, H, ...] state
-    ct_state, ct_gamma, ct_beta = carry
-    xs_k, state_k, ct_out_k = group
-    ct_xs_k, ct_gamma_k, ct_beta_k, ct_state = _group_vjp(cfg.kind, cfg.eps, xs_k, gamma, beta,
-                                                          state_k, ct_out_k, ct_state)
-    return (ct_state, ct_gamma + ct_gamma_k, ct_beta + ct_beta_k), ct_xs_k
-
-  xs = (xq, xk, xv, eta)
-  ct_state = tuple(jnp.zeros(c.shape[:2] + c.shape[3:], dtype) for c in checkpoints)
-  (ct_state, ct_gamma, ct_beta), ct_xs = jax.lax.scan(
-      step, (ct_state, jnp.zeros_like(gamma), jnp.zeros_like(beta)),
-      (tuple(map(to_groups, xs)), tuple(jnp.moveaxis(c, 2, 0) for c in checkpoints),
-       to_groups(ct_out)),
-      reverse=True)
-
-  ct_init = tuple(c.sum(0).astype(w.dtype) for c, w in zip(ct_state, init))  # shared by batch
-  return (*(from_groups(c).astype(x.dtype) for c, x in zip(ct_xs, xs)),
-          ct_gamma.astype(ln_weight.dtype), ct_beta.astype(ln_bias.dtype), ct_init)
 
 
 _ttt.defvjp(_fwd, _bwd)

@@ -1,0 +1,110 @@
+"""Summary of `ttt_kernels.py` results across accelerators: a Markdown table and an SVG plot.
+
+Reads JSON-lines files (one per device run, e.g. benchmarks/results/*.jsonl), keeps the
+`ttt_kernels` rows and prints one table row per (device, seconds, dtype, mode, impl): median ms,
+achieved TFLOP/s, % of that device's measured matmul rate and the kernel's speed-up over the XLA
+scan. `--svg` also draws % of the matmul rate against the sequence length, one line per
+(device, mode, impl), so kernels on different accelerators compare on one axis.
+
+  python benchmarks/summarize.py benchmarks/results/*.jsonl --svg=benchmarks/results/summary.svg
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+COLUMNS = ("device", "seconds", "tokens", "dtype", "mode", "impl", "median_ms", "tflops_per_s",
+           "pct_of_matmul_rate", "speedup_vs_xla")
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def load(paths) -> list[dict]:
+  """The `ttt_kernels` rows of the given JSON-lines files, each tagged with a `device` label
+  (device kind, plus "(interpret)" where the kernel was interpreted on a CPU)."""
+  rows = []
+  for path in paths:
+    for n, line in enumerate(pathlib.Path(path).read_text().splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise SystemExit(f"{path}:{n}: not a JSON line ({e}); pass ttt_kernels.py --out files.")
+      if row.get("bench") != "ttt_kernels":
+        continue
+      label = row["device_kind"]
+      if row["platform"] == "cpu":
+        label += " (interpret)"
+      rows.append(dict(row, device=label))
+  return rows
+
+
+def table(rows: list[dict]) -> str:
+  key = lambda r: (r["device"], r["seconds"], r["dtype"], r["mode"], r["impl"] != "xla")
+  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+  for r in sorted(rows, key=key):
+    lines.append("| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in COLUMNS)
+                 + " |")
+  return "\n".join(lines)
+
+
+def svg(rows: list[dict], W: int = 720, H: int = 420, pad: int = 60) -> str:
+  """% of the matmul rate (y) against tokens per sequence (x, log2), a polyline per series."""
+  import math
+  series: dict[tuple, list[tuple[float, float]]] = {}
+  for r in rows:
+    series.setdefault((r["device"], r["dtype"], r["mode"], r["impl"]), []).append(
+        (math.log2(r["tokens"]), r["pct_of_matmul_rate"]))
+  xs = [x for pts in series.values() for x, _ in pts]
+  ys = [y for pts in series.values() for _, y in pts]
+  x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+  y1 = max(max(ys), 1e-9) * 1.1
+  sx = lambda x: pad + (x - x0) / (x1 - x0) * (W - 2 * pad - 200)
+  sy = lambda y: H - pad - y / y1 * (H - 2 * pad)
+  out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+         'font-family="sans-serif">', f'<rect width="{W}" height="{H}" fill="white"/>',
+         f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="14">TTT-MLP scan: % of '
+         'the measured matmul rate</text>',
+         f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad - 200}" y2="{H - pad}" stroke="black"/>',
+         f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="black"/>',
+         f'<text x="{(W - 200) / 2}" y="{H - 15}" text-anchor="middle" font-size="12">tokens '
+         'per sequence (log2)</text>']
+  for i in range(5):
+    y = y1 * i / 4
+    out.append(f'<text x="{pad - 6}" y="{sy(y) + 4:.1f}" text-anchor="end" '
+               f'font-size="11">{y:.3g}</text>')
+  for x in sorted(set(xs)):
+    out.append(f'<text x="{sx(x):.1f}" y="{H - pad + 16}" text-anchor="middle" '
+               f'font-size="11">{int(round(2 ** x))}</text>')
+  for i, (name, pts) in enumerate(sorted(series.items())):
+    colour = PALETTE[i % len(PALETTE)]
+    pts = sorted(pts)
+    out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="' +
+               " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts) + '"/>')
+    out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}"/>'
+            for x, y in pts]
+    out.append(f'<text x="{W - pad - 190}" y="{pad + 14 * i}" font-size="10" '
+               f'fill="{colour}">{" ".join(map(str, name))}</text>')
+  return "\n".join(out + ["</svg>"])
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("files", nargs="+", help="JSON-lines files written by ttt_kernels.py --out")
+  p.add_argument("--svg", default=None, help="also write the plot here")
+  args = p.parse_args(argv)
+  rows = load(args.files)
+  if not rows:
+    raise SystemExit(f"no ttt_kernels rows in {args.files}.")
+  print(table(rows))
+  if args.svg:
+    pathlib.Path(args.svg).write_text(svg(rows))
+    print(f"wrote {args.svg}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()

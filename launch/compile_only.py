@@ -16,7 +16,10 @@ stderr, and the run goes on. A table goes to stderr.
 
 Steps: `forward` is one denoising forward (each sampling step); `train` is the training step of
 `ttt_jax.train.step` (v-prediction loss, gradients, AdamW with upstream's parameter groups and
-`train.adapter`, the state donated), at the config's stage recipe.
+`train.adapter`, the state donated), at the config's stage recipe; `sample` is the whole
+sampler loop of `ttt_jax.sampling.generate` for one video (50 DPM++(2M) SDE steps, CFG as a
+batch of 2), on mesh 1x2x(D/2) (the CFG pair over fsdp, the rest tensor-parallel: e.g. one
+8-GPU host or a v5p-16) unless --config.sharding.mesh_shape is given.
 
 Topologies: `cpu-N` (N host devices, always available: a CPU simulation whose buffer sizes
 follow the same sharding but whose fusion and layout decisions are the CPU compiler's),
@@ -32,6 +35,7 @@ topology's platform (`ttt_jax.sharding.target_platform`): splash attention and c
 shard under a `shard_map`.
 """
 
+import copy
 import json
 import os
 import re
@@ -42,7 +46,9 @@ from absl import app, flags
 
 _TOPOLOGY = flags.DEFINE_string("topology", "cpu-8", "cpu-N, v5p-256, v5e-64, v5p:4x4x8, ...")
 _SECONDS = flags.DEFINE_list("seconds", None, "Durations to compile (default: the config's).")
-_STEPS = flags.DEFINE_list("steps", ["forward", "train"], "forward and/or train.")
+_STEPS = flags.DEFINE_list("steps", ["forward", "train"],
+                           "forward, train and/or sample (the 50-step sampler loop for one "
+                           "video; mesh 1x2x(D/2) unless --config.sharding.mesh_shape).")
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: data * fsdp devices).")
 _TENSOR = flags.DEFINE_integer("tensor", None, "Tensor-parallel size (default: 1 up to 9 s, "
                                "else 4); ignored when --config.sharding.mesh_shape is given.")
@@ -112,9 +118,14 @@ def main(argv):
       sys.exit(f"compile_only: {e}")
     for step in _STEPS.value:
       start = time.perf_counter()
+      step_config = config
       try:
-        compiled, params, info = aot.compile_step(config, topology, step, _BATCH.value)
-      except MeshError as e:
+        if step == "sample" and "sharding.mesh_shape" not in overrides:
+          step_config = copy.deepcopy(config)
+          step_config.sharding.mesh_shape = aot.sample_mesh_shape(topology.num_devices)
+        compiled, params, info = aot.compile_step(step_config, topology, step,
+                                                  None if step == "sample" else _BATCH.value)
+      except (MeshError, ValueError) as e:
         sys.exit(f"compile_only: {e}")
       detail = info.pop("error_detail", None)
       if detail:  # the compiler's list of the largest buffers: the place to start cutting

@@ -52,10 +52,16 @@ def _check(records, topology, devices):
 
 def test_cpu_topology_forward_and_train(tmp_path):
   out = tmp_path / "memory.jsonl"
-  proc = _run("--topology=cpu-8", f"--out={out}")
-  _check(_records(proc), "cpu-8", 8)
-  assert len(out.read_text().splitlines()) == 2
+  proc = _run("--topology=cpu-8", f"--out={out}", "--steps=forward,train,sample")
+  records = _records(proc)
+  _check(records, "cpu-8", 8)
+  assert len(out.read_text().splitlines()) == 3
   assert "adapter" in proc.stderr  # the table's header
+  # The sampler loop for one video: the CFG pair over fsdp, tensor-parallel over the rest; its
+  # memory is one guided forward's (the 50 steps are a scan), so below the train step's.
+  sample = records["sample"]
+  assert sample["mesh_shape"] == [1, 2, 4] and sample["batch"] == 1
+  assert 0 < sample["temp_gib"] < records["train"]["temp_gib"]
 
 
 def test_tpu_topology_without_a_tpu():
@@ -122,3 +128,9 @@ def test_unavailable_topology_fails_with_a_message():
   proc = _run("--topology=h100-8x32", timeout=120)
   assert proc.returncode == 1
   assert "jax's CUDA plugin" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sample_step_needs_a_mesh_that_splits_the_cfg_pair():
+  proc = _run("--topology=cpu-8", "--steps=sample", "--config.sharding.mesh_shape=(1,8,1)")
+  assert proc.returncode != 0
+  assert "batch of 2" in proc.stderr and "Traceback" not in proc.stderr

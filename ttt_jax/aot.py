@@ -32,7 +32,7 @@ from ttt_jax import sharding
 from ttt_jax.nn.dit import DiT
 
 GIB = 2 ** 30
-STEPS = ("forward", "train")
+STEPS = ("forward", "train", "sample")
 
 # Cloud TPU names: generation -> (jax's topology prefix, grid dims, TensorCores per device).
 # v4 and v5p are named by TensorCores but jax sees one megacore device per chip.
@@ -158,6 +158,17 @@ def default_mesh_shape(num_devices: int, tensor: int) -> tuple[int, int, int]:
   return (1, num_devices // tensor, tensor)
 
 
+def sample_mesh_shape(num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) for sampling one video: its CFG batch of 2 (unconditional and
+  conditional) over fsdp, the rest tensor-parallel (one host: 8 GPUs -> 1x2x4)."""
+  if num_devices == 1:
+    return (1, 1, 1)
+  if num_devices % 2:
+    raise sharding.MeshError(f"sampling splits its CFG batch of 2 over fsdp; {num_devices} "
+                             "devices are not a multiple of 2.")
+  return (1, 2, num_devices // 2)
+
+
 def build_config(config_filename: str, overrides: dict, seconds: int | None = None):
   """The config of `--config=<file>:<arg>` plus `--config.x=...` overrides, for `seconds`.
 
@@ -201,6 +212,28 @@ def abstract_model(config, mesh):
   return graphdef, state
 
 
+def _replicated(mesh, tree):
+  """Abstract copies of `tree`'s arrays, replicated over the mesh."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=replicated),
+                      tree)
+
+
+def sample_args(config, mesh, params, num_steps: int = 50):
+  """Abstract arguments of the sampler loop (`sampling.generate.sampler_fn`) for one video:
+  operand (params, text_u, text_c), x_T, the step key and the DPM++(2M) SDE coefficients."""
+  from ttt_jax.sampling import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  m, s = config.model, config.sequence
+  text = jax.ShapeDtypeStruct((1, s.num_chunks, s.text_length, m.text_dim), jnp.float32)
+  x_T = jax.ShapeDtypeStruct((1, s.num_frames, m.in_channels, m.latent_height,
+                              m.latent_width), jnp.float32)
+  tables = sampler_lib.make_tables("dpmpp_2m_sde", num_steps)
+  coeffs = tables.device_coefficients(sampler_lib.dynamic_cfg_scales(tables.timesteps))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  rest = _replicated(mesh, (text, text, x_T, key, coeffs))
+  return ((params, rest[0], rest[1]), *rest[2:])
+
+
 def abstract_batch(config, mesh, batch: int, step: str):
   """Sharded shapes of one global batch: (video, text, timesteps) for `forward`, the train
   step's {"latents", "text"} for `train` (its noise and timesteps are drawn inside)."""
@@ -242,15 +275,26 @@ def compile_step(config, topology: Topology, step: str, batch: int | None = None
   mesh = make_mesh(config, topology)
   rules = config.sharding.rules
   graphdef, params = abstract_model(config, mesh)
-  if batch is None:
-    batch = sharding.batch_axes(mesh, rules)[1]
-  inputs = abstract_batch(config, mesh, batch, step)
-  if step == "forward":
+  if step == "sample":
+    # The whole sampler loop (50 DPM++(2M) SDE steps under lax.scan, CFG as a batch of 2) for
+    # one video, as `ttt_jax.sampling.generate` runs it.
+    from ttt_jax.sampling import generate  # pylint: disable=g-import-not-at-top
+    if batch not in (None, 1):
+      raise sharding.MeshError(f"--batch={batch}: the sample step compiles one video.")
+    generate.check_mesh(mesh, rules)
+    batch = 1
+    jitted = generate.sampler_fn(graphdef, mesh, generate.frozen(rules), False)
+    args = sample_args(config, mesh, params)
+  elif step == "forward":
+    batch = batch or sharding.batch_axes(mesh, rules)[1]
+    inputs = abstract_batch(config, mesh, batch, step)
     jitted, args = sharding.jit_sharded(forward_step(graphdef), mesh, rules), (params, *inputs)
   elif step == "train":
     # The training step itself (ttt_jax.train.step): v-prediction loss with noise drawn inside,
     # AdamW with upstream's groups and `train.adapter`, the donated state updated in place.
     from ttt_jax.train import step as train_lib  # pylint: disable=g-import-not-at-top
+    batch = batch or sharding.batch_axes(mesh, rules)[1]
+    inputs = abstract_batch(config, mesh, batch, step)
     state = train_lib.abstract_state(config, mesh, nnx.to_pure_dict(params))
     jitted, args = train_lib.jit_train_step(config, mesh, graphdef, state), (state, inputs)
   else:

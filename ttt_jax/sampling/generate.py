@@ -90,7 +90,8 @@ def guided_denoiser(graphdef):
   return denoise
 
 
-def _check_mesh(mesh, rules):
+def check_mesh(mesh, rules):
+  """Sampling's CFG batch of 2 must split evenly over the mesh's batch axes."""
   axes, ways = sharding.batch_axes(mesh, rules)
   if CFG_BATCH % ways:
     raise sharding.MeshError(
@@ -100,19 +101,19 @@ def _check_mesh(mesh, rules):
 
 
 @functools.lru_cache(maxsize=None)
-def _sampler_fn(graphdef, mesh, rules, progress: bool):
+def sampler_fn(graphdef, mesh, rules, progress: bool):
   """The jitted loop for the DiT `graphdef` (on `mesh` with the logical rules, if given)."""
   loop = functools.partial(sampler_lib.sample_loop, guided_denoiser(graphdef),
                            progress=progress)
   if mesh is None:
     return jax.jit(loop)
-  _check_mesh(mesh, rules)
+  check_mesh(mesh, rules)
   return sharding.jit_sharded(loop, mesh, rules)
 
 
-def _frozen(x):
+def frozen(x):
   """Nested lists (a config read from JSON) -> nested tuples, hashable for the cache."""
-  return tuple(_frozen(v) for v in x) if isinstance(x, (list, tuple)) else x
+  return tuple(frozen(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def initial_noise(seed: int, shape) -> tuple[jax.Array, jax.Array]:
@@ -144,8 +145,8 @@ def generate(config, params, graphdef, storyboard_video: list[Segment], *, seed:
   x_T, key = initial_noise(seed, shape)
 
   progress = sys.stderr.isatty() if progress is None else progress
-  rules = _frozen(config.sharding.rules) if mesh is not None else None
-  fn = _sampler_fn(graphdef, mesh, rules, bool(progress))
+  rules = frozen(config.sharding.rules) if mesh is not None else None
+  fn = sampler_fn(graphdef, mesh, rules, bool(progress))
   operand = (params, jnp.asarray(text_u), jnp.asarray(text_c))
   coeffs = tables.device_coefficients(w)
   if progress:

@@ -3,6 +3,9 @@ files, and generation end to end on the tiny preset."""
 
 import json
 import math
+import pathlib
+import subprocess
+import sys
 
 import imageio.v2 as imageio
 import jax
@@ -188,3 +191,13 @@ def test_generate_tiny_end_to_end(tmp_path):
   assert len(back) == 1 + 4 * (37 - 1) and back[0].shape == (192, 288, 3)
   sheet = imageio.imread(video.contact_sheet(frames, tmp_path / "video_0.png"))
   assert sheet.ndim == 3 and sheet.shape[2] == 3
+
+
+def test_sampling_and_compile_only_do_not_need_grain():
+  """The GPU image has no grain: sampling and the compile-only planner must not import it
+  (the data package loads its grain pipeline on first use only)."""
+  code = ("import sys, ttt_jax.sampling.generate, ttt_jax.aot, ttt_jax.data; "
+          "assert 'grain' not in sys.modules, 'grain imported'; "
+          "ttt_jax.data.make_pipeline; assert 'grain' in sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
+                 cwd=pathlib.Path(__file__).parents[1])

@@ -154,10 +154,12 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
     r[...] = c
 
 
-# Measured by compiling for an H100 (compile-only, jax 0.12 / Triton): the backward kernel's
-# working set (state, its cotangent and the vjp's temporaries, all f32) needs 420 KiB of shared
-# memory for TTT-MLP at d = 64 (the H100 has 227 KiB per block). Up to this many bytes of state
-# per head the kernel is used; above it the group's reverse sweep is XLA (`_backward_group_xla`).
+# Measured by compiling for an H100 (compile-only devices, jax 0.12, bf16 inputs): the backward
+# kernel's working set (state, its cotangent and the vjp's temporaries, all f32) fits the 227 KiB
+# of shared memory per block for TTT-MLP at d = 16 and 32 and TTT-Linear at d = 64 (state 8, 33
+# and 17 KiB) and does not for TTT-Linear at d = 128 (66 KiB of state: 240 KiB requested) or
+# TTT-MLP at d = 64 (131 KiB: 420 KiB requested). Up to this many bytes of state per head the
+# kernel is used; above it the group's reverse sweep is XLA (`_backward_group_xla`).
 _KERNEL_STATE_BYTES = 64 << 10
 
 

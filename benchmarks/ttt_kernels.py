@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from bench_util import Emitter, default_matmul_size, device_fields, matmul_rate, time_fn
 from configs.default import get_config
-from pallas_kernels.ttt import ttt_mlp as pallas_ttt_mlp
+from pallas_kernels.ttt import op as pallas_op
 from ttt_jax import config as config_lib
 from ttt_jax import ops, sharding
 from ttt_op import make_inputs
@@ -31,7 +31,8 @@ from ttt_op import make_inputs
 
 def build(impl, mode, checkpoint_group, backend=None):
   if impl == "pallas":  # the kernel op itself, to pick the kernel family
-    fwd = functools.partial(pallas_ttt_mlp, checkpoint_group=checkpoint_group, backend=backend)
+    fwd = functools.partial(pallas_op.ttt_mlp, checkpoint_group=checkpoint_group,
+                            backend=backend)
   else:
     fwd = functools.partial(ops.ttt_mlp, checkpoint_group=checkpoint_group, impl=impl)
   if mode == "fwd":
@@ -64,9 +65,8 @@ def main(argv=None):
                           args.repeats) for dt in args.dtypes}
   emit = Emitter(args.out, ("seconds", "tokens", "dtype", "mode", "impl", "median_ms",
                             "tflops_per_s", "pct_of_matmul_rate", "speedup_vs_xla"))
-  platform = sharding.target_platform()
-  kernel_backend = args.backend or ("gpu" if platform == "gpu" else "tpu")
-  if platform == "cpu":
+  kernel_backend = args.backend or pallas_op.default_backend()
+  if sharding.target_platform() == "cpu":
     kernel_backend += " (interpret)"
   for seconds in args.seconds:
     layout = config_lib.sequence_layout(get_config(f"preset=5b,seconds={seconds}"))

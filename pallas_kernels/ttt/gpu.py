@@ -45,7 +45,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.ttt.block_sizes import BlockSizes
-from pallas_kernels.ttt.tile import STEPS, num_groups, state_shapes, step_vjp
+from pallas_kernels.ttt.tile import (STEPS, num_groups, pad_to_groups, state_bytes,
+                                     state_shapes, step_vjp)
 
 
 def _kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, eps,
@@ -165,7 +166,7 @@ _KERNEL_STATE_BYTES = 64 << 10
 
 def backward_fits_kernel(kind: str, d: int) -> bool:
   """Whether the Triton backward kernel fits one SM for this inner model and head dim."""
-  return sum(r * c for r, c in state_shapes(kind, d)) * 4 <= _KERNEL_STATE_BYTES
+  return state_bytes(kind, d) <= _KERNEL_STATE_BYTES
 
 
 def _backward_group_xla(kind, eps, xs, gamma, beta, states, ct_out, ct_final):
@@ -226,12 +227,9 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
   B, H, N, b, d = xq.shape
   G, g = checkpoints[0].shape[2], checkpoint_group
   dtype = checkpoints[0].dtype
-  if num_groups(N, g) != G:
-    raise ValueError(f"{G} checkpoints do not match {N} mini-batches in groups of {g}.")
-  # The last group is padded to g mini-batches with eta = 0 and a zero output cotangent: the
-  # padded steps leave the state and its cotangent unchanged.
-  pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, G * g - N)] + [(0, 0)] * (x.ndim - 3))
-  to_groups = lambda x: jnp.moveaxis(pad(x).reshape(B, H, G, g, *x.shape[3:]), 2, 0)
+  # The last group is padded to g mini-batches with eta = 0 and a zero output cotangent.
+  to_groups = lambda x: jnp.moveaxis(pad_to_groups(x, G, g).reshape(B, H, G, g, *x.shape[3:]),
+                                     2, 0)
   from_groups = lambda x: jnp.moveaxis(x, 0, 2).reshape(B, H, G * g, *x.shape[4:])[:, :, :N]
   gamma = ln_weight.astype(dtype)[:, None, :]  # [H, 1, d]
   beta = ln_bias.astype(dtype)[:, None, :]

@@ -37,6 +37,12 @@ class _Config:
   block_sizes: BlockSizes
 
 
+def default_backend() -> str:
+  """The kernel family for the platform being compiled for (`sharding.target_platform`):
+  "gpu" on GPU, else "tpu" (on CPU interpreted: its kernels cover the backward too)."""
+  return "gpu" if sharding.target_platform() == "gpu" else "tpu"
+
+
 def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float = 1e-6,
             checkpoint_group: int | None = 16, backend: str | None = None, interpret=None,
             debug: bool = False, block_sizes: BlockSizes | None = None):
@@ -82,8 +88,7 @@ def _call(kind, xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps, checkpoint_gr
   check_shapes(xq, xk, xv, eta, ln_weight, ln_bias,
                {n: (w, (H, *s)) for n, w, s in zip(names, init, state_shapes(kind, d))})
   platform, device_kind = sharding.target_device()
-  if backend is None:
-    backend = "gpu" if platform == "gpu" else "tpu"
+  backend = backend or default_backend()
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}: use one of {BACKENDS} (or None: the platform).")
   if interpret is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 
 from ttt_jax.ops.ttt import gelu_tanh, gelu_tanh_grad, layer_norm, ln_l2_grad
 
@@ -93,6 +94,22 @@ def state_shapes(kind: str, d: int) -> tuple[tuple[int, int], ...]:
     f = 4 * d
     return ((d, f), (1, f), (f, d), (1, d))
   return ((d, d), (1, d))
+
+
+def state_bytes(kind: str, d: int, itemsize: int = 4) -> int:
+  """Bytes of one head's state (f32 by default): what a kernel keeps on chip per head."""
+  return sum(r * c for r, c in state_shapes(kind, d)) * itemsize
+
+
+def pad_to_groups(x, groups: int, group_size: int):
+  """x [B, H, N, ...] zero-padded along N to groups * group_size mini-batches, so a backward
+  runs whole groups. With eta and the output cotangent padded by zeros, the padded steps leave
+  the state and its cotangent unchanged."""
+  N = x.shape[2]
+  if num_groups(N, group_size) != groups:
+    raise ValueError(f"{groups} checkpoints do not match {N} mini-batches in groups of "
+                     f"{group_size}.")
+  return jnp.pad(x, [(0, 0), (0, 0), (0, groups * group_size - N)] + [(0, 0)] * (x.ndim - 3))
 
 
 def step_vjp(kind, gamma, beta, eps, state, XQ, XK, XV, eta, ct_state, ct_out):

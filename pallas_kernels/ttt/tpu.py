@@ -31,7 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.ttt.block_sizes import BlockSizes
-from pallas_kernels.ttt.tile import STEPS, num_groups, state_shapes, step_vjp
+from pallas_kernels.ttt.tile import (STEPS, num_groups, pad_to_groups, state_bytes,
+                                     state_shapes, step_vjp)
 
 _SEMANTICS = ("parallel", "parallel", "arbitrary")
 
@@ -41,7 +42,7 @@ def vmem_estimate(hb: int, g: int, b: int, d: int, in_bytes: int = 4,
   """Bytes of VMEM the backward kernel needs (the forward needs less): the g-state stack, the
   double-buffered input/output blocks and the resident state cotangents, f32 state, eta padded
   to 128 lanes."""
-  state = sum(r * c for r, c in state_shapes(kind, d)) * 4
+  state = state_bytes(kind, d)
   blocks = 2 * hb * g * b * (7 * d * in_bytes + 2 * 128 * in_bytes)  # xq xk xv ct, dxq dxk dxv
   return g * state + blocks + 2 * hb * (state + 2 * d * 4) + 2 * 2 * hb * state  # + ckpt in
 
@@ -191,11 +192,8 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
   G, g = checkpoints[0].shape[2], checkpoint_group
   dtype, hb = checkpoints[0].dtype, heads_per_step
   shapes = state_shapes(kind, d)
-  if num_groups(N, g) != G:
-    raise ValueError(f"{G} checkpoints do not match {N} mini-batches in groups of {g}.")
-  pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, G * g - N)] + [(0, 0)] * (x.ndim - 3))
-  xq, xk, xv, ct_out = map(pad, (xq, xk, xv, ct_out))
-  eta = pad(eta)[..., None]
+  xq, xk, xv, ct_out = (pad_to_groups(x, G, g) for x in (xq, xk, xv, ct_out))
+  eta = pad_to_groups(eta, G, g)[..., None]
 
   rev = lambda i, j, k: (i, j, G - 1 - k, 0, 0)
   x_spec = pl.BlockSpec((None, hb, g, b, d), rev)

@@ -9,6 +9,7 @@ CPU the kernel runs in interpret mode, so only the numerics and the plumbing mea
 run it on the accelerator (device tool METHOD.md) and commit the JSON under benchmarks/results/.
 
   python benchmarks/ttt_kernels.py --seconds=3,9,18,63 --out=benchmarks/results/h100.jsonl
+  python benchmarks/ttt_kernels.py --backend=gpu --gpu_cluster=4,0   # cluster vs Triton forward
   python benchmarks/ttt_kernels.py --heads=2 --seconds=3 --repeats=1      # CPU smoke run
   python benchmarks/summarize.py benchmarks/results/*.jsonl --svg=summary.svg  # across devices
 """
@@ -16,6 +17,7 @@ run it on the accelerator (device tool METHOD.md) and commit the JSON under benc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 
 import jax
@@ -23,22 +25,36 @@ import jax.numpy as jnp
 
 from bench_util import Emitter, default_matmul_size, device_fields, matmul_rate, time_fn
 from configs.default import get_config
+from pallas_kernels.ttt import get_block_sizes
 from pallas_kernels.ttt import op as pallas_op
 from ttt_jax import config as config_lib
 from ttt_jax import ops, sharding
 from ttt_op import make_inputs
 
 
-def build(impl, mode, checkpoint_group, backend=None):
-  if impl == "pallas":  # the kernel op itself, to pick the kernel family
+def build(impl, mode, checkpoint_group, backend=None, block_sizes=None):
+  if impl.startswith("pallas"):  # the kernel op itself, to pick the kernel family
     fwd = functools.partial(pallas_op.ttt_mlp, checkpoint_group=checkpoint_group,
-                            backend=backend)
+                            backend=backend, block_sizes=block_sizes)
   else:
     fwd = functools.partial(ops.ttt_mlp, checkpoint_group=checkpoint_group, impl=impl)
   if mode == "fwd":
     return jax.jit(fwd)
   loss = lambda *a: jnp.sum(fwd(*a).astype(jnp.float32))
   return jax.jit(jax.grad(loss, argnums=tuple(range(10))))
+
+
+def variants(impls, gpu_cluster, dtype, d):
+  """(impl label, block sizes or None) to time: "pallas" expands to one row per --gpu_cluster
+  value ("pallas-cluster4", "pallas-triton") when given, else the tuning table's choice."""
+  for impl in impls:
+    if impl != "pallas" or gpu_cluster is None:
+      yield impl, None
+      continue
+    table = get_block_sizes(sharding.target_device()[1], jnp.dtype(dtype), d)
+    for P in gpu_cluster:
+      yield (f"pallas-cluster{P}" if P else "pallas-triton"), dataclasses.replace(table,
+                                                                                 cluster=P)
 
 
 def main(argv=None):
@@ -50,6 +66,9 @@ def main(argv=None):
   p.add_argument("--impls", type=csv(str), default=["xla", "pallas"])
   p.add_argument("--backend", choices=["tpu", "gpu"], default=None,
                  help="Pallas kernel family (default: the device's; on CPU tpu, interpreted)")
+  p.add_argument("--gpu_cluster", type=csv(int), default=None,
+                 help="GPU: one pallas row per value, CTAs per head for the Mosaic GPU cluster "
+                      "forward (0: the Triton forward); default: the tuning table's")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--heads", type=int, default=48)
   p.add_argument("--checkpoint_group", type=int, default=16)
@@ -77,14 +96,15 @@ def main(argv=None):
         flops = ops.ttt_flops("ttt_mlp", args.batch, args.heads, N, b, d) * (
             3 if mode == "fwd_bwd" else 1)
         times = {}
-        for impl in args.impls:
-          times[impl] = ms = time_fn(build(impl, mode, args.checkpoint_group, args.backend),
-                                     inputs, args.repeats)
+        for impl, sizes in variants(args.impls, args.gpu_cluster, dtype, d):
+          times[impl] = ms = time_fn(build(impl, mode, args.checkpoint_group, args.backend,
+                                           sizes), inputs, args.repeats)
           tflops = flops / ms / 1e9
           row = dict(device_fields("ttt_kernels"), seconds=seconds, tokens=N * b,
                      batch=args.batch, heads=args.heads, num_mini_batches=N, mini_batch=b,
                      head_dim=d, checkpoint_group=args.checkpoint_group, dtype=dtype, mode=mode,
-                     impl=impl, kernel_backend=kernel_backend if impl == "pallas" else None,
+                     impl=impl, kernel_backend=None if impl == "xla" else kernel_backend,
+                     gpu_cluster=None if sizes is None else sizes.cluster,
                      median_ms=round(ms, 3), flops=flops,
                      tflops_per_s=round(tflops, 4),
                      matmul_tflops_per_s=round(peak[dtype] / 1e3, 4),

@@ -62,3 +62,18 @@ def test_ttt_kernels_benchmark_smoke(tmp_path):
   table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
   assert len(table) == 2 + len(rows) and "(interpret)" in table[2]  # header, rule, rows
   assert (tmp_path / "s.svg").read_text().count("<polyline") == 4  # mode x impl
+
+
+def test_ttt_kernels_benchmark_gpu_cluster_variants(tmp_path):
+  """--gpu_cluster: one pallas row per cluster size (here the Mosaic GPU cluster forward and the
+  Triton forward, both interpreted on CPU), each timed against the same xla row."""
+  out = tmp_path / "r.jsonl"
+  subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "ttt_kernels.py"), "--seconds=3", "--heads=1",
+       "--num_mini_batches=2", "--dtypes=bfloat16", "--modes=fwd", "--repeats=1",
+       "--matmul_size=64", "--backend=gpu", "--gpu_cluster=4,0", f"--out={out}"],
+      capture_output=True, text=True, check=True, timeout=600)
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [(r["impl"], r["gpu_cluster"]) for r in rows] == [
+      ("xla", None), ("pallas-cluster4", 4), ("pallas-triton", 0)]
+  assert rows[1]["kernel_backend"] == "gpu (interpret)" and rows[2]["speedup_vs_xla"] > 0

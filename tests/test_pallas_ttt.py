@@ -2,8 +2,9 @@
 
 TTT-MLP over the full shape grid, TTT-Linear (same kernels, other tile math) over a smaller one.
 Both kernel families run here: "tpu" (Mosaic TPU forward and backward kernels) and "gpu"
-(Triton forward, XLA backward), in plain interpret mode over a shape x dtype grid, and the TPU
-kernels also under `pltpu.InterpretParams()` (Mosaic semantics: races, out-of-bounds reads).
+(Triton forward and backward), in plain interpret mode over a shape x dtype grid, the TPU
+kernels also under `pltpu.InterpretParams()` (Mosaic semantics: races, out-of-bounds reads) and
+the Mosaic GPU cluster forward under `plgpu.InterpretGPUParams()`.
 """
 
 import functools
@@ -12,12 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 from tests.oracles import random_ttt_inputs, rel_err
 
 from pallas_kernels import ttt as pk
-from pallas_kernels.ttt import gpu, reference, tpu
+from pallas_kernels.ttt import gpu, gpu_cluster, reference, tpu
+from ttt_jax import aot
 
 SHAPES = {  # name: (B, H, N, b, d)
     "tiny": (1, 1, 3, 16, 16),
@@ -172,8 +175,78 @@ def test_gpu_backward_kernel_choice():
   assert gpu.backward_fits_kernel("ttt_mlp", 32) and gpu.backward_fits_kernel("ttt_linear", 64)
 
 
+# The Mosaic GPU cluster forward (TTT-MLP, bf16, b = 64): hidden width split over P CTAs.
+CLUSTER_CASES = {  # name: ((B, H, N, b, d), P)
+    "d64-P4": ((1, 2, 5, 64, 64), 4),
+    "d64-P4-batched": ((2, 1, 3, 64, 64), 4),
+}
+
+
+@pytest.mark.parametrize("shape,P", CLUSTER_CASES.values(), ids=CLUSTER_CASES.keys())
+def test_cluster_forward_matches_pure_op(shape, P):
+  """Output and checkpoints of the cluster kernel (GPU interpreter; the peers' partial sums
+  through global memory) against the pure op in f32 on the same bf16 inputs. The kernel's
+  matmuls take bf16 operands (the state is f32), hence bf16 tolerances: measured 4e-3 to 8e-3
+  on the output, 2e-3 on the state."""
+  args = _inputs(shape, jnp.bfloat16, seed=4)
+  sizes = pk.BlockSizes(cluster=P)
+  op = functools.partial(pk.ttt_mlp, checkpoint_group=2, backend="gpu", block_sizes=sizes)
+  got = jax.jit(op)(*args)
+  want = reference.ttt_mlp(*args)
+  assert got.shape == shape and got.dtype == jnp.bfloat16
+  _check_out(got, want, args[0], 2e-2)
+
+  xq, xk, xv, eta, lw, lb, *W = args
+  _, ckpts = gpu_cluster.forward(*args[:6], tuple(w.astype(jnp.float32) for w in W), eps=1e-6,
+                                 checkpoint_group=2, cluster=P,
+                                 interpret=plgpu.InterpretGPUParams())
+  _, after_2 = reference.ttt_mlp(xq[:, :, :2], xk[:, :, :2], xv[:, :, :2], eta[:, :, :2], lw, lb,
+                                 *W, return_state=True)
+  for name, c, w0, w2 in zip(NAMES[6:], ckpts, W, after_2):
+    assert c.shape == (shape[0], shape[1], (shape[2] + 1) // 2) + w0.shape[1:], name
+    np.testing.assert_array_equal(c[:, :, 0], jnp.broadcast_to(w0, c[:, :, 0].shape), name)
+    assert rel_err(c[:, :, 1], w2) <= 1e-2, name
+
+
+def test_cluster_forward_gradients():
+  """The op with the cluster forward: the backward (`gpu.backward`, f32) recomputes from the
+  cluster kernel's checkpoints; gradients against the pure op's within bf16 tolerance."""
+  shape = (1, 2, 3, 64, 64)
+  args = _inputs(shape, jnp.bfloat16, seed=5)
+  cot = jnp.asarray(np.random.default_rng(6).normal(size=shape), jnp.float32)
+
+  def grads(op, **kw):
+    loss = lambda *a: jnp.sum(op(*a, **kw).astype(jnp.float32) * cot)
+    return jax.jit(jax.grad(loss, range(len(args))))(*args)
+
+  got = grads(pk.ttt_mlp, checkpoint_group=2, backend="gpu",
+              block_sizes=pk.BlockSizes(cluster=4))
+  want = grads(reference.ttt_mlp, checkpoint_group=None)
+  for name, g, w in zip(NAMES, got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    assert rel_err(g, w) <= 2e-2, name
+
+
+def test_cluster_supports():
+  assert gpu_cluster.supports("ttt_mlp", jnp.bfloat16, 64, 64, 4)
+  assert not gpu_cluster.supports("ttt_mlp", jnp.float32, 64, 64, 4)  # wgmma operands: bf16
+  assert not gpu_cluster.supports("ttt_mlp", jnp.bfloat16, 16, 64, 4)  # a wgmma tile: 64 rows
+  assert not gpu_cluster.supports("ttt_mlp", jnp.bfloat16, 64, 64, 8)  # 32 hidden units < 64
+  assert not gpu_cluster.supports("ttt_linear", jnp.bfloat16, 64, 64, 1)
+  # Shared memory: the estimate came within 1.3% of Mosaic GPU's count when compiling d = 128,
+  # P = 8 for an H100 (an earlier scratch list: 329,728 B estimated, 333,856 B asked for).
+  assert gpu_cluster.smem_bytes(64, 64, 4) <= gpu_cluster.SMEM_LIMIT_BYTES
+  assert not gpu_cluster.supports("ttt_mlp", jnp.bfloat16, 64, 64, 2)
+  assert not gpu_cluster.supports("ttt_mlp", jnp.bfloat16, 64, 128, 8)
+  with pytest.raises(ValueError, match="cluster=8 is not supported"):
+    gpu_cluster.forward(*_inputs((1, 1, 1, 64, 64), jnp.bfloat16)[:6], (), eps=1e-6,
+                        checkpoint_group=1, cluster=8)
+
+
 def test_block_sizes_table():
-  assert pk.get_block_sizes("NVIDIA H100 80GB HBM3", jnp.bfloat16, 64).num_warps == 8
+  assert pk.get_block_sizes("NVIDIA H100 80GB HBM3", jnp.bfloat16, 64).cluster == 4
+  assert pk.get_block_sizes("NVIDIA H100 80GB HBM3", jnp.float32, 64) == pk.BlockSizes(
+      num_warps=8, num_stages=1)
   assert pk.get_block_sizes("TPU v5", jnp.bfloat16, 64).heads_per_step == 2
   assert pk.get_block_sizes("cpu", jnp.float32, 64) == pk.BlockSizes()
   # The backward's VMEM (state stack, double-buffered blocks) fits the table's TPU limit.
@@ -188,10 +261,10 @@ def _abstract_shapes(dtype, B=1, H=2, N=5, b=64, d=64, kind="ttt_mlp"):
   return shapes + [S((H, *s), dtype) for s in state_shapes(kind, d)]
 
 
-def _lower(device, platform, dtype, kind="ttt_mlp"):
+def _lower(device, platform, dtype, kind="ttt_mlp", **op_kw):
   """Lowered text of the forward and of the gradient for an abstract `device`."""
   mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
-  op = functools.partial(getattr(pk, kind), checkpoint_group=2)  # interpret=None: False here
+  op = functools.partial(getattr(pk, kind), checkpoint_group=2, **op_kw)  # interpret: False
   loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
   shapes = _abstract_shapes(dtype, kind=kind)
   with use_abstract_mesh(mesh):
@@ -207,13 +280,39 @@ LOWERING_IDS = ["ttt_mlp-float32", "ttt_mlp-bfloat16", "ttt_linear-bfloat16"]
 def test_lowers_to_triton_for_abstract_h100(kind, dtype):
   """Forward and backward lower for CUDA on a CPU-only host; the kernel is a Triton call."""
   h100 = AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-  fwd, grad = _lower(h100, "cuda", dtype, kind)
+  # cluster=0: the Triton forward (the table picks the Mosaic GPU one for bf16 TTT-MLP, which
+  # lowers only with jax's CUDA plugin: test_cluster_kernel_compiles_for_h100).
+  fwd, grad = _lower(h100, "cuda", dtype, kind, block_sizes=pk.BlockSizes(num_warps=8))
   for text in (fwd, grad):
     assert "__gpu$xla.gpu.triton" in text
-    assert "num_warps = 8 : i32" in text  # the table's H100 entry was used
+    assert "num_warps = 8 : i32" in text
   assert f"{kind}_forward_triton" in fwd and f"{kind}_forward_triton" in grad  # + recompute
   # TTT-MLP's d = 64 backward does not fit one SM's shared memory: its reverse sweep is XLA.
   assert (f"{kind}_backward_triton" in grad) == gpu.backward_fits_kernel(kind, 64)
+
+
+def _cuda_plugin():
+  try:
+    return aot.get_topology("h100-1").devices
+  except aot.TopologyError as e:
+    pytest.skip(f"needs jax's CUDA plugin (not installed by .[test]): {e}")
+
+
+def test_cluster_kernel_compiles_for_h100(d=64, P=4):
+  """The cluster kernel (distributed shared memory, not the interpreter's global-memory path)
+  and the op's gradient compile for an H100 at the 5B layer's shape per GPU (compile-only
+  devices: jax's CUDA plugin, no GPU)."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  mesh = Mesh(np.array(_cuda_plugin()[:1]), ("x",))
+  shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+            for s in _abstract_shapes(jnp.bfloat16, H=6, N=23, d=d)]
+  op = functools.partial(pk.ttt_mlp, checkpoint_group=16, block_sizes=pk.BlockSizes(cluster=P))
+  loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
+  for f in (op, jax.grad(loss, range(len(shapes)))):
+    with use_abstract_mesh(mesh.abstract_mesh):  # the op's target: the H100, not this CPU
+      lowered = jax.jit(f).trace(*shapes).lower()
+    assert "mosaic_gpu" in lowered.as_text()
+    lowered.compile()
 
 
 @pytest.mark.parametrize("kind,dtype", LOWERINGS, ids=LOWERING_IDS)

@@ -1,7 +1,9 @@
 """Tuning table for the TTT-MLP kernels, keyed by (device kind prefix, dtype, head_dim).
 
-GPU (Triton forward, `gpu.py`): one program per (batch, head); the tunables are Triton's
-`num_warps` and `num_stages`. TPU (Mosaic, `tpu.py`): `heads_per_step` heads share a grid step
+GPU: `cluster` > 0 runs TTT-MLP's forward as the Mosaic GPU kernel of `gpu_cluster.py`, the
+state split over `cluster` CTAs per head (where `gpu_cluster.supports` the shape: bf16, b = 64,
+d = 64 or 128); otherwise the Triton kernels of `gpu.py`, one program per (batch, head), whose
+tunables are Triton's `num_warps` and `num_stages`. TPU (Mosaic, `tpu.py`): `heads_per_step` heads share a grid step
 (amortising the ~0.35 us per-step overhead over more matmuls and giving the pipeline larger
 DMAs), and `vmem_limit_bytes` raises Mosaic's scoped VMEM limit for the backward's per-group
 state stack.
@@ -26,6 +28,7 @@ class BlockSizes:
   """Compiler parameters of the TTT-MLP kernels (GPU fields, then TPU fields)."""
   num_warps: int = 4
   num_stages: int = 1  # the mini-batch loop carries the state: nothing to software-pipeline
+  cluster: int = 0  # GPU: CTAs per head for the Mosaic GPU TTT-MLP forward (0: Triton)
   heads_per_step: int = 1  # TPU: heads per grid step (rounded down to a divisor of H)
   vmem_limit_bytes: int | None = None  # TPU: Mosaic's scoped VMEM limit (None: its default)
 
@@ -35,6 +38,11 @@ DEFAULT = BlockSizes()
 # (device kind prefix, input dtype name or None for any, head_dim or None for any) -> sizes.
 # The first matching entry wins; device kinds are matched case-insensitively by prefix.
 TABLE: tuple[tuple[tuple[str, str | None, int | None], BlockSizes], ...] = (
+    # 4 CTAs per head (the one cluster size whose scratch fits at d = 64, `gpu_cluster.supports`):
+    # 192 CTAs at the 5B shape (48 heads) over 132 SMs, 32 KiB of f32 state each. num_warps is
+    # for the Triton backward.
+    (("NVIDIA H100", "bfloat16", 64), BlockSizes(num_warps=8, cluster=4)),  # untuned
+    (("NVIDIA H200", "bfloat16", 64), BlockSizes(num_warps=8, cluster=4)),  # untuned
     (("NVIDIA H100", None, 64), BlockSizes(num_warps=8, num_stages=1)),  # untuned
     (("NVIDIA H200", None, 64), BlockSizes(num_warps=8, num_stages=1)),  # untuned
     (("TPU v5", None, 64), BlockSizes(heads_per_step=2, vmem_limit_bytes=48 << 20)),  # untuned

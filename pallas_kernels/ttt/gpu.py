@@ -1,12 +1,14 @@
 """TTT forward and backward as Pallas Triton kernels (GPU; interpret mode on CPU), TTT-MLP or
 TTT-Linear (`kind`; the mini-batch math is `tile.STEPS[kind]`, sizes below are TTT-MLP's).
 
-Why Triton and not Mosaic GPU: the kernel is a sequential loop with a large loop-carried state
-and small matmuls, which Triton expresses directly (`lax.fori_loop` over refs), and Pallas
-Triton lowers on a CPU-only host for an abstract H100, so CI checks that it stays lowerable;
-jax 0.11/0.12's Mosaic GPU lowering is registered only with the CUDA plugin (see
-jax-stack-notes). Pallas marks its Triton backend as deprecated in favour of Mosaic GPU, so a
-port is the next step once a GPU is at hand to measure both.
+Why Triton here: the kernel is a sequential loop with a large loop-carried state and small
+matmuls, which Triton expresses directly (`lax.fori_loop` over refs) for every kind, head dim,
+mini-batch size and dtype, and Pallas Triton lowers on a CPU-only host for an abstract H100, so
+CI checks that it stays lowerable (jax 0.11/0.12's Mosaic GPU lowering is registered only with
+the CUDA plugin). TTT-MLP's bf16 forward at b = d = 64, the training shape, has a Mosaic GPU
+kernel with the state split over a cluster of CTAs (`gpu_cluster.py`), chosen by the block-size
+table; Pallas marks its Triton backend as deprecated, so the rest follows once a GPU is at hand
+to measure both.
 
 Design: one program per (batch element, head), grid (B, H). Each program loads its initial
 state W1 [d, 4d], b1 [1, 4d], W2 [4d, d], b2 [1, d] once, then runs a `lax.fori_loop` over the
@@ -25,8 +27,8 @@ program has no scratch memory to hold the g states, and reading back its own HBM
 need a barrier between its threads that Pallas Triton does not expose. Where the backward's
 working set does not fit one SM's shared memory (TTT-MLP at d = 64: 420 KiB requested, 227 KiB
 on an H100, measured by compiling for it), the reverse sweep runs as XLA over the same
-`tile.step_vjp` (`_backward_group_xla`); splitting the state across a cluster of programs, as
-upstream's 2-CTA ThunderKittens kernel does, needs Mosaic GPU and a GPU to measure it on.
+`tile.step_vjp` (`_backward_group_xla`); the forward's cluster split (`gpu_cluster.py`) is the
+way to bring it on chip.
 
 The work of one (b, h) is sequential over N, so the parallelism is the B x H programs only (the
 SMs are not all busy when B * H is below their count, e.g. 48 heads on 132 SMs); it is the

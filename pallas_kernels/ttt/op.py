@@ -1,7 +1,8 @@
 """The public Pallas TTT ops, `ttt_mlp` and `ttt_linear`: kernels under a `jax.custom_vjp`.
 
-Two kernel families (`backend`): "tpu" (Mosaic TPU, `tpu.py`) and "gpu" (Triton, `gpu.py`),
-each a forward and a backward. Both forwards save the state at the start of every group of
+Two kernel families (`backend`): "tpu" (Mosaic TPU, `tpu.py`) and "gpu" (Triton, `gpu.py`,
+with TTT-MLP's bf16 forward as a Mosaic GPU cluster kernel, `gpu_cluster.py`, where the block
+sizes ask for it), each a forward and a backward. Both forwards save the state at the start of every group of
 `checkpoint_group` mini-batches; both backwards recompute one group at a time from its
 checkpoint (the TPU kernel in VMEM, the GPU one into HBM by the forward kernel) and run it in
 reverse, so the backward holds one group's states at a time, as the pure op's remat does.
@@ -16,7 +17,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ttt import gpu, tpu
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.ttt import gpu, gpu_cluster, tpu
 from pallas_kernels.ttt.block_sizes import BlockSizes, get_block_sizes
 from pallas_kernels.ttt.tile import state_shapes
 from ttt_jax import sharding
@@ -54,8 +57,10 @@ def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float =
     eps: inner LayerNorm epsilon.
     checkpoint_group: the forward saves the state every this many mini-batches and the
       backward recomputes one group at a time (None or 0: one group, the whole sequence).
-    backend: "tpu" (Mosaic TPU kernels) or "gpu" (Triton). None: the platform being compiled
-      for (`ttt_jax.sharding.target_device`); on CPU "tpu", whose kernels cover the backward.
+    backend: "tpu" (Mosaic TPU kernels) or "gpu" (Triton; the forward as the Mosaic GPU
+      cluster kernel where `block_sizes.cluster` asks for it and the shape allows). None: the
+      platform being compiled for (`ttt_jax.sharding.target_device`); on CPU "tpu", whose
+      kernels cover the backward.
     interpret: run the kernels in Pallas interpret mode: True, or `pltpu.InterpretParams()`
       (TPU kernels only: also checks races and out-of-bounds reads, ~30x slower). None:
       interpret when compiling for CPU.
@@ -119,6 +124,12 @@ def _forward(cfg: _Config, xq, xk, xv, eta, ln_weight, ln_bias, init):
   if cfg.backend == "tpu":
     return tpu.forward(xq, xk, xv, eta, ln_weight, ln_bias, state,
                        heads_per_step=cfg.heads_per_step, **kw)
+  P = cfg.block_sizes.cluster
+  if P and gpu_cluster.supports(cfg.kind, xq.dtype, xq.shape[3], xq.shape[4], P):
+    return gpu_cluster.forward(xq, xk, xv, eta, ln_weight, ln_bias, state, eps=cfg.eps,
+                               checkpoint_group=cfg.checkpoint_group, cluster=P,
+                               interpret=plgpu.InterpretGPUParams() if cfg.interpret else False,
+                               debug=cfg.debug)
   return gpu.forward(xq, xk, xv, eta, ln_weight, ln_bias, state, **kw)
 
 

@@ -1,0 +1,328 @@
+"""TTT-MLP forward as a Mosaic GPU kernel whose state is split across a cluster of CTAs (Hopper).
+
+Why: at d = 64 one head's f32 state (W1 [64, 256] + W2 [256, 64], 128 KiB) plus the
+mini-batch's temporaries do not fit one SM, and one program per (batch, head) leaves most SMs
+idle at the 5B shape (48 heads on 132 SMs). Here the inner MLP's hidden width f = 4d is split
+over a cluster of P CTAs: CTA c holds W1[:, c*f/P:(c+1)*f/P], b1's slice and W2's matching
+rows, and the P CTAs of a (batch, head) walk the mini-batches together, so the grid is
+B x H x P CTAs (P = 4: 192 at 48 heads) and each holds 1/P of the state.
+
+The split is exact because the hidden width only meets the rest of the mini-batch through sums
+over it. With X2 = gelu(XK W1 + b1), everything per hidden slice stays local (Z1, X2, G1, the
+W1/b1/W2 updates, Z1_bar, X2_bar) except two [b, d] sums, exchanged through distributed shared
+memory (each CTA reads its peers' partials with `plgpu.cluster_ref`) between cluster barriers:
+
+  Z2     = sum_c X2_c W2_c + b2
+  Z2_bar = sum_c [X2_bar_c W2_c - (X2_bar_c X2_c^T) (eta * G2)] + b2 - colsum(eta * G2)
+
+(the second term is linear in the partial Gram matrices, so it is summed with them). G2, the
+LayerNorm-L2 gradient of Z2, and the output XQ + LN(Z2_bar) are computed redundantly by all P
+CTAs (b x d work). The matmuls run on the tensor cores (`wgmma`) with bf16 operands and f32
+accumulation; the state stays f32 in registers and a bf16 copy of W1 and W2 in shared memory
+feeds the matmuls, so the output differs from the f32 pure op by bf16 rounding (measured 4e-3
+to 8e-3 relative). The math is `tile.mini_batch` rearranged for the split; the tests compare
+it with the pure op. Operands computed in registers are staged through shared memory (jax's
+interpreter takes only shared-memory wgmma operands, and one code path serves both).
+
+Scope (`supports`): TTT-MLP, bf16 inputs, b = 64 (a wgmma tile is 64 rows), d = 64 with
+cluster = 4 (the scratch must fit 227 KiB of shared memory: `smem_bytes`); checkpoints as
+`gpu.forward` returns them. The backward is `gpu.backward` (f32), which recomputes each group
+from these checkpoints. Mini-batch n + 1's inputs are loaded (TMA) while n is computed. Not yet
+done: warp specialisation, a backward kernel on the same split.
+In interpret mode (CPU) jax's Mosaic GPU interpreter has no distributed shared memory, so there
+the partials go through a global-memory scratch instead; the compiled path is checked by
+lowering and compiling for an H100 (compile-only devices) and has not yet run on a GPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.ttt.tile import num_groups
+from ttt_jax.ops.ttt import gelu_tanh, gelu_tanh_grad
+
+_WGMMA = plgpu.Layout.WGMMA
+_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA tile: [b]
+_COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column: [n]
+
+
+# Shared memory per block on Hopper (H100, H200): 227 KiB with the opt-in.
+SMEM_LIMIT_BYTES = 227 << 10
+
+
+def smem_bytes(b: int, d: int, cluster: int, interpret: bool = False) -> int:
+  """Shared memory of one CTA: the scratch list of `forward` (barriers aside)."""
+  fp = 4 * d // cluster
+  bf16 = 2 * (7 * b * d + 2 * d * fp + 3 * b * fp + 2 * b * d + b * b)
+  f32 = 4 * (2 * b + 2 * b * d + (b * d if interpret else 0) + 2 * d * fp + fp + 3 * d)
+  return bf16 + f32
+
+
+def supports(kind: str, dtype, b: int, d: int, cluster: int) -> bool:
+  """Whether this kernel handles the shape; otherwise `gpu.forward` (Triton) does.
+
+  TTT-MLP with bf16 inputs and b = 64 (a wgmma tile has 64 rows), a hidden slice of 64 units or
+  a multiple (the W2 slice's update is a wgmma tile too), and the scratch within one SM's shared
+  memory: at d = 64 that is cluster = 4 (186 KiB; cluster = 2 needs 258 KiB). d = 128 does
+  not fit yet (cluster = 8: 338 KiB), nor does d < 64 (its W1 update tile has d < 64 rows).
+  """
+  f = 4 * d
+  return (kind == "ttt_mlp" and jnp.dtype(dtype) == jnp.bfloat16 and b == 64 and d >= 64
+          and f % cluster == 0 and (f // cluster) % 64 == 0
+          and smem_bytes(b, d, cluster) <= SMEM_LIMIT_BYTES)
+
+
+def _swizzled(shape, dtype):
+  """A shared-memory tile laid out for wgmma operands (128-byte swizzle)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = plgpu.find_swizzle(shape[-1] * itemsize * 8)
+  transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+  return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def _matmul(shape, *products):
+  """The sum of a @ b over the (a, b) products on the tensor cores (wgmma), f32 [m, n]; a and b
+  are shared-memory refs (transposed views allowed)."""
+  def body(acc_ref):
+    for a, b in products:
+      plgpu.wgmma(acc_ref, a, b)
+    plgpu.wgmma_wait(0)
+    return acc_ref[...]
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _rows(v, shape):  # [m] -> [m, n]
+  return lax.broadcast_in_dim(v, shape, [0])
+
+
+def _cols(v, shape):  # [n] -> [m, n]
+  return lax.broadcast_in_dim(v, shape, [1])
+
+
+# The row statistics below restate `ttt_jax.ops.ttt.layer_norm` / `ln_l2_grad` with reductions
+# to [b] and `broadcast_in_dim` back, because Mosaic GPU's layout inference finds no layout for
+# their keepdims [b, 1] intermediates (tried: "Layout inference failed to find a solution").
+# The tests hold them to the pure op.
+def _normalize(z, eps):
+  """(z - mean) * rstd per row, and rstd [b]."""
+  d = z.shape[1]
+  mu = z.sum(axis=1) / d
+  zc = z - _rows(mu, z.shape)
+  rstd = lax.rsqrt((zc * zc).sum(axis=1) / d + eps)
+  return zc * _rows(rstd, z.shape), rstd
+
+
+def _ln_l2_grad(z, target, gamma, beta, eps):
+  """`ttt_jax.ops.ttt.ln_l2_grad` with row reductions as WGMMA-layout sums."""
+  d = z.shape[1]
+  x_hat, rstd = _normalize(z, eps)
+  g = (_cols(gamma, z.shape) * x_hat + _cols(beta, z.shape) - target) * _cols(gamma, z.shape)
+  return (d * g - _rows(g.sum(axis=1), z.shape)
+          - x_hat * _rows((g * x_hat).sum(axis=1), z.shape)) * _rows(rstd / d, z.shape)
+
+
+def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
+            out_g, ck_w1, ck_b1, ck_w2, ck_b2, xch_g, scratch, *, eps, g, num_mini_batches,
+            cluster, interpret):
+  """One CTA: hidden slice c of head h, batch element i. Inputs are GMEM refs
+  x [B, H, N, b, d] bf16, eta [B, H, N, b] f32, gamma/beta [H, d] f32, the initial state
+  [H, ...] f32; outputs out [B, H, N, b, d], the checkpoints [B, H, G, ...] and (interpret
+  only) the exchange scratch [B, H, P, 2, b, d]."""
+  (xq_2, xk_2, xv_2, eta_2, out_s, w1b_s, w2b_s, x2_s, x2bar_s, eg1_s, eg2_s, g2_s, attn_s,
+   part_s, recv_s,
+   st_w1, st_b1, st_w2, st_b2, vec_s, init_bar, load_bar, recv_bar, cbar) = scratch
+  i, h, c = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("cluster")
+  b, d = out_s.shape
+  fp = w1b_s.shape[1]
+  hid = pl.ds(c * fp, fp)  # this CTA's slice of the hidden width
+
+  def fetch(pairs, bar, wait=True):
+    for src, dst in pairs:
+      plgpu.copy_gmem_to_smem(src, dst, bar)
+    if wait:
+      plgpu.barrier_wait(bar)
+
+  def prefetch(n):  # mini-batch n's inputs into buffer n % 2, in flight during mini-batch n - 1
+    slot = lax.rem(n, 2)
+    fetch([(xq_g.at[i, h, n], xq_2.at[slot]), (xk_g.at[i, h, n], xk_2.at[slot]),
+           (xv_g.at[i, h, n], xv_2.at[slot]), (eta_g.at[i, h, n], eta_2.at[slot])],
+          load_bar.at[slot], wait=False)
+
+  # LayerNorm parameters and the initial state slice, f32.
+  fetch([(gamma_g.at[h], vec_s.at[0]), (beta_g.at[h], vec_s.at[1]),
+         (w1_g.at[h, :, hid], st_w1), (b1_g.at[h, 0, hid], st_b1),
+         (w2_g.at[h, hid, :], st_w2), (b2_g.at[h, 0], st_b2)], init_bar)
+  gamma = plgpu.load(vec_s.at[0], layout=_COL)
+  beta = plgpu.load(vec_s.at[1], layout=_COL)
+  state = (plgpu.load(st_w1, layout=_WGMMA), plgpu.load(st_b1, layout=_COL),
+           plgpu.load(st_w2, layout=_WGMMA), plgpu.load(st_b2, layout=_COL))
+
+  def cluster_sum(part, slot):
+    """Sum of the P CTAs' [b, d] partials of this (batch, head)."""
+    part_s.at[slot][...] = part
+    if interpret:  # no distributed shared memory in the interpreter: go through GMEM
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(part_s.at[slot], xch_g.at[i, h, c, slot])
+      plgpu.wait_smem_to_gmem(0)
+    plgpu.barrier_arrive(cbar)
+    plgpu.barrier_wait(cbar)
+    total = part
+    for k in range(1, cluster):
+      peer = lax.rem(c + k, cluster)
+      if interpret:
+        fetch([(xch_g.at[i, h, peer, slot], recv_s)], recv_bar)
+        total = total + plgpu.load(recv_s, layout=_WGMMA)
+      else:
+        total = total + plgpu.load(plgpu.cluster_ref(part_s.at[slot], {"cluster": peer}),
+                                   layout=_WGMMA)
+    return total
+
+  def save_checkpoint(n, state):
+    W1, b1, W2, b2 = state
+    k = lax.div(n, g)
+    plgpu.wait_smem_to_gmem(0)  # the stage buffers are free again
+    st_w1[...], st_b1[...], st_w2[...], st_b2[...] = W1, b1, W2, b2
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(st_w1, ck_w1.at[i, h, k, :, hid])
+    plgpu.copy_smem_to_gmem(st_b1, ck_b1.at[i, h, k, 0, hid])
+    plgpu.copy_smem_to_gmem(st_w2, ck_w2.at[i, h, k, hid, :])
+
+    @pl.when(c == 0)
+    def _():
+      plgpu.copy_smem_to_gmem(st_b2, ck_b2.at[i, h, k, 0])
+
+  def stage(ref, value):
+    """A wgmma operand computed in registers, written to shared memory (wgmma reads it
+    there; jax's interpreter supports only shared-memory operands)."""
+    ref[...] = value.astype(ref.dtype)
+    plgpu.commit_smem()
+
+  def step(n, state):
+    W1, b1, W2, b2 = state
+
+    @pl.when(lax.rem(n, g) == 0)
+    def _():
+      save_checkpoint(n, state)
+
+    slot = lax.rem(n, 2)
+    plgpu.barrier_wait(load_bar.at[slot])
+    xq_s, xk_s, xv_s, eta_s = (r.at[slot] for r in (xq_2, xk_2, xv_2, eta_2))
+
+    @pl.when(n + 1 < num_mini_batches)
+    def _():  # the other buffer's last readers (mini-batch n - 1) have finished
+      prefetch(n + 1)
+
+    w1b_s[...] = W1.astype(jnp.bfloat16)
+    w2b_s[...] = W2.astype(jnp.bfloat16)
+    plgpu.commit_smem()
+    eta = plgpu.load(eta_s, layout=_ROW)  # [b]
+    bf, bd = (b, fp), (b, d)
+
+    # Z1 = XK W1 + b1; X2 = gelu(Z1); Z2 = X2 W2 + b2 (summed over the cluster).
+    Z1 = _matmul(bf, (xk_s, w1b_s)) + _cols(b1, bf)  # [b, fp]
+    X2 = gelu_tanh(Z1)
+    x2_s[...] = X2.astype(jnp.bfloat16)
+    plgpu.commit_smem()
+    Z2 = cluster_sum(_matmul(bd, (x2_s, w2b_s)), 0) + _cols(b2, bd)  # [b, d]
+
+    # Gradients of the reconstruction loss: G2 = dl/dZ2 (redundant per CTA), G1 = dl/dZ1.
+    XK = plgpu.load(xk_s, layout=_WGMMA).astype(jnp.float32)
+    XV = plgpu.load(xv_s, layout=_WGMMA).astype(jnp.float32)
+    G2 = _ln_l2_grad(Z2, XV - XK, gamma, beta, eps)
+    eG2 = _rows(eta, bd) * G2
+    eg2_s[...] = eG2.astype(jnp.bfloat16)
+    g2_s[...] = G2.astype(jnp.bfloat16)
+    plgpu.commit_smem()
+    G1 = _matmul(bf, (g2_s, w2b_s.transpose((1, 0)))) * gelu_tanh_grad(Z1)
+    eG1 = _rows(eta, bf) * G1
+    eg1_s[...] = eG1.astype(jnp.bfloat16)
+    plgpu.commit_smem()
+
+    # Dual form, f(XQ; W') without forming W' (as the pure op): Z1_bar = XQ W1 - (XQ XK^T) eG1
+    # + b1 - colsum(eG1), and likewise Z2_bar.
+    attn1 = _matmul((b, b), (xq_s, xk_s.transpose((1, 0))))
+    db1 = eG1.sum(axis=0)  # [fp]
+    stage(attn_s, -attn1)
+    Z1_bar = _matmul(bf, (xq_s, w1b_s), (attn_s, eg1_s)) + _cols(b1 - db1, bf)
+    stage(x2bar_s, gelu_tanh(Z1_bar))
+    attn2 = _matmul((b, b), (x2bar_s, x2_s.transpose((1, 0))))
+    stage(attn_s, -attn2)
+    part = _matmul(bd, (x2bar_s, w2b_s), (attn_s, eg2_s))
+    db2 = eG2.sum(axis=0)  # [d]
+    Z2_bar = cluster_sum(part, 1) + _cols(b2 - db2, bd)
+    x_hat, _ = _normalize(Z2_bar, eps)
+    XQ = plgpu.load(xq_s, layout=_WGMMA).astype(jnp.float32)
+    out = XQ + _cols(gamma, bd) * x_hat + _cols(beta, bd)
+
+    @pl.when(c == 0)
+    def _():
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      out_s[...] = out.astype(out_s.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_s, out_g.at[i, h, n])
+
+    # The update (gradient step at the mini-batch's last token).
+    W1 = W1 - _matmul((d, fp), (xk_s.transpose((1, 0)), eg1_s))
+    W2 = W2 - _matmul((fp, d), (x2_s.transpose((1, 0)), eg2_s))
+    plgpu.barrier_arrive(cbar)  # every peer has read this step's partials
+    plgpu.barrier_wait(cbar)
+    return W1, b1 - db1, W2, b2 - db2
+
+  prefetch(0)
+  lax.fori_loop(0, num_mini_batches, step, state)
+  plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "checkpoint_group", "cluster", "interpret", "debug"))
+def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint_group: int,
+            cluster: int = 4, interpret=False, debug: bool = False):
+  """TTT-MLP forward; arguments and results as `gpu.forward` (kind="ttt_mlp", per-head init).
+
+  xq, xk, xv: [B, H, N, 64, d] bf16; eta: [B, H, N, 64]; ln_weight, ln_bias: [H, d]; init:
+  (W1 [H, d, 4d], b1 [H, 1, 4d], W2 [H, 4d, d], b2 [H, 1, d]). `cluster`: CTAs per head.
+  `interpret`: False, or a `plgpu.InterpretGPUParams` to run on the CPU; `debug`: print the
+  kernel's jaxpr and lowered code.
+  """
+  B, H, N, b, d = xq.shape
+  f = 4 * d
+  if not supports("ttt_mlp", xq.dtype, b, d, cluster):
+    raise ValueError(f"gpu_cluster.forward: b={b}, d={d}, dtype {xq.dtype}, cluster={cluster} "
+                     "is not supported (see gpu_cluster.supports: bf16, b = 64, d = 64 with "
+                     "cluster = 4); use gpu.forward.")
+  fp, G = f // cluster, num_groups(N, checkpoint_group)
+  f32 = jnp.float32
+  state_shapes = ((d, f), (1, f), (f, d), (1, d))
+  out_type = (jax.ShapeDtypeStruct(xq.shape, xq.dtype),
+              *(jax.ShapeDtypeStruct((B, H, G, *s), f32) for s in state_shapes),
+              jax.ShapeDtypeStruct((B, H, cluster, 2, b, d) if interpret else (1,), f32))
+  scratch = (
+      _swizzled((2, b, d), xq.dtype), _swizzled((2, b, d), xq.dtype),  # XQ, XK (2 buffers)
+      _swizzled((2, b, d), xq.dtype), plgpu.SMEM((2, b), f32),  # XV, eta
+      _swizzled((b, d), xq.dtype),  # out
+      _swizzled((d, fp), jnp.bfloat16), _swizzled((fp, d), jnp.bfloat16),  # W1, W2 operands
+      _swizzled((b, fp), jnp.bfloat16), _swizzled((b, fp), jnp.bfloat16),  # X2, X2_bar
+      _swizzled((b, fp), jnp.bfloat16),  # eta * G1
+      _swizzled((b, d), jnp.bfloat16), _swizzled((b, d), jnp.bfloat16),  # eta * G2, G2
+      _swizzled((b, b), jnp.bfloat16),  # a masked Gram matrix
+      plgpu.SMEM((2, b, d), f32),  # this CTA's partial sums
+      plgpu.SMEM((b, d) if interpret else (8,), f32),  # a peer's, received (interpret only)
+      plgpu.SMEM((d, fp), f32), plgpu.SMEM((fp,), f32), plgpu.SMEM((fp, d), f32),
+      plgpu.SMEM((d,), f32), plgpu.SMEM((2, d), f32),  # state stage, gamma/beta
+      plgpu.Barrier(num_arrivals=6), plgpu.Barrier(num_arrivals=4, num_barriers=2),
+      plgpu.Barrier(num_arrivals=1),
+      plgpu.ClusterBarrier(collective_axes=("cluster",)),
+  )
+  kernel = plgpu.kernel(
+      lambda *refs: _kernel(*refs[:16], refs[16:], eps=eps, g=checkpoint_group,
+                            num_mini_batches=N, cluster=cluster, interpret=bool(interpret)),
+      out_type=out_type, scratch_types=scratch, grid=(B, H), grid_names=("batch", "heads"),
+      cluster=(cluster,), cluster_names=("cluster",), interpret=interpret or None,
+      debug=debug)
+  out, *ckpts, _ = kernel(xq, xk, xv, eta.astype(f32), ln_weight.astype(f32),
+                          ln_bias.astype(f32), *(w.astype(f32) for w in init))
+  return out, tuple(ckpts)

@@ -10,7 +10,8 @@ B x H x P CTAs (P = 4: 192 at 48 heads) and each holds 1/P of the state.
 The split is exact because the hidden width only meets the rest of the mini-batch through sums
 over it. With X2 = gelu(XK W1 + b1), everything per hidden slice stays local (Z1, X2, G1, the
 W1/b1/W2 updates, Z1_bar, X2_bar) except two [b, d] sums, exchanged through distributed shared
-memory (each CTA reads its peers' partials with `plgpu.cluster_ref`) between cluster barriers:
+memory (each CTA reads its peers' partials with `plgpu.cluster_ref`) between cluster-wide
+barriers (`barrier.cluster` arrive.release / wait.acquire, so the writes are visible):
 
   Z2     = sum_c X2_c W2_c + b2
   Z2_bar = sum_c [X2_bar_c W2_c - (X2_bar_c X2_c^T) (eta * G2)] + b2 - colsum(eta * G2)
@@ -41,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.ttt.tile import num_groups
@@ -94,6 +96,15 @@ def _matmul(shape, *products):
     plgpu.wgmma_wait(0)
     return acc_ref[...]
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+@plgpu.inline_mgpu()
+def _cluster_sync(ctx):
+  """All threads of the cluster's CTAs meet; each CTA's earlier shared-memory writes are then
+  visible to the others (release/acquire at cluster scope, as CUTLASS's cluster_sync)."""
+  del ctx
+  mgpu_utils.inline_ptx("barrier.cluster.arrive.release.aligned;", has_side_effects=True)
+  mgpu_utils.inline_ptx("barrier.cluster.wait.acquire.aligned;", has_side_effects=True)
 
 
 def _rows(v, shape):  # [m] -> [m, n]
@@ -162,6 +173,13 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   state = (plgpu.load(st_w1, layout=_WGMMA), plgpu.load(st_b1, layout=_COL),
            plgpu.load(st_w2, layout=_WGMMA), plgpu.load(st_b2, layout=_COL))
 
+  def cluster_sync():
+    if interpret:  # the interpreter models cluster barriers, not inline PTX
+      plgpu.barrier_arrive(cbar)
+      plgpu.barrier_wait(cbar)
+    else:
+      _cluster_sync()
+
   def cluster_sum(part, slot):
     """Sum of the P CTAs' [b, d] partials of this (batch, head)."""
     part_s.at[slot][...] = part
@@ -169,8 +187,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(part_s.at[slot], xch_g.at[i, h, c, slot])
       plgpu.wait_smem_to_gmem(0)
-    plgpu.barrier_arrive(cbar)
-    plgpu.barrier_wait(cbar)
+    cluster_sync()
     total = part
     for k in range(1, cluster):
       peer = lax.rem(c + k, cluster)
@@ -269,8 +286,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     # The update (gradient step at the mini-batch's last token).
     W1 = W1 - _matmul((d, fp), (xk_s.transpose((1, 0)), eg1_s))
     W2 = W2 - _matmul((fp, d), (x2_s.transpose((1, 0)), eg2_s))
-    plgpu.barrier_arrive(cbar)  # every peer has read this step's partials
-    plgpu.barrier_wait(cbar)
+    cluster_sync()  # every peer has read this step's partials
     return W1, b1 - db1, W2, b2 - db2
 
   prefetch(0)

@@ -209,8 +209,9 @@ def test_cluster_forward_matches_pure_op(shape, P):
 
 
 def test_cluster_forward_gradients():
-  """The op with the cluster forward: the backward (`gpu.backward`, f32) recomputes from the
-  cluster kernel's checkpoints; gradients against the pure op's within bf16 tolerance."""
+  """The op with the cluster forward: the backward (`gpu.backward`) recomputes each group with
+  the cluster kernel from its checkpoints and sweeps it in reverse in f32; gradients against
+  the pure op's within bf16 tolerance."""
   shape = (1, 2, 3, 64, 64)
   args = _inputs(shape, jnp.bfloat16, seed=5)
   cot = jnp.asarray(np.random.default_rng(6).normal(size=shape), jnp.float32)

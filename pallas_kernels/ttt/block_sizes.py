@@ -1,12 +1,12 @@
 """Tuning table for the TTT-MLP kernels, keyed by (device kind prefix, dtype, head_dim).
 
 GPU: `cluster` > 0 runs TTT-MLP's forward as the Mosaic GPU kernel of `gpu_cluster.py`, the
-state split over `cluster` CTAs per head (where `gpu_cluster.supports` the shape: bf16, b = 64,
-d = 64 or 128); otherwise the Triton kernels of `gpu.py`, one program per (batch, head), whose
-tunables are Triton's `num_warps` and `num_stages`. TPU (Mosaic, `tpu.py`): `heads_per_step` heads share a grid step
-(amortising the ~0.35 us per-step overhead over more matmuls and giving the pipeline larger
-DMAs), and `vmem_limit_bytes` raises Mosaic's scoped VMEM limit for the backward's per-group
-state stack.
+state split over `cluster` CTAs per head (where `gpu_cluster.supports` the shape: bf16,
+b = d = 64, cluster = 4); otherwise the Triton kernels of `gpu.py`, one program per (batch,
+head), whose tunables are Triton's `num_warps` and `num_stages`. TPU (Mosaic, `tpu.py`):
+`heads_per_step` heads share a grid step (amortising the ~0.35 us per-step overhead over more
+matmuls and giving the pipeline larger DMAs), and `vmem_limit_bytes` raises Mosaic's scoped
+VMEM limit for the backward's per-group state stack.
 
 No entry has been measured yet (no accelerator was available when they were written): 8 warps
 for d = 64 is a guess that gives the large loop-carried state (W1, W2: 2 x 64 KiB in f32) more

@@ -44,8 +44,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.ttt import gpu_cluster
 from pallas_kernels.ttt.block_sizes import BlockSizes
 from pallas_kernels.ttt.tile import (STEPS, num_groups, pad_to_groups, state_bytes,
                                      state_shapes, step_vjp)
@@ -89,8 +91,18 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
 
   Returns (out [B, H, N, b, d] in xq's dtype, checkpoints: each state array
   [B, H, ceil(N/g), ...] in the state dtype, the state at the start of each group of g).
+
+  Runs the Mosaic GPU cluster kernel (`gpu_cluster.forward`) instead where
+  `block_sizes.cluster` asks for it and `gpu_cluster.supports` the shape, so the backward's
+  recompute uses the same kernel as the forward.
   """
   B, H, N, b, d = xq.shape
+  P = block_sizes.cluster
+  if P and gpu_cluster.supports(kind, xq.dtype, b, d, P):
+    return gpu_cluster.forward(
+        xq, xk, xv, eta, ln_weight, ln_bias, init, eps=eps, checkpoint_group=checkpoint_group,
+        cluster=P, interpret=plgpu.InterpretGPUParams() if interpret else False, debug=debug,
+        per_example_init=per_example_init)
   dtype = init[0].dtype
   G = num_groups(N, checkpoint_group)
   eta = eta[..., None]  # [B, H, N, b, 1]: a column, so no reshape is needed in the kernel

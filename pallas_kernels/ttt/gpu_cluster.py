@@ -139,11 +139,11 @@ def _ln_l2_grad(z, target, gamma, beta, eps):
 
 def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
             out_g, ck_w1, ck_b1, ck_w2, ck_b2, xch_g, scratch, *, eps, g, num_mini_batches,
-            cluster, interpret):
+            cluster, interpret, per_example_init):
   """One CTA: hidden slice c of head h, batch element i. Inputs are GMEM refs
   x [B, H, N, b, d] bf16, eta [B, H, N, b] f32, gamma/beta [H, d] f32, the initial state
-  [H, ...] f32; outputs out [B, H, N, b, d], the checkpoints [B, H, G, ...] and (interpret
-  only) the exchange scratch [B, H, P, 2, b, d]."""
+  [H, ...] ([B, H, ...] per example) f32; outputs out [B, H, N, b, d], the checkpoints
+  [B, H, G, ...] and (interpret only) the exchange scratch [B, H, P, 2, b, d]."""
   (xq_2, xk_2, xv_2, eta_2, out_s, w1b_s, w2b_s, x2_s, x2bar_s, eg1_s, eg2_s, g2_s, attn_s,
    part_s, recv_s,
    st_w1, st_b1, st_w2, st_b2, vec_s, init_bar, load_bar, recv_bar, cbar) = scratch
@@ -165,9 +165,10 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
           load_bar.at[slot], wait=False)
 
   # LayerNorm parameters and the initial state slice, f32.
+  head = (lambda r: r.at[i, h]) if per_example_init else (lambda r: r.at[h])
   fetch([(gamma_g.at[h], vec_s.at[0]), (beta_g.at[h], vec_s.at[1]),
-         (w1_g.at[h, :, hid], st_w1), (b1_g.at[h, 0, hid], st_b1),
-         (w2_g.at[h, hid, :], st_w2), (b2_g.at[h, 0], st_b2)], init_bar)
+         (head(w1_g).at[:, hid], st_w1), (head(b1_g).at[0, hid], st_b1),
+         (head(w2_g).at[hid, :], st_w2), (head(b2_g).at[0], st_b2)], init_bar)
   gamma = plgpu.load(vec_s.at[0], layout=_COL)
   beta = plgpu.load(vec_s.at[1], layout=_COL)
   state = (plgpu.load(st_w1, layout=_WGMMA), plgpu.load(st_b1, layout=_COL),
@@ -294,13 +295,16 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "checkpoint_group", "cluster", "interpret", "debug"))
+@functools.partial(jax.jit, static_argnames=("eps", "checkpoint_group", "cluster", "interpret",
+                                             "debug", "per_example_init"))
 def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint_group: int,
-            cluster: int = 4, interpret=False, debug: bool = False):
-  """TTT-MLP forward; arguments and results as `gpu.forward` (kind="ttt_mlp", per-head init).
+            cluster: int = 4, interpret=False, debug: bool = False,
+            per_example_init: bool = False):
+  """TTT-MLP forward; arguments and results as `gpu.forward` (kind="ttt_mlp").
 
   xq, xk, xv: [B, H, N, 64, d] bf16; eta: [B, H, N, 64]; ln_weight, ln_bias: [H, d]; init:
-  (W1 [H, d, 4d], b1 [H, 1, 4d], W2 [H, 4d, d], b2 [H, 1, d]). `cluster`: CTAs per head.
+  (W1 [H, d, 4d], b1 [H, 1, 4d], W2 [H, 4d, d], b2 [H, 1, d]), each [B, H, ...] with
+  per_example_init (the backward's recompute from checkpoints). `cluster`: CTAs per head.
   `interpret`: False, or a `plgpu.InterpretGPUParams` to run on the CPU; `debug`: print the
   kernel's jaxpr and lowered code.
   """
@@ -324,7 +328,7 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
       _swizzled((b, fp), jnp.bfloat16), _swizzled((b, fp), jnp.bfloat16),  # X2, X2_bar
       _swizzled((b, fp), jnp.bfloat16),  # eta * G1
       _swizzled((b, d), jnp.bfloat16), _swizzled((b, d), jnp.bfloat16),  # eta * G2, G2
-      _swizzled((b, b), jnp.bfloat16),  # a masked Gram matrix
+      _swizzled((b, b), jnp.bfloat16),  # -XQ XK^T, then -X2_bar X2^T
       plgpu.SMEM((2, b, d), f32),  # this CTA's partial sums
       plgpu.SMEM((b, d) if interpret else (8,), f32),  # a peer's, received (interpret only)
       plgpu.SMEM((d, fp), f32), plgpu.SMEM((fp,), f32), plgpu.SMEM((fp, d), f32),
@@ -335,7 +339,8 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
   )
   kernel = plgpu.kernel(
       lambda *refs: _kernel(*refs[:16], refs[16:], eps=eps, g=checkpoint_group,
-                            num_mini_batches=N, cluster=cluster, interpret=bool(interpret)),
+                            num_mini_batches=N, cluster=cluster, interpret=bool(interpret),
+                            per_example_init=per_example_init),
       out_type=out_type, scratch_types=scratch, grid=(B, H), grid_names=("batch", "heads"),
       cluster=(cluster,), cluster_names=("cluster",), interpret=interpret or None,
       debug=debug)

@@ -2,10 +2,11 @@
 
 Two kernel families (`backend`): "tpu" (Mosaic TPU, `tpu.py`) and "gpu" (Triton, `gpu.py`,
 with TTT-MLP's bf16 forward as a Mosaic GPU cluster kernel, `gpu_cluster.py`, where the block
-sizes ask for it), each a forward and a backward. Both forwards save the state at the start of every group of
-`checkpoint_group` mini-batches; both backwards recompute one group at a time from its
-checkpoint (the TPU kernel in VMEM, the GPU one into HBM by the forward kernel) and run it in
-reverse, so the backward holds one group's states at a time, as the pure op's remat does.
+sizes ask for it), each a forward and a backward. Both forwards save the state at the start of
+every group of `checkpoint_group` mini-batches; both backwards recompute one group at a time
+from its checkpoint (the TPU kernel in VMEM, the GPU one into HBM by the forward kernel) and
+run it in reverse, so the backward holds one group's states at a time, as the pure op's remat
+does.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jax.experimental.pallas import mosaic_gpu as plgpu
-
-from pallas_kernels.ttt import gpu, gpu_cluster, tpu
+from pallas_kernels.ttt import gpu, tpu
 from pallas_kernels.ttt.block_sizes import BlockSizes, get_block_sizes
 from pallas_kernels.ttt.tile import state_shapes
 from ttt_jax import sharding
@@ -124,12 +123,6 @@ def _forward(cfg: _Config, xq, xk, xv, eta, ln_weight, ln_bias, init):
   if cfg.backend == "tpu":
     return tpu.forward(xq, xk, xv, eta, ln_weight, ln_bias, state,
                        heads_per_step=cfg.heads_per_step, **kw)
-  P = cfg.block_sizes.cluster
-  if P and gpu_cluster.supports(cfg.kind, xq.dtype, xq.shape[3], xq.shape[4], P):
-    return gpu_cluster.forward(xq, xk, xv, eta, ln_weight, ln_bias, state, eps=cfg.eps,
-                               checkpoint_group=cfg.checkpoint_group, cluster=P,
-                               interpret=plgpu.InterpretGPUParams() if cfg.interpret else False,
-                               debug=cfg.debug)
   return gpu.forward(xq, xk, xv, eta, ln_weight, ln_bias, state, **kw)
 
 

@@ -88,6 +88,23 @@ def linear_mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta):
 STEPS = {"ttt_mlp": mini_batch, "ttt_linear": linear_mini_batch}
 
 
+def row_to_column(v):
+  """[1, n] -> [n, 1] without a transpose (Mosaic TPU lays out a [1, n] row in one sublane and
+  an [n, 1] column across sublanes): the diagonal of the broadcast row, summed along lanes."""
+  n = v.shape[1]
+  eye = (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+         == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1))
+  return jnp.sum(jnp.where(eye, jnp.broadcast_to(v, (n, n)), 0), axis=1, keepdims=True)
+
+
+def column_to_row(v):
+  """[n, 1] -> [1, n], as `row_to_column`."""
+  n = v.shape[0]
+  eye = (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+         == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1))
+  return jnp.sum(jnp.where(eye, jnp.broadcast_to(v, (n, n)), 0), axis=0, keepdims=True)
+
+
 def state_shapes(kind: str, d: int) -> tuple[tuple[int, int], ...]:
   """Per-head shapes of the inner model's state: (W1, b1, W2, b2) or (W1, b1)."""
   if kind == "ttt_mlp":

@@ -8,8 +8,11 @@ others 'parallel' (split over a megacore's TensorCores). The state of the grid s
 lives in VMEM scratch (f32: 129 KiB per head at d = 64) for the whole sweep over N: it is loaded
 from the initial weights at n = 0 and never goes back to HBM except as a checkpoint at the start
 of every group of g mini-batches ([B, H, ceil(N/g), ...], what the backward recomputes from).
-Mini-batch n of XQ, XK, XV, eta is a BlockSpec block, so Pallas double-buffers it: the DMA of
-mini-batch n + 1 overlaps the math of n. The math runs one head at a time.
+Mini-batch n of XQ, XK, XV is a BlockSpec block, so Pallas double-buffers it: the DMA of
+mini-batch n + 1 overlaps the math of n. eta comes as rows, 8 mini-batches to a block ([8, b]:
+one (8, 128) tile, where a [b, 1] column per mini-batch would pad each token to 128 lanes in HBM
+and VMEM), turned into the column the math wants by `tile.row_to_column`. The math runs one head
+at a time.
 
 Backward, grid (B, H / hb, G) with the group axis 'arbitrary' and walked last group first. Each
 step recomputes its group from the saved state, keeping the g states in a VMEM stack
@@ -31,8 +34,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.ttt.block_sizes import BlockSizes
-from pallas_kernels.ttt.tile import (STEPS, num_groups, pad_to_groups, state_bytes,
-                                     state_shapes, step_vjp)
+from pallas_kernels.ttt.tile import (STEPS, column_to_row, num_groups, pad_to_groups,
+                                     row_to_column, state_bytes, state_shapes, step_vjp)
 
 _SEMANTICS = ("parallel", "parallel", "arbitrary")
 
@@ -40,10 +43,10 @@ _SEMANTICS = ("parallel", "parallel", "arbitrary")
 def vmem_estimate(hb: int, g: int, b: int, d: int, in_bytes: int = 4,
                   kind: str = "ttt_mlp") -> int:
   """Bytes of VMEM the backward kernel needs (the forward needs less): the g-state stack, the
-  double-buffered input/output blocks and the resident state cotangents, f32 state, eta padded
-  to 128 lanes."""
+  double-buffered input/output blocks and the resident state cotangents, f32 state, eta and
+  its cotangent as [g, b] rows padded to 128 lanes."""
   state = state_bytes(kind, d)
-  blocks = 2 * hb * g * b * (7 * d * in_bytes + 2 * 128 * in_bytes)  # xq xk xv ct, dxq dxk dxv
+  blocks = 2 * hb * g * (7 * b * d * in_bytes + 2 * max(b, 128) * 4)  # xq xk xv ct dx*, eta
   return g * state + blocks + 2 * hb * (state + 2 * d * 4) + 2 * 2 * hb * state  # + ckpt in
 
 
@@ -57,7 +60,8 @@ def _params(block_sizes: BlockSizes):
 
 def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, eps, hb,
                     g):
-  """Refs: x [hb, b, d] (mini-batch n), eta [hb, b, 1], gamma/beta [hb, 1, d], initial state
+  """Refs: x [hb, b, d] (mini-batch n), eta [hb, 8, b] (mini-batches n - n % 8 to n - n % 8 + 7,
+  one per row), gamma/beta [hb, 1, d], initial state
   [hb, ...]; outputs out [hb, b, d] and the checkpoint blocks [hb, ...] of group n // g;
   scratch: the running state [hb, ...]."""
   k = len(refs) // 2 - 1  # refs: k initial states, out, (k checkpoints), k scratch states
@@ -77,9 +81,10 @@ def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs,
   dtype = state_refs[0].dtype
   for h in range(hb):
     state = tuple(s[h] for s in state_refs)
-    xs = (r[h].astype(dtype) for r in (xq_ref, xk_ref, xv_ref, eta_ref))
+    xs = [r[h].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)]
+    eta = row_to_column(eta_ref[h, pl.ds(jax.lax.rem(n, 8), 1), :])  # [b, 1]
     state, out = STEPS[kind](gamma_ref[h].astype(dtype), beta_ref[h].astype(dtype), eps, state,
-                             *xs)
+                             *xs, eta)
     for s, w in zip(state_refs, state):
       s[h] = w
     out_ref[h] = out.astype(out_ref.dtype)
@@ -104,7 +109,11 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
   shapes = state_shapes(kind, d)
 
   x_spec = pl.BlockSpec((None, hb, None, b, d), lambda i, j, n: (i, j, n, 0, 0))
-  eta_spec = pl.BlockSpec((None, hb, None, b, 1), lambda i, j, n: (i, j, n, 0, 0))
+  # eta as rows, 8 mini-batches per block (a (8, 128) tile): a [b, 1] column per mini-batch
+  # would take 128 lanes per token in HBM and VMEM.
+  eta = jnp.pad(eta.astype(dtype), [(0, 0), (0, 0), (0, -N % 8), (0, 0)])
+  eta = eta.reshape(B, H, -1, 8, b)
+  eta_spec = pl.BlockSpec((None, hb, None, 8, b), lambda i, j, n: (i, j, n // 8, 0, 0))
   per_head = lambda s: pl.BlockSpec((hb, *s), lambda i, j, n: (j, 0, 0))
   ckpt_spec = lambda s: pl.BlockSpec((None, hb, None, *s), lambda i, j, n: (i, j, n // g, 0, 0))
 
@@ -121,7 +130,7 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
       interpret=interpret,
       debug=debug,
       name=f"{kind}_forward_tpu",
-  )(xq, xk, xv, eta[..., None], ln_weight[:, None], ln_bias[:, None], *init)
+  )(xq, xk, xv, eta, ln_weight[:, None], ln_bias[:, None], *init)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -129,7 +138,7 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
 
 def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, eps, hb,
                      g):
-  """Refs: x [hb, g, b, d] (group G-1-k), eta [hb, g, b, 1], gamma/beta [hb, 1, d], the group's
+  """Refs: x [hb, g, b, d] (group G-1-k), eta [hb, g, b] (rows), gamma/beta [hb, 1, d], the group's
   checkpoint [hb, ...], ct_out [hb, g, b, d]; outputs the input cotangents (blocks like the
   inputs), d gamma / d beta [hb, 1, d] and the state cotangent [hb, ...] (both resident: summed
   over groups); scratch: the group's states [g, ...] of one head."""
@@ -148,7 +157,8 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
     gamma, beta = gamma_ref[h].astype(dtype), beta_ref[h].astype(dtype)
 
     def inputs(t, h=h):
-      return tuple(r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref, eta_ref))
+      eta = row_to_column(eta_ref[h, pl.ds(t, 1), :])  # [b, 1]
+      return (*(r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)), eta)
 
     def recompute(t, state, gamma=gamma, beta=beta, inputs=inputs):
       for s, w in zip(stack, state):
@@ -163,8 +173,9 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
       state = tuple(s[t] for s in stack)
       ct_state, *ct_x, ct_g, ct_b = step_vjp(kind, gamma, beta, eps, state, *inputs(t),
                                              ct_state, ct_ref[h, t].astype(dtype))
-      for r, c in zip(dx_refs, ct_x):
+      for r, c in zip(dx_refs[:3], ct_x):
         r[h, t] = c.astype(r.dtype)
+      dx_refs[3][h, pl.ds(t, 1), :] = column_to_row(ct_x[3])  # d eta, a row
       return ct_gamma + ct_g, ct_beta + ct_b, ct_state
 
     carry = (dgamma[h], dbeta[h], tuple(r[h] for r in dstate))
@@ -192,12 +203,13 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
   G, g = checkpoints[0].shape[2], checkpoint_group
   dtype, hb = checkpoints[0].dtype, heads_per_step
   shapes = state_shapes(kind, d)
+  eta_dtype = eta.dtype
   xq, xk, xv, ct_out = (pad_to_groups(x, G, g) for x in (xq, xk, xv, ct_out))
-  eta = pad_to_groups(eta, G, g)[..., None]
+  eta = pad_to_groups(eta.astype(dtype), G, g).reshape(B, H, G, g, b)  # rows, as the forward
 
   rev = lambda i, j, k: (i, j, G - 1 - k, 0, 0)
   x_spec = pl.BlockSpec((None, hb, g, b, d), rev)
-  eta_spec = pl.BlockSpec((None, hb, g, b, 1), rev)
+  eta_spec = pl.BlockSpec((None, hb, None, g, b), rev)
   per_head = pl.BlockSpec((hb, 1, d), lambda i, j, k: (j, 0, 0))
   ckpt_spec = lambda s: pl.BlockSpec((None, hb, None, *s), rev)
   resident = lambda s: pl.BlockSpec((None, hb, *s), lambda i, j, k: (i, j, 0, 0))
@@ -218,5 +230,6 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
       debug=debug,
       name=f"{kind}_backward_tpu",
   )(xq, xk, xv, eta, ln_weight[:, None], ln_bias[:, None], *checkpoints, ct_out)
-  ct_xs = tuple(o[:, :, :N] for o in outs[:4])
-  return (*ct_xs[:3], ct_xs[3][..., 0], outs[4][:, :, 0], outs[5][:, :, 0], tuple(outs[6:]))
+  ct_xs = tuple(o[:, :, :N] for o in outs[:3])
+  ct_eta = outs[3].reshape(B, H, G * g, b)[:, :, :N].astype(eta_dtype)
+  return (*ct_xs, ct_eta, outs[4][:, :, 0], outs[5][:, :, 0], tuple(outs[6:]))

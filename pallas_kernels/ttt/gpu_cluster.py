@@ -37,6 +37,7 @@ lowering and compiling for an H100 (compile-only devices) and has not yet run on
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -58,11 +59,10 @@ SMEM_LIMIT_BYTES = 227 << 10
 
 
 def smem_bytes(b: int, d: int, cluster: int, interpret: bool = False) -> int:
-  """Shared memory of one CTA: the scratch list of `forward` (barriers aside)."""
-  fp = 4 * d // cluster
-  bf16 = 2 * (7 * b * d + 2 * d * fp + 3 * b * fp + 2 * b * d + b * b)
-  f32 = 4 * (2 * b + 2 * b * d + (b * d if interpret else 0) + 2 * d * fp + fp + 3 * d)
-  return bf16 + f32
+  """Shared memory of one CTA: the sum over `forward`'s scratch list (barriers aside)."""
+  return sum(math.prod(r.shape) * jnp.dtype(r.dtype).itemsize
+             for r in _scratch(b, d, cluster, jnp.bfloat16, interpret)
+             if isinstance(r, pl.MemoryRef))
 
 
 def supports(kind: str, dtype, b: int, d: int, cluster: int) -> bool:
@@ -85,6 +85,28 @@ def _swizzled(shape, dtype):
   swizzle = plgpu.find_swizzle(shape[-1] * itemsize * 8)
   transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
   return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def _scratch(b, d, cluster, dtype, interpret):
+  """The CTA's scratch, in `_kernel`'s order: shared-memory buffers, then barriers."""
+  fp, f32, bf16 = 4 * d // cluster, jnp.float32, jnp.bfloat16
+  return (
+      _swizzled((2, b, d), dtype), _swizzled((2, b, d), dtype),  # XQ, XK (2 buffers)
+      _swizzled((2, b, d), dtype), plgpu.SMEM((2, b), f32),  # XV, eta
+      _swizzled((b, d), dtype),  # out
+      _swizzled((d, fp), bf16), _swizzled((fp, d), bf16),  # W1, W2 operands
+      _swizzled((b, fp), bf16), _swizzled((b, fp), bf16),  # X2, X2_bar
+      _swizzled((b, fp), bf16),  # eta * G1
+      _swizzled((b, d), bf16), _swizzled((b, d), bf16),  # eta * G2, G2
+      _swizzled((b, b), bf16),  # -XQ XK^T, then -X2_bar X2^T
+      plgpu.SMEM((2, b, d), f32),  # this CTA's partial sums
+      plgpu.SMEM((b, d) if interpret else (8,), f32),  # a peer's, received (interpret only)
+      plgpu.SMEM((d, fp), f32), plgpu.SMEM((fp,), f32), plgpu.SMEM((fp, d), f32),
+      plgpu.SMEM((d,), f32), plgpu.SMEM((2, d), f32),  # state stage, gamma/beta
+      plgpu.Barrier(num_arrivals=6), plgpu.Barrier(num_arrivals=4, num_barriers=2),
+      plgpu.Barrier(num_arrivals=1),
+      plgpu.ClusterBarrier(collective_axes=("cluster",)),
+  )
 
 
 def _matmul(shape, *products):
@@ -214,10 +236,12 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     def _():
       plgpu.copy_smem_to_gmem(st_b2, ck_b2.at[i, h, k, 0])
 
-  def stage(ref, value):
-    """A wgmma operand computed in registers, written to shared memory (wgmma reads it
-    there; jax's interpreter supports only shared-memory operands)."""
-    ref[...] = value.astype(ref.dtype)
+  def stage(*pairs):
+    """wgmma operands computed in registers, (ref, value) pairs, written to shared memory and
+    fenced once (wgmma reads them there; jax's interpreter takes only shared-memory
+    operands)."""
+    for ref, value in pairs:
+      ref[...] = value.astype(ref.dtype)
     plgpu.commit_smem()
 
   def step(n, state):
@@ -235,17 +259,14 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     def _():  # the other buffer's last readers (mini-batch n - 1) have finished
       prefetch(n + 1)
 
-    w1b_s[...] = W1.astype(jnp.bfloat16)
-    w2b_s[...] = W2.astype(jnp.bfloat16)
-    plgpu.commit_smem()
+    stage((w1b_s, W1), (w2b_s, W2))
     eta = plgpu.load(eta_s, layout=_ROW)  # [b]
     bf, bd = (b, fp), (b, d)
 
     # Z1 = XK W1 + b1; X2 = gelu(Z1); Z2 = X2 W2 + b2 (summed over the cluster).
     Z1 = _matmul(bf, (xk_s, w1b_s)) + _cols(b1, bf)  # [b, fp]
     X2 = gelu_tanh(Z1)
-    x2_s[...] = X2.astype(jnp.bfloat16)
-    plgpu.commit_smem()
+    stage((x2_s, X2))
     Z2 = cluster_sum(_matmul(bd, (x2_s, w2b_s)), 0) + _cols(b2, bd)  # [b, d]
 
     # Gradients of the reconstruction loss: G2 = dl/dZ2 (redundant per CTA), G1 = dl/dZ1.
@@ -253,23 +274,20 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     XV = plgpu.load(xv_s, layout=_WGMMA).astype(jnp.float32)
     G2 = _ln_l2_grad(Z2, XV - XK, gamma, beta, eps)
     eG2 = _rows(eta, bd) * G2
-    eg2_s[...] = eG2.astype(jnp.bfloat16)
-    g2_s[...] = G2.astype(jnp.bfloat16)
-    plgpu.commit_smem()
+    stage((eg2_s, eG2), (g2_s, G2))
     G1 = _matmul(bf, (g2_s, w2b_s.transpose((1, 0)))) * gelu_tanh_grad(Z1)
     eG1 = _rows(eta, bf) * G1
-    eg1_s[...] = eG1.astype(jnp.bfloat16)
-    plgpu.commit_smem()
+    stage((eg1_s, eG1))
 
     # Dual form, f(XQ; W') without forming W' (as the pure op): Z1_bar = XQ W1 - (XQ XK^T) eG1
     # + b1 - colsum(eG1), and likewise Z2_bar.
     attn1 = _matmul((b, b), (xq_s, xk_s.transpose((1, 0))))
     db1 = eG1.sum(axis=0)  # [fp]
-    stage(attn_s, -attn1)
+    stage((attn_s, -attn1))
     Z1_bar = _matmul(bf, (xq_s, w1b_s), (attn_s, eg1_s)) + _cols(b1 - db1, bf)
-    stage(x2bar_s, gelu_tanh(Z1_bar))
+    stage((x2bar_s, gelu_tanh(Z1_bar)))
     attn2 = _matmul((b, b), (x2bar_s, x2_s.transpose((1, 0))))
-    stage(attn_s, -attn2)
+    stage((attn_s, -attn2))
     part = _matmul(bd, (x2bar_s, w2b_s), (attn_s, eg2_s))
     db2 = eG2.sum(axis=0)  # [d]
     Z2_bar = cluster_sum(part, 1) + _cols(b2 - db2, bd)
@@ -320,23 +338,7 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
   out_type = (jax.ShapeDtypeStruct(xq.shape, xq.dtype),
               *(jax.ShapeDtypeStruct((B, H, G, *s), f32) for s in state_shapes),
               jax.ShapeDtypeStruct((B, H, cluster, 2, b, d) if interpret else (1,), f32))
-  scratch = (
-      _swizzled((2, b, d), xq.dtype), _swizzled((2, b, d), xq.dtype),  # XQ, XK (2 buffers)
-      _swizzled((2, b, d), xq.dtype), plgpu.SMEM((2, b), f32),  # XV, eta
-      _swizzled((b, d), xq.dtype),  # out
-      _swizzled((d, fp), jnp.bfloat16), _swizzled((fp, d), jnp.bfloat16),  # W1, W2 operands
-      _swizzled((b, fp), jnp.bfloat16), _swizzled((b, fp), jnp.bfloat16),  # X2, X2_bar
-      _swizzled((b, fp), jnp.bfloat16),  # eta * G1
-      _swizzled((b, d), jnp.bfloat16), _swizzled((b, d), jnp.bfloat16),  # eta * G2, G2
-      _swizzled((b, b), jnp.bfloat16),  # -XQ XK^T, then -X2_bar X2^T
-      plgpu.SMEM((2, b, d), f32),  # this CTA's partial sums
-      plgpu.SMEM((b, d) if interpret else (8,), f32),  # a peer's, received (interpret only)
-      plgpu.SMEM((d, fp), f32), plgpu.SMEM((fp,), f32), plgpu.SMEM((fp, d), f32),
-      plgpu.SMEM((d,), f32), plgpu.SMEM((2, d), f32),  # state stage, gamma/beta
-      plgpu.Barrier(num_arrivals=6), plgpu.Barrier(num_arrivals=4, num_barriers=2),
-      plgpu.Barrier(num_arrivals=1),
-      plgpu.ClusterBarrier(collective_axes=("cluster",)),
-  )
+  scratch = _scratch(b, d, cluster, xq.dtype, bool(interpret))
   kernel = plgpu.kernel(
       lambda *refs: _kernel(*refs[:16], refs[16:], eps=eps, g=checkpoint_group,
                             num_mini_batches=N, cluster=cluster, interpret=bool(interpret),

@@ -88,21 +88,23 @@ def linear_mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta):
 STEPS = {"ttt_mlp": mini_batch, "ttt_linear": linear_mini_batch}
 
 
+def _diagonal_sum(v, n: int, axis: int):
+  """v ([1, n] or [n, 1]) broadcast to [n, n], masked to the diagonal, summed along `axis`:
+  a row <-> column move from lane/sublane reductions only (no transpose)."""
+  eye = (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+         == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1))
+  return jnp.sum(jnp.where(eye, jnp.broadcast_to(v, (n, n)), 0), axis=axis, keepdims=True)
+
+
 def row_to_column(v):
   """[1, n] -> [n, 1] without a transpose (Mosaic TPU lays out a [1, n] row in one sublane and
   an [n, 1] column across sublanes): the diagonal of the broadcast row, summed along lanes."""
-  n = v.shape[1]
-  eye = (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
-         == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1))
-  return jnp.sum(jnp.where(eye, jnp.broadcast_to(v, (n, n)), 0), axis=1, keepdims=True)
+  return _diagonal_sum(v, v.shape[1], axis=1)
 
 
 def column_to_row(v):
   """[n, 1] -> [1, n], as `row_to_column`."""
-  n = v.shape[0]
-  eye = (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
-         == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1))
-  return jnp.sum(jnp.where(eye, jnp.broadcast_to(v, (n, n)), 0), axis=0, keepdims=True)
+  return _diagonal_sum(v, v.shape[0], axis=0)
 
 
 def state_shapes(kind: str, d: int) -> tuple[tuple[int, int], ...]:

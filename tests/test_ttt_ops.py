@@ -168,3 +168,15 @@ def test_flop_count():
   # One TTT-MLP mini-batch at b = d = 64: 14*b*d*4d + 4*b^2*(d + 4d).
   assert ops.ttt_flops("ttt_mlp", 1, 1, 1, 64, 64) == 14 * 64 * 64 * 256 + 4 * 64 * 64 * 320
   assert ops.ttt_flops("ttt_linear", 2, 3, 5, 16, 64) == 30 * (6 * 16 * 64 * 64 + 4 * 256 * 64)
+
+
+def test_gelu_derivatives_match_autodiff():
+  """`gelu_tanh_grad` and `gelu_tanh_grad2` (used by hand-written VJPs) against jax.grad in
+  float64."""
+  from ttt_jax.ops.ttt import gelu_tanh, gelu_tanh_grad, gelu_tanh_grad2
+  with jax.enable_x64(True):
+    x = jnp.linspace(-6.0, 6.0, 241, dtype=jnp.float64)
+    np.testing.assert_allclose(gelu_tanh_grad(x), jax.vmap(jax.grad(gelu_tanh))(x), rtol=1e-12,
+                               atol=1e-14)
+    np.testing.assert_allclose(gelu_tanh_grad2(x), jax.vmap(jax.grad(gelu_tanh_grad))(x),
+                               rtol=1e-12, atol=1e-14)

@@ -1,5 +1,5 @@
-"""TTT-MLP and TTT-Linear as Pallas kernels: Mosaic TPU and Triton forward and backward, and a
-Mosaic GPU TTT-MLP forward split over a CTA cluster.
+"""TTT-MLP and TTT-Linear as Pallas kernels: Mosaic TPU and Triton forward and backward, and
+Mosaic GPU TTT-MLP forward and backward with the state split over a CTA cluster.
 
 `ttt_mlp` and `ttt_linear` have the signatures and semantics of `ttt_jax.ops.ttt_mlp` /
 `ttt_linear` (without `return_state`) plus `backend`, `interpret`, `debug` and `block_sizes`.

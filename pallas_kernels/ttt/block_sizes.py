@@ -1,8 +1,8 @@
 """Tuning table for the TTT-MLP kernels, keyed by (device kind prefix, dtype, head_dim).
 
-GPU: `cluster` > 0 runs TTT-MLP's forward as the Mosaic GPU kernel of `gpu_cluster.py`, the
-state split over `cluster` CTAs per head (where `gpu_cluster.supports` the shape: bf16,
-b = d = 64, cluster = 4); otherwise the Triton kernels of `gpu.py`, one program per (batch,
+GPU: `cluster` > 0 runs TTT-MLP's forward and backward as the Mosaic GPU kernels of
+`gpu_cluster.py` and `gpu_cluster_backward.py`, the state split over `cluster` CTAs per head
+(where their `supports` take the shape: bf16, b = d = 64, cluster = 4); otherwise the Triton kernels of `gpu.py`, one program per (batch,
 head), whose tunables are Triton's `num_warps` and `num_stages`. TPU (Mosaic, `tpu.py`):
 `heads_per_step` heads share a grid step (amortising the ~0.35 us per-step overhead over more
 matmuls and giving the pipeline larger DMAs), and `vmem_limit_bytes` raises Mosaic's scoped

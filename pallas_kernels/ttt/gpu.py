@@ -27,8 +27,10 @@ program has no scratch memory to hold the g states, and reading back its own HBM
 need a barrier between its threads that Pallas Triton does not expose. Where the backward's
 working set does not fit one SM's shared memory (TTT-MLP at d = 64: 420 KiB requested, 227 KiB
 on an H100, measured by compiling for it), the reverse sweep runs as XLA over the same
-`tile.step_vjp` (`_backward_group_xla`); the forward's cluster split (`gpu_cluster.py`) is the
-way to bring it on chip.
+`tile.step_vjp` (`_backward_group_xla`), except where the cluster split takes both halves:
+with `block_sizes.cluster` at bf16, b = d = 64, each group is recomputed by
+`gpu_cluster.forward` (W1, W2 saved as their bf16 operands) and swept in reverse by
+`gpu_cluster_backward.backward_group`, the state's cotangent split over the same CTAs.
 
 The work of one (b, h) is sequential over N, so the parallelism is the B x H programs only (the
 SMs are not all busy when B * H is below their count, e.g. 48 heads on 132 SMs); it is the
@@ -47,7 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.ttt import gpu_cluster
+from pallas_kernels.ttt import gpu_cluster, gpu_cluster_backward
 from pallas_kernels.ttt.block_sizes import BlockSizes
 from pallas_kernels.ttt.tile import (STEPS, num_groups, pad_to_groups, state_bytes,
                                      state_shapes, step_vjp)
@@ -250,8 +252,23 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
   kw = dict(interpret=interpret, debug=debug, block_sizes=block_sizes)
 
   in_kernel = backward_fits_kernel(kind, d)
+  P = block_sizes.cluster
+  on_cluster = bool(P) and gpu_cluster_backward.supports(kind, xq.dtype, b, d, P)
+
+  def cluster_step(ct_final, group):  # the Mosaic GPU pair, state split over P CTAs
+    xs, ckpt, ct = group
+    mosaic = dict(eps=eps, cluster=P, interpret=plgpu.InterpretGPUParams() if interpret else False,
+                  debug=debug)
+    _, states = gpu_cluster.forward(*xs, ln_weight, ln_bias, ckpt, checkpoint_group=1,
+                                    per_example_init=True, weights_dtype=jnp.bfloat16, **mosaic)
+    *ct_xs, ct_gamma, ct_beta, ct_init = gpu_cluster_backward.backward_group(
+        xs, ln_weight, ln_bias, states, ct, ct_final, **mosaic)
+    ct_xs[3] = ct_xs[3][..., None].astype(xs[3].dtype)
+    return tuple(ct_init), (*ct_xs, ct_gamma[:, :, None], ct_beta[:, :, None])
 
   def step(ct_final, group):  # group k, last first: inputs [B, H, g, ...], checkpoint [B, H, ...]
+    if on_cluster:
+      return cluster_step(ct_final, group)
     xs, ckpt, ct = group
     _, states = forward(*xs, ln_weight, ln_bias, ckpt, kind=kind, eps=eps, checkpoint_group=1,
                         per_example_init=True, **kw)  # the g states, [B, H, g, ...]

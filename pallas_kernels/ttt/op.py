@@ -1,8 +1,8 @@
 """The public Pallas TTT ops, `ttt_mlp` and `ttt_linear`: kernels under a `jax.custom_vjp`.
 
 Two kernel families (`backend`): "tpu" (Mosaic TPU, `tpu.py`) and "gpu" (Triton, `gpu.py`,
-with TTT-MLP's bf16 forward as a Mosaic GPU cluster kernel, `gpu_cluster.py`, where the block
-sizes ask for it), each a forward and a backward. Both forwards save the state at the start of
+with TTT-MLP's bf16 forward and backward as Mosaic GPU cluster kernels, `gpu_cluster.py` and
+`gpu_cluster_backward.py`, where the block sizes ask for it), each a forward and a backward. Both forwards save the state at the start of
 every group of `checkpoint_group` mini-batches; both backwards recompute one group at a time
 from its checkpoint (the TPU kernel in VMEM, the GPU one into HBM by the forward kernel) and
 run it in reverse, so the backward holds one group's states at a time, as the pure op's remat
@@ -56,8 +56,8 @@ def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float =
     eps: inner LayerNorm epsilon.
     checkpoint_group: the forward saves the state every this many mini-batches and the
       backward recomputes one group at a time (None or 0: one group, the whole sequence).
-    backend: "tpu" (Mosaic TPU kernels) or "gpu" (Triton; the forward as the Mosaic GPU
-      cluster kernel where `block_sizes.cluster` asks for it and the shape allows). None: the
+    backend: "tpu" (Mosaic TPU kernels) or "gpu" (Triton; the Mosaic GPU cluster kernels
+      where `block_sizes.cluster` asks for them and the shape allows). None: the
       platform being compiled for (`ttt_jax.sharding.target_device`); on CPU "tpu", whose
       kernels cover the backward.
     interpret: run the kernels in Pallas interpret mode: True, or `pltpu.InterpretParams()`

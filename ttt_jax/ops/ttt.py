@@ -79,6 +79,13 @@ def gelu_tanh_grad(x):
   return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
 
 
+def gelu_tanh_grad2(x):
+  """Second derivative of `gelu_tanh` (hand-written VJPs of the TTT step need it)."""
+  t = jnp.tanh(_GELU_C * x * (1.0 + 0.044715 * x * x))
+  du = _GELU_C * (1.0 + 3 * 0.044715 * x * x)  # d/dx of tanh's argument
+  return (1.0 - t * t) * (du - x * t * du * du + 3 * _GELU_C * 0.044715 * x * x)
+
+
 def _mm(a, b):
   return jnp.einsum("bhij,bhjk->bhik", a, b)
 

@@ -1,0 +1,281 @@
+"""TTT-MLP backward of one checkpoint group as a Mosaic GPU kernel, the state split across a
+cluster of CTAs as in `gpu_cluster.py` (Hopper).
+
+`gpu.backward` walks the groups last first. For each, `gpu_cluster.forward` recomputes the g
+states the group passes through from its checkpoint (W1, W2 as the bf16 operands its matmuls
+used, b1, b2 in f32: [B, H, g, ...] in HBM), and this kernel runs the group in reverse: CTA c of
+a (batch, head) holds the cotangent of its hidden slice of the state (dW1[:, slice], db1[slice],
+dW2[slice, :] in f32 registers; db2 replicated), and for mini-batch t = g-1, ..., 0 it loads
+state t's slice, recomputes the mini-batch (`gpu_cluster.mini_batch`, the forward's code and
+its two cluster sums) and pulls the cotangents back through it.
+
+The VJP is written out by hand (jax.vjp's graph does not survive Mosaic GPU's layout
+inference); its derivation follows the forward line by line, and the tests compare it with the
+pure op's autodiff. Everything a hidden slice contributes to a [b, d] quantity is a partial sum
+over the cluster, so the backward adds two more exchanges through distributed shared memory:
+
+  ct_G2 = sum_c [eta * ct_eG2_c + (ct_G1_c * gelu'(Z1_c)) W2_c] + eta * ct_eG2_shared
+          (G2 feeds every slice's G1 and the W2 update; needed before LayerNorm-L2's VJP)
+  ct_XQ, ct_XK, ct_eta: sums of the slices' parts (XQ and XK meet every W1 slice)
+
+and ct_XV, the LayerNorm parameters' cotangents and db2 come out the same in every CTA. Sums
+use slots 0, 1 (the forward's two), 2 (ct_G2), then 0 and 1 again for ct_XQ / ct_XK: each was
+last read before a later cluster barrier, and a barrier ends each mini-batch.
+
+Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double
+as the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster).
+Shared memory: 20 bf16 tiles and 3 f32 ones, 210 KiB (`smem_bytes`). Mini-batch t's inputs
+are loaded when it starts (no prefetch yet: the tiles are all in use).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import types
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.ttt import gpu_cluster
+from pallas_kernels.ttt.gpu_cluster import (_COL, _ROW, _WGMMA, _Cluster, _cols, _ln_backward,
+                                            _matmul, _normalize, _rows, _swizzled, stage)
+from ttt_jax.ops.ttt import gelu_tanh_grad, gelu_tanh_grad2
+
+
+def smem_bytes(b: int, d: int, cluster: int, interpret: bool = False) -> int:
+  """Shared memory of one CTA: the sum over the kernel's scratch list (barriers aside)."""
+  return sum(math.prod(r.shape) * jnp.dtype(r.dtype).itemsize
+             for r in _scratch(b, d, cluster, interpret) if isinstance(r, pl.MemoryRef))
+
+
+def supports(kind: str, dtype, b: int, d: int, cluster: int) -> bool:
+  """Whether this kernel runs the backward; otherwise `gpu.backward`'s reverse sweep does."""
+  return (gpu_cluster.supports(kind, dtype, b, d, cluster) and b == d == 4 * d // cluster
+          and smem_bytes(b, d, cluster) + gpu_cluster.MOSAIC_RESERVE_BYTES
+          <= gpu_cluster.SMEM_LIMIT_BYTES)
+
+
+def _scratch(b, d, cluster, interpret):
+  """The CTA's scratch, in `_kernel`'s order: shared-memory buffers, then barriers."""
+  fp, f32, bf16 = 4 * d // cluster, jnp.float32, jnp.bfloat16
+  t = lambda *shape: _swizzled(shape, bf16)
+  # Swizzled tiles first, vectors last: each tile is aligned to 1 KiB.
+  return (
+      t(b, d), t(b, d), t(b, d), t(b, d), t(d, fp), t(fp, d),  # XQ XK XV ct_out, W1 W2 at t
+      t(b, fp), t(b, fp), t(b, fp), t(b, d), t(b, d), t(b, b), t(b, b),  # forward operands
+      t(b, d), t(b, b), t(d, fp), t(fp, d), t(b, fp), t(b, b), t(b, fp),  # backward operands
+      plgpu.SMEM((3, b, d), f32),  # partial sums: 3 slots
+      plgpu.SMEM((b, d) if interpret else (8,), f32),  # a peer's, received (interpret only)
+      plgpu.SMEM((b,), f32), plgpu.SMEM((fp,), f32), plgpu.SMEM((d,), f32),  # eta, b1, b2 at t
+      plgpu.SMEM((b,), f32), plgpu.SMEM((b,) if interpret else (8,), f32),  # ct_eta partial
+      plgpu.SMEM((fp,), f32), plgpu.SMEM((d,), f32), plgpu.SMEM((2, d), f32),  # vectors
+      plgpu.Barrier(num_arrivals=6), plgpu.Barrier(num_arrivals=9),
+      plgpu.Barrier(num_arrivals=1),
+      plgpu.ClusterBarrier(collective_axes=("cluster",)),
+  )
+
+
+def _ln_l2_grad_vjp(z, target, gamma, beta, eps, ct_G):
+  """VJP of `gpu_cluster._ln_l2_grad` (G = LNback(x_hat, rstd, u), u = gamma (gamma x_hat +
+  beta - target)): the cotangents of z, target, gamma [d] and beta [d] given ct_G [b, d].
+  LNback is self-adjoint in u; x_hat and rstd are then differentiated through z."""
+  bd = z.shape
+  d = bd[1]
+  mean = lambda v: _rows(v.sum(axis=1) / d, bd)
+  x_hat, rstd = _normalize(z, eps)
+  g_, b_ = _cols(gamma, bd), _cols(beta, bd)
+  u = g_ * (g_ * x_hat + b_ - target)
+  G = _ln_backward(x_hat, rstd, u)
+  ct_u = _ln_backward(x_hat, rstd, ct_G)
+  r = _rows(rstd, bd)
+  ct_x_hat = g_ * g_ * ct_u - r * (mean(u * x_hat) * ct_G + mean(ct_G * x_hat) * u)
+  ct_z = _ln_backward(x_hat, rstd, ct_x_hat) - r * mean(ct_G * G) * x_hat
+  ct_gamma = (ct_u * (2 * g_ * x_hat + b_ - target)).sum(axis=0)
+  return ct_z, -g_ * ct_u, ct_gamma, (ct_u * g_).sum(axis=0)
+
+
+def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
+            cw1_g, cb1_g, cw2_g, cb2_g,
+            dxq_g, dxk_g, dxv_g, deta_g, dln_g, dw1_g, db1_g, dw2_g, db2_g, xch_g, xche_g,
+            scratch, *, eps, g, cluster, interpret):
+  """One CTA: hidden slice c of head h, batch element i, one group of g mini-batches. GMEM refs:
+  x, ct_out [B, H, g, b, d] bf16, eta [B, H, g, b] f32, gamma/beta [H, d] f32, the states
+  before each mini-batch [B, H, g, ...] (W1, W2 bf16, b1, b2 f32), the group's final state
+  cotangent [B, H, ...] f32; outputs the cotangents of x and eta (like them), of (gamma, beta)
+  [B, H, 2, d], of the group's initial state [B, H, ...] and (interpret only) the exchange
+  scratch [B, H, P, 3, b, d] and [B, H, P, b]."""
+  (xq_s, xk_s, xv_s, cto_s, w1_s, w2_s,
+   x2_s, x2bar_s, eg1_s, g2_s, eg2_s, nb_s, na_s,
+   d2_s, m_s, cw1_s, cw2_s, d1_s, ctb_s, ctp_s,
+   part_s, recv_s, eta_s, b1_s, b2_s, parte_s, recve_s, vb1_s, vb2_s, vec_s,
+   init_bar, load_bar, recv_bar, cbar) = scratch
+  i, h, c = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("cluster")
+  b, d = xq_s.shape
+  fp = w1_s.shape[1]
+  hid = pl.ds(c * fp, fp)  # this CTA's slice of the hidden width
+  f32 = jnp.float32
+  bd, bf, bb = (b, d), (b, fp), (b, b)
+  cl = _Cluster(c, cluster, interpret, cbar, recv_bar,
+                buf=lambda k: parte_s if k == "eta" else part_s.at[k],
+                xch=lambda k, p: xche_g.at[i, h, p] if k == "eta" else xch_g.at[i, h, p, k],
+                recv=lambda k: recve_s if k == "eta" else recv_s)
+
+  def fetch(pairs, bar):
+    for src, dst in pairs:
+      plgpu.copy_gmem_to_smem(src, dst, bar)
+    plgpu.barrier_wait(bar)
+
+  # LayerNorm parameters and the cotangent of the group's final state (f32, through the
+  # partial-sum slots, free until the first mini-batch).
+  fetch([(gamma_g.at[h], vec_s.at[0]), (beta_g.at[h], vec_s.at[1]),
+         (cw1_g.at[i, h, :, hid], part_s.at[0]), (cb1_g.at[i, h, 0, hid], vb1_s),
+         (cw2_g.at[i, h, hid, :], part_s.at[1]), (cb2_g.at[i, h, 0], vb2_s)], init_bar)
+  gamma = plgpu.load(vec_s.at[0], layout=_COL)
+  beta = plgpu.load(vec_s.at[1], layout=_COL)
+  carry = (plgpu.load(part_s.at[0], layout=_WGMMA), plgpu.load(vb1_s, layout=_COL),
+           plgpu.load(part_s.at[1], layout=_WGMMA), plgpu.load(vb2_s, layout=_COL),
+           jnp.zeros_like(gamma), jnp.zeros_like(beta))
+
+  def step(k, carry):
+    CW1, Cb1, CW2, Cb2, ct_gamma, ct_beta = carry  # cotangents of the state after mini-batch t
+    t = g - 1 - k
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's outputs have left
+    fetch([(xq_g.at[i, h, t], xq_s), (xk_g.at[i, h, t], xk_s), (xv_g.at[i, h, t], xv_s),
+           (cto_g.at[i, h, t], cto_s), (eta_g.at[i, h, t], eta_s),
+           (w1_g.at[i, h, t, :, hid], w1_s), (b1_g.at[i, h, t, 0, hid], b1_s),
+           (w2_g.at[i, h, t, hid, :], w2_s), (b2_g.at[i, h, t, 0], b2_s)], load_bar)
+    eta = plgpu.load(eta_s, layout=_ROW)  # [b]
+    bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
+                                 x2_bar=x2bar_s, eg1=eg1_s, eg2=eg2_s, g2=g2_s, neg_b=nb_s,
+                                 neg_a=na_s)
+    cluster_sum = lambda part, slot: cl.sum((slot, part, _WGMMA))[0]
+    r = gpu_cluster.mini_batch(bufs, eta, plgpu.load(b1_s, layout=_COL),
+                               plgpu.load(b2_s, layout=_COL), gamma, beta, eps, cluster_sum)
+    T = lambda ref: ref.transpose((1, 0))
+
+    # out = XQ + gamma * x_hat(Z2_bar) + beta: D2 = ct of Z2_bar (the same in every CTA).
+    x_hat, rstd = _normalize(r.Z2_bar, eps)
+    ct_out = plgpu.load(cto_s, layout=_WGMMA).astype(f32)
+    ct_gamma = ct_gamma + (ct_out * x_hat).sum(axis=0)
+    ct_beta = ct_beta + ct_out.sum(axis=0)
+    D2 = _ln_backward(x_hat, rstd, ct_out * _cols(gamma, bd))
+    stage((d2_s, D2), (cw1_s, CW1), (cw2_s, CW2))
+
+    # Z2_bar's slice part X2_bar W2 - (X2_bar X2^T) eG2, and the W2 update W2 - X2^T eG2.
+    stage((m_s, _matmul(bb, (d2_s, T(eg2_s)))))  # M = D2 eG2^T
+    ct_X2bar = _matmul(bf, (d2_s, T(w2_s))) - _matmul(bf, (m_s, x2_s))
+    ct_X2 = -_matmul(bf, (T(m_s), x2bar_s), (eg2_s, T(cw2_s)))
+    ct_eG2 = _matmul(bd, (T(na_s), d2_s)) - _matmul(bd, (x2_s, cw2_s))  # this slice's part
+    CW2 = CW2 + _matmul((fp, d), (T(x2bar_s), d2_s))
+    ct_eG2_shared = -(D2.sum(axis=0) + Cb2)  # [d], from colsum(eG2) in Z2_bar and b2's update
+    Cb2 = Cb2 + D2.sum(axis=0)
+
+    # Z1_bar = XQ W1 - (XQ XK^T) eG1 + b1 - colsum(eG1), and the W1, b1 updates.
+    D1 = ct_X2bar * gelu_tanh_grad(r.Z1_bar)
+    stage((d1_s, D1))
+    stage((ctb_s, -_matmul(bb, (d1_s, T(eg1_s)))))  # ct of XQ XK^T
+    ct_XQ = _matmul(bd, (d1_s, T(w1_s)), (ctb_s, xk_s))
+    ct_XK = _matmul(bd, (T(ctb_s), xq_s)) - _matmul(bd, (eg1_s, T(cw1_s)))
+    ct_eG1 = (_matmul(bf, (T(nb_s), d1_s)) - _matmul(bf, (xk_s, cw1_s))
+              - _cols(D1.sum(axis=0) + Cb1, bf))
+    CW1 = CW1 + _matmul((d, fp), (T(xq_s), d1_s))
+    Cb1 = Cb1 + D1.sum(axis=0)
+
+    # eG1 = eta G1, G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
+    ct_G1 = _rows(eta, bf) * ct_eG1
+    ct_eta = (ct_eG1 * r.G1).sum(axis=1) + (ct_eG2 * r.G2).sum(axis=1)  # [b], this slice's
+    ct_P = ct_G1 * gelu_tanh_grad(r.Z1)
+    ct_Z1 = ct_G1 * r.P * gelu_tanh_grad2(r.Z1)
+    stage((ctp_s, ct_P))
+    CW2 = CW2 + _matmul((fp, d), (T(ctp_s), g2_s))
+    part = _rows(eta, bd) * ct_eG2 + _matmul(bd, (ctp_s, w2_s))
+    ct_G2 = cluster_sum(part, 2) + _rows(eta, bd) * _cols(ct_eG2_shared, bd)
+
+    # G2 = LN-L2 gradient of Z2 = X2 W2 + b2 at target XV - XK; X2 = gelu(Z1 = XK W1 + b1).
+    XK = plgpu.load(xk_s, layout=_WGMMA).astype(f32)
+    XV = plgpu.load(xv_s, layout=_WGMMA).astype(f32)
+    ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(r.Z2, XV - XK, gamma, beta, eps, ct_G2)
+    ct_gamma, ct_beta = ct_gamma + dgamma, ct_beta + dbeta
+    Cb2 = Cb2 + ct_Z2.sum(axis=0)
+    stage((d2_s, ct_Z2))  # D2's tile: D2 is dead
+    ct_X2 = ct_X2 + _matmul(bf, (d2_s, T(w2_s)))
+    CW2 = CW2 + _matmul((fp, d), (T(x2_s), d2_s))
+    ct_Z1 = ct_Z1 + ct_X2 * gelu_tanh_grad(r.Z1)
+    stage((d1_s, ct_Z1))  # D1's tile
+    ct_XK = ct_XK + _matmul(bd, (d1_s, T(w1_s)))
+    CW1 = CW1 + _matmul((d, fp), (T(xk_s), d1_s))
+    Cb1 = Cb1 + ct_Z1.sum(axis=0)
+
+    ct_XQ, ct_XK, ct_eta = cl.sum((0, ct_XQ, _WGMMA), (1, ct_XK, _WGMMA), ("eta", ct_eta, _ROW))
+    ct_eta = ct_eta + (r.G2 * _cols(ct_eG2_shared, bd)).sum(axis=1)
+
+    @pl.when(c == 0)
+    def _():  # the input tiles are free now; the next mini-batch loads after these leave
+      ct_out = plgpu.load(cto_s, layout=_WGMMA).astype(f32)
+      stage((xq_s, ct_out + ct_XQ), (xk_s, ct_XK - ct_T), (xv_s, ct_T))
+      eta_s[...] = ct_eta
+      plgpu.commit_smem()
+      for src, dst in ((xq_s, dxq_g), (xk_s, dxk_g), (xv_s, dxv_g), (eta_s, deta_g)):
+        plgpu.copy_smem_to_gmem(src, dst.at[i, h, t])
+
+    cl.sync()  # every peer has read this mini-batch's partials
+    return CW1, Cb1, CW2, Cb2, ct_gamma, ct_beta
+
+  CW1, Cb1, CW2, Cb2, ct_gamma, ct_beta = lax.fori_loop(0, g, step, carry)
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  part_s.at[0][...], part_s.at[1][...] = CW1, CW2  # the last barrier freed the slots
+  vb1_s[...], vb2_s[...], vec_s.at[0][...], vec_s.at[1][...] = Cb1, Cb2, ct_gamma, ct_beta
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(part_s.at[0], dw1_g.at[i, h, :, hid])
+  plgpu.copy_smem_to_gmem(vb1_s, db1_g.at[i, h, 0, hid])
+  plgpu.copy_smem_to_gmem(part_s.at[1], dw2_g.at[i, h, hid, :])
+
+  @pl.when(c == 0)
+  def _():
+    plgpu.copy_smem_to_gmem(vb2_s, db2_g.at[i, h, 0])
+    plgpu.copy_smem_to_gmem(vec_s, dln_g.at[i, h])
+
+  plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "cluster", "interpret", "debug"))
+def backward_group(xs, ln_weight, ln_bias, states, ct_out, ct_final, *, eps: float,
+                   cluster: int = 4, interpret=False, debug: bool = False):
+  """One group's reverse sweep (`gpu._backward_group`'s job) on the cluster split.
+
+  xs: (xq, xk, xv [B, H, g, 64, d] bf16, eta [B, H, g, 64]); ln_weight, ln_bias: [H, d];
+  states: the states before each of the g mini-batches, W1 [B, H, g, d, 4d] and W2 in bf16,
+  b1, b2 in f32 (`gpu_cluster.forward` with checkpoint_group=1, weights_dtype=bf16); ct_out
+  [B, H, g, 64, d]; ct_final: the cotangent of the group's final state, f32 [B, H, ...].
+  `interpret`: False or a `plgpu.InterpretGPUParams`.
+
+  Returns (ct_xq, ct_xk, ct_xv in their dtype, ct_eta [B, H, g, 64] f32, ct_gamma [B, H, d],
+  ct_beta [B, H, d], the cotangent of the group's initial state (f32, [B, H, ...])).
+  """
+  xq, xk, xv, eta = xs
+  B, H, g, b, d = xq.shape
+  if not supports("ttt_mlp", xq.dtype, b, d, cluster):
+    raise ValueError(f"gpu_cluster_backward: b={b}, d={d}, dtype {xq.dtype}, cluster={cluster}"
+                     " is not supported (bf16, b = d = 64, cluster = 4); use gpu.backward.")
+  f32 = jnp.float32
+  out_type = (*(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (xq, xk, xv)),
+              jax.ShapeDtypeStruct(eta.shape, f32), jax.ShapeDtypeStruct((B, H, 2, d), f32),
+              *(jax.ShapeDtypeStruct(c.shape, f32) for c in ct_final),
+              jax.ShapeDtypeStruct((B, H, cluster, 3, b, d) if interpret else (1,), f32),
+              jax.ShapeDtypeStruct((B, H, cluster, b) if interpret else (1,), f32))
+  def ttt_mlp_backward_cluster(*refs):  # the kernel's name in the lowered module
+    _kernel(*refs[:26], refs[26:], eps=eps, g=g, cluster=cluster, interpret=bool(interpret))
+
+  kernel = plgpu.kernel(
+      ttt_mlp_backward_cluster, out_type=out_type, scratch_types=_scratch(b, d, cluster, bool(interpret)), grid=(B, H),
+      grid_names=("batch", "heads"), cluster=(cluster,), cluster_names=("cluster",),
+      interpret=interpret or None, debug=debug)
+  W1, b1, W2, b2 = states
+  outs = kernel(xq, xk, xv, eta.astype(f32), ct_out.astype(xq.dtype), ln_weight.astype(f32),
+                ln_bias.astype(f32), W1.astype(jnp.bfloat16), b1.astype(f32),
+                W2.astype(jnp.bfloat16), b2.astype(f32), *(c.astype(f32) for c in ct_final))
+  ct_xq, ct_xk, ct_xv, ct_eta, ct_ln, *ct_init = outs[:9]
+  return ct_xq, ct_xk, ct_xv, ct_eta, ct_ln[:, :, 0], ct_ln[:, :, 1], tuple(ct_init)

@@ -205,7 +205,7 @@ def test_cluster_forward_matches_pure_op(shape, P):
 
   _, ckpts = gpu_cluster.forward(*args[:6], tuple(w.astype(jnp.float32) for w in args[6:]),
                                  eps=1e-6, checkpoint_group=2, cluster=P,
-                                 interpret=plgpu.InterpretGPUParams())
+                                 interpret=plgpu.InterpretGPUParams(detect_races=True))
   _check_group_start_states(ckpts, args, groups=(shape[2] + 1) // 2, tol=1e-2)
 
 
@@ -245,7 +245,9 @@ def test_cluster_backward_group_matches_autodiff():
           r(B, H, 1, d, sc=0.02))
   ct_out = r(B, H, g, b, d).astype(jnp.bfloat16)
   ct_final = tuple(r(*c.shape, sc=0.1) for c in ckpt)
-  mosaic = dict(eps=1e-6, cluster=4, interpret=plgpu.InterpretGPUParams())
+  # detect_races: the interpreter checks the kernels' barriers and proxy fences (its model
+  # covers one CTA's threads and TMA; the exchange goes through global memory there).
+  mosaic = dict(eps=1e-6, cluster=4, interpret=plgpu.InterpretGPUParams(detect_races=True))
   _, states = gpu_cluster.forward(xq, xk, xv, eta, lw, lb, ckpt, checkpoint_group=1,
                                   per_example_init=True, weights_dtype=jnp.bfloat16, **mosaic)
   assert states[0].dtype == jnp.bfloat16 and states[1].dtype == jnp.float32

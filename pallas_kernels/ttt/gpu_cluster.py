@@ -214,6 +214,7 @@ class _Cluster:
           plgpu.copy_gmem_to_smem(self.xch(key, peer), self.recv(key), self.recv_bar)
           plgpu.barrier_wait(self.recv_bar)
           total = total + plgpu.load(self.recv(key), layout=layout)
+          plgpu.commit_smem()  # this read before the next copy into recv (async proxy)
         else:
           peer_buf = plgpu.cluster_ref(self.buf(key), {"cluster": peer})
           total = total + plgpu.load(peer_buf, layout=layout)
@@ -232,8 +233,7 @@ def stage(*pairs):
 class Recompute(NamedTuple):
   """What `mini_batch` computes, the registers (f32) the backward differentiates through."""
   Z1: jax.Array  # [b, fp] XK W1 + b1
-  P: jax.Array  # [b, fp] G2 W2^T
-  G1: jax.Array  # [b, fp] P * gelu'(Z1)
+  P: jax.Array  # [b, fp] G2 W2^T (G1 = P * gelu'(Z1): fewer live registers than keeping G1)
   Z2: jax.Array  # [b, d] X2 W2 + b2, summed over the cluster
   G2: jax.Array  # [b, d] the LayerNorm-L2 gradient of Z2
   Z1_bar: jax.Array  # [b, fp]
@@ -283,7 +283,7 @@ def mini_batch(s, eta, b1, b2, gamma, beta, eps, cluster_sum):
   part = _matmul(bd, (s.x2_bar, s.w2), (s.neg_a, s.eg2))
   db2 = eG2.sum(axis=0)  # [d]
   Z2_bar = cluster_sum(part, 1) + _cols(b2 - db2, bd)
-  return Recompute(Z1, P, G1, Z2, G2, Z1_bar, Z2_bar, db1, db2)
+  return Recompute(Z1, P, Z2, G2, Z1_bar, Z2_bar, db1, db2)
 
 
 def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,

@@ -16,11 +16,12 @@ over the cluster, so the backward adds two more exchanges through distributed sh
 
   ct_G2 = sum_c [eta * ct_eG2_c + (ct_G1_c * gelu'(Z1_c)) W2_c] + eta * ct_eG2_shared
           (G2 feeds every slice's G1 and the W2 update; needed before LayerNorm-L2's VJP)
-  ct_XQ, ct_XK, ct_eta: sums of the slices' parts (XQ and XK meet every W1 slice)
+  ct_XQ, ct_XK, ct_eta: sums of the slices' parts (XQ and XK meet every W1 slice; ct_XQ is
+          complete with ct_G2's partial and is summed with it)
 
 and ct_XV, the LayerNorm parameters' cotangents and db2 come out the same in every CTA. Sums
-use slots 0, 1 (the forward's two), 2 (ct_G2), then 0 and 1 again for ct_XQ / ct_XK: each was
-last read before a later cluster barrier, and a barrier ends each mini-batch.
+use slots 0, 1 (the forward's two), then 2 and 0 (ct_G2, ct_XQ), then 1 (ct_XK): each was last
+read before a later cluster barrier, and a barrier ends each mini-batch.
 
 Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double
 as the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster).
@@ -80,7 +81,7 @@ def _scratch(b, d, cluster, interpret):
 
 def _ln_l2_grad_vjp(z, target, gamma, beta, eps, ct_G):
   """VJP of `gpu_cluster._ln_l2_grad` (G = LNback(x_hat, rstd, u), u = gamma (gamma x_hat +
-  beta - target)): the cotangents of z, target, gamma [d] and beta [d] given ct_G [b, d].
+  beta - target)): G and the cotangents of z, target, gamma [d] and beta [d] given ct_G [b, d].
   LNback is self-adjoint in u; x_hat and rstd are then differentiated through z."""
   bd = z.shape
   d = bd[1]
@@ -94,7 +95,7 @@ def _ln_l2_grad_vjp(z, target, gamma, beta, eps, ct_G):
   ct_x_hat = g_ * g_ * ct_u - r * (mean(u * x_hat) * ct_G + mean(ct_G * x_hat) * u)
   ct_z = _ln_backward(x_hat, rstd, ct_x_hat) - r * mean(ct_G * G) * x_hat
   ct_gamma = (ct_u * (2 * g_ * x_hat + b_ - target)).sum(axis=0)
-  return ct_z, -g_ * ct_u, ct_gamma, (ct_u * g_).sum(axis=0)
+  return G, ct_z, -g_ * ct_u, ct_gamma, (ct_u * g_).sum(axis=0)
 
 
 def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
@@ -164,10 +165,11 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     D2 = _ln_backward(x_hat, rstd, ct_out * _cols(gamma, bd))
     stage((d2_s, D2), (cw1_s, CW1), (cw2_s, CW2))
 
-    # Z2_bar's slice part X2_bar W2 - (X2_bar X2^T) eG2, and the W2 update W2 - X2^T eG2.
+    # Z2_bar's slice part X2_bar W2 - (X2_bar X2^T) eG2, and the W2 update W2 - X2^T eG2. (Terms
+    # whose operands stay in shared memory are computed where they are consumed, which keeps
+    # fewer [b, fp] values live in registers.)
     stage((m_s, _matmul(bb, (d2_s, T(eg2_s)))))  # M = D2 eG2^T
     ct_X2bar = _matmul(bf, (d2_s, T(w2_s))) - _matmul(bf, (m_s, x2_s))
-    ct_X2 = -_matmul(bf, (T(m_s), x2bar_s), (eg2_s, T(cw2_s)))
     ct_eG2 = _matmul(bd, (T(na_s), d2_s)) - _matmul(bd, (x2_s, cw2_s))  # this slice's part
     CW2 = CW2 + _matmul((fp, d), (T(x2bar_s), d2_s))
     ct_eG2_shared = -(D2.sum(axis=0) + Cb2)  # [d], from colsum(eG2) in Z2_bar and b2's update
@@ -177,48 +179,56 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     D1 = ct_X2bar * gelu_tanh_grad(r.Z1_bar)
     stage((d1_s, D1))
     stage((ctb_s, -_matmul(bb, (d1_s, T(eg1_s)))))  # ct of XQ XK^T
-    ct_XQ = _matmul(bd, (d1_s, T(w1_s)), (ctb_s, xk_s))
-    ct_XK = _matmul(bd, (T(ctb_s), xq_s)) - _matmul(bd, (eg1_s, T(cw1_s)))
     ct_eG1 = (_matmul(bf, (T(nb_s), d1_s)) - _matmul(bf, (xk_s, cw1_s))
               - _cols(D1.sum(axis=0) + Cb1, bf))
     CW1 = CW1 + _matmul((d, fp), (T(xq_s), d1_s))
     Cb1 = Cb1 + D1.sum(axis=0)
+    ct_XQ = _matmul(bd, (d1_s, T(w1_s)), (ctb_s, xk_s))  # this slice's part
 
     # eG1 = eta G1, G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
     ct_G1 = _rows(eta, bf) * ct_eG1
-    ct_eta = (ct_eG1 * r.G1).sum(axis=1) + (ct_eG2 * r.G2).sum(axis=1)  # [b], this slice's
-    ct_P = ct_G1 * gelu_tanh_grad(r.Z1)
-    ct_Z1 = ct_G1 * r.P * gelu_tanh_grad2(r.Z1)
-    stage((ctp_s, ct_P))
+    dX2 = gelu_tanh_grad(r.Z1)
+    ct_eta = (ct_eG1 * r.P * dX2).sum(axis=1) + (ct_eG2 * r.G2).sum(axis=1)  # [b], this slice's
+    ct_Z1 = ct_G1 * r.P * gelu_tanh_grad2(r.Z1)  # X2's share is added below
+    stage((ctp_s, ct_G1 * dX2))  # ct of P = G2 W2^T
     CW2 = CW2 + _matmul((fp, d), (T(ctp_s), g2_s))
     part = _rows(eta, bd) * ct_eG2 + _matmul(bd, (ctp_s, w2_s))
-    ct_G2 = cluster_sum(part, 2) + _rows(eta, bd) * _cols(ct_eG2_shared, bd)
+    ct_G2, ct_XQ = cl.sum((2, part, _WGMMA), (0, ct_XQ, _WGMMA))
+    ct_G2 = ct_G2 + _rows(eta, bd) * _cols(ct_eG2_shared, bd)
+
+    @pl.when(c == 0)
+    def _():  # d XQ is complete: out through ct_P's tile, free now
+      ct_out = plgpu.load(cto_s, layout=_WGMMA).astype(f32)
+      stage((ctp_s, ct_out + ct_XQ))
+      plgpu.copy_smem_to_gmem(ctp_s, dxq_g.at[i, h, t])
 
     # G2 = LN-L2 gradient of Z2 = X2 W2 + b2 at target XV - XK; X2 = gelu(Z1 = XK W1 + b1).
     XK = plgpu.load(xk_s, layout=_WGMMA).astype(f32)
     XV = plgpu.load(xv_s, layout=_WGMMA).astype(f32)
-    ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(r.Z2, XV - XK, gamma, beta, eps, ct_G2)
+    G2, ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(r.Z2, XV - XK, gamma, beta, eps, ct_G2)
+    ct_eta_shared = (G2 * _cols(ct_eG2_shared, bd)).sum(axis=1)  # [b], added once, below
     ct_gamma, ct_beta = ct_gamma + dgamma, ct_beta + dbeta
     Cb2 = Cb2 + ct_Z2.sum(axis=0)
     stage((d2_s, ct_Z2))  # D2's tile: D2 is dead
-    ct_X2 = ct_X2 + _matmul(bf, (d2_s, T(w2_s)))
+    # X2 meets Z2 (W2), Z2_bar's Gram term (-M^T X2_bar) and the W2 update (-eG2 dW2'^T).
+    ct_X2 = _matmul(bf, (d2_s, T(w2_s))) - _matmul(bf, (T(m_s), x2bar_s), (eg2_s, T(cw2_s)))
     CW2 = CW2 + _matmul((fp, d), (T(x2_s), d2_s))
     ct_Z1 = ct_Z1 + ct_X2 * gelu_tanh_grad(r.Z1)
     stage((d1_s, ct_Z1))  # D1's tile
-    ct_XK = ct_XK + _matmul(bd, (d1_s, T(w1_s)))
+    ct_XK = (_matmul(bd, (T(ctb_s), xq_s), (d1_s, T(w1_s)))
+             - _matmul(bd, (eg1_s, T(cw1_s))))  # this slice's part
     CW1 = CW1 + _matmul((d, fp), (T(xk_s), d1_s))
     Cb1 = Cb1 + ct_Z1.sum(axis=0)
 
-    ct_XQ, ct_XK, ct_eta = cl.sum((0, ct_XQ, _WGMMA), (1, ct_XK, _WGMMA), ("eta", ct_eta, _ROW))
-    ct_eta = ct_eta + (r.G2 * _cols(ct_eG2_shared, bd)).sum(axis=1)
+    ct_XK, ct_eta = cl.sum((1, ct_XK, _WGMMA), ("eta", ct_eta, _ROW))
+    ct_eta = ct_eta + ct_eta_shared
 
     @pl.when(c == 0)
     def _():  # the input tiles are free now; the next mini-batch loads after these leave
-      ct_out = plgpu.load(cto_s, layout=_WGMMA).astype(f32)
-      stage((xq_s, ct_out + ct_XQ), (xk_s, ct_XK - ct_T), (xv_s, ct_T))
+      stage((xk_s, ct_XK - ct_T), (xv_s, ct_T))
       eta_s[...] = ct_eta
       plgpu.commit_smem()
-      for src, dst in ((xq_s, dxq_g), (xk_s, dxk_g), (xv_s, dxv_g), (eta_s, deta_g)):
+      for src, dst in ((xk_s, dxk_g), (xv_s, dxv_g), (eta_s, deta_g)):
         plgpu.copy_smem_to_gmem(src, dst.at[i, h, t])
 
     cl.sync()  # every peer has read this mini-batch's partials

@@ -2,8 +2,9 @@
 
 GPU: `cluster` > 0 runs TTT-MLP's forward and backward as the Mosaic GPU kernels of
 `gpu_cluster.py` and `gpu_cluster_backward.py`, the state split over `cluster` CTAs per head
-(where their `supports` take the shape: bf16, b = d = 64, cluster = 4); otherwise the Triton kernels of `gpu.py`, one program per (batch,
-head), whose tunables are Triton's `num_warps` and `num_stages`. TPU (Mosaic, `tpu.py`):
+(where their `supports` take the shape: bf16, b = d = 64, cluster = 4); otherwise the Triton
+kernels of `gpu.py`, one program per (batch, head), whose tunables are Triton's `num_warps`
+and `num_stages`. TPU (Mosaic, `tpu.py`):
 `heads_per_step` heads share a grid step (amortising the ~0.35 us per-step overhead over more
 matmuls and giving the pipeline larger DMAs), and `vmem_limit_bytes` raises Mosaic's scoped
 VMEM limit for the backward's per-group state stack.
@@ -28,7 +29,7 @@ class BlockSizes:
   """Compiler parameters of the TTT-MLP kernels (GPU fields, then TPU fields)."""
   num_warps: int = 4
   num_stages: int = 1  # the mini-batch loop carries the state: nothing to software-pipeline
-  cluster: int = 0  # GPU: CTAs per head for the Mosaic GPU TTT-MLP forward (0: Triton)
+  cluster: int = 0  # GPU: CTAs per head for the Mosaic GPU TTT-MLP kernels (0: Triton)
   heads_per_step: int = 1  # TPU: heads per grid step (rounded down to a divisor of H)
   vmem_limit_bytes: int | None = None  # TPU: Mosaic's scoped VMEM limit (None: its default)
 
@@ -39,8 +40,8 @@ DEFAULT = BlockSizes()
 # The first matching entry wins; device kinds are matched case-insensitively by prefix.
 TABLE: tuple[tuple[tuple[str, str | None, int | None], BlockSizes], ...] = (
     # 4 CTAs per head (the one cluster size whose scratch fits at d = 64, `gpu_cluster.supports`):
-    # 192 CTAs at the 5B shape (48 heads) over 132 SMs, 32 KiB of f32 state each. num_warps is
-    # for the Triton backward.
+    # 192 CTAs at the 5B shape (48 heads) over 132 SMs, 32 KiB of f32 state each, forward and
+    # backward. num_warps is for the Triton kernels, should a shape fall back to them.
     (("NVIDIA H100", "bfloat16", 64), BlockSizes(num_warps=8, cluster=4)),  # untuned
     (("NVIDIA H200", "bfloat16", 64), BlockSizes(num_warps=8, cluster=4)),  # untuned
     (("NVIDIA H100", None, 64), BlockSizes(num_warps=8, num_stages=1)),  # untuned

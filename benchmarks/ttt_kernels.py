@@ -9,7 +9,7 @@ CPU the kernel runs in interpret mode, so only the numerics and the plumbing mea
 run it on the accelerator (device tool METHOD.md) and commit the JSON under benchmarks/results/.
 
   python benchmarks/ttt_kernels.py --seconds=3,9,18,63 --out=benchmarks/results/h100.jsonl
-  python benchmarks/ttt_kernels.py --backend=gpu --gpu_cluster=4,0   # cluster vs Triton forward
+  python benchmarks/ttt_kernels.py --backend=gpu --gpu_cluster=4,0   # cluster vs Triton kernels
   python benchmarks/ttt_kernels.py --heads=2 --seconds=3 --repeats=1      # CPU smoke run
   python benchmarks/summarize.py benchmarks/results/*.jsonl --svg=summary.svg  # across devices
 """
@@ -68,7 +68,8 @@ def main(argv=None):
                  help="Pallas kernel family (default: the device's; on CPU tpu, interpreted)")
   p.add_argument("--gpu_cluster", type=csv(int), default=None,
                  help="GPU: one pallas row per value, CTAs per head for the Mosaic GPU cluster "
-                      "forward (0: the Triton forward); default: the tuning table's")
+                      "kernels, forward and backward (0: the Triton kernels); default: the "
+                      "tuning table's")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--heads", type=int, default=48)
   p.add_argument("--checkpoint_group", type=int, default=16)

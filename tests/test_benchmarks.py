@@ -1,9 +1,11 @@
-"""benchmarks/ttt_op.py runs and prints well-formed JSON lines (no timing asserts)."""
+"""The benchmark scripts run and print well-formed JSON lines (no timing asserts)."""
 
 import json
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -77,3 +79,37 @@ def test_ttt_kernels_benchmark_gpu_cluster_variants(tmp_path):
   assert [(r["impl"], r["gpu_cluster"]) for r in rows] == [
       ("xla", None), ("pallas-cluster4", 4), ("pallas-triton", 0)]
   assert rows[1]["kernel_backend"] == "gpu (interpret)" and rows[2]["speedup_vs_xla"] > 0
+
+
+def test_kernel_resources_parses_mosaic_and_ptxas_dumps():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import kernel_resources
+  text = ("Resources(smem_scratch_bytes=224256, tmem_scratch_cols=0, ...)\n"
+          "ptxas warning : Registers are spilled to local memory in function 'k', 6396 bytes "
+          "spill stores, 7444 bytes spill loads\n"
+          "ptxas         .     3880 bytes stack frame, 6396 bytes spill stores, 7444 bytes spill "
+          "loads\nptxas info    : Used 255 registers, used 2 barriers, 17 bytes smem\n")
+  assert kernel_resources.parse_dump(text) == dict(
+      smem_bytes=224256, registers=255, stack_frame_bytes=3880, spill_store_bytes=6396,
+      spill_load_bytes=7444)
+  assert kernel_resources.parse_dump("no dumps") == {}
+
+
+def test_kernel_resources_compiles_for_h100(tmp_path):
+  """Both cluster kernels compile for a compile-only H100 and report their resources (needs
+  jax's CUDA plugin, which .[test] does not install)."""
+  from ttt_jax import aot
+  try:
+    aot.get_topology("h100-1")
+  except aot.TopologyError as e:
+    pytest.skip(f"needs jax's CUDA plugin: {e}")
+  out = tmp_path / "r.jsonl"
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--heads=2",
+       "--num_mini_batches=4", "--checkpoint_group=2", f"--out={out}"],
+      capture_output=True, text=True, check=True, timeout=900)
+  rows = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert [r["kernel"] for r in rows] == ["cluster_forward", "cluster_backward"]
+  for r in rows:
+    assert r["smem_bytes"] <= 227 << 10 and r["registers"] <= 255
+    assert r["smem_estimate_bytes"] <= r["smem_bytes"]

@@ -118,7 +118,7 @@ def _gpu_topology(name: str):
         f"--topology={name!r} needs jax's CUDA plugin for compile-only GPU devices (no GPU "
         "needed): pip install -e '.[cuda]' (or, without the CUDA libraries, pip install --no-deps "
         "jax-cuda12-plugin==$V jax-cuda12-pjrt==$V with V the jax version, plus "
-        "nvidia-cudnn-cu12 for attention_backend=cudnn). jax said: {e}") from e
+        f"nvidia-cudnn-cu12 for attention_backend=cudnn). jax said: {e}") from e
 
 
 def get_topology(name: str) -> Topology:

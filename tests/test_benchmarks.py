@@ -113,3 +113,17 @@ def test_kernel_resources_compiles_for_h100(tmp_path):
   for r in rows:
     assert r["smem_bytes"] <= 227 << 10 and r["registers"] <= 255
     assert r["smem_estimate_bytes"] <= r["smem_bytes"]
+
+
+def test_gpu_check_smoke(tmp_path):
+  """gpu_check.py's plumbing on CPU (the Triton kernels interpreted, tiny shapes): every
+  quantity of both input sets compared, all within tolerance and deterministic on a rerun."""
+  out = tmp_path / "r.jsonl"
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--paths=triton-d32",
+       "--batch=1", "--heads=1", "--num_mini_batches=3", "--checkpoint_group=2", f"--out={out}"],
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert len(rows) == 2 * 11 and all(r["passed"] for r in rows)
+  assert all(r["rerun_max_abs_diff"] == 0.0 and 0 < r["rel_err"] < 2e-2 for r in rows)

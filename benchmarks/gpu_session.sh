@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Everything a lent GPU session should run, in one call that fits the device tool's 10-minute
+# command limit, most important first, each stage under its own timeout:
+#   1. gpu_check.py: the kernels on the hardware against the pure op (a race or a wrong
+#      barrier in the cluster kernels shows here first: nothing else has run them on a GPU);
+#   2. ttt_kernels.py: the cluster kernels, the Triton ones and the XLA scan, forward and
+#      forward+backward, at 63 s (the issue's target shape) and 3 s;
+#   3. kernel_resources.py --topology=local: registers, spills, shared memory on this machine.
+# JSON lines and logs go to $OUT (the device tool brings them back); a summary is printed last.
+#
+# From the dev machine (the GPU image lacks ml-collections: bring its wheel, see README):
+#   pip download --no-deps ml-collections -d .whl
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# Then copy $OUT's ttt_kernels.jsonl to benchmarks/results/<gpu>.jsonl and commit it.
+set -u
+OUT=${OUT:-/tmp/ttt-gpu-session}
+mkdir -p "$OUT"
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+if ! "$PY" -c "import ml_collections" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps "$ROOT"/.whl/ml_collections-*.whl
+fi
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu \
+  --format=csv > "$OUT/gpu.txt" 2>&1
+"$PY" -c "import jax; print(jax.__version__, jax.devices())" >> "$OUT/gpu.txt" 2>&1
+cd "$ROOT/benchmarks"
+
+stage() {  # name, seconds, command...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: rc=$? in $((SECONDS - t0)) s" >> "$OUT/summary.txt"
+}
+
+stage gpu_check 180 "$PY" gpu_check.py --paths=cluster,triton-d32 --out="$OUT/gpu_check.jsonl"
+stage ttt_kernels 330 "$PY" ttt_kernels.py --backend=gpu --gpu_cluster=4,0 --seconds=63,3 \
+  --out="$OUT/ttt_kernels.jsonl"
+stage kernel_resources 60 "$PY" kernel_resources.py --topology=local \
+  --out="$OUT/kernel_resources.jsonl"
+
+cat "$OUT/gpu.txt" "$OUT/summary.txt"
+grep -E "FAILED|all passed" "$OUT/gpu_check.log"
+grep -h '"passed": false' "$OUT/gpu_check.jsonl" 2>/dev/null | head -5
+[ -s "$OUT/ttt_kernels.jsonl" ] && "$PY" summarize.py "$OUT/ttt_kernels.jsonl"
+tail -3 "$OUT/ttt_kernels.log"
+cat "$OUT/kernel_resources.jsonl" 2>/dev/null

@@ -19,7 +19,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_me
 from tests.oracles import random_ttt_inputs, rel_err
 
 from pallas_kernels import ttt as pk
-from pallas_kernels.ttt import gpu, gpu_cluster, gpu_cluster_backward, reference, tpu
+from pallas_kernels.ttt import gpu, gpu_cluster, gpu_cluster_backward, gpu_cluster_lib, reference, tpu
 from ttt_jax import aot
 
 SHAPES = {  # name: (B, H, N, b, d)
@@ -275,7 +275,7 @@ def test_cluster_supports():
   assert not gpu_cluster.supports("ttt_linear", jnp.bfloat16, 64, 64, 1)
   # Shared memory: the estimate came within 1.3% of Mosaic GPU's count when compiling d = 128,
   # P = 8 for an H100 (an earlier scratch list: 329,728 B estimated, 333,856 B asked for).
-  assert gpu_cluster.smem_bytes(64, 64, 4) <= gpu_cluster.SMEM_LIMIT_BYTES
+  assert gpu_cluster.smem_bytes(64, 64, 4) <= gpu_cluster_lib.SMEM_LIMIT_BYTES
   # The backward: 20 bf16 tiles and 3 f32 ones (210 KiB; Mosaic GPU asked for 219 KiB).
   assert gpu_cluster_backward.supports("ttt_mlp", jnp.bfloat16, 64, 64, 4)
   assert 200 << 10 < gpu_cluster_backward.smem_bytes(64, 64, 4) < 215 << 10

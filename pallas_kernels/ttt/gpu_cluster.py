@@ -41,29 +41,18 @@ from __future__ import annotations
 import functools
 import math
 import types
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.ttt.gpu_cluster_lib import (COL, MOSAIC_RESERVE_BYTES, ROW, SMEM_LIMIT_BYTES,
+                                                WGMMA, Cluster, cols, matmul, mini_batch,
+                                                normalize, stage, swizzled)
 from pallas_kernels.ttt.tile import num_groups
-from ttt_jax.ops.ttt import gelu_tanh, gelu_tanh_grad
 
-_WGMMA = plgpu.Layout.WGMMA
-_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA tile: [b]
-_COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column: [n]
-
-
-# Shared memory per block on Hopper (H100, H200): 227 KiB with the opt-in.
-SMEM_LIMIT_BYTES = 227 << 10
-# Mosaic GPU's own shared memory beside the scratch list (cross-warp reductions), measured by
-# compiling for an H100 at d = 64, cluster = 4: 5.5 KiB in the forward, 8.9 KiB in the
-# backward (195,584 and 224,256 B asked for).
-MOSAIC_RESERVE_BYTES = 10 << 10
 
 
 def smem_bytes(b: int, d: int, cluster: int, interpret: bool = False) -> int:
@@ -87,26 +76,18 @@ def supports(kind: str, dtype, b: int, d: int, cluster: int) -> bool:
           and smem_bytes(b, d, cluster) + MOSAIC_RESERVE_BYTES <= SMEM_LIMIT_BYTES)
 
 
-def _swizzled(shape, dtype):
-  """A shared-memory tile laid out for wgmma operands (128-byte swizzle)."""
-  itemsize = jnp.dtype(dtype).itemsize
-  swizzle = plgpu.find_swizzle(shape[-1] * itemsize * 8)
-  transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-  return plgpu.SMEM(shape, dtype, transforms=transforms)
-
-
 def _scratch(b, d, cluster, dtype, interpret):
   """The CTA's scratch, in `_kernel`'s order: shared-memory buffers, then barriers."""
   fp, f32, bf16 = 4 * d // cluster, jnp.float32, jnp.bfloat16
   return (
-      _swizzled((2, b, d), dtype), _swizzled((2, b, d), dtype),  # XQ, XK (2 buffers)
-      _swizzled((2, b, d), dtype), plgpu.SMEM((2, b), f32),  # XV, eta
-      _swizzled((b, d), dtype),  # out
-      _swizzled((d, fp), bf16), _swizzled((fp, d), bf16),  # W1, W2 operands
-      _swizzled((b, fp), bf16), _swizzled((b, fp), bf16),  # X2, X2_bar
-      _swizzled((b, fp), bf16),  # eta * G1
-      _swizzled((b, d), bf16), _swizzled((b, d), bf16),  # eta * G2, G2
-      _swizzled((b, b), bf16),  # -XQ XK^T, then -X2_bar X2^T
+      swizzled((2, b, d), dtype), swizzled((2, b, d), dtype),  # XQ, XK (2 buffers)
+      swizzled((2, b, d), dtype), plgpu.SMEM((2, b), f32),  # XV, eta
+      swizzled((b, d), dtype),  # out
+      swizzled((d, fp), bf16), swizzled((fp, d), bf16),  # W1, W2 operands
+      swizzled((b, fp), bf16), swizzled((b, fp), bf16),  # X2, X2_bar
+      swizzled((b, fp), bf16),  # eta * G1
+      swizzled((b, d), bf16), swizzled((b, d), bf16),  # eta * G2, G2
+      swizzled((b, b), bf16),  # -XQ XK^T, then -X2_bar X2^T
       plgpu.SMEM((2, b, d), f32),  # this CTA's partial sums
       plgpu.SMEM((b, d) if interpret else (8,), f32),  # a peer's, received (interpret only)
       plgpu.SMEM((d, fp), f32), plgpu.SMEM((fp,), f32), plgpu.SMEM((fp, d), f32),
@@ -115,175 +96,6 @@ def _scratch(b, d, cluster, dtype, interpret):
       plgpu.Barrier(num_arrivals=1),
       plgpu.ClusterBarrier(collective_axes=("cluster",)),
   )
-
-
-def _matmul(shape, *products):
-  """The sum of a @ b over the (a, b) products on the tensor cores (wgmma), f32 [m, n]; a and b
-  are shared-memory refs (transposed views allowed)."""
-  def body(acc_ref):
-    for a, b in products:
-      plgpu.wgmma(acc_ref, a, b)
-    plgpu.wgmma_wait(0)
-    return acc_ref[...]
-  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
-
-
-@plgpu.inline_mgpu()
-def _cluster_sync(ctx):
-  """All threads of the cluster's CTAs meet; each CTA's earlier shared-memory writes are then
-  visible to the others (release/acquire at cluster scope, as CUTLASS's cluster_sync)."""
-  del ctx
-  mgpu_utils.inline_ptx("barrier.cluster.arrive.release.aligned;", has_side_effects=True)
-  mgpu_utils.inline_ptx("barrier.cluster.wait.acquire.aligned;", has_side_effects=True)
-
-
-def _rows(v, shape):  # [m] -> [m, n]
-  return lax.broadcast_in_dim(v, shape, [0])
-
-
-def _cols(v, shape):  # [n] -> [m, n]
-  return lax.broadcast_in_dim(v, shape, [1])
-
-
-# The row statistics below restate `ttt_jax.ops.ttt.layer_norm` / `ln_l2_grad` with reductions
-# to [b] and `broadcast_in_dim` back, because Mosaic GPU's layout inference finds no layout for
-# their keepdims [b, 1] intermediates (tried: "Layout inference failed to find a solution").
-# The tests hold them to the pure op.
-def _normalize(z, eps):
-  """(z - mean) * rstd per row, and rstd [b]."""
-  d = z.shape[1]
-  mu = z.sum(axis=1) / d
-  zc = z - _rows(mu, z.shape)
-  rstd = lax.rsqrt((zc * zc).sum(axis=1) / d + eps)
-  return zc * _rows(rstd, z.shape), rstd
-
-
-def _ln_backward(x_hat, rstd, u):
-  """The cotangent of z given u, the cotangent of x_hat = LN(z) without the affine map:
-  rstd * (u - mean(u) - x_hat * mean(u * x_hat)) per row."""
-  d = x_hat.shape[1]
-  mean = lambda v: _rows(v.sum(axis=1) / d, x_hat.shape)
-  return _rows(rstd, x_hat.shape) * (u - mean(u) - x_hat * mean(u * x_hat))
-
-
-def _ln_l2_grad(z, target, gamma, beta, eps):
-  """`ttt_jax.ops.ttt.ln_l2_grad` with row reductions as WGMMA-layout sums."""
-  x_hat, rstd = _normalize(z, eps)
-  u = (_cols(gamma, z.shape) * x_hat + _cols(beta, z.shape) - target) * _cols(gamma, z.shape)
-  return _ln_backward(x_hat, rstd, u)
-
-
-class _Cluster:
-  """The P CTAs of one (batch, head): cluster-wide barriers and sums of per-CTA partials.
-
-  Partials are published in shared-memory buffers, `buf(key)`, and read by the peers through
-  distributed shared memory (`plgpu.cluster_ref`) after a cluster barrier. A buffer may be
-  written again once every peer has passed a later barrier (all have read it by then), which is
-  how the kernels choose their keys. Interpreter: the partials go through the global-memory
-  scratch `xch(key, peer)` and are fetched into `recv(key)` (it has no distributed shared
-  memory).
-  """
-
-  def __init__(self, c, size, interpret, cbar, recv_bar, buf, xch, recv):
-    self.c, self.size, self.interpret = c, size, interpret
-    self.cbar, self.recv_bar, self.buf, self.xch, self.recv = cbar, recv_bar, buf, xch, recv
-
-  def sync(self):
-    if self.interpret:  # the interpreter models cluster barriers, not inline PTX
-      plgpu.barrier_arrive(self.cbar)
-      plgpu.barrier_wait(self.cbar)
-    else:
-      _cluster_sync()
-
-  def sum(self, *parts):
-    """(key, value, layout) partials -> their sums over the cluster, after one barrier."""
-    for key, value, _ in parts:
-      self.buf(key)[...] = value
-    if self.interpret:
-      plgpu.commit_smem()
-      for key, _, _ in parts:
-        plgpu.copy_smem_to_gmem(self.buf(key), self.xch(key, self.c))
-      plgpu.wait_smem_to_gmem(0)
-    self.sync()
-    totals = []
-    for key, value, layout in parts:
-      total = value
-      for k in range(1, self.size):
-        peer = lax.rem(self.c + k, self.size)
-        if self.interpret:
-          plgpu.copy_gmem_to_smem(self.xch(key, peer), self.recv(key), self.recv_bar)
-          plgpu.barrier_wait(self.recv_bar)
-          total = total + plgpu.load(self.recv(key), layout=layout)
-          plgpu.commit_smem()  # this read before the next copy into recv (async proxy)
-        else:
-          peer_buf = plgpu.cluster_ref(self.buf(key), {"cluster": peer})
-          total = total + plgpu.load(peer_buf, layout=layout)
-      totals.append(total)
-    return totals
-
-
-def stage(*pairs):
-  """wgmma operands computed in registers, (ref, value) pairs, written to shared memory and
-  fenced once (wgmma reads them there; jax's interpreter takes only shared-memory operands)."""
-  for ref, value in pairs:
-    ref[...] = value.astype(ref.dtype)
-  plgpu.commit_smem()
-
-
-class Recompute(NamedTuple):
-  """What `mini_batch` computes, the registers (f32) the backward differentiates through."""
-  Z1: jax.Array  # [b, fp] XK W1 + b1
-  P: jax.Array  # [b, fp] G2 W2^T (G1 = P * gelu'(Z1): fewer live registers than keeping G1)
-  Z2: jax.Array  # [b, d] X2 W2 + b2, summed over the cluster
-  G2: jax.Array  # [b, d] the LayerNorm-L2 gradient of Z2
-  Z1_bar: jax.Array  # [b, fp]
-  Z2_bar: jax.Array  # [b, d], summed over the cluster
-  db1: jax.Array  # [fp] colsum(eta G1)
-  db2: jax.Array  # [d] colsum(eta G2)
-
-
-def mini_batch(s, eta, b1, b2, gamma, beta, eps, cluster_sum):
-  """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see the
-  module docstring), on the CTA's hidden slice.
-
-  s: shared-memory buffers with xq, xk, xv [b, d] and w1 [d, fp], w2 [fp, d] (bf16) loaded;
-  written here: x2, x2_bar, eg1 [b, fp], g2, eg2 [b, d] and neg_b, neg_a [b, b] (-XQ XK^T,
-  -X2_bar X2^T; the forward passes one buffer for both). eta [b], b1 [fp], b2 [d], gamma, beta
-  [d]: f32 registers. cluster_sum(part, slot): the sum of a [b, d] partial over the cluster
-  (slots 0 and 1).
-  """
-  b, d = s.xq.shape
-  fp = s.w1.shape[1]
-  bf, bd = (b, fp), (b, d)
-
-  # Z1 = XK W1 + b1; X2 = gelu(Z1); Z2 = X2 W2 + b2 (summed over the cluster).
-  Z1 = _matmul(bf, (s.xk, s.w1)) + _cols(b1, bf)  # [b, fp]
-  X2 = gelu_tanh(Z1)
-  stage((s.x2, X2))
-  Z2 = cluster_sum(_matmul(bd, (s.x2, s.w2)), 0) + _cols(b2, bd)  # [b, d]
-
-  # Gradients of the reconstruction loss: G2 = dl/dZ2 (redundant per CTA), G1 = dl/dZ1.
-  XK = plgpu.load(s.xk, layout=_WGMMA).astype(jnp.float32)
-  XV = plgpu.load(s.xv, layout=_WGMMA).astype(jnp.float32)
-  G2 = _ln_l2_grad(Z2, XV - XK, gamma, beta, eps)
-  eG2 = _rows(eta, bd) * G2
-  stage((s.eg2, eG2), (s.g2, G2))
-  P = _matmul(bf, (s.g2, s.w2.transpose((1, 0))))
-  G1 = P * gelu_tanh_grad(Z1)
-  eG1 = _rows(eta, bf) * G1
-  stage((s.eg1, eG1))
-
-  # Dual form, f(XQ; W') without forming W' (as the pure op): Z1_bar = XQ W1 - (XQ XK^T) eG1
-  # + b1 - colsum(eG1), and likewise Z2_bar.
-  stage((s.neg_b, -_matmul((b, b), (s.xq, s.xk.transpose((1, 0))))))
-  db1 = eG1.sum(axis=0)  # [fp]
-  Z1_bar = _matmul(bf, (s.xq, s.w1), (s.neg_b, s.eg1)) + _cols(b1 - db1, bf)
-  stage((s.x2_bar, gelu_tanh(Z1_bar)))
-  stage((s.neg_a, -_matmul((b, b), (s.x2_bar, s.x2.transpose((1, 0))))))
-  part = _matmul(bd, (s.x2_bar, s.w2), (s.neg_a, s.eg2))
-  db2 = eG2.sum(axis=0)  # [d]
-  Z2_bar = cluster_sum(part, 1) + _cols(b2 - db2, bd)
-  return Recompute(Z1, P, Z2, G2, Z1_bar, Z2_bar, db1, db2)
 
 
 def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
@@ -302,7 +114,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   fp = w1b_s.shape[1]
   hid = pl.ds(c * fp, fp)  # this CTA's slice of the hidden width
   bf16_weights = ck_w1.dtype == jnp.bfloat16  # the backward's state stack: W1, W2 as operands
-  cl = _Cluster(c, cluster, interpret, cbar, recv_bar, buf=lambda k: part_s.at[k],
+  cl = Cluster(c, cluster, interpret, cbar, recv_bar, buf=lambda k: part_s.at[k],
                 xch=lambda k, peer: xch_g.at[i, h, peer, k], recv=lambda k: recv_s)
 
   def fetch(pairs, bar, wait=True):
@@ -322,10 +134,10 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   fetch([(gamma_g.at[h], vec_s.at[0]), (beta_g.at[h], vec_s.at[1]),
          (head(w1_g).at[:, hid], st_w1), (head(b1_g).at[0, hid], st_b1),
          (head(w2_g).at[hid, :], st_w2), (head(b2_g).at[0], st_b2)], init_bar)
-  gamma = plgpu.load(vec_s.at[0], layout=_COL)
-  beta = plgpu.load(vec_s.at[1], layout=_COL)
-  state = (plgpu.load(st_w1, layout=_WGMMA), plgpu.load(st_b1, layout=_COL),
-           plgpu.load(st_w2, layout=_WGMMA), plgpu.load(st_b2, layout=_COL))
+  gamma = plgpu.load(vec_s.at[0], layout=COL)
+  beta = plgpu.load(vec_s.at[1], layout=COL)
+  state = (plgpu.load(st_w1, layout=WGMMA), plgpu.load(st_b1, layout=COL),
+           plgpu.load(st_w2, layout=WGMMA), plgpu.load(st_b2, layout=COL))
 
   def save_checkpoint(n, state):
     """The state at the start of group n // g; W1, W2 from their bf16 operand copies when the
@@ -365,13 +177,13 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     def _():  # the other buffer's last readers (mini-batch n - 1) have finished
       prefetch(n + 1)
 
-    eta = plgpu.load(eta_2.at[slot], layout=_ROW)  # [b]
-    cluster_sum = lambda part, k: cl.sum((k, part, _WGMMA))[0]
+    eta = plgpu.load(eta_2.at[slot], layout=ROW)  # [b]
+    cluster_sum = lambda part, k: cl.sum((k, part, WGMMA))[0]
     r = mini_batch(bufs, eta, b1, b2, gamma, beta, eps, cluster_sum)
-    x_hat, _ = _normalize(r.Z2_bar, eps)
+    x_hat, _ = normalize(r.Z2_bar, eps)
     bd = (b, d)
-    XQ = plgpu.load(bufs.xq, layout=_WGMMA).astype(jnp.float32)
-    out = XQ + _cols(gamma, bd) * x_hat + _cols(beta, bd)
+    XQ = plgpu.load(bufs.xq, layout=WGMMA).astype(jnp.float32)
+    out = XQ + cols(gamma, bd) * x_hat + cols(beta, bd)
 
     @pl.when(c == 0)
     def _():
@@ -381,8 +193,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
       plgpu.copy_smem_to_gmem(out_s, out_g.at[i, h, n])
 
     # The update (gradient step at the mini-batch's last token).
-    W1 = W1 - _matmul((d, fp), (bufs.xk.transpose((1, 0)), eg1_s))
-    W2 = W2 - _matmul((fp, d), (x2_s.transpose((1, 0)), eg2_s))
+    W1 = W1 - matmul((d, fp), (bufs.xk.transpose((1, 0)), eg1_s))
+    W2 = W2 - matmul((fp, d), (x2_s.transpose((1, 0)), eg2_s))
     cl.sync()  # every peer has read this step's partials
     return W1, b1 - r.db1, W2, b2 - r.db2
 
@@ -413,7 +225,7 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
     raise ValueError(f"gpu_cluster.forward: b={b}, d={d}, dtype {xq.dtype}, cluster={cluster} "
                      "is not supported (see gpu_cluster.supports: bf16, b = 64, d = 64 with "
                      "cluster = 4); use gpu.forward.")
-  fp, G = f // cluster, num_groups(N, checkpoint_group)
+  G = num_groups(N, checkpoint_group)
   f32 = jnp.float32
   state_types = (((d, f), weights_dtype), ((1, f), f32), ((f, d), weights_dtype), ((1, d), f32))
   out_type = (jax.ShapeDtypeStruct(xq.shape, xq.dtype),

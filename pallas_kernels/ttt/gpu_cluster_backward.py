@@ -6,7 +6,7 @@ states the group passes through from its checkpoint (W1, W2 as the bf16 operands
 used, b1, b2 in f32: [B, H, g, ...] in HBM), and this kernel runs the group in reverse: CTA c of
 a (batch, head) holds the cotangent of its hidden slice of the state (dW1[:, slice], db1[slice],
 dW2[slice, :] in f32 registers; db2 replicated), and for mini-batch t = g-1, ..., 0 it loads
-state t's slice, recomputes the mini-batch (`gpu_cluster.mini_batch`, the forward's code and
+state t's slice, recomputes the mini-batch (`gpu_cluster_lib.mini_batch`, the forward's code and
 its two cluster sums) and pulls the cotangents back through it.
 
 The VJP is written out by hand (jax.vjp's graph does not survive Mosaic GPU's layout
@@ -41,8 +41,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.ttt import gpu_cluster
-from pallas_kernels.ttt.gpu_cluster import (_COL, _ROW, _WGMMA, _Cluster, _cols, _ln_backward,
-                                            _matmul, _normalize, _rows, _swizzled, stage)
+from pallas_kernels.ttt.gpu_cluster_lib import (COL, MOSAIC_RESERVE_BYTES, ROW,
+                                                SMEM_LIMIT_BYTES, WGMMA, Cluster, cols,
+                                                ln_backward, matmul, mini_batch, normalize, rows,
+                                                stage, swizzled)
 from ttt_jax.ops.ttt import gelu_tanh_grad, gelu_tanh_grad2
 
 
@@ -55,14 +57,14 @@ def smem_bytes(b: int, d: int, cluster: int, interpret: bool = False) -> int:
 def supports(kind: str, dtype, b: int, d: int, cluster: int) -> bool:
   """Whether this kernel runs the backward; otherwise `gpu.backward`'s reverse sweep does."""
   return (gpu_cluster.supports(kind, dtype, b, d, cluster) and b == d == 4 * d // cluster
-          and smem_bytes(b, d, cluster) + gpu_cluster.MOSAIC_RESERVE_BYTES
-          <= gpu_cluster.SMEM_LIMIT_BYTES)
+          and smem_bytes(b, d, cluster) + MOSAIC_RESERVE_BYTES
+          <= SMEM_LIMIT_BYTES)
 
 
 def _scratch(b, d, cluster, interpret):
   """The CTA's scratch, in `_kernel`'s order: shared-memory buffers, then barriers."""
   fp, f32, bf16 = 4 * d // cluster, jnp.float32, jnp.bfloat16
-  t = lambda *shape: _swizzled(shape, bf16)
+  t = lambda *shape: swizzled(shape, bf16)
   # Swizzled tiles first, vectors last: each tile is aligned to 1 KiB.
   return (
       t(b, d), t(b, d), t(b, d), t(b, d), t(d, fp), t(fp, d),  # XQ XK XV ct_out, W1 W2 at t
@@ -80,20 +82,20 @@ def _scratch(b, d, cluster, interpret):
 
 
 def _ln_l2_grad_vjp(z, target, gamma, beta, eps, ct_G):
-  """VJP of `gpu_cluster._ln_l2_grad` (G = LNback(x_hat, rstd, u), u = gamma (gamma x_hat +
+  """VJP of `gpu_cluster_lib.ln_l2_grad` (G = LNback(x_hat, rstd, u), u = gamma (gamma x_hat +
   beta - target)): G and the cotangents of z, target, gamma [d] and beta [d] given ct_G [b, d].
   LNback is self-adjoint in u; x_hat and rstd are then differentiated through z."""
   bd = z.shape
   d = bd[1]
-  mean = lambda v: _rows(v.sum(axis=1) / d, bd)
-  x_hat, rstd = _normalize(z, eps)
-  g_, b_ = _cols(gamma, bd), _cols(beta, bd)
+  mean = lambda v: rows(v.sum(axis=1) / d, bd)
+  x_hat, rstd = normalize(z, eps)
+  g_, b_ = cols(gamma, bd), cols(beta, bd)
   u = g_ * (g_ * x_hat + b_ - target)
-  G = _ln_backward(x_hat, rstd, u)
-  ct_u = _ln_backward(x_hat, rstd, ct_G)
-  r = _rows(rstd, bd)
+  G = ln_backward(x_hat, rstd, u)
+  ct_u = ln_backward(x_hat, rstd, ct_G)
+  r = rows(rstd, bd)
   ct_x_hat = g_ * g_ * ct_u - r * (mean(u * x_hat) * ct_G + mean(ct_G * x_hat) * u)
-  ct_z = _ln_backward(x_hat, rstd, ct_x_hat) - r * mean(ct_G * G) * x_hat
+  ct_z = ln_backward(x_hat, rstd, ct_x_hat) - r * mean(ct_G * G) * x_hat
   ct_gamma = (ct_u * (2 * g_ * x_hat + b_ - target)).sum(axis=0)
   return G, ct_z, -g_ * ct_u, ct_gamma, (ct_u * g_).sum(axis=0)
 
@@ -119,7 +121,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   hid = pl.ds(c * fp, fp)  # this CTA's slice of the hidden width
   f32 = jnp.float32
   bd, bf, bb = (b, d), (b, fp), (b, b)
-  cl = _Cluster(c, cluster, interpret, cbar, recv_bar,
+  cl = Cluster(c, cluster, interpret, cbar, recv_bar,
                 buf=lambda k: parte_s if k == "eta" else part_s.at[k],
                 xch=lambda k, p: xche_g.at[i, h, p] if k == "eta" else xch_g.at[i, h, p, k],
                 recv=lambda k: recve_s if k == "eta" else recv_s)
@@ -134,10 +136,10 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   fetch([(gamma_g.at[h], vec_s.at[0]), (beta_g.at[h], vec_s.at[1]),
          (cw1_g.at[i, h, :, hid], part_s.at[0]), (cb1_g.at[i, h, 0, hid], vb1_s),
          (cw2_g.at[i, h, hid, :], part_s.at[1]), (cb2_g.at[i, h, 0], vb2_s)], init_bar)
-  gamma = plgpu.load(vec_s.at[0], layout=_COL)
-  beta = plgpu.load(vec_s.at[1], layout=_COL)
-  carry = (plgpu.load(part_s.at[0], layout=_WGMMA), plgpu.load(vb1_s, layout=_COL),
-           plgpu.load(part_s.at[1], layout=_WGMMA), plgpu.load(vb2_s, layout=_COL),
+  gamma = plgpu.load(vec_s.at[0], layout=COL)
+  beta = plgpu.load(vec_s.at[1], layout=COL)
+  carry = (plgpu.load(part_s.at[0], layout=WGMMA), plgpu.load(vb1_s, layout=COL),
+           plgpu.load(part_s.at[1], layout=WGMMA), plgpu.load(vb2_s, layout=COL),
            jnp.zeros_like(gamma), jnp.zeros_like(beta))
 
   def step(k, carry):
@@ -148,79 +150,79 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
            (cto_g.at[i, h, t], cto_s), (eta_g.at[i, h, t], eta_s),
            (w1_g.at[i, h, t, :, hid], w1_s), (b1_g.at[i, h, t, 0, hid], b1_s),
            (w2_g.at[i, h, t, hid, :], w2_s), (b2_g.at[i, h, t, 0], b2_s)], load_bar)
-    eta = plgpu.load(eta_s, layout=_ROW)  # [b]
+    eta = plgpu.load(eta_s, layout=ROW)  # [b]
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
                                  x2_bar=x2bar_s, eg1=eg1_s, eg2=eg2_s, g2=g2_s, neg_b=nb_s,
                                  neg_a=na_s)
-    cluster_sum = lambda part, slot: cl.sum((slot, part, _WGMMA))[0]
-    r = gpu_cluster.mini_batch(bufs, eta, plgpu.load(b1_s, layout=_COL),
-                               plgpu.load(b2_s, layout=_COL), gamma, beta, eps, cluster_sum)
+    cluster_sum = lambda part, slot: cl.sum((slot, part, WGMMA))[0]
+    r = mini_batch(bufs, eta, plgpu.load(b1_s, layout=COL),
+                               plgpu.load(b2_s, layout=COL), gamma, beta, eps, cluster_sum)
     T = lambda ref: ref.transpose((1, 0))
 
     # out = XQ + gamma * x_hat(Z2_bar) + beta: D2 = ct of Z2_bar (the same in every CTA).
-    x_hat, rstd = _normalize(r.Z2_bar, eps)
-    ct_out = plgpu.load(cto_s, layout=_WGMMA).astype(f32)
+    x_hat, rstd = normalize(r.Z2_bar, eps)
+    ct_out = plgpu.load(cto_s, layout=WGMMA).astype(f32)
     ct_gamma = ct_gamma + (ct_out * x_hat).sum(axis=0)
     ct_beta = ct_beta + ct_out.sum(axis=0)
-    D2 = _ln_backward(x_hat, rstd, ct_out * _cols(gamma, bd))
+    D2 = ln_backward(x_hat, rstd, ct_out * cols(gamma, bd))
     stage((d2_s, D2), (cw1_s, CW1), (cw2_s, CW2))
 
     # Z2_bar's slice part X2_bar W2 - (X2_bar X2^T) eG2, and the W2 update W2 - X2^T eG2. (Terms
     # whose operands stay in shared memory are computed where they are consumed, which keeps
     # fewer [b, fp] values live in registers.)
-    stage((m_s, _matmul(bb, (d2_s, T(eg2_s)))))  # M = D2 eG2^T
-    ct_X2bar = _matmul(bf, (d2_s, T(w2_s))) - _matmul(bf, (m_s, x2_s))
-    ct_eG2 = _matmul(bd, (T(na_s), d2_s)) - _matmul(bd, (x2_s, cw2_s))  # this slice's part
-    CW2 = CW2 + _matmul((fp, d), (T(x2bar_s), d2_s))
+    stage((m_s, matmul(bb, (d2_s, T(eg2_s)))))  # M = D2 eG2^T
+    ct_X2bar = matmul(bf, (d2_s, T(w2_s))) - matmul(bf, (m_s, x2_s))
+    ct_eG2 = matmul(bd, (T(na_s), d2_s)) - matmul(bd, (x2_s, cw2_s))  # this slice's part
+    CW2 = CW2 + matmul((fp, d), (T(x2bar_s), d2_s))
     ct_eG2_shared = -(D2.sum(axis=0) + Cb2)  # [d], from colsum(eG2) in Z2_bar and b2's update
     Cb2 = Cb2 + D2.sum(axis=0)
 
     # Z1_bar = XQ W1 - (XQ XK^T) eG1 + b1 - colsum(eG1), and the W1, b1 updates.
     D1 = ct_X2bar * gelu_tanh_grad(r.Z1_bar)
     stage((d1_s, D1))
-    stage((ctb_s, -_matmul(bb, (d1_s, T(eg1_s)))))  # ct of XQ XK^T
-    ct_eG1 = (_matmul(bf, (T(nb_s), d1_s)) - _matmul(bf, (xk_s, cw1_s))
-              - _cols(D1.sum(axis=0) + Cb1, bf))
-    CW1 = CW1 + _matmul((d, fp), (T(xq_s), d1_s))
+    stage((ctb_s, -matmul(bb, (d1_s, T(eg1_s)))))  # ct of XQ XK^T
+    ct_eG1 = (matmul(bf, (T(nb_s), d1_s)) - matmul(bf, (xk_s, cw1_s))
+              - cols(D1.sum(axis=0) + Cb1, bf))
+    CW1 = CW1 + matmul((d, fp), (T(xq_s), d1_s))
     Cb1 = Cb1 + D1.sum(axis=0)
-    ct_XQ = _matmul(bd, (d1_s, T(w1_s)), (ctb_s, xk_s))  # this slice's part
+    ct_XQ = matmul(bd, (d1_s, T(w1_s)), (ctb_s, xk_s))  # this slice's part
 
     # eG1 = eta G1, G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
-    ct_G1 = _rows(eta, bf) * ct_eG1
+    ct_G1 = rows(eta, bf) * ct_eG1
     dX2 = gelu_tanh_grad(r.Z1)
     ct_eta = (ct_eG1 * r.P * dX2).sum(axis=1) + (ct_eG2 * r.G2).sum(axis=1)  # [b], this slice's
     ct_Z1 = ct_G1 * r.P * gelu_tanh_grad2(r.Z1)  # X2's share is added below
     stage((ctp_s, ct_G1 * dX2))  # ct of P = G2 W2^T
-    CW2 = CW2 + _matmul((fp, d), (T(ctp_s), g2_s))
-    part = _rows(eta, bd) * ct_eG2 + _matmul(bd, (ctp_s, w2_s))
-    ct_G2, ct_XQ = cl.sum((2, part, _WGMMA), (0, ct_XQ, _WGMMA))
-    ct_G2 = ct_G2 + _rows(eta, bd) * _cols(ct_eG2_shared, bd)
+    CW2 = CW2 + matmul((fp, d), (T(ctp_s), g2_s))
+    part = rows(eta, bd) * ct_eG2 + matmul(bd, (ctp_s, w2_s))
+    ct_G2, ct_XQ = cl.sum((2, part, WGMMA), (0, ct_XQ, WGMMA))
+    ct_G2 = ct_G2 + rows(eta, bd) * cols(ct_eG2_shared, bd)
 
     @pl.when(c == 0)
     def _():  # d XQ is complete: out through ct_P's tile, free now
-      ct_out = plgpu.load(cto_s, layout=_WGMMA).astype(f32)
+      ct_out = plgpu.load(cto_s, layout=WGMMA).astype(f32)
       stage((ctp_s, ct_out + ct_XQ))
       plgpu.copy_smem_to_gmem(ctp_s, dxq_g.at[i, h, t])
 
     # G2 = LN-L2 gradient of Z2 = X2 W2 + b2 at target XV - XK; X2 = gelu(Z1 = XK W1 + b1).
-    XK = plgpu.load(xk_s, layout=_WGMMA).astype(f32)
-    XV = plgpu.load(xv_s, layout=_WGMMA).astype(f32)
+    XK = plgpu.load(xk_s, layout=WGMMA).astype(f32)
+    XV = plgpu.load(xv_s, layout=WGMMA).astype(f32)
     G2, ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(r.Z2, XV - XK, gamma, beta, eps, ct_G2)
-    ct_eta_shared = (G2 * _cols(ct_eG2_shared, bd)).sum(axis=1)  # [b], added once, below
+    ct_eta_shared = (G2 * cols(ct_eG2_shared, bd)).sum(axis=1)  # [b], added once, below
     ct_gamma, ct_beta = ct_gamma + dgamma, ct_beta + dbeta
     Cb2 = Cb2 + ct_Z2.sum(axis=0)
     stage((d2_s, ct_Z2))  # D2's tile: D2 is dead
     # X2 meets Z2 (W2), Z2_bar's Gram term (-M^T X2_bar) and the W2 update (-eG2 dW2'^T).
-    ct_X2 = _matmul(bf, (d2_s, T(w2_s))) - _matmul(bf, (T(m_s), x2bar_s), (eg2_s, T(cw2_s)))
-    CW2 = CW2 + _matmul((fp, d), (T(x2_s), d2_s))
+    ct_X2 = matmul(bf, (d2_s, T(w2_s))) - matmul(bf, (T(m_s), x2bar_s), (eg2_s, T(cw2_s)))
+    CW2 = CW2 + matmul((fp, d), (T(x2_s), d2_s))
     ct_Z1 = ct_Z1 + ct_X2 * gelu_tanh_grad(r.Z1)
     stage((d1_s, ct_Z1))  # D1's tile
-    ct_XK = (_matmul(bd, (T(ctb_s), xq_s), (d1_s, T(w1_s)))
-             - _matmul(bd, (eg1_s, T(cw1_s))))  # this slice's part
-    CW1 = CW1 + _matmul((d, fp), (T(xk_s), d1_s))
+    ct_XK = (matmul(bd, (T(ctb_s), xq_s), (d1_s, T(w1_s)))
+             - matmul(bd, (eg1_s, T(cw1_s))))  # this slice's part
+    CW1 = CW1 + matmul((d, fp), (T(xk_s), d1_s))
     Cb1 = Cb1 + ct_Z1.sum(axis=0)
 
-    ct_XK, ct_eta = cl.sum((1, ct_XK, _WGMMA), ("eta", ct_eta, _ROW))
+    ct_XK, ct_eta = cl.sum((1, ct_XK, WGMMA), ("eta", ct_eta, ROW))
     ct_eta = ct_eta + ct_eta_shared
 
     @pl.when(c == 0)

@@ -1,0 +1,206 @@
+"""Mosaic GPU pieces shared by the cluster kernels (`gpu_cluster.py` forward,
+`gpu_cluster_backward.py` backward): wgmma matmuls on shared-memory operands, the cluster's
+barriers and partial sums, row statistics in WGMMA layouts, and `mini_batch`, the forward half
+of one TTT-MLP mini-batch on a CTA's slice of the hidden width (see `gpu_cluster.py` for the
+split and why it is exact).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ttt_jax.ops.ttt import gelu_tanh, gelu_tanh_grad
+
+WGMMA = plgpu.Layout.WGMMA
+ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA tile: [b]
+COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column: [n]
+
+# Shared memory per block on Hopper (H100, H200): 227 KiB with the opt-in.
+SMEM_LIMIT_BYTES = 227 << 10
+# Mosaic GPU's own shared memory beside the scratch list (cross-warp reductions), measured by
+# compiling for an H100 at d = 64, cluster = 4: 5.5 KiB in the forward, 8.9 KiB in the
+# backward (195,584 and 224,256 B asked for).
+MOSAIC_RESERVE_BYTES = 10 << 10
+
+
+def swizzled(shape, dtype):
+  """A shared-memory tile laid out for wgmma operands (128-byte swizzle)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = plgpu.find_swizzle(shape[-1] * itemsize * 8)
+  transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+  return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def matmul(shape, *products):
+  """The sum of a @ b over the (a, b) products on the tensor cores (wgmma), f32 [m, n]; a and b
+  are shared-memory refs (transposed views allowed)."""
+  def body(acc_ref):
+    for a, b in products:
+      plgpu.wgmma(acc_ref, a, b)
+    plgpu.wgmma_wait(0)
+    return acc_ref[...]
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+@plgpu.inline_mgpu()
+def cluster_sync(ctx):
+  """All threads of the cluster's CTAs meet; each CTA's earlier shared-memory writes are then
+  visible to the others (release/acquire at cluster scope, as CUTLASS's cluster_sync)."""
+  del ctx
+  mgpu_utils.inline_ptx("barrier.cluster.arrive.release.aligned;", has_side_effects=True)
+  mgpu_utils.inline_ptx("barrier.cluster.wait.acquire.aligned;", has_side_effects=True)
+
+
+def rows(v, shape):  # [m] -> [m, n]
+  return lax.broadcast_in_dim(v, shape, [0])
+
+
+def cols(v, shape):  # [n] -> [m, n]
+  return lax.broadcast_in_dim(v, shape, [1])
+
+
+# The row statistics below restate `ttt_jax.ops.ttt.layer_norm` / `ln_l2_grad` with reductions
+# to [b] and `broadcast_in_dim` back, because Mosaic GPU's layout inference finds no layout for
+# their keepdims [b, 1] intermediates (tried: "Layout inference failed to find a solution").
+# The tests hold them to the pure op.
+def normalize(z, eps):
+  """(z - mean) * rstd per row, and rstd [b]."""
+  d = z.shape[1]
+  mu = z.sum(axis=1) / d
+  zc = z - rows(mu, z.shape)
+  rstd = lax.rsqrt((zc * zc).sum(axis=1) / d + eps)
+  return zc * rows(rstd, z.shape), rstd
+
+
+def ln_backward(x_hat, rstd, u):
+  """The cotangent of z given u, the cotangent of x_hat = LN(z) without the affine map:
+  rstd * (u - mean(u) - x_hat * mean(u * x_hat)) per row."""
+  d = x_hat.shape[1]
+  mean = lambda v: rows(v.sum(axis=1) / d, x_hat.shape)
+  return rows(rstd, x_hat.shape) * (u - mean(u) - x_hat * mean(u * x_hat))
+
+
+def ln_l2_grad(z, target, gamma, beta, eps):
+  """`ttt_jax.ops.ttt.ln_l2_grad` with row reductions as WGMMA-layout sums."""
+  x_hat, rstd = normalize(z, eps)
+  u = (cols(gamma, z.shape) * x_hat + cols(beta, z.shape) - target) * cols(gamma, z.shape)
+  return ln_backward(x_hat, rstd, u)
+
+
+class Cluster:
+  """The P CTAs of one (batch, head): cluster-wide barriers and sums of per-CTA partials.
+
+  Partials are published in shared-memory buffers, `buf(key)`, and read by the peers through
+  distributed shared memory (`plgpu.cluster_ref`) after a cluster barrier. A buffer may be
+  written again once every peer has passed a later barrier (all have read it by then), which is
+  how the kernels choose their keys. Interpreter: the partials go through the global-memory
+  scratch `xch(key, peer)` and are fetched into `recv(key)` (it has no distributed shared
+  memory).
+  """
+
+  def __init__(self, c, size, interpret, cbar, recv_bar, buf, xch, recv):
+    self.c, self.size, self.interpret = c, size, interpret
+    self.cbar, self.recv_bar, self.buf, self.xch, self.recv = cbar, recv_bar, buf, xch, recv
+
+  def sync(self):
+    if self.interpret:  # the interpreter models cluster barriers, not inline PTX
+      plgpu.barrier_arrive(self.cbar)
+      plgpu.barrier_wait(self.cbar)
+    else:
+      cluster_sync()
+
+  def sum(self, *parts):
+    """(key, value, layout) partials -> their sums over the cluster, after one barrier."""
+    for key, value, _ in parts:
+      self.buf(key)[...] = value
+    if self.interpret:
+      plgpu.commit_smem()
+      for key, _, _ in parts:
+        plgpu.copy_smem_to_gmem(self.buf(key), self.xch(key, self.c))
+      plgpu.wait_smem_to_gmem(0)
+    self.sync()
+    totals = []
+    for key, value, layout in parts:
+      total = value
+      for k in range(1, self.size):
+        peer = lax.rem(self.c + k, self.size)
+        if self.interpret:
+          plgpu.copy_gmem_to_smem(self.xch(key, peer), self.recv(key), self.recv_bar)
+          plgpu.barrier_wait(self.recv_bar)
+          total = total + plgpu.load(self.recv(key), layout=layout)
+          plgpu.commit_smem()  # this read before the next copy into recv (async proxy)
+        else:
+          peer_buf = plgpu.cluster_ref(self.buf(key), {"cluster": peer})
+          total = total + plgpu.load(peer_buf, layout=layout)
+      totals.append(total)
+    return totals
+
+
+def stage(*pairs):
+  """wgmma operands computed in registers, (ref, value) pairs, written to shared memory and
+  fenced once (wgmma reads them there; jax's interpreter takes only shared-memory operands)."""
+  for ref, value in pairs:
+    ref[...] = value.astype(ref.dtype)
+  plgpu.commit_smem()
+
+
+class Recompute(NamedTuple):
+  """What `mini_batch` computes, the registers (f32) the backward differentiates through."""
+  Z1: jax.Array  # [b, fp] XK W1 + b1
+  P: jax.Array  # [b, fp] G2 W2^T (G1 = P * gelu'(Z1): fewer live registers than keeping G1)
+  Z2: jax.Array  # [b, d] X2 W2 + b2, summed over the cluster
+  G2: jax.Array  # [b, d] the LayerNorm-L2 gradient of Z2
+  Z1_bar: jax.Array  # [b, fp]
+  Z2_bar: jax.Array  # [b, d], summed over the cluster
+  db1: jax.Array  # [fp] colsum(eta G1)
+  db2: jax.Array  # [d] colsum(eta G2)
+
+
+def mini_batch(s, eta, b1, b2, gamma, beta, eps, cluster_sum):
+  """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see the
+  module docstring), on the CTA's hidden slice.
+
+  s: shared-memory buffers with xq, xk, xv [b, d] and w1 [d, fp], w2 [fp, d] (bf16) loaded;
+  written here: x2, x2_bar, eg1 [b, fp], g2, eg2 [b, d] and neg_b, neg_a [b, b] (-XQ XK^T,
+  -X2_bar X2^T; the forward passes one buffer for both). eta [b], b1 [fp], b2 [d], gamma, beta
+  [d]: f32 registers. cluster_sum(part, slot): the sum of a [b, d] partial over the cluster
+  (slots 0 and 1).
+  """
+  b, d = s.xq.shape
+  fp = s.w1.shape[1]
+  bf, bd = (b, fp), (b, d)
+
+  # Z1 = XK W1 + b1; X2 = gelu(Z1); Z2 = X2 W2 + b2 (summed over the cluster).
+  Z1 = matmul(bf, (s.xk, s.w1)) + cols(b1, bf)  # [b, fp]
+  X2 = gelu_tanh(Z1)
+  stage((s.x2, X2))
+  Z2 = cluster_sum(matmul(bd, (s.x2, s.w2)), 0) + cols(b2, bd)  # [b, d]
+
+  # Gradients of the reconstruction loss: G2 = dl/dZ2 (redundant per CTA), G1 = dl/dZ1.
+  XK = plgpu.load(s.xk, layout=WGMMA).astype(jnp.float32)
+  XV = plgpu.load(s.xv, layout=WGMMA).astype(jnp.float32)
+  G2 = ln_l2_grad(Z2, XV - XK, gamma, beta, eps)
+  eG2 = rows(eta, bd) * G2
+  stage((s.eg2, eG2), (s.g2, G2))
+  P = matmul(bf, (s.g2, s.w2.transpose((1, 0))))
+  G1 = P * gelu_tanh_grad(Z1)
+  eG1 = rows(eta, bf) * G1
+  stage((s.eg1, eG1))
+
+  # Dual form, f(XQ; W') without forming W' (as the pure op): Z1_bar = XQ W1 - (XQ XK^T) eG1
+  # + b1 - colsum(eG1), and likewise Z2_bar.
+  stage((s.neg_b, -matmul((b, b), (s.xq, s.xk.transpose((1, 0))))))
+  db1 = eG1.sum(axis=0)  # [fp]
+  Z1_bar = matmul(bf, (s.xq, s.w1), (s.neg_b, s.eg1)) + cols(b1 - db1, bf)
+  stage((s.x2_bar, gelu_tanh(Z1_bar)))
+  stage((s.neg_a, -matmul((b, b), (s.x2_bar, s.x2.transpose((1, 0))))))
+  part = matmul(bd, (s.x2_bar, s.w2), (s.neg_a, s.eg2))
+  db2 = eG2.sum(axis=0)  # [d]
+  Z2_bar = cluster_sum(part, 1) + cols(b2 - db2, bd)
+  return Recompute(Z1, P, Z2, G2, Z1_bar, Z2_bar, db1, db2)

@@ -41,7 +41,8 @@ DEFAULT = BlockSizes()
 TABLE: tuple[tuple[tuple[str, str | None, int | None], BlockSizes], ...] = (
     # 4 CTAs per head (the one cluster size whose scratch fits at d = 64, `gpu_cluster.supports`):
     # 192 CTAs at the 5B shape (48 heads) over 132 SMs, 32 KiB of f32 state each, forward and
-    # backward. num_warps is for the Triton kernels, should a shape fall back to them.
+    # backward; one CTA per SM (shared memory), so two waves at B = 1 (`gpu_cluster` docstring).
+    # num_warps is for the Triton kernels, should a shape fall back to them.
     (("NVIDIA H100", "bfloat16", 64), BlockSizes(num_warps=8, cluster=4)),  # untuned
     (("NVIDIA H200", "bfloat16", 64), BlockSizes(num_warps=8, cluster=4)),  # untuned
     (("NVIDIA H100", None, 64), BlockSizes(num_warps=8, num_stages=1)),  # untuned

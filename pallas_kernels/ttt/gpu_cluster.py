@@ -5,7 +5,12 @@ mini-batch's temporaries do not fit one SM, and one program per (batch, head) le
 idle at the 5B shape (48 heads on 132 SMs). Here the inner MLP's hidden width f = 4d is split
 over a cluster of P CTAs: CTA c holds W1[:, c*f/P:(c+1)*f/P], b1's slice and W2's matching
 rows, and the P CTAs of a (batch, head) walk the mini-batches together, so the grid is
-B x H x P CTAs (P = 4: 192 at 48 heads) and each holds 1/P of the state.
+B x H x P CTAs (P = 4: 192 at 48 heads) and each holds 1/P of the state. Each CTA's shared
+memory (186 KiB here, 219 KiB in the backward) leaves room for one CTA per SM, and each
+(batch, head) is one sequential chain, so 192 CTAs on an H100's 132 SMs run as two waves, the
+second 45% full: expect B x H = 48 chains to take as long as 66 would (an estimate, to be
+checked on a GPU). A cluster of 8 (three waves of half the work each: 1.5 instead of 2 chain
+times) needs W2's slice updated as a [d, f/8] tile, see `supports`.
 
 The split is exact because the hidden width only meets the rest of the mini-batch through sums
 over it. With X2 = gelu(XK W1 + b1), everything per hidden slice stays local (Z1, X2, G1, the

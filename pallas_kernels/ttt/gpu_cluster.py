@@ -35,8 +35,8 @@ cluster = 4 (the scratch must fit 227 KiB of shared memory: `smem_bytes`); check
 `gpu.forward` returns them (or W1, W2 in bf16: `weights_dtype`, the backward's stack of
 states). Mini-batch n + 1's inputs are loaded (TMA) while n is computed. The backward on the
 same split is `gpu_cluster_backward.py` (`gpu.backward` recomputes each group with this kernel,
-then sweeps it in reverse there); its forward half is `mini_batch` here, shared by both. Not
-yet done: warp specialisation.
+then sweeps it in reverse there); both run `gpu_cluster_lib.mini_batch`, the forward half of
+a mini-batch. Not yet done: warp specialisation.
 In interpret mode (CPU) jax's Mosaic GPU interpreter has no distributed shared memory, so there
 the partials go through a global-memory scratch instead; the compiled path is checked by
 lowering and compiling for an H100 (compile-only devices) and has not yet run on a GPU.
@@ -57,7 +57,6 @@ from pallas_kernels.ttt.gpu_cluster_lib import (COL, MOSAIC_RESERVE_BYTES, ROW, 
                                                 WGMMA, Cluster, cols, matmul, mini_batch,
                                                 normalize, stage, swizzled)
 from pallas_kernels.ttt.tile import num_groups
-
 
 
 def smem_bytes(b: int, d: int, cluster: int, interpret: bool = False) -> int:
@@ -120,7 +119,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   hid = pl.ds(c * fp, fp)  # this CTA's slice of the hidden width
   bf16_weights = ck_w1.dtype == jnp.bfloat16  # the backward's state stack: W1, W2 as operands
   cl = Cluster(c, cluster, interpret, cbar, recv_bar, buf=lambda k: part_s.at[k],
-                xch=lambda k, peer: xch_g.at[i, h, peer, k], recv=lambda k: recv_s)
+               xch=lambda k, peer: xch_g.at[i, h, peer, k], recv=lambda k: recv_s)
 
   def fetch(pairs, bar, wait=True):
     for src, dst in pairs:

@@ -122,9 +122,9 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   f32 = jnp.float32
   bd, bf, bb = (b, d), (b, fp), (b, b)
   cl = Cluster(c, cluster, interpret, cbar, recv_bar,
-                buf=lambda k: parte_s if k == "eta" else part_s.at[k],
-                xch=lambda k, p: xche_g.at[i, h, p] if k == "eta" else xch_g.at[i, h, p, k],
-                recv=lambda k: recve_s if k == "eta" else recv_s)
+               buf=lambda k: parte_s if k == "eta" else part_s.at[k],
+               xch=lambda k, p: xche_g.at[i, h, p] if k == "eta" else xch_g.at[i, h, p, k],
+               recv=lambda k: recve_s if k == "eta" else recv_s)
 
   def fetch(pairs, bar):
     for src, dst in pairs:

@@ -163,8 +163,8 @@ class Recompute(NamedTuple):
 
 
 def mini_batch(s, eta, b1, b2, gamma, beta, eps, cluster_sum):
-  """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see the
-  module docstring), on the CTA's hidden slice.
+  """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see
+  `gpu_cluster.py`'s docstring), on the CTA's hidden slice.
 
   s: shared-memory buffers with xq, xk, xv [b, d] and w1 [d, fp], w2 [fp, d] (bf16) loaded;
   written here: x2, x2_bar, eg1 [b, fp], g2, eg2 [b, d] and neg_b, neg_a [b, b] (-XQ XK^T,

@@ -37,7 +37,9 @@ NAMES = ("out", "xq", "xk", "xv", "eta", "ln_weight", "ln_bias", "W1", "b1", "W2
 
 
 def inputs(seed, B, H, N, b, d):
-  """Random TTT-MLP inputs: bf16 activations, f32 parameters; eta small, as in the model."""
+  """Random TTT-MLP inputs: bf16 activations, f32 parameters; eta small, as in the model. The
+  biases and LayerNorm parameters are random too (not `ttt_op.make_inputs`'s initialisation:
+  zeros and ones would hide a wrong index)."""
   ks = jax.random.split(jax.random.key(seed), 11)
   n = lambda k, shape, scale=1.0: scale * jax.random.normal(k, shape, jnp.float32)
   f = 4 * d

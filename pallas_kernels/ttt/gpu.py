@@ -55,6 +55,11 @@ from pallas_kernels.ttt.tile import (STEPS, num_groups, pad_to_groups, state_byt
                                      state_shapes, step_vjp)
 
 
+def _mosaic_interpret(interpret: bool):
+  """The cluster kernels' `interpret`: jax's Mosaic GPU interpreter when interpreting."""
+  return plgpu.InterpretGPUParams() if interpret else False
+
+
 def _kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, eps,
             checkpoint_group, num_mini_batches):
   """One (batch, head). Refs: x [N, b, d], eta [N, b, 1], gamma/beta [1, d], the initial state
@@ -103,7 +108,7 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
   if P and gpu_cluster.supports(kind, xq.dtype, b, d, P):
     return gpu_cluster.forward(
         xq, xk, xv, eta, ln_weight, ln_bias, init, eps=eps, checkpoint_group=checkpoint_group,
-        cluster=P, interpret=plgpu.InterpretGPUParams() if interpret else False, debug=debug,
+        cluster=P, interpret=_mosaic_interpret(interpret), debug=debug,
         per_example_init=per_example_init)
   dtype = init[0].dtype
   G = num_groups(N, checkpoint_group)
@@ -257,8 +262,7 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
 
   def cluster_step(ct_final, group):  # the Mosaic GPU pair, state split over P CTAs
     xs, ckpt, ct = group
-    mosaic = dict(eps=eps, cluster=P, interpret=plgpu.InterpretGPUParams() if interpret else False,
-                  debug=debug)
+    mosaic = dict(eps=eps, cluster=P, interpret=_mosaic_interpret(interpret), debug=debug)
     _, states = gpu_cluster.forward(*xs, ln_weight, ln_bias, ckpt, checkpoint_group=1,
                                     per_example_init=True, weights_dtype=jnp.bfloat16, **mosaic)
     *ct_xs, ct_gamma, ct_beta, ct_init = gpu_cluster_backward.backward_group(

@@ -54,8 +54,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.ttt.gpu_cluster_lib import (COL, MOSAIC_RESERVE_BYTES, ROW, SMEM_LIMIT_BYTES,
-                                                WGMMA, Cluster, cols, matmul, mini_batch,
-                                                normalize, stage, swizzled)
+                                                WGMMA, Cluster, cluster_kernel, cols, fetch,
+                                                matmul, mini_batch, normalize, stage, swizzled)
 from pallas_kernels.ttt.tile import num_groups
 
 
@@ -121,12 +121,6 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   cl = Cluster(c, cluster, interpret, cbar, recv_bar, buf=lambda k: part_s.at[k],
                xch=lambda k, peer: xch_g.at[i, h, peer, k], recv=lambda k: recv_s)
 
-  def fetch(pairs, bar, wait=True):
-    for src, dst in pairs:
-      plgpu.copy_gmem_to_smem(src, dst, bar)
-    if wait:
-      plgpu.barrier_wait(bar)
-
   def prefetch(n):  # mini-batch n's inputs into buffer n % 2, in flight during mini-batch n - 1
     slot = lax.rem(n, 2)
     fetch([(xq_g.at[i, h, n], xq_2.at[slot]), (xk_g.at[i, h, n], xk_2.at[slot]),
@@ -182,8 +176,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
       prefetch(n + 1)
 
     eta = plgpu.load(eta_2.at[slot], layout=ROW)  # [b]
-    cluster_sum = lambda part, k: cl.sum((k, part, WGMMA))[0]
-    r = mini_batch(bufs, eta, b1, b2, gamma, beta, eps, cluster_sum)
+    r = mini_batch(bufs, eta, b1, b2, gamma, beta, eps, cl)
     x_hat, _ = normalize(r.Z2_bar, eps)
     bd = (b, d)
     XQ = plgpu.load(bufs.xq, layout=WGMMA).astype(jnp.float32)
@@ -235,15 +228,12 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
   out_type = (jax.ShapeDtypeStruct(xq.shape, xq.dtype),
               *(jax.ShapeDtypeStruct((B, H, G, *s), t) for s, t in state_types),
               jax.ShapeDtypeStruct((B, H, cluster, 2, b, d) if interpret else (1,), f32))
-  scratch = _scratch(b, d, cluster, xq.dtype, bool(interpret))
-  def ttt_mlp_forward_cluster(*refs):  # the kernel's name in the lowered module
-    _kernel(*refs[:16], refs[16:], eps=eps, g=checkpoint_group, num_mini_batches=N,
-            cluster=cluster, interpret=bool(interpret), per_example_init=per_example_init)
-
-  kernel = plgpu.kernel(
-      ttt_mlp_forward_cluster, out_type=out_type, scratch_types=scratch, grid=(B, H), grid_names=("batch", "heads"),
-      cluster=(cluster,), cluster_names=("cluster",), interpret=interpret or None,
-      debug=debug)
+  body = functools.partial(_kernel, eps=eps, g=checkpoint_group, num_mini_batches=N,
+                           cluster=cluster, interpret=bool(interpret),
+                           per_example_init=per_example_init)
+  kernel = cluster_kernel(body, "ttt_mlp_forward_cluster", out_type=out_type,
+                          scratch=_scratch(b, d, cluster, xq.dtype, bool(interpret)),
+                          grid=(B, H), cluster=cluster, interpret=interpret, debug=debug)
   out, *ckpts, _ = kernel(xq, xk, xv, eta.astype(f32), ln_weight.astype(f32),
                           ln_bias.astype(f32), *(w.astype(f32) for w in init))
   return out, tuple(ckpts)

@@ -42,9 +42,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.ttt import gpu_cluster
 from pallas_kernels.ttt.gpu_cluster_lib import (COL, MOSAIC_RESERVE_BYTES, ROW,
-                                                SMEM_LIMIT_BYTES, WGMMA, Cluster, cols,
-                                                ln_backward, matmul, mini_batch, normalize, rows,
-                                                stage, swizzled)
+                                                SMEM_LIMIT_BYTES, WGMMA, Cluster, cluster_kernel,
+                                                cols, fetch, ln_backward, matmul, mini_batch,
+                                                normalize, rows, stage, swizzled)
 from ttt_jax.ops.ttt import gelu_tanh_grad, gelu_tanh_grad2
 
 
@@ -126,11 +126,6 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
                xch=lambda k, p: xche_g.at[i, h, p] if k == "eta" else xch_g.at[i, h, p, k],
                recv=lambda k: recve_s if k == "eta" else recv_s)
 
-  def fetch(pairs, bar):
-    for src, dst in pairs:
-      plgpu.copy_gmem_to_smem(src, dst, bar)
-    plgpu.barrier_wait(bar)
-
   # LayerNorm parameters and the cotangent of the group's final state (f32, through the
   # partial-sum slots, free until the first mini-batch).
   fetch([(gamma_g.at[h], vec_s.at[0]), (beta_g.at[h], vec_s.at[1]),
@@ -154,9 +149,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
                                  x2_bar=x2bar_s, eg1=eg1_s, eg2=eg2_s, g2=g2_s, neg_b=nb_s,
                                  neg_a=na_s)
-    cluster_sum = lambda part, slot: cl.sum((slot, part, WGMMA))[0]
-    r = mini_batch(bufs, eta, plgpu.load(b1_s, layout=COL),
-                               plgpu.load(b2_s, layout=COL), gamma, beta, eps, cluster_sum)
+    r = mini_batch(bufs, eta, plgpu.load(b1_s, layout=COL), plgpu.load(b2_s, layout=COL),
+                   gamma, beta, eps, cl)
     T = lambda ref: ref.transpose((1, 0))
 
     # out = XQ + gamma * x_hat(Z2_bar) + beta: D2 = ct of Z2_bar (the same in every CTA).
@@ -278,13 +272,10 @@ def backward_group(xs, ln_weight, ln_bias, states, ct_out, ct_final, *, eps: flo
               *(jax.ShapeDtypeStruct(c.shape, f32) for c in ct_final),
               jax.ShapeDtypeStruct((B, H, cluster, 3, b, d) if interpret else (1,), f32),
               jax.ShapeDtypeStruct((B, H, cluster, b) if interpret else (1,), f32))
-  def ttt_mlp_backward_cluster(*refs):  # the kernel's name in the lowered module
-    _kernel(*refs[:26], refs[26:], eps=eps, g=g, cluster=cluster, interpret=bool(interpret))
-
-  kernel = plgpu.kernel(
-      ttt_mlp_backward_cluster, out_type=out_type, scratch_types=_scratch(b, d, cluster, bool(interpret)), grid=(B, H),
-      grid_names=("batch", "heads"), cluster=(cluster,), cluster_names=("cluster",),
-      interpret=interpret or None, debug=debug)
+  body = functools.partial(_kernel, eps=eps, g=g, cluster=cluster, interpret=bool(interpret))
+  kernel = cluster_kernel(body, "ttt_mlp_backward_cluster", out_type=out_type,
+                          scratch=_scratch(b, d, cluster, bool(interpret)), grid=(B, H),
+                          cluster=cluster, interpret=interpret, debug=debug)
   W1, b1, W2, b2 = states
   outs = kernel(xq, xk, xv, eta.astype(f32), ct_out.astype(xq.dtype), ln_weight.astype(f32),
                 ln_bias.astype(f32), W1.astype(jnp.bfloat16), b1.astype(f32),

@@ -37,6 +37,26 @@ def swizzled(shape, dtype):
   return plgpu.SMEM(shape, dtype, transforms=transforms)
 
 
+def cluster_kernel(body, name, *, out_type, scratch, grid, cluster, interpret, debug):
+  """`plgpu.kernel` over grid (batch, heads), a cluster of `cluster` CTAs per (batch, head):
+  body(*input and output refs, scratch refs), named `name` in the lowered module; `interpret`
+  False or a `plgpu.InterpretGPUParams`."""
+  def kernel(*refs):
+    body(*refs[:-len(scratch)], refs[-len(scratch):])
+  kernel.__name__ = name
+  return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
+                      grid_names=("batch", "heads"), cluster=(cluster,),
+                      cluster_names=("cluster",), interpret=interpret or None, debug=debug)
+
+
+def fetch(pairs, barrier, wait=True):
+  """TMA copies of (GMEM src, SMEM dst) pairs, all arriving on `barrier`; waits unless told."""
+  for src, dst in pairs:
+    plgpu.copy_gmem_to_smem(src, dst, barrier)
+  if wait:
+    plgpu.barrier_wait(barrier)
+
+
 def matmul(shape, *products):
   """The sum of a @ b over the (a, b) products on the tensor cores (wgmma), f32 [m, n]; a and b
   are shared-memory refs (transposed views allowed)."""
@@ -162,15 +182,14 @@ class Recompute(NamedTuple):
   db2: jax.Array  # [d] colsum(eta G2)
 
 
-def mini_batch(s, eta, b1, b2, gamma, beta, eps, cluster_sum):
+def mini_batch(s, eta, b1, b2, gamma, beta, eps, cl):
   """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see
   `gpu_cluster.py`'s docstring), on the CTA's hidden slice.
 
   s: shared-memory buffers with xq, xk, xv [b, d] and w1 [d, fp], w2 [fp, d] (bf16) loaded;
   written here: x2, x2_bar, eg1 [b, fp], g2, eg2 [b, d] and neg_b, neg_a [b, b] (-XQ XK^T,
   -X2_bar X2^T; the forward passes one buffer for both). eta [b], b1 [fp], b2 [d], gamma, beta
-  [d]: f32 registers. cluster_sum(part, slot): the sum of a [b, d] partial over the cluster
-  (slots 0 and 1).
+  [d]: f32 registers. cl: the `Cluster`, whose partial-sum slots 0 and 1 this uses.
   """
   b, d = s.xq.shape
   fp = s.w1.shape[1]
@@ -180,7 +199,8 @@ def mini_batch(s, eta, b1, b2, gamma, beta, eps, cluster_sum):
   Z1 = matmul(bf, (s.xk, s.w1)) + cols(b1, bf)  # [b, fp]
   X2 = gelu_tanh(Z1)
   stage((s.x2, X2))
-  Z2 = cluster_sum(matmul(bd, (s.x2, s.w2)), 0) + cols(b2, bd)  # [b, d]
+  Z2, = cl.sum((0, matmul(bd, (s.x2, s.w2)), WGMMA))
+  Z2 = Z2 + cols(b2, bd)  # [b, d]
 
   # Gradients of the reconstruction loss: G2 = dl/dZ2 (redundant per CTA), G1 = dl/dZ1.
   XK = plgpu.load(s.xk, layout=WGMMA).astype(jnp.float32)
@@ -202,5 +222,6 @@ def mini_batch(s, eta, b1, b2, gamma, beta, eps, cluster_sum):
   stage((s.neg_a, -matmul((b, b), (s.x2_bar, s.x2.transpose((1, 0))))))
   part = matmul(bd, (s.x2_bar, s.w2), (s.neg_a, s.eg2))
   db2 = eG2.sum(axis=0)  # [d]
-  Z2_bar = cluster_sum(part, 1) + cols(b2 - db2, bd)
+  Z2_bar, = cl.sum((1, part, WGMMA))
+  Z2_bar = Z2_bar + cols(b2 - db2, bd)
   return Recompute(Z1, P, Z2, G2, Z1_bar, Z2_bar, db1, db2)

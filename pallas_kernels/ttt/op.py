@@ -2,11 +2,11 @@
 
 Two kernel families (`backend`): "tpu" (Mosaic TPU, `tpu.py`) and "gpu" (Triton, `gpu.py`,
 with TTT-MLP's bf16 forward and backward as Mosaic GPU cluster kernels, `gpu_cluster.py` and
-`gpu_cluster_backward.py`, where the block sizes ask for it), each a forward and a backward. Both forwards save the state at the start of
-every group of `checkpoint_group` mini-batches; both backwards recompute one group at a time
-from its checkpoint (the TPU kernel in VMEM, the GPU one into HBM by the forward kernel) and
-run it in reverse, so the backward holds one group's states at a time, as the pure op's remat
-does.
+`gpu_cluster_backward.py`, where the block sizes ask for it), each a forward and a backward.
+Both forwards save the state at the start of every group of `checkpoint_group` mini-batches;
+both backwards recompute one group at a time from its checkpoint (the TPU kernel in VMEM, the
+GPU one into HBM by the forward kernel) and run it in reverse, so the backward holds one
+group's states at a time, as the pure op's remat does.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ code, not traffic), and compile seconds. A static profile, not a timing: it tell
 change keeps a kernel within one SM's registers and shared memory before a GPU is at hand, and
 it is what to compare against when tuning on one.
 
-  python benchmarks/kernel_resources.py                      # both cluster kernels, 5B shapes
+  python benchmarks/kernel_resources.py                      # the three cluster kernels, 5B shapes
   python benchmarks/kernel_resources.py --out=benchmarks/results/h100-resources.jsonl
 """
 
@@ -24,7 +24,9 @@ import subprocess
 import sys
 import time
 
-KERNELS = ("cluster_forward", "cluster_backward")
+# The forward (checkpoints every g mini-batches), the backward's recompute of one group (the
+# forward kernel saving every state, W1 and W2 in bf16) and the backward of one group.
+KERNELS = ("cluster_forward", "cluster_recompute", "cluster_backward")
 
 
 def parse_dump(text: str) -> dict:
@@ -66,6 +68,12 @@ def _compile(kernel: str, args) -> dict:
                                         cluster=P)
     shapes = (*[spec((B, H, N, b, d), bf16)] * 3, spec((B, H, N, b), f32), ln, ln,
               state((H,), f32))
+  elif kernel == "cluster_recompute":  # `gpu.backward`'s first half for one group
+    N, module = args.checkpoint_group, gpu_cluster
+    fn = lambda *a: gpu_cluster.forward(*a, eps=1e-6, checkpoint_group=1, cluster=P,
+                                        per_example_init=True, weights_dtype=bf16)
+    shapes = (*[spec((B, H, N, b, d), bf16)] * 3, spec((B, H, N, b), f32), ln, ln,
+              state((B, H), f32))
   else:  # one group of the reverse sweep
     N, module = args.checkpoint_group, gpu_cluster_backward
     fn = lambda *a: gpu_cluster_backward.backward_group(*a, eps=1e-6, cluster=P)

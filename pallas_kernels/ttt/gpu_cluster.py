@@ -6,7 +6,7 @@ idle at the 5B shape (48 heads on 132 SMs). Here the inner MLP's hidden width f 
 over a cluster of P CTAs: CTA c holds W1[:, c*f/P:(c+1)*f/P], b1's slice and W2's matching
 rows, and the P CTAs of a (batch, head) walk the mini-batches together, so the grid is
 B x H x P CTAs (P = 4: 192 at 48 heads) and each holds 1/P of the state. Each CTA's shared
-memory (186 KiB here, 219 KiB in the backward) leaves room for one CTA per SM, and each
+memory (186 KiB here, 220 KiB in the backward) leaves room for one CTA per SM, and each
 (batch, head) is one sequential chain, so 192 CTAs on an H100's 132 SMs run as two waves, the
 second 45% full: expect B x H = 48 chains to take as long as 66 would (an estimate, to be
 checked on a GPU). A cluster of 8 (three waves of half the work each: 1.5 instead of 2 chain
@@ -132,8 +132,6 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   fetch([(gamma_g.at[h], vec_s.at[0]), (beta_g.at[h], vec_s.at[1]),
          (head(w1_g).at[:, hid], st_w1), (head(b1_g).at[0, hid], st_b1),
          (head(w2_g).at[hid, :], st_w2), (head(b2_g).at[0], st_b2)], init_bar)
-  gamma = plgpu.load(vec_s.at[0], layout=COL)
-  beta = plgpu.load(vec_s.at[1], layout=COL)
   state = (plgpu.load(st_w1, layout=WGMMA), plgpu.load(st_b1, layout=COL),
            plgpu.load(st_w2, layout=WGMMA), plgpu.load(st_b2, layout=COL))
 
@@ -142,7 +140,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     checkpoints are bf16."""
     W1, b1, W2, b2 = state
     k = lax.div(n, g)
-    plgpu.wait_smem_to_gmem(0)  # the stage buffers are free again
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the stage buffers are free again
     st_b1[...], st_b2[...] = b1, b2
     if not bf16_weights:
       st_w1[...], st_w2[...] = W1, W2
@@ -169,17 +167,18 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     plgpu.barrier_wait(load_bar.at[slot])
     bufs = types.SimpleNamespace(
         xq=xq_2.at[slot], xk=xk_2.at[slot], xv=xv_2.at[slot], w1=w1b_s, w2=w2b_s, x2=x2_s,
-        x2_bar=x2bar_s, eg1=eg1_s, eg2=eg2_s, g2=g2_s, neg_b=attn_s, neg_a=attn_s)
+        x2_bar=x2bar_s, eg1=eg1_s, eg2=eg2_s, g2=g2_s, neg_b=attn_s, neg_a=attn_s, ln=vec_s)
 
     @pl.when(n + 1 < num_mini_batches)
     def _():  # the other buffer's last readers (mini-batch n - 1) have finished
       prefetch(n + 1)
 
     eta = plgpu.load(eta_2.at[slot], layout=ROW)  # [b]
-    r = mini_batch(bufs, eta, b1, b2, gamma, beta, eps, cl)
+    r = mini_batch(bufs, eta, b1, b2, eps, cl)
     x_hat, _ = normalize(r.Z2_bar, eps)
     bd = (b, d)
     XQ = plgpu.load(bufs.xq, layout=WGMMA).astype(jnp.float32)
+    gamma, beta = (plgpu.load(vec_s.at[j], layout=COL) for j in (0, 1))  # loaded where used
     out = XQ + cols(gamma, bd) * x_hat + cols(beta, bd)
 
     @pl.when(c == 0)

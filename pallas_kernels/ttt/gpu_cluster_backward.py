@@ -25,7 +25,7 @@ read before a later cluster barrier, and a barrier ends each mini-batch.
 
 Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double
 as the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster).
-Shared memory: 20 bf16 tiles and 3 f32 ones, 210 KiB (`smem_bytes`). Mini-batch t's inputs
+Shared memory: 20 bf16 tiles and 3 f32 ones, 211 KiB (`smem_bytes`). Mini-batch t's inputs
 are loaded when it starts (no prefetch yet: the tiles are all in use).
 """
 from __future__ import annotations
@@ -74,7 +74,8 @@ def _scratch(b, d, cluster, interpret):
       plgpu.SMEM((b, d) if interpret else (8,), f32),  # a peer's, received (interpret only)
       plgpu.SMEM((b,), f32), plgpu.SMEM((fp,), f32), plgpu.SMEM((d,), f32),  # eta, b1, b2 at t
       plgpu.SMEM((b,), f32), plgpu.SMEM((b,) if interpret else (8,), f32),  # ct_eta partial
-      plgpu.SMEM((fp,), f32), plgpu.SMEM((d,), f32), plgpu.SMEM((2, d), f32),  # vectors
+      plgpu.SMEM((fp,), f32), plgpu.SMEM((d,), f32),  # ct b1, ct b2 (accumulated here)
+      plgpu.SMEM((2, d), f32), plgpu.SMEM((2, d), f32),  # gamma, beta; their cotangents
       plgpu.Barrier(num_arrivals=6), plgpu.Barrier(num_arrivals=9),
       plgpu.Barrier(num_arrivals=1),
       plgpu.ClusterBarrier(collective_axes=("cluster",)),
@@ -113,7 +114,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   (xq_s, xk_s, xv_s, cto_s, w1_s, w2_s,
    x2_s, x2bar_s, eg1_s, g2_s, eg2_s, nb_s, na_s,
    d2_s, m_s, cw1_s, cw2_s, d1_s, ctb_s, ctp_s,
-   part_s, recv_s, eta_s, b1_s, b2_s, parte_s, recve_s, vb1_s, vb2_s, vec_s,
+   part_s, recv_s, eta_s, b1_s, b2_s, parte_s, recve_s, vb1_s, vb2_s, vec_s, ctln_s,
    init_bar, load_bar, recv_bar, cbar) = scratch
   i, h, c = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("cluster")
   b, d = xq_s.shape
@@ -126,19 +127,22 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
                xch=lambda k, p: xche_g.at[i, h, p] if k == "eta" else xch_g.at[i, h, p, k],
                recv=lambda k: recve_s if k == "eta" else recv_s)
 
-  # LayerNorm parameters and the cotangent of the group's final state (f32, through the
-  # partial-sum slots, free until the first mini-batch).
+  # LayerNorm parameters and the cotangent of the group's final state (f32; W1's and W2's
+  # through the partial-sum slots, free until the first mini-batch).
   fetch([(gamma_g.at[h], vec_s.at[0]), (beta_g.at[h], vec_s.at[1]),
          (cw1_g.at[i, h, :, hid], part_s.at[0]), (cb1_g.at[i, h, 0, hid], vb1_s),
          (cw2_g.at[i, h, hid, :], part_s.at[1]), (cb2_g.at[i, h, 0], vb2_s)], init_bar)
-  gamma = plgpu.load(vec_s.at[0], layout=COL)
-  beta = plgpu.load(vec_s.at[1], layout=COL)
-  carry = (plgpu.load(part_s.at[0], layout=WGMMA), plgpu.load(vb1_s, layout=COL),
-           plgpu.load(part_s.at[1], layout=WGMMA), plgpu.load(vb2_s, layout=COL),
-           jnp.zeros_like(gamma), jnp.zeros_like(beta))
+  ctln_s[...] = jnp.zeros((2, d), f32)  # (a warpgroup barrier comes before its first use)
+  carry = (plgpu.load(part_s.at[0], layout=WGMMA), plgpu.load(part_s.at[1], layout=WGMMA))
+  # Only dW1 and dW2 are carried in registers. The vector cotangents (b1, b2, gamma, beta)
+  # accumulate in shared memory and gamma, beta are loaded where used: a [n] vector in a
+  # WGMMA column layout takes n / 4 registers per thread, and carried through the step the six
+  # of them cost 96 registers at n = 64, which spilled. A warpgroup barrier (`stage`, `matmul`
+  # operands' commit) separates each store from the other threads' next load of the vector.
+  col = lambda ref: plgpu.load(ref, layout=COL)
 
   def step(k, carry):
-    CW1, Cb1, CW2, Cb2, ct_gamma, ct_beta = carry  # cotangents of the state after mini-batch t
+    CW1, CW2 = carry  # cotangents of W1, W2 after mini-batch t (b1, b2: vb1_s, vb2_s)
     t = g - 1 - k
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's outputs have left
     fetch([(xq_g.at[i, h, t], xq_s), (xk_g.at[i, h, t], xk_s), (xv_g.at[i, h, t], xv_s),
@@ -148,17 +152,16 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     eta = plgpu.load(eta_s, layout=ROW)  # [b]
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
                                  x2_bar=x2bar_s, eg1=eg1_s, eg2=eg2_s, g2=g2_s, neg_b=nb_s,
-                                 neg_a=na_s)
-    r = mini_batch(bufs, eta, plgpu.load(b1_s, layout=COL), plgpu.load(b2_s, layout=COL),
-                   gamma, beta, eps, cl)
+                                 neg_a=na_s, ln=vec_s)
+    r = mini_batch(bufs, eta, col(b1_s), col(b2_s), eps, cl)
     T = lambda ref: ref.transpose((1, 0))
 
     # out = XQ + gamma * x_hat(Z2_bar) + beta: D2 = ct of Z2_bar (the same in every CTA).
     x_hat, rstd = normalize(r.Z2_bar, eps)
     ct_out = plgpu.load(cto_s, layout=WGMMA).astype(f32)
-    ct_gamma = ct_gamma + (ct_out * x_hat).sum(axis=0)
-    ct_beta = ct_beta + ct_out.sum(axis=0)
-    D2 = ln_backward(x_hat, rstd, ct_out * cols(gamma, bd))
+    ctln_s.at[0][...] = col(ctln_s.at[0]) + (ct_out * x_hat).sum(axis=0)
+    ctln_s.at[1][...] = col(ctln_s.at[1]) + ct_out.sum(axis=0)
+    D2 = ln_backward(x_hat, rstd, ct_out * cols(col(vec_s.at[0]), bd))
     stage((d2_s, D2), (cw1_s, CW1), (cw2_s, CW2))
 
     # Z2_bar's slice part X2_bar W2 - (X2_bar X2^T) eG2, and the W2 update W2 - X2^T eG2. (Terms
@@ -168,17 +171,17 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     ct_X2bar = matmul(bf, (d2_s, T(w2_s))) - matmul(bf, (m_s, x2_s))
     ct_eG2 = matmul(bd, (T(na_s), d2_s)) - matmul(bd, (x2_s, cw2_s))  # this slice's part
     CW2 = CW2 + matmul((fp, d), (T(x2bar_s), d2_s))
-    ct_eG2_shared = -(D2.sum(axis=0) + Cb2)  # [d], from colsum(eG2) in Z2_bar and b2's update
-    Cb2 = Cb2 + D2.sum(axis=0)
+    # ct of b2 before b2's update, which is also -(ct of colsum(eG2)), in Z2_bar and b2's update
+    vb2_s[...] = col(vb2_s) + D2.sum(axis=0)
 
     # Z1_bar = XQ W1 - (XQ XK^T) eG1 + b1 - colsum(eG1), and the W1, b1 updates.
     D1 = ct_X2bar * gelu_tanh_grad(r.Z1_bar)
     stage((d1_s, D1))
     stage((ctb_s, -matmul(bb, (d1_s, T(eg1_s)))))  # ct of XQ XK^T
-    ct_eG1 = (matmul(bf, (T(nb_s), d1_s)) - matmul(bf, (xk_s, cw1_s))
-              - cols(D1.sum(axis=0) + Cb1, bf))
+    Cb1 = col(vb1_s) + D1.sum(axis=0)
+    vb1_s[...] = Cb1
+    ct_eG1 = matmul(bf, (T(nb_s), d1_s)) - matmul(bf, (xk_s, cw1_s)) - cols(Cb1, bf)
     CW1 = CW1 + matmul((d, fp), (T(xq_s), d1_s))
-    Cb1 = Cb1 + D1.sum(axis=0)
     ct_XQ = matmul(bd, (d1_s, T(w1_s)), (ctb_s, xk_s))  # this slice's part
 
     # eG1 = eta G1, G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
@@ -190,7 +193,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     CW2 = CW2 + matmul((fp, d), (T(ctp_s), g2_s))
     part = rows(eta, bd) * ct_eG2 + matmul(bd, (ctp_s, w2_s))
     ct_G2, ct_XQ = cl.sum((2, part, WGMMA), (0, ct_XQ, WGMMA))
-    ct_G2 = ct_G2 + rows(eta, bd) * cols(ct_eG2_shared, bd)
+    ct_G2 = ct_G2 - rows(eta, bd) * cols(col(vb2_s), bd)
 
     @pl.when(c == 0)
     def _():  # d XQ is complete: out through ct_P's tile, free now
@@ -201,11 +204,13 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     # G2 = LN-L2 gradient of Z2 = X2 W2 + b2 at target XV - XK; X2 = gelu(Z1 = XK W1 + b1).
     XK = plgpu.load(xk_s, layout=WGMMA).astype(f32)
     XV = plgpu.load(xv_s, layout=WGMMA).astype(f32)
-    G2, ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(r.Z2, XV - XK, gamma, beta, eps, ct_G2)
-    ct_eta_shared = (G2 * cols(ct_eG2_shared, bd)).sum(axis=1)  # [b], added once, below
-    ct_gamma, ct_beta = ct_gamma + dgamma, ct_beta + dbeta
-    Cb2 = Cb2 + ct_Z2.sum(axis=0)
-    stage((d2_s, ct_Z2))  # D2's tile: D2 is dead
+    G2, ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(
+        r.Z2, XV - XK, col(vec_s.at[0]), col(vec_s.at[1]), eps, ct_G2)
+    ct_eta_shared = -(G2 * cols(col(vb2_s), bd)).sum(axis=1)  # [b], added once, below
+    ctln_s.at[0][...] = col(ctln_s.at[0]) + dgamma
+    ctln_s.at[1][...] = col(ctln_s.at[1]) + dbeta
+    stage((d2_s, ct_Z2))  # D2's tile: D2 is dead (and every thread has read vb2_s above)
+    vb2_s[...] = col(vb2_s) + ct_Z2.sum(axis=0)
     # X2 meets Z2 (W2), Z2_bar's Gram term (-M^T X2_bar) and the W2 update (-eG2 dW2'^T).
     ct_X2 = matmul(bf, (d2_s, T(w2_s))) - matmul(bf, (T(m_s), x2bar_s), (eg2_s, T(cw2_s)))
     CW2 = CW2 + matmul((fp, d), (T(x2_s), d2_s))
@@ -214,7 +219,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     ct_XK = (matmul(bd, (T(ctb_s), xq_s), (d1_s, T(w1_s)))
              - matmul(bd, (eg1_s, T(cw1_s))))  # this slice's part
     CW1 = CW1 + matmul((d, fp), (T(xk_s), d1_s))
-    Cb1 = Cb1 + ct_Z1.sum(axis=0)
+    vb1_s[...] = col(vb1_s) + ct_Z1.sum(axis=0)
 
     ct_XK, ct_eta = cl.sum((1, ct_XK, WGMMA), ("eta", ct_eta, ROW))
     ct_eta = ct_eta + ct_eta_shared
@@ -228,12 +233,11 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
         plgpu.copy_smem_to_gmem(src, dst.at[i, h, t])
 
     cl.sync()  # every peer has read this mini-batch's partials
-    return CW1, Cb1, CW2, Cb2, ct_gamma, ct_beta
+    return CW1, CW2
 
-  CW1, Cb1, CW2, Cb2, ct_gamma, ct_beta = lax.fori_loop(0, g, step, carry)
+  CW1, CW2 = lax.fori_loop(0, g, step, carry)
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
   part_s.at[0][...], part_s.at[1][...] = CW1, CW2  # the last barrier freed the slots
-  vb1_s[...], vb2_s[...], vec_s.at[0][...], vec_s.at[1][...] = Cb1, Cb2, ct_gamma, ct_beta
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(part_s.at[0], dw1_g.at[i, h, :, hid])
   plgpu.copy_smem_to_gmem(vb1_s, db1_g.at[i, h, 0, hid])
@@ -242,7 +246,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   @pl.when(c == 0)
   def _():
     plgpu.copy_smem_to_gmem(vb2_s, db2_g.at[i, h, 0])
-    plgpu.copy_smem_to_gmem(vec_s, dln_g.at[i, h])
+    plgpu.copy_smem_to_gmem(ctln_s, dln_g.at[i, h])
 
   plgpu.wait_smem_to_gmem(0)
 

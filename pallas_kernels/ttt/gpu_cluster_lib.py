@@ -24,8 +24,8 @@ COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column: [n]
 # Shared memory per block on Hopper (H100, H200): 227 KiB with the opt-in.
 SMEM_LIMIT_BYTES = 227 << 10
 # Mosaic GPU's own shared memory beside the scratch list (cross-warp reductions), measured by
-# compiling for an H100 at d = 64, cluster = 4: 5.5 KiB in the forward, 8.9 KiB in the
-# backward (195,584 and 224,256 B asked for).
+# compiling for an H100 at d = 64, cluster = 4: 5.5 KiB in the forward, 9.4 KiB in the
+# backward (195,584 and 225,280 B asked for).
 MOSAIC_RESERVE_BYTES = 10 << 10
 
 
@@ -182,14 +182,15 @@ class Recompute(NamedTuple):
   db2: jax.Array  # [d] colsum(eta G2)
 
 
-def mini_batch(s, eta, b1, b2, gamma, beta, eps, cl):
+def mini_batch(s, eta, b1, b2, eps, cl):
   """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see
   `gpu_cluster.py`'s docstring), on the CTA's hidden slice.
 
   s: shared-memory buffers with xq, xk, xv [b, d] and w1 [d, fp], w2 [fp, d] (bf16) loaded;
   written here: x2, x2_bar, eg1 [b, fp], g2, eg2 [b, d] and neg_b, neg_a [b, b] (-XQ XK^T,
-  -X2_bar X2^T; the forward passes one buffer for both). eta [b], b1 [fp], b2 [d], gamma, beta
-  [d]: f32 registers. cl: the `Cluster`, whose partial-sum slots 0 and 1 this uses.
+  -X2_bar X2^T; the forward passes one buffer for both); ln [2, d] f32: gamma and beta, loaded
+  where used (fewer live registers). eta [b], b1 [fp], b2 [d]: f32 registers. cl: the
+  `Cluster`, whose partial-sum slots 0 and 1 this uses.
   """
   b, d = s.xq.shape
   fp = s.w1.shape[1]
@@ -205,7 +206,8 @@ def mini_batch(s, eta, b1, b2, gamma, beta, eps, cl):
   # Gradients of the reconstruction loss: G2 = dl/dZ2 (redundant per CTA), G1 = dl/dZ1.
   XK = plgpu.load(s.xk, layout=WGMMA).astype(jnp.float32)
   XV = plgpu.load(s.xv, layout=WGMMA).astype(jnp.float32)
-  G2 = ln_l2_grad(Z2, XV - XK, gamma, beta, eps)
+  G2 = ln_l2_grad(Z2, XV - XK, plgpu.load(s.ln.at[0], layout=COL),
+                  plgpu.load(s.ln.at[1], layout=COL), eps)
   eG2 = rows(eta, bd) * G2
   stage((s.eg2, eG2), (s.g2, G2))
   P = matmul(bf, (s.g2, s.w2.transpose((1, 0))))

@@ -10,6 +10,7 @@ run it on the accelerator (device tool METHOD.md) and commit the JSON under benc
 
   python benchmarks/ttt_kernels.py --seconds=3,9,18,63 --out=benchmarks/results/h100.jsonl
   python benchmarks/ttt_kernels.py --backend=gpu --gpu_cluster=4,0   # cluster vs Triton kernels
+  python benchmarks/ttt_kernels.py --tpu_mini_batches_per_step=8,1   # TPU forward grid steps
   python benchmarks/ttt_kernels.py --heads=2 --seconds=3 --repeats=1      # CPU smoke run
   python benchmarks/summarize.py benchmarks/results/*.jsonl --svg=summary.svg  # across devices
 """
@@ -44,17 +45,20 @@ def build(impl, mode, checkpoint_group, backend=None, block_sizes=None):
   return jax.jit(jax.grad(loss, argnums=tuple(range(10))))
 
 
-def variants(impls, gpu_cluster, dtype, d):
+def variants(impls, gpu_cluster, tpu_steps, dtype, d):
   """(impl label, block sizes or None) to time: "pallas" expands to one row per --gpu_cluster
-  value ("pallas-cluster4", "pallas-triton") when given, else the tuning table's choice."""
+  value ("pallas-cluster4", "pallas-triton") and per --tpu_mini_batches_per_step value
+  ("pallas-k8") when given, else it is the tuning table's choice."""
   for impl in impls:
-    if impl != "pallas" or gpu_cluster is None:
+    if impl != "pallas" or not (gpu_cluster or tpu_steps):
       yield impl, None
       continue
     table = get_block_sizes(sharding.target_device()[1], jnp.dtype(dtype), d)
-    for P in gpu_cluster:
+    for P in gpu_cluster or ():
       yield (f"pallas-cluster{P}" if P else "pallas-triton"), dataclasses.replace(table,
                                                                                  cluster=P)
+    for k in tpu_steps or ():
+      yield f"pallas-k{k}", dataclasses.replace(table, mini_batches_per_step=k)
 
 
 def main(argv=None):
@@ -70,6 +74,9 @@ def main(argv=None):
                  help="GPU: one pallas row per value, CTAs per head for the Mosaic GPU cluster "
                       "kernels, forward and backward (0: the Triton kernels); default: the "
                       "tuning table's")
+  p.add_argument("--tpu_mini_batches_per_step", type=csv(int), default=None,
+                 help="TPU: one pallas row per value, mini-batches per forward grid step "
+                      "(rounded to divide --checkpoint_group); default: the tuning table's")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--heads", type=int, default=48)
   p.add_argument("--checkpoint_group", type=int, default=16)
@@ -97,7 +104,8 @@ def main(argv=None):
         flops = ops.ttt_flops("ttt_mlp", args.batch, args.heads, N, b, d) * (
             3 if mode == "fwd_bwd" else 1)
         times = {}
-        for impl, sizes in variants(args.impls, args.gpu_cluster, dtype, d):
+        for impl, sizes in variants(args.impls, args.gpu_cluster,
+                                    args.tpu_mini_batches_per_step, dtype, d):
           times[impl] = ms = time_fn(build(impl, mode, args.checkpoint_group, args.backend,
                                            sizes), inputs, args.repeats)
           tflops = flops / ms / 1e9
@@ -106,6 +114,7 @@ def main(argv=None):
                      head_dim=d, checkpoint_group=args.checkpoint_group, dtype=dtype, mode=mode,
                      impl=impl, kernel_backend=None if impl == "xla" else kernel_backend,
                      gpu_cluster=None if sizes is None else sizes.cluster,
+                     mini_batches_per_step=None if sizes is None else sizes.mini_batches_per_step,
                      median_ms=round(ms, 3), flops=flops,
                      tflops_per_s=round(tflops, 4),
                      matmul_tflops_per_s=round(peak[dtype] / 1e3, 4),

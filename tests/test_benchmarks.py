@@ -81,6 +81,20 @@ def test_ttt_kernels_benchmark_gpu_cluster_variants(tmp_path):
   assert rows[1]["kernel_backend"] == "gpu (interpret)" and rows[2]["speedup_vs_xla"] > 0
 
 
+def test_ttt_kernels_benchmark_tpu_steps_variants(tmp_path):
+  """--tpu_mini_batches_per_step: one pallas row per value (TPU kernels, interpreted on CPU)."""
+  out = tmp_path / "r.jsonl"
+  subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "ttt_kernels.py"), "--seconds=3", "--heads=1",
+       "--num_mini_batches=3", "--dtypes=float32", "--modes=fwd", "--repeats=1",
+       "--matmul_size=64", "--checkpoint_group=2", "--tpu_mini_batches_per_step=2,1",
+       f"--out={out}"], capture_output=True, text=True, check=True, timeout=600)
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [(r["impl"], r["mini_batches_per_step"]) for r in rows] == [
+      ("xla", None), ("pallas-k2", 2), ("pallas-k1", 1)]
+  assert rows[1]["kernel_backend"] == "tpu (interpret)" and rows[2]["speedup_vs_xla"] > 0
+
+
 def test_kernel_resources_parses_mosaic_and_ptxas_dumps():
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import kernel_resources

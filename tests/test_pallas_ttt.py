@@ -92,6 +92,29 @@ def test_tpu_kernels_under_mosaic_interpret(dtype):
     assert rel_err(np.asarray(g, np.float32), np.asarray(w, np.float32)) <= TOL[dtype], name
 
 
+def test_tpu_mini_batches_per_step():
+  """k mini-batches per forward grid step: k divides g and 8 divides k or k divides 8."""
+  assert [tpu.mini_batches_per_step(k, 16) for k in (1, 3, 8, 12, 16, 64)] == [1, 2, 8, 8, 16, 16]
+  assert tpu.mini_batches_per_step(8, 6) == 2 and tpu.mini_batches_per_step(8, 3) == 1
+  assert tpu.mini_batches_per_step(24, 48) == 24 and tpu.mini_batches_per_step(0, 16) == 1
+
+
+@pytest.mark.parametrize("k", (1, 4, 16))
+def test_tpu_forward_steps_over_several_mini_batches(k):
+  """N = 19 in steps of k (the last block runs past the sequence; k = 16 takes eta in blocks
+  of 16 rows): output as the pure op, checkpoints (g = 16) as at one mini-batch per step
+  (to f32 rounding: XLA orders the interpreted loop's arithmetic differently)."""
+  args = _inputs((1, 2, 19, 16, 16), seed=6)
+  kw = dict(kind="ttt_mlp", eps=1e-6, checkpoint_group=16, heads_per_step=2, interpret=True)
+  out, ckpts = tpu.forward(*args[:6], args[6:], block_sizes=pk.BlockSizes(
+      mini_batches_per_step=k), **kw)
+  _check_out(out, reference.ttt_mlp(*args), args[0], TOL[jnp.float32])
+  _, want = tpu.forward(*args[:6], args[6:], block_sizes=pk.BlockSizes(mini_batches_per_step=1),
+                        **kw)
+  for name, c, w in zip(NAMES[6:], ckpts, want):
+    assert c.shape == w.shape and rel_err(c, w) <= TOL[jnp.float32], name  # f32 rounding
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_checkpoints_are_group_start_states(backend):
   """The forward saves the state before mini-batches 0, g, 2g, ...: N = 3, g = 2 gives 2."""

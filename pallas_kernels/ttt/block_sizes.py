@@ -5,9 +5,11 @@ GPU: `cluster` > 0 runs TTT-MLP's forward and backward as the Mosaic GPU kernels
 (where their `supports` take the shape: bf16, b = d = 64, cluster = 4); otherwise the Triton
 kernels of `gpu.py`, one program per (batch, head), whose tunables are Triton's `num_warps`
 and `num_stages`. TPU (Mosaic, `tpu.py`):
-`heads_per_step` heads share a grid step (amortising the ~0.35 us per-step overhead over more
-matmuls and giving the pipeline larger DMAs), and `vmem_limit_bytes` raises Mosaic's scoped
-VMEM limit for the backward's per-group state stack.
+`heads_per_step` heads and, in the forward, `mini_batches_per_step` consecutive mini-batches
+share a grid step (amortising the ~0.35 us per-step overhead over more matmuls: one mini-batch
+of one head is tens of nanoseconds of MXU work at d = 64; and giving the pipeline larger DMAs;
+the backward's step is already a whole checkpoint group), and `vmem_limit_bytes` raises Mosaic's
+scoped VMEM limit for the backward's per-group state stack.
 
 No entry has been measured yet (no accelerator was available when they were written): 8 warps
 for d = 64 is a guess that gives the large loop-carried state (W1, W2: 2 x 64 KiB in f32) more
@@ -31,6 +33,8 @@ class BlockSizes:
   num_stages: int = 1  # the mini-batch loop carries the state: nothing to software-pipeline
   cluster: int = 0  # GPU: CTAs per head for the Mosaic GPU TTT-MLP kernels (0: Triton)
   heads_per_step: int = 1  # TPU: heads per grid step (rounded down to a divisor of H)
+  # TPU forward: mini-batches per grid step (`tpu.mini_batches_per_step` rounds it to fit g)
+  mini_batches_per_step: int = 8
   vmem_limit_bytes: int | None = None  # TPU: Mosaic's scoped VMEM limit (None: its default)
 
 

@@ -3,16 +3,19 @@
 One kernel pair for both inner models (`kind`: "ttt_mlp", state W1, b1, W2, b2; "ttt_linear",
 state W1, b1): the mini-batch math is `tile.STEPS[kind]`. Sizes below are TTT-MLP's.
 
-Forward, grid (B, H / hb, N) with the mini-batch axis N 'arbitrary' (sequential) and the
-others 'parallel' (split over a megacore's TensorCores). The state of the grid step's hb heads
-lives in VMEM scratch (f32: 129 KiB per head at d = 64) for the whole sweep over N: it is loaded
-from the initial weights at n = 0 and never goes back to HBM except as a checkpoint at the start
-of every group of g mini-batches ([B, H, ceil(N/g), ...], what the backward recomputes from).
-Mini-batch n of XQ, XK, XV is a BlockSpec block, so Pallas double-buffers it: the DMA of
-mini-batch n + 1 overlaps the math of n. eta comes as rows, 8 mini-batches to a block ([8, b]:
-one (8, 128) tile, where a [b, 1] column per mini-batch would pad each token to 128 lanes in HBM
-and VMEM), turned into the column the math wants by `tile.row_to_column`. The math runs one head
-at a time.
+Forward, grid (B, H / hb, ceil(N / k)) with the mini-batch axis 'arbitrary' (sequential) and
+the others 'parallel' (split over a megacore's TensorCores). The state of the grid step's hb
+heads lives in VMEM scratch (f32: 129 KiB per head at d = 64) for the whole sweep: it is loaded
+from the initial weights at the first step and never goes back to HBM except as a checkpoint at
+the start of every group of g mini-batches ([B, H, ceil(N/g), ...], what the backward
+recomputes from). A grid step runs k consecutive mini-batches (`BlockSizes.mini_batches_per_step`,
+8 by default) in a loop: one mini-batch of one head at d = 64 is about 14 MFLOP, tens of
+nanoseconds on the MXU, against the ~0.35 us a Pallas TPU grid step costs, so one mini-batch per
+step would leave the kernel bound by step overhead. Mini-batches n0 .. n0 + k - 1 of XQ, XK, XV
+are one BlockSpec block, so Pallas double-buffers them: the DMA of the next k overlaps the math.
+eta comes as rows, max(8, k) mini-batches to a block (whole (8, 128) tiles, where a [b, 1]
+column per mini-batch would pad each token to 128 lanes in HBM and VMEM), turned into the column
+the math wants by `tile.row_to_column`. The math runs one head at a time.
 
 Backward, grid (B, H / hb, G) with the group axis 'arbitrary' and walked last group first. Each
 step recomputes its group from the saved state, keeping the g states in a VMEM stack
@@ -58,36 +61,53 @@ def _params(block_sizes: BlockSizes):
 # ----------------------------------------------------------------------------- forward
 
 
-def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, eps, hb,
-                    g):
-  """Refs: x [hb, b, d] (mini-batch n), eta [hb, 8, b] (mini-batches n - n % 8 to n - n % 8 + 7,
-  one per row), gamma/beta [hb, 1, d], initial state
-  [hb, ...]; outputs out [hb, b, d] and the checkpoint blocks [hb, ...] of group n // g;
-  scratch: the running state [hb, ...]."""
-  k = len(refs) // 2 - 1  # refs: k initial states, out, (k checkpoints), k scratch states
-  init, out_ref, ckpt_refs, state_refs = refs[:k], refs[k], refs[k + 1], refs[k + 2:]
-  n = pl.program_id(2)
+def mini_batches_per_step(requested: int, g: int) -> int:
+  """Mini-batches per forward grid step: the largest k <= requested that divides g (so a
+  checkpoint group starts only at a step's first mini-batch) and divides 8 or is a multiple
+  of 8 (so a step's eta rows lie in one block of max(8, k) rows)."""
+  return max(k for k in range(1, max(1, min(requested, g)) + 1)
+             if g % k == 0 and (8 % k == 0 or k % 8 == 0))
 
-  @pl.when(n == 0)
+
+def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, eps, hb,
+                    g, k, num_mini_batches):
+  """Refs: x [hb, k, b, d] (mini-batches n0 = step * k to n0 + k - 1), eta [hb, E, b]
+  (E = max(8, k) mini-batches from n0 - n0 % E, one per row), gamma/beta [hb, 1, d], initial
+  state [hb, ...]; outputs out [hb, k, b, d] and the checkpoint blocks [hb, ...] of group
+  n0 // g; scratch: the running state [hb, ...]. The last step's block may run past the
+  sequence: those mini-batches are skipped (their inputs are padding, their outputs dropped)."""
+  ns = len(refs) // 2 - 1  # refs: ns initial states, out, (ns checkpoints), ns scratch states
+  init, out_ref, ckpt_refs, state_refs = refs[:ns], refs[ns], refs[ns + 1], refs[ns + 2:]
+  n0 = pl.program_id(2) * k
+  E = eta_ref.shape[1]
+
+  @pl.when(n0 == 0)
   def _load():
     for s, w in zip(state_refs, init):
       s[...] = w[...].astype(s.dtype)
 
-  @pl.when(n % g == 0)
-  def _save():  # the state at the start of group n // g
+  @pl.when(n0 % g == 0)
+  def _save():  # the state at the start of group n0 // g
     for c, s in zip(ckpt_refs, state_refs):
       c[...] = s[...]
 
   dtype = state_refs[0].dtype
   for h in range(hb):
-    state = tuple(s[h] for s in state_refs)
-    xs = [r[h].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)]
-    eta = row_to_column(eta_ref[h, pl.ds(jax.lax.rem(n, 8), 1), :])  # [b, 1]
-    state, out = STEPS[kind](gamma_ref[h].astype(dtype), beta_ref[h].astype(dtype), eps, state,
-                             *xs, eta)
-    for s, w in zip(state_refs, state):
-      s[h] = w
-    out_ref[h] = out.astype(out_ref.dtype)
+    gamma, beta = gamma_ref[h].astype(dtype), beta_ref[h].astype(dtype)
+
+    def body(t, carry, h=h, gamma=gamma, beta=beta):
+      @pl.when(n0 + t < num_mini_batches)
+      def _():  # the state goes through VMEM each mini-batch (too large to carry in vregs)
+        state = tuple(s[h] for s in state_refs)
+        xs = [r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)]
+        eta = row_to_column(eta_ref[h, pl.ds(jax.lax.rem(n0, E) + t, 1), :])  # [b, 1]
+        state, out = STEPS[kind](gamma, beta, eps, state, *xs, eta)
+        for s, w in zip(state_refs, state):
+          s[h] = w
+        out_ref[h, t] = out.astype(out_ref.dtype)
+      return carry
+
+    jax.lax.fori_loop(0, k, body, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "eps", "checkpoint_group",
@@ -98,7 +118,8 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
             block_sizes: BlockSizes = BlockSizes()):
   """Kernel call. xq, xk, xv: [B, H, N, b, d]; eta: [B, H, N, b]; ln_weight, ln_bias: [H, d];
   init: the initial state [H, ...] of `tile.state_shapes(kind, d)` in the state dtype;
-  heads_per_step divides H.
+  heads_per_step divides H; `block_sizes.mini_batches_per_step` mini-batches per grid step
+  (see `mini_batches_per_step`).
 
   Returns (out [B, H, N, b, d] in xq's dtype, checkpoints: each state array
   [B, H, ceil(N/g), ...] in the state dtype, the state at the start of each group of g).
@@ -106,20 +127,24 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
   B, H, N, b, d = xq.shape
   dtype, hb, g = init[0].dtype, heads_per_step, checkpoint_group
   G = num_groups(N, g)
+  k = mini_batches_per_step(block_sizes.mini_batches_per_step, g)
+  E = max(8, k)
   shapes = state_shapes(kind, d)
 
-  x_spec = pl.BlockSpec((None, hb, None, b, d), lambda i, j, n: (i, j, n, 0, 0))
-  # eta as rows, 8 mini-batches per block (a (8, 128) tile): a [b, 1] column per mini-batch
-  # would take 128 lanes per token in HBM and VMEM.
-  eta = jnp.pad(eta.astype(dtype), [(0, 0), (0, 0), (0, -N % 8), (0, 0)])
-  eta = eta.reshape(B, H, -1, 8, b)
-  eta_spec = pl.BlockSpec((None, hb, None, 8, b), lambda i, j, n: (i, j, n // 8, 0, 0))
-  per_head = lambda s: pl.BlockSpec((hb, *s), lambda i, j, n: (j, 0, 0))
-  ckpt_spec = lambda s: pl.BlockSpec((None, hb, None, *s), lambda i, j, n: (i, j, n // g, 0, 0))
+  x_spec = pl.BlockSpec((None, hb, k, b, d), lambda i, j, s: (i, j, s, 0, 0))
+  # eta as rows, E = max(8, k) mini-batches per block (whole (8, 128) tiles): a [b, 1] column
+  # per mini-batch would take 128 lanes per token in HBM and VMEM.
+  eta = jnp.pad(eta.astype(dtype), [(0, 0), (0, 0), (0, -N % E), (0, 0)])
+  eta = eta.reshape(B, H, -1, E, b)
+  eta_spec = pl.BlockSpec((None, hb, None, E, b), lambda i, j, s: (i, j, s * k // E, 0, 0))
+  per_head = lambda shape: pl.BlockSpec((hb, *shape), lambda i, j, s: (j, 0, 0))
+  ckpt_spec = lambda shape: pl.BlockSpec((None, hb, None, *shape),
+                                         lambda i, j, s: (i, j, s * k // g, 0, 0))
 
   return pl.pallas_call(
-      functools.partial(_forward_kernel, kind=kind, eps=eps, hb=hb, g=g),
-      grid=(B, H // hb, N),
+      functools.partial(_forward_kernel, kind=kind, eps=eps, hb=hb, g=g, k=k,
+                        num_mini_batches=N),
+      grid=(B, H // hb, pl.cdiv(N, k)),
       in_specs=[x_spec] * 3 + [eta_spec, per_head((1, d)), per_head((1, d))]
       + [per_head(s) for s in shapes],
       out_specs=(x_spec, tuple(ckpt_spec(s) for s in shapes)),

@@ -5,11 +5,12 @@
 #      barrier in the cluster kernels shows here first: nothing else has run them on a GPU);
 #   2. ttt_kernels.py: the cluster kernels, the Triton ones and the XLA scan, forward and
 #      forward+backward, at 63 s (the target shape) and 3 s;
-#   3. kernel_resources.py --topology=local: registers, spills, shared memory on this machine.
+#   3. kernel_resources.py --topology=local: registers, spills, shared memory and the mini-batch
+#      loop's SASS instruction mix (nvidia-cuda-nvdisasm's wheel in .whl brings nvdisasm).
 # JSON lines and logs go to $OUT (the device tool brings them back); a summary is printed last.
 #
 # From the dev machine (the GPU image lacks ml-collections: bring its wheel, see README):
-#   pip download --no-deps ml-collections -d .whl
+#   pip download --no-deps ml-collections nvidia-cuda-nvdisasm -d .whl
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 # Then copy $OUT's ttt_kernels.jsonl to benchmarks/results/<gpu>.jsonl and commit it.
 set -u
@@ -20,6 +21,9 @@ PY=${PYTHON:-python3}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 if ! "$PY" -c "import ml_collections" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps "$ROOT"/.whl/ml_collections-*.whl
+fi
+if ! command -v nvdisasm > /dev/null && ls "$ROOT"/.whl/nvidia_cuda_nvdisasm-*.whl > /dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps "$ROOT"/.whl/nvidia_cuda_nvdisasm-*.whl
 fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu \
   --format=csv > "$OUT/gpu.txt" 2>&1

@@ -1,14 +1,24 @@
 """What the Mosaic GPU TTT kernels ask of a Hopper SM when compiled: shared memory, registers,
-spills.
+spills, and the instruction mix of the mini-batch loop.
 
 Each kernel is compiled in a child process with Mosaic GPU's dumps on (MOSAIC_GPU_DUMP_PTXAS,
-MOSAIC_GPU_DUMP_RESOURCES), for a compile-only H100 from jax's CUDA plugin (no GPU needed) or
-for this machine's GPU (--topology=local). One JSON line per kernel: shapes, the shared memory
-Mosaic GPU allocates and the kernel's own estimate (`smem_bytes`), registers per thread, the
-stack frame and the spill stores / loads ptxas reports (bytes of spill instructions in the
-code, not traffic), and compile seconds. A static profile, not a timing: it tells whether a
-change keeps a kernel within one SM's registers and shared memory before a GPU is at hand, and
-it is what to compare against when tuning on one.
+MOSAIC_GPU_DUMP_RESOURCES, MOSAIC_GPU_DUMP_SASS into a temporary MOSAIC_GPU_DUMP_TO), for a
+compile-only H100 from jax's CUDA plugin (no GPU needed) or for this machine's GPU
+(--topology=local). One JSON line per kernel: shapes, the shared memory Mosaic GPU allocates
+and the kernel's own estimate (`smem_bytes`), registers per thread, the stack frame and the
+spill stores / loads ptxas reports (bytes of spill instructions in the code, not traffic), and
+compile seconds. A static profile, not a timing: it tells whether a change keeps a kernel
+within one SM's registers and shared memory before a GPU is at hand, and it is what to compare
+against when tuning on one.
+
+With nvdisasm (on PATH, or `pip install nvidia-cuda-nvdisasm`) the row adds the SASS of the
+mini-batch loop (`loop_profile`): its instructions per thread, its HGMMA (wgmma) instructions,
+the tensor-core clocks those take on one SM (a dense bf16 HGMMA.64xNx16 is N / 2 clocks at an
+H100 SM's 2048 FMA per clock), and `tensor_bound_pct`, 100 x tensor clocks / max(tensor clocks,
+instructions). The kernels run one warpgroup per SM: one warp per scheduler, which issues at
+most one instruction per clock, so a mini-batch takes at least `loop_instructions` clocks and
+the tensor cores can be busy for at most `tensor_bound_pct` % of them (before stalls, waits on
+each wgmma and wave quantisation). It is a ceiling on the kernel's % of the matmul peak.
 
   python benchmarks/kernel_resources.py                      # the three cluster kernels, 5B shapes
   python benchmarks/kernel_resources.py --out=benchmarks/results/h100-resources.jsonl
@@ -20,8 +30,10 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 # The forward (checkpoints every g mini-batches), the backward's recompute of one group (the
@@ -41,6 +53,44 @@ def parse_dump(text: str) -> dict:
     out.update(stack_frame_bytes=int(m.group(1)), spill_store_bytes=int(m.group(2)),
                spill_load_bytes=int(m.group(3)))
   return out
+
+
+def loop_profile(sass: str) -> dict:
+  """The SASS loop whose body holds the most HGMMA instructions (a backward branch to an
+  earlier label: the kernel's mini-batch loop): instruction and HGMMA counts, tensor clocks and
+  the bound they imply (see the module docstring); {} if there is no such loop."""
+  labels, ops, targets = {}, [], []
+  for line in sass.splitlines():
+    if m := re.match(r"\s*(\.L_x_\d+):", line):
+      labels[m.group(1)] = len(ops)
+    elif m := re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)", line):
+      ops.append(m.group(1))
+      t = re.search(r"BRA\s.*?`\((\.L_x_\d+)\)", line)
+      targets.append(t.group(1) if t else None)
+  best = None
+  for end, target in enumerate(targets):
+    if target is not None and labels.get(target, end + 1) <= end:
+      body = ops[labels[target]:end + 1]
+      hgmma = [o for o in body if o.startswith("HGMMA")]
+      if best is None or len(hgmma) > len(best[1]):
+        best = (body, hgmma)
+  if not best or not best[1]:
+    return {}
+  body, hgmma = best
+  tensor = sum(int(m.group(1)) // 2 for o in hgmma if (m := re.match(r"HGMMA\.64x(\d+)x16", o)))
+  return dict(loop_instructions=len(body), loop_hgmma=len(hgmma), loop_tensor_clocks=tensor,
+              tensor_bound_pct=round(100 * tensor / max(tensor, len(body)), 1))
+
+
+def find_nvdisasm() -> str | None:
+  """nvdisasm on PATH or from the nvidia-cuda-nvdisasm wheel; None if neither is installed."""
+  if found := shutil.which("nvdisasm"):
+    return found
+  for root in sys.path:
+    for sub in ("nvidia/cu13/bin", "nvidia/cuda_nvdisasm/bin"):
+      if os.path.isfile(candidate := os.path.join(root, sub, "nvdisasm")):
+        return candidate
+  return None
 
 
 def _compile(kernel: str, args) -> dict:
@@ -91,7 +141,12 @@ def _compile(kernel: str, args) -> dict:
 
 def measure(kernel: str, args) -> dict:
   """Runs the child for `kernel` with the dumps on and returns its row."""
-  env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_RESOURCES="1")
+  dump_dir = tempfile.mkdtemp(prefix="kernel_resources_")
+  env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_RESOURCES="1",
+             MOSAIC_GPU_DUMP_TO=dump_dir)
+  if nvdisasm := find_nvdisasm():  # Mosaic GPU runs it from PATH for the SASS dump
+    env.update(MOSAIC_GPU_DUMP_SASS="1",
+               PATH=os.pathsep.join([os.path.dirname(nvdisasm), env.get("PATH", "")]))
   env.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # compile-only: no CUDA runtime needed
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
@@ -99,12 +154,21 @@ def measure(kernel: str, args) -> dict:
          f"--topology={args.topology}", f"--heads={args.heads}", f"--cluster={args.cluster}",
          f"--num_mini_batches={args.num_mini_batches}",
          f"--checkpoint_group={args.checkpoint_group}"]
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, errors="replace")
-  if proc.returncode:
-    raise SystemExit(f"compiling {kernel} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, errors="replace")
+    if proc.returncode:
+      raise SystemExit(f"compiling {kernel} failed (rc {proc.returncode}):\n"
+                       f"{proc.stderr[-4000:]}")
+    dumps = {name: open(os.path.join(dump_dir, name), errors="replace").read()
+             for name in os.listdir(dump_dir) if name.endswith((".ptxas", ".resources.txt",
+                                                                ".sass", ".sass_ctrl"))}
+  finally:
+    shutil.rmtree(dump_dir, ignore_errors=True)
   row = json.loads(proc.stdout.strip().splitlines()[-1])
+  sass = "".join(t for n, t in dumps.items() if n.endswith((".sass", ".sass_ctrl")))
   return dict(bench="kernel_resources", kernel=kernel, topology=args.topology, **row,
-              **parse_dump(proc.stdout + proc.stderr))
+              **parse_dump(proc.stdout + proc.stderr + "".join(dumps.values())),
+              **loop_profile(sass))
 
 
 def main(argv=None):

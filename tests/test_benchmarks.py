@@ -112,6 +112,9 @@ def test_kernel_resources_parses_mosaic_and_ptxas_dumps():
 def test_kernel_resources_compiles_for_h100(tmp_path):
   """The three cluster kernels compile for a compile-only H100 and report their resources (needs
   jax's CUDA plugin, which .[test] does not install)."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import kernel_resources
+
   from ttt_jax import aot
   try:
     aot.get_topology("h100-1")
@@ -128,6 +131,34 @@ def test_kernel_resources_compiles_for_h100(tmp_path):
   for r in rows:
     assert r["smem_bytes"] <= 227 << 10 and r["registers"] <= 255
     assert r["smem_estimate_bytes"] <= r["smem_bytes"]
+    if kernel_resources.find_nvdisasm():  # the loop's SASS: 11 (forward) or 31 matmuls
+      assert r["loop_hgmma"] == 4 * (31 if r["kernel"] == "cluster_backward" else 11)
+      assert r["loop_instructions"] > r["loop_hgmma"] and 0 < r["tensor_bound_pct"] < 100
+
+
+def test_kernel_resources_loop_profile():
+  """The loop with the most HGMMA is picked (not the prologue's, not a loop without any) and
+  its tensor clocks are N / 2 per HGMMA.64xNx16."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import kernel_resources
+  sass = """
+        /*0000*/                   MOV R1, R2 
+.L_x_1:
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ 
+        /*0020*/              @!P0 BRA `(.L_x_1) 
+.L_x_2:
+        /*0030*/                   FADD R3, R3, R4 
+        /*0040*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ 
+        /*0050*/                   HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], R24 
+        /*0060*/               @P1 FMUL R3, R3, R4 
+        /*0070*/                   BRA `(.L_x_2) 
+.L_x_3:
+        /*0080*/                   FADD R3, R3, R4 
+        /*0090*/                   BRA `(.L_x_3) 
+"""
+  assert kernel_resources.loop_profile(sass) == dict(
+      loop_instructions=5, loop_hgmma=2, loop_tensor_clocks=48, tensor_bound_pct=100.0)
+  assert kernel_resources.loop_profile("no sass") == {}
 
 
 def test_gpu_check_smoke(tmp_path):

@@ -26,9 +26,21 @@ LayerNorm-L2 gradient of Z2, and the output XQ + LN(Z2_bar) are computed redunda
 CTAs (b x d work). The matmuls run on the tensor cores (`wgmma`) with bf16 operands and f32
 accumulation; the state stays f32 in registers and a bf16 copy of W1 and W2 in shared memory
 feeds the matmuls, so the output differs from the f32 pure op by bf16 rounding (measured 4e-3
-to 8e-3 relative). The math is `tile.mini_batch` rearranged for the split; the tests compare
-it with the pure op. Operands computed in registers are staged through shared memory (jax's
-interpreter takes only shared-memory wgmma operands, and one code path serves both).
+to 8e-3 relative). tanh is the hardware approximation (`approx_math`, relative error about
+2^-11, well under that rounding; the interpreter computes it exactly): it takes the loop from
+5,925 to 4,607 SASS instructions. The math is `tile.mini_batch` rearranged for the split; the
+tests compare it with the pure op. Operands computed in registers are staged through shared
+memory (jax's interpreter takes only shared-memory wgmma operands, and one code path serves
+both).
+
+A ceiling from the compiled code (`benchmarks/kernel_resources.py`): one warpgroup per SM
+issues at most one instruction per clock per scheduler, and the loop's 4,607 instructions per
+mini-batch face 1,408 clocks of tensor-core work (44 HGMMA.64x64x16), so the forward can use
+at most 31% of the matmul peak (26% in the benchmarks' `ttt_flops` count, which counts the
+b x b products once where each CTA computes its own), the backward 31% (12,655 against 3,968).
+At d = 64 the elementwise work, not the matmuls, sets the pace; cutting it (the [b, d]
+LayerNorm work done redundantly by all P CTAs, conversions, packed bf16x2 math where the result
+is a bf16 operand anyway) is the way up.
 
 Scope (`supports`): TTT-MLP, bf16 inputs, b = 64 (a wgmma tile is 64 rows), d = 64 with
 cluster = 4 (the scratch must fit 227 KiB of shared memory: `smem_bytes`); checkpoints as

@@ -41,8 +41,9 @@ def cluster_kernel(body, name, *, out_type, scratch, grid, cluster, interpret, d
   """`plgpu.kernel` over grid (batch, heads), a cluster of `cluster` CTAs per (batch, head):
   body(*input and output refs, scratch refs), named `name` in the lowered module; `interpret`
   False or a `plgpu.InterpretGPUParams`. Math is approximate (`approx_math`: tanh, rsqrt and
-  exp in one hardware instruction each, relative error about 2^-11, under the bf16 rounding of
-  the wgmma operands; 22% fewer instructions in the forward's loop)."""
+  exp as one hardware instruction each; tanh's relative error is about 2^-11, the others' far
+  less, all under the bf16 rounding of the wgmma operands; 22% fewer instructions in the
+  forward's loop)."""
   def kernel(*refs):
     body(*refs[:-len(scratch)], refs[-len(scratch):])
   kernel.__name__ = name

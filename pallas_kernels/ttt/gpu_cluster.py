@@ -37,7 +37,7 @@ A ceiling from the compiled code (`benchmarks/kernel_resources.py`): one warpgro
 issues at most one instruction per clock per scheduler, and the loop's 4,607 instructions per
 mini-batch face 1,408 clocks of tensor-core work (44 HGMMA.64x64x16), so the forward can use
 at most 31% of the matmul peak (26% in the benchmarks' `ttt_flops` count, which counts the
-b x b products once where each CTA computes its own), the backward 31% (12,655 against 3,968).
+b x b products once where each CTA computes its own), the backward 32% (12,249 against 3,968).
 At d = 64 the elementwise work, not the matmuls, sets the pace; cutting it (the [b, d]
 LayerNorm work done redundantly by all P CTAs, conversions, packed bf16x2 math where the result
 is a bf16 operand anyway) is the way up.

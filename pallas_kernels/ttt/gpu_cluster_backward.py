@@ -82,23 +82,23 @@ def _scratch(b, d, cluster, interpret):
   )
 
 
-def _ln_l2_grad_vjp(z, target, gamma, beta, eps, ct_G):
+def _ln_l2_grad_vjp(z, target, gamma, beta, eps, G, ct_G):
   """VJP of `gpu_cluster_lib.ln_l2_grad` (G = LNback(x_hat, rstd, u), u = gamma (gamma x_hat +
-  beta - target)): G and the cotangents of z, target, gamma [d] and beta [d] given ct_G [b, d].
-  LNback is self-adjoint in u; x_hat and rstd are then differentiated through z."""
+  beta - target), given as computed by the forward): the cotangents of z, target, gamma [d]
+  and beta [d] given ct_G [b, d]. LNback is self-adjoint in u; x_hat and rstd are then
+  differentiated through z."""
   bd = z.shape
   d = bd[1]
   mean = lambda v: rows(v.sum(axis=1) / d, bd)
   x_hat, rstd = normalize(z, eps)
   g_, b_ = cols(gamma, bd), cols(beta, bd)
   u = g_ * (g_ * x_hat + b_ - target)
-  G = ln_backward(x_hat, rstd, u)
   ct_u = ln_backward(x_hat, rstd, ct_G)
   r = rows(rstd, bd)
   ct_x_hat = g_ * g_ * ct_u - r * (mean(u * x_hat) * ct_G + mean(ct_G * x_hat) * u)
   ct_z = ln_backward(x_hat, rstd, ct_x_hat) - r * mean(ct_G * G) * x_hat
   ct_gamma = (ct_u * (2 * g_ * x_hat + b_ - target)).sum(axis=0)
-  return G, ct_z, -g_ * ct_u, ct_gamma, (ct_u * g_).sum(axis=0)
+  return ct_z, -g_ * ct_u, ct_gamma, (ct_u * g_).sum(axis=0)
 
 
 def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
@@ -204,9 +204,9 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     # G2 = LN-L2 gradient of Z2 = X2 W2 + b2 at target XV - XK; X2 = gelu(Z1 = XK W1 + b1).
     XK = plgpu.load(xk_s, layout=WGMMA).astype(f32)
     XV = plgpu.load(xv_s, layout=WGMMA).astype(f32)
-    G2, ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(
-        r.Z2, XV - XK, col(vec_s.at[0]), col(vec_s.at[1]), eps, ct_G2)
-    ct_eta_shared = -(G2 * cols(col(vb2_s), bd)).sum(axis=1)  # [b], added once, below
+    ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(
+        r.Z2, XV - XK, col(vec_s.at[0]), col(vec_s.at[1]), eps, r.G2, ct_G2)
+    ct_eta_shared = -(r.G2 * cols(col(vb2_s), bd)).sum(axis=1)  # [b], added once, below
     ctln_s.at[0][...] = col(ctln_s.at[0]) + dgamma
     ctln_s.at[1][...] = col(ctln_s.at[1]) + dbeta
     stage((d2_s, ct_Z2))  # D2's tile: D2 is dead (and every thread has read vb2_s above)

@@ -10,6 +10,14 @@ import pytest
 ROOT = pathlib.Path(__file__).parents[1]
 
 
+def _kernel_resources():
+  """benchmarks/kernel_resources.py as a module (benchmarks/ is a script folder, not a package)."""
+  if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+  import kernel_resources
+  return kernel_resources
+
+
 def test_ttt_op_benchmark_smoke(tmp_path):
   out = tmp_path / "r.jsonl"
   proc = subprocess.run(
@@ -96,8 +104,7 @@ def test_ttt_kernels_benchmark_tpu_steps_variants(tmp_path):
 
 
 def test_kernel_resources_parses_mosaic_and_ptxas_dumps():
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  import kernel_resources
+  kernel_resources = _kernel_resources()
   text = ("Resources(smem_scratch_bytes=224256, tmem_scratch_cols=0, ...)\n"
           "ptxas warning : Registers are spilled to local memory in function 'k', 6396 bytes "
           "spill stores, 7444 bytes spill loads\n"
@@ -112,9 +119,7 @@ def test_kernel_resources_parses_mosaic_and_ptxas_dumps():
 def test_kernel_resources_compiles_for_h100(tmp_path):
   """The three cluster kernels compile for a compile-only H100 and report their resources (needs
   jax's CUDA plugin, which .[test] does not install)."""
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  import kernel_resources
-
+  kernel_resources = _kernel_resources()
   from ttt_jax import aot
   try:
     aot.get_topology("h100-1")
@@ -139,8 +144,7 @@ def test_kernel_resources_compiles_for_h100(tmp_path):
 def test_kernel_resources_loop_profile():
   """The loop with the most HGMMA is picked (not the prologue's, not a loop without any) and
   its tensor clocks are N / 2 per HGMMA.64xNx16."""
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  import kernel_resources
+  kernel_resources = _kernel_resources()
   sass = """
         /*0000*/                   MOV R1, R2 
 .L_x_1:

@@ -65,9 +65,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.ttt.gpu_cluster_lib import (COL, MOSAIC_RESERVE_BYTES, ROW, SMEM_LIMIT_BYTES,
+from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW, SMEM_LIMIT_BYTES,
                                                 WGMMA, Cluster, cluster_kernel, cols, fetch,
-                                                matmul, mini_batch, normalize, stage, swizzled)
+                                                load_col, matmul, mini_batch, normalize, stage,
+                                                swizzled)
 from pallas_kernels.ttt.tile import num_groups
 
 
@@ -144,8 +145,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   fetch([(gamma_g.at[h], vec_s.at[0]), (beta_g.at[h], vec_s.at[1]),
          (head(w1_g).at[:, hid], st_w1), (head(b1_g).at[0, hid], st_b1),
          (head(w2_g).at[hid, :], st_w2), (head(b2_g).at[0], st_b2)], init_bar)
-  state = (plgpu.load(st_w1, layout=WGMMA), plgpu.load(st_b1, layout=COL),
-           plgpu.load(st_w2, layout=WGMMA), plgpu.load(st_b2, layout=COL))
+  state = (plgpu.load(st_w1, layout=WGMMA), load_col(st_b1),
+           plgpu.load(st_w2, layout=WGMMA), load_col(st_b2))
 
   def save_checkpoint(n, state):
     """The state at the start of group n // g; W1, W2 from their bf16 operand copies when the
@@ -190,7 +191,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     x_hat, _ = normalize(r.Z2_bar, eps)
     bd = (b, d)
     XQ = plgpu.load(bufs.xq, layout=WGMMA).astype(jnp.float32)
-    gamma, beta = (plgpu.load(vec_s.at[j], layout=COL) for j in (0, 1))  # loaded where used
+    gamma, beta = load_col(vec_s.at[0]), load_col(vec_s.at[1])  # loaded where used
     out = XQ + cols(gamma, bd) * x_hat + cols(beta, bd)
 
     @pl.when(c == 0)

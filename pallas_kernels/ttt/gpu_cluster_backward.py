@@ -41,9 +41,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.ttt import gpu_cluster
-from pallas_kernels.ttt.gpu_cluster_lib import (COL, MOSAIC_RESERVE_BYTES, ROW,
-                                                SMEM_LIMIT_BYTES, WGMMA, Cluster, cluster_kernel,
-                                                cols, fetch, ln_backward, matmul, mini_batch,
+from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW, SMEM_LIMIT_BYTES,
+                                                WGMMA, Cluster, cluster_kernel, cols, fetch,
+                                                ln_backward, load_col, matmul, mini_batch,
                                                 normalize, rows, stage, swizzled)
 from ttt_jax.ops.ttt import gelu_tanh_grad, gelu_tanh_grad2
 
@@ -139,7 +139,6 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   # WGMMA column layout takes n / 4 registers per thread, and carried through the step the six
   # of them cost 96 registers at n = 64, which spilled. A warpgroup barrier (`stage`, `matmul`
   # operands' commit) separates each store from the other threads' next load of the vector.
-  col = lambda ref: plgpu.load(ref, layout=COL)
 
   def step(k, carry):
     CW1, CW2 = carry  # cotangents of W1, W2 after mini-batch t (b1, b2: vb1_s, vb2_s)
@@ -153,15 +152,15 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
                                  x2_bar=x2bar_s, eg1=eg1_s, eg2=eg2_s, g2=g2_s, neg_b=nb_s,
                                  neg_a=na_s, ln=vec_s)
-    r = mini_batch(bufs, eta, col(b1_s), col(b2_s), eps, cl)
+    r = mini_batch(bufs, eta, load_col(b1_s), load_col(b2_s), eps, cl)
     T = lambda ref: ref.transpose((1, 0))
 
     # out = XQ + gamma * x_hat(Z2_bar) + beta: D2 = ct of Z2_bar (the same in every CTA).
     x_hat, rstd = normalize(r.Z2_bar, eps)
     ct_out = plgpu.load(cto_s, layout=WGMMA).astype(f32)
-    ctln_s.at[0][...] = col(ctln_s.at[0]) + (ct_out * x_hat).sum(axis=0)
-    ctln_s.at[1][...] = col(ctln_s.at[1]) + ct_out.sum(axis=0)
-    D2 = ln_backward(x_hat, rstd, ct_out * cols(col(vec_s.at[0]), bd))
+    ctln_s.at[0][...] = load_col(ctln_s.at[0]) + (ct_out * x_hat).sum(axis=0)
+    ctln_s.at[1][...] = load_col(ctln_s.at[1]) + ct_out.sum(axis=0)
+    D2 = ln_backward(x_hat, rstd, ct_out * cols(load_col(vec_s.at[0]), bd))
     stage((d2_s, D2), (cw1_s, CW1), (cw2_s, CW2))
 
     # Z2_bar's slice part X2_bar W2 - (X2_bar X2^T) eG2, and the W2 update W2 - X2^T eG2. (Terms
@@ -172,13 +171,13 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     ct_eG2 = matmul(bd, (T(na_s), d2_s)) - matmul(bd, (x2_s, cw2_s))  # this slice's part
     CW2 = CW2 + matmul((fp, d), (T(x2bar_s), d2_s))
     # ct of b2 before b2's update, which is also -(ct of colsum(eG2)), in Z2_bar and b2's update
-    vb2_s[...] = col(vb2_s) + D2.sum(axis=0)
+    vb2_s[...] = load_col(vb2_s) + D2.sum(axis=0)
 
     # Z1_bar = XQ W1 - (XQ XK^T) eG1 + b1 - colsum(eG1), and the W1, b1 updates.
     D1 = ct_X2bar * gelu_tanh_grad(r.Z1_bar)
     stage((d1_s, D1))
     stage((ctb_s, -matmul(bb, (d1_s, T(eg1_s)))))  # ct of XQ XK^T
-    Cb1 = col(vb1_s) + D1.sum(axis=0)
+    Cb1 = load_col(vb1_s) + D1.sum(axis=0)
     vb1_s[...] = Cb1
     ct_eG1 = matmul(bf, (T(nb_s), d1_s)) - matmul(bf, (xk_s, cw1_s)) - cols(Cb1, bf)
     CW1 = CW1 + matmul((d, fp), (T(xq_s), d1_s))
@@ -193,7 +192,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     CW2 = CW2 + matmul((fp, d), (T(ctp_s), g2_s))
     part = rows(eta, bd) * ct_eG2 + matmul(bd, (ctp_s, w2_s))
     ct_G2, ct_XQ = cl.sum((2, part, WGMMA), (0, ct_XQ, WGMMA))
-    ct_G2 = ct_G2 - rows(eta, bd) * cols(col(vb2_s), bd)
+    ct_G2 = ct_G2 - rows(eta, bd) * cols(load_col(vb2_s), bd)
 
     @pl.when(c == 0)
     def _():  # d XQ is complete: out through ct_P's tile, free now
@@ -205,12 +204,12 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     XK = plgpu.load(xk_s, layout=WGMMA).astype(f32)
     XV = plgpu.load(xv_s, layout=WGMMA).astype(f32)
     ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(
-        r.Z2, XV - XK, col(vec_s.at[0]), col(vec_s.at[1]), eps, r.G2, ct_G2)
-    ct_eta_shared = -(r.G2 * cols(col(vb2_s), bd)).sum(axis=1)  # [b], added once, below
-    ctln_s.at[0][...] = col(ctln_s.at[0]) + dgamma
-    ctln_s.at[1][...] = col(ctln_s.at[1]) + dbeta
+        r.Z2, XV - XK, load_col(vec_s.at[0]), load_col(vec_s.at[1]), eps, r.G2, ct_G2)
+    ct_eta_shared = -(r.G2 * cols(load_col(vb2_s), bd)).sum(axis=1)  # [b], added once, below
+    ctln_s.at[0][...] = load_col(ctln_s.at[0]) + dgamma
+    ctln_s.at[1][...] = load_col(ctln_s.at[1]) + dbeta
     stage((d2_s, ct_Z2))  # D2's tile: D2 is dead (and every thread has read vb2_s above)
-    vb2_s[...] = col(vb2_s) + ct_Z2.sum(axis=0)
+    vb2_s[...] = load_col(vb2_s) + ct_Z2.sum(axis=0)
     # X2 meets Z2 (W2), Z2_bar's Gram term (-M^T X2_bar) and the W2 update (-eG2 dW2'^T).
     ct_X2 = matmul(bf, (d2_s, T(w2_s))) - matmul(bf, (T(m_s), x2bar_s), (eg2_s, T(cw2_s)))
     CW2 = CW2 + matmul((fp, d), (T(x2_s), d2_s))
@@ -219,7 +218,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     ct_XK = (matmul(bd, (T(ctb_s), xq_s), (d1_s, T(w1_s)))
              - matmul(bd, (eg1_s, T(cw1_s))))  # this slice's part
     CW1 = CW1 + matmul((d, fp), (T(xk_s), d1_s))
-    vb1_s[...] = col(vb1_s) + ct_Z1.sum(axis=0)
+    vb1_s[...] = load_col(vb1_s) + ct_Z1.sum(axis=0)
 
     ct_XK, ct_eta = cl.sum((1, ct_XK, WGMMA), ("eta", ct_eta, ROW))
     ct_eta = ct_eta + ct_eta_shared

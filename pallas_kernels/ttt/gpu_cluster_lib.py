@@ -81,6 +81,12 @@ def cluster_sync(ctx):
   mgpu_utils.inline_ptx("barrier.cluster.wait.acquire.aligned;", has_side_effects=True)
 
 
+def load_col(ref):
+  """A [n] shared-memory vector into registers, one value per column of a WGMMA tile (n / 4
+  registers per thread: load it where it is used rather than keep it live)."""
+  return plgpu.load(ref, layout=COL)
+
+
 def rows(v, shape):  # [m] -> [m, n]
   return lax.broadcast_in_dim(v, shape, [0])
 
@@ -210,8 +216,7 @@ def mini_batch(s, eta, b1, b2, eps, cl):
   # Gradients of the reconstruction loss: G2 = dl/dZ2 (redundant per CTA), G1 = dl/dZ1.
   XK = plgpu.load(s.xk, layout=WGMMA).astype(jnp.float32)
   XV = plgpu.load(s.xv, layout=WGMMA).astype(jnp.float32)
-  G2 = ln_l2_grad(Z2, XV - XK, plgpu.load(s.ln.at[0], layout=COL),
-                  plgpu.load(s.ln.at[1], layout=COL), eps)
+  G2 = ln_l2_grad(Z2, XV - XK, load_col(s.ln.at[0]), load_col(s.ln.at[1]), eps)
   eG2 = rows(eta, bd) * G2
   stage((s.eg2, eG2), (s.g2, G2))
   P = matmul(bf, (s.g2, s.w2.transpose((1, 0))))

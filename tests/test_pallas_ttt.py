@@ -308,6 +308,10 @@ def test_cluster_supports():
   with pytest.raises(ValueError, match="cluster=8 is not supported"):
     gpu_cluster.forward(*_inputs((1, 1, 1, 64, 64), jnp.bfloat16)[:6], (), eps=1e-6,
                         checkpoint_group=1, cluster=8)
+  # The forward's row split: 16 rows per CTA in a 16 x 64 layout.
+  assert gpu_cluster_lib.row_block(3, 64, 64, 4).ds.size == 16
+  with pytest.raises(ValueError, match="needs b = 16 \\* cluster, d = 64"):
+    gpu_cluster_lib.row_block(0, 64, 32, 4)
 
 
 def test_block_sizes_table():

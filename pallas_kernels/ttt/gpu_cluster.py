@@ -21,26 +21,31 @@ barriers (`barrier.cluster` arrive.release / wait.acquire, so the writes are vis
   Z2     = sum_c X2_c W2_c + b2
   Z2_bar = sum_c [X2_bar_c W2_c - (X2_bar_c X2_c^T) (eta * G2)] + b2 - colsum(eta * G2)
 
-(the second term is linear in the partial Gram matrices, so it is summed with them). G2, the
-LayerNorm-L2 gradient of Z2, and the output XQ + LN(Z2_bar) are computed redundantly by all P
-CTAs (b x d work). The matmuls run on the tensor cores (`wgmma`) with bf16 operands and f32
+(the second term is linear in the partial Gram matrices, so it is summed with them). The
+[b, d] work after each sum is split by rows (`gpu_cluster_lib.row_block`): CTA c sums rows
+16c .. 16c+15 of the partials only, computes G2 (the LayerNorm-L2 gradient of Z2) and eta * G2
+on them and the output XQ + LN(Z2_bar) for them, 8 values a thread; G2 and eta * G2, wgmma
+operands of every CTA, are then shared (each CTA copies its peers' rows into its own tiles after
+a cluster barrier: `Cluster.share`), and colsum(eta * G2) is summed with Z2_bar. Done
+redundantly by all P CTAs in the WGMMA layout (32 values a thread) this was a quarter of the
+loop. The matmuls run on the tensor cores (`wgmma`) with bf16 operands and f32
 accumulation; the state stays f32 in registers and a bf16 copy of W1 and W2 in shared memory
 feeds the matmuls, so the output differs from the f32 pure op by bf16 rounding (measured 4e-3
 to 8e-3 relative). tanh is the hardware approximation (`approx_math`, relative error about
-2^-11, well under that rounding; the interpreter computes it exactly): it takes the loop from
-5,925 to 4,607 SASS instructions. The math is `tile.mini_batch` rearranged for the split; the
+2^-11, well under that rounding; the interpreter computes it exactly): it took the loop from
+5,925 to 4,607 SASS instructions, and the row split from 4,607 to 3,346. The math is `tile.mini_batch` rearranged for the split; the
 tests compare it with the pure op. Operands computed in registers are staged through shared
 memory (jax's interpreter takes only shared-memory wgmma operands, and one code path serves
 both).
 
 A ceiling from the compiled code (`benchmarks/kernel_resources.py`): one warpgroup per SM
-issues at most one instruction per clock per scheduler, and the loop's 4,607 instructions per
+issues at most one instruction per clock per scheduler, and the loop's 3,346 instructions per
 mini-batch face 1,408 clocks of tensor-core work (44 HGMMA.64x64x16), so the forward can use
-at most 31% of the matmul peak (26% in the benchmarks' `ttt_flops` count, which counts the
-b x b products once where each CTA computes its own), the backward 32% (12,249 against 3,968).
-At d = 64 the elementwise work, not the matmuls, sets the pace; cutting it (the [b, d]
-LayerNorm work done redundantly by all P CTAs, conversions, packed bf16x2 math where the result
-is a bf16 operand anyway) is the way up.
+at most 42% of the matmul peak (36% in the benchmarks' `ttt_flops` count, which counts the
+b x b products once where each CTA computes its own), the backward 32% (12,249 against 3,968;
+its [b, d] work is not split yet). At d = 64 the elementwise work, not the matmuls, sets the
+pace; cutting it (the backward's [b, d] work by rows as here, conversions, packed bf16x2 math
+where the result is a bf16 operand anyway) is the way up.
 
 Scope (`supports`): TTT-MLP, bf16 inputs, b = 64 (a wgmma tile is 64 rows), d = 64 with
 cluster = 4 (the scratch must fit 227 KiB of shared memory: `smem_bytes`); checkpoints as
@@ -65,10 +70,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW, SMEM_LIMIT_BYTES,
-                                                WGMMA, Cluster, cluster_kernel, cols, fetch,
-                                                load_col, matmul, mini_batch, normalize, stage,
-                                                swizzled)
+from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW, ROW_BLOCK_ROWS,
+                                                SMEM_LIMIT_BYTES, WGMMA, Cluster,
+                                                cluster_kernel, cols, fetch, load_col,
+                                                load_rows, matmul, mini_batch, normalize,
+                                                row_block, stage, swizzled)
 from pallas_kernels.ttt.tile import num_groups
 
 
@@ -84,12 +90,13 @@ def supports(kind: str, dtype, b: int, d: int, cluster: int) -> bool:
 
   TTT-MLP with bf16 inputs and b = 64 (a wgmma tile has 64 rows), a hidden slice of 64 units or
   a multiple (the W2 slice's update is a wgmma tile too), and the scratch within one SM's shared
-  memory: at d = 64 that is cluster = 4 (186 KiB; cluster = 2 needs 258 KiB). d = 128 does
-  not fit yet (cluster = 8: 338 KiB), nor does d < 64 (its W1 update tile has d < 64 rows).
+  memory: at d = 64 that is cluster = 4 (186 KiB; cluster = 2 needs 258 KiB), which is also
+  the row split's shape (b = 16 x cluster, d = 64). d = 128 does not fit yet (cluster = 8:
+  338 KiB), nor does d < 64 (its W1 update tile has d < 64 rows).
   """
   f = 4 * d
-  return (kind == "ttt_mlp" and jnp.dtype(dtype) == jnp.bfloat16 and b == 64 and d >= 64
-          and f % cluster == 0 and (f // cluster) % 64 == 0
+  return (kind == "ttt_mlp" and jnp.dtype(dtype) == jnp.bfloat16 and b == 64 and d == 64
+          and b == ROW_BLOCK_ROWS * cluster and f % cluster == 0 and (f // cluster) % 64 == 0
           and smem_bytes(b, d, cluster) + MOSAIC_RESERVE_BYTES <= SMEM_LIMIT_BYTES)
 
 
@@ -105,7 +112,7 @@ def _scratch(b, d, cluster, dtype, interpret):
       swizzled((b, fp), bf16),  # eta * G1
       swizzled((b, d), bf16), swizzled((b, d), bf16),  # eta * G2, G2
       swizzled((b, b), bf16),  # -XQ XK^T, then -X2_bar X2^T
-      plgpu.SMEM((2, b, d), f32),  # this CTA's partial sums
+      plgpu.SMEM((2, b, d), f32), plgpu.SMEM((d,), f32),  # this CTA's partial sums, of db2
       plgpu.SMEM((b, d) if interpret else (8,), f32),  # a peer's, received (interpret only)
       plgpu.SMEM((d, fp), f32), plgpu.SMEM((fp,), f32), plgpu.SMEM((fp, d), f32),
       plgpu.SMEM((d,), f32), plgpu.SMEM((2, d), f32),  # state stage, gamma/beta
@@ -116,23 +123,30 @@ def _scratch(b, d, cluster, dtype, interpret):
 
 
 def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
-            out_g, ck_w1, ck_b1, ck_w2, ck_b2, xch_g, scratch, *, eps, g, num_mini_batches,
+            out_g, ck_w1, ck_b1, ck_w2, ck_b2, xch_g, xchr_g, scratch, *, eps, g,
+            num_mini_batches,
             cluster, interpret, per_example_init):
   """One CTA: hidden slice c of head h, batch element i. Inputs are GMEM refs
   x [B, H, N, b, d] bf16, eta [B, H, N, b] f32, gamma/beta [H, d] f32, the initial state
   [H, ...] ([B, H, ...] per example) f32; outputs out [B, H, N, b, d], the checkpoints
   [B, H, G, ...] (W1 and W2 in f32 or bf16) and (interpret only) the exchange scratch
-  [B, H, P, 2, b, d]."""
+  [B, H, P, 3, b, d] f32 (partial sums; db2's in slot 2, row 0) and [B, H, P, 2, 16, d] bf16
+  (G2's and eta G2's row blocks)."""
   (xq_2, xk_2, xv_2, eta_2, out_s, w1b_s, w2b_s, x2_s, x2bar_s, eg1_s, eg2_s, g2_s, attn_s,
-   part_s, recv_s,
+   part_s, db2_s, recv_s,
    st_w1, st_b1, st_w2, st_b2, vec_s, init_bar, load_bar, recv_bar, cbar) = scratch
   i, h, c = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("cluster")
   b, d = out_s.shape
   fp = w1b_s.shape[1]
   hid = pl.ds(c * fp, fp)  # this CTA's slice of the hidden width
   bf16_weights = ck_w1.dtype == jnp.bfloat16  # the backward's state stack: W1, W2 as operands
-  cl = Cluster(c, cluster, interpret, cbar, recv_bar, buf=lambda k: part_s.at[k],
-               xch=lambda k, peer: xch_g.at[i, h, peer, k], recv=lambda k: recv_s)
+  block = row_block(c, b, d, cluster)  # the CTA's rows of the [b, d] work
+  vec = lambda k: k == "db2"
+  cl = Cluster(c, cluster, interpret, cbar, recv_bar,
+               buf=lambda k: db2_s if vec(k) else part_s.at[k],
+               xch=lambda k, p: xch_g.at[i, h, p, 2, 0] if vec(k) else xch_g.at[i, h, p, k],
+               recv=lambda k: recv_s.at[0] if vec(k) else recv_s,
+               xch_rows=lambda j, p: xchr_g.at[i, h, p, j])
 
   def prefetch(n):  # mini-batch n's inputs into buffer n % 2, in flight during mini-batch n - 1
     slot = lax.rem(n, 2)
@@ -146,7 +160,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
          (head(w1_g).at[:, hid], st_w1), (head(b1_g).at[0, hid], st_b1),
          (head(w2_g).at[hid, :], st_w2), (head(b2_g).at[0], st_b2)], init_bar)
   state = (plgpu.load(st_w1, layout=WGMMA), load_col(st_b1),
-           plgpu.load(st_w2, layout=WGMMA), load_col(st_b2))
+           plgpu.load(st_w2, layout=WGMMA), plgpu.load(st_b2, layout=block.col))
 
   def save_checkpoint(n, state):
     """The state at the start of group n // g; W1, W2 from their bf16 operand copies when the
@@ -180,26 +194,23 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     plgpu.barrier_wait(load_bar.at[slot])
     bufs = types.SimpleNamespace(
         xq=xq_2.at[slot], xk=xk_2.at[slot], xv=xv_2.at[slot], w1=w1b_s, w2=w2b_s, x2=x2_s,
-        x2_bar=x2bar_s, eg1=eg1_s, eg2=eg2_s, g2=g2_s, neg_b=attn_s, neg_a=attn_s, ln=vec_s)
+        x2_bar=x2bar_s, eg1=eg1_s, eg2=eg2_s, g2=g2_s, neg_b=attn_s, neg_a=attn_s, ln=vec_s,
+        eta=eta_2.at[slot])
 
     @pl.when(n + 1 < num_mini_batches)
     def _():  # the other buffer's last readers (mini-batch n - 1) have finished
       prefetch(n + 1)
 
     eta = plgpu.load(eta_2.at[slot], layout=ROW)  # [b]
-    r = mini_batch(bufs, eta, b1, b2, eps, cl)
+    r = mini_batch(bufs, eta, b1, b2, eps, cl, block)
+    # The output's rows of this CTA: XQ + gamma * LN(Z2_bar) + beta.
     x_hat, _ = normalize(r.Z2_bar, eps)
-    bd = (b, d)
-    XQ = plgpu.load(bufs.xq, layout=WGMMA).astype(jnp.float32)
-    gamma, beta = load_col(vec_s.at[0]), load_col(vec_s.at[1])  # loaded where used
-    out = XQ + cols(gamma, bd) * x_hat + cols(beta, bd)
-
-    @pl.when(c == 0)
-    def _():
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      out_s[...] = out.astype(out_s.dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_s, out_g.at[i, h, n])
+    ln = lambda k: cols(plgpu.load(vec_s.at[k], layout=block.col), x_hat.shape)
+    out = load_rows(bufs.xq, block) + ln(0) * x_hat + ln(1)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    out_s.at[block.ds][...] = out.astype(out_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_s.at[block.ds], out_g.at[i, h, n, block.ds])
 
     # The update (gradient step at the mini-batch's last token).
     W1 = W1 - matmul((d, fp), (bufs.xk.transpose((1, 0)), eg1_s))
@@ -239,13 +250,15 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
   state_types = (((d, f), weights_dtype), ((1, f), f32), ((f, d), weights_dtype), ((1, d), f32))
   out_type = (jax.ShapeDtypeStruct(xq.shape, xq.dtype),
               *(jax.ShapeDtypeStruct((B, H, G, *s), t) for s, t in state_types),
-              jax.ShapeDtypeStruct((B, H, cluster, 2, b, d) if interpret else (1,), f32))
+              jax.ShapeDtypeStruct((B, H, cluster, 3, b, d) if interpret else (1,), f32),
+              jax.ShapeDtypeStruct((B, H, cluster, 2, b // cluster, d) if interpret else (1,),
+                                   xq.dtype))
   body = functools.partial(_kernel, eps=eps, g=checkpoint_group, num_mini_batches=N,
                            cluster=cluster, interpret=bool(interpret),
                            per_example_init=per_example_init)
   kernel = cluster_kernel(body, "ttt_mlp_forward_cluster", out_type=out_type,
                           scratch=_scratch(b, d, cluster, xq.dtype, bool(interpret)),
                           grid=(B, H), cluster=cluster, interpret=interpret, debug=debug)
-  out, *ckpts, _ = kernel(xq, xk, xv, eta.astype(f32), ln_weight.astype(f32),
+  out, *ckpts, _, _ = kernel(xq, xk, xv, eta.astype(f32), ln_weight.astype(f32),
                           ln_bias.astype(f32), *(w.astype(f32) for w in init))
   return out, tuple(ckpts)

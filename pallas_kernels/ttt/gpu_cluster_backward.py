@@ -42,9 +42,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.ttt import gpu_cluster
 from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW, SMEM_LIMIT_BYTES,
-                                                WGMMA, Cluster, cluster_kernel, cols, fetch,
-                                                ln_backward, load_col, matmul, mini_batch,
-                                                normalize, rows, stage, swizzled)
+                                                WGMMA, Cluster, all_rows, cluster_kernel, cols,
+                                                fetch, ln_backward, load_col, matmul,
+                                                mini_batch, normalize, rows, stage, swizzled)
 from ttt_jax.ops.ttt import gelu_tanh_grad, gelu_tanh_grad2
 
 
@@ -151,8 +151,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     eta = plgpu.load(eta_s, layout=ROW)  # [b]
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
                                  x2_bar=x2bar_s, eg1=eg1_s, eg2=eg2_s, g2=g2_s, neg_b=nb_s,
-                                 neg_a=na_s, ln=vec_s)
-    r = mini_batch(bufs, eta, load_col(b1_s), load_col(b2_s), eps, cl)
+                                 neg_a=na_s, ln=vec_s, eta=eta_s)
+    r = mini_batch(bufs, eta, load_col(b1_s), load_col(b2_s), eps, cl, all_rows(b))
     T = lambda ref: ref.transpose((1, 0))
 
     # out = XQ + gamma * x_hat(Z2_bar) + beta: D2 = ct of Z2_bar (the same in every CTA).

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -81,6 +82,50 @@ def cluster_sync(ctx):
   mgpu_utils.inline_ptx("barrier.cluster.wait.acquire.aligned;", has_side_effects=True)
 
 
+class Rows(NamedTuple):
+  """The rows of a mini-batch's [b, d] work (LayerNorms, the LayerNorm-L2 gradient, the
+  output) that one CTA computes, and their register layouts.
+
+  `all_rows`: every CTA computes all b rows in the WGMMA layout (32 values a thread at
+  b = d = 64), redundantly. `row_block`: CTA c computes rows c*b/P .. (c+1)*b/P - 1 only, in
+  `ROW_BLOCK`, which spreads those 16 rows over the CTA's 128 threads (8 values a thread), so the
+  cluster does each row once; their results are shared through distributed shared memory.
+  """
+  ds: pl.Slice  # the rows, a slice of [b]
+  layout: plgpu.SomeLayout  # [rows, d]
+  row: plgpu.SomeLayout  # [rows]: a value per row
+  col: plgpu.SomeLayout  # [d]: a value per column
+  split: bool  # whether the cluster's CTAs split the rows
+
+
+def all_rows(b: int) -> Rows:
+  return Rows(pl.ds(0, b), WGMMA, ROW, COL, split=False)
+
+
+# 16 rows x 64 columns over a warpgroup: warp w takes rows 4w .. 4w+3, 8 lanes a row, and each
+# lane two vectors of 4 columns, 32 apart (4 f32 = one 16-byte shared-memory access; 8 lanes
+# cover 128 contiguous bytes of a row: conflict-free). Row sums: two in-thread adds and three
+# shuffles; column sums cross the warps through shared memory.
+ROW_BLOCK_ROWS = 16
+ROW_BLOCK = plgpu.Layout.TILED(mgpu_fa.Tiling(((16, 64), (4, 64), (4, 32), (4,))),
+                               warp_dims=(-7,), lane_dims=(-3, -2), vector_dim=-1)
+
+
+def row_block(c, b: int, d: int, cluster: int) -> Rows:
+  """CTA c's block of rows (b = 16 x cluster, d = 64: `ROW_BLOCK`'s shape)."""
+  if b != ROW_BLOCK_ROWS * cluster or d != 64:
+    raise ValueError(f"row_block: b={b}, d={d}, cluster={cluster}; needs b = 16 * cluster, "
+                     "d = 64")
+  return Rows(pl.ds(pl.multiple_of(c * ROW_BLOCK_ROWS, ROW_BLOCK_ROWS), ROW_BLOCK_ROWS),
+              ROW_BLOCK, ROW_BLOCK.reduce(1), ROW_BLOCK.reduce(0), split=True)
+
+
+def load_rows(ref, rows: Rows):
+  """rows.ds of a [b, n] shared-memory ref, in rows.layout, as f32."""
+  return plgpu.load(ref.at[rows.ds] if rows.split else ref,
+                    layout=rows.layout).astype(jnp.float32)
+
+
 def load_col(ref):
   """A [n] shared-memory vector into registers, one value per column of a WGMMA tile (n / 4
   registers per thread: load it where it is used rather than keep it live)."""
@@ -131,12 +176,13 @@ class Cluster:
   written again once every peer has passed a later barrier (all have read it by then), which is
   how the kernels choose their keys. Interpreter: the partials go through the global-memory
   scratch `xch(key, peer)` and are fetched into `recv(key)` (it has no distributed shared
-  memory).
+  memory); `share` goes through `xch_rows(j, peer)`.
   """
 
-  def __init__(self, c, size, interpret, cbar, recv_bar, buf, xch, recv):
+  def __init__(self, c, size, interpret, cbar, recv_bar, buf, xch, recv, xch_rows=None):
     self.c, self.size, self.interpret = c, size, interpret
     self.cbar, self.recv_bar, self.buf, self.xch, self.recv = cbar, recv_bar, buf, xch, recv
+    self.xch_rows = xch_rows
 
   def sync(self):
     if self.interpret:  # the interpreter models cluster barriers, not inline PTX
@@ -146,7 +192,8 @@ class Cluster:
       cluster_sync()
 
   def sum(self, *parts):
-    """(key, value, layout) partials -> their sums over the cluster, after one barrier."""
+    """(key, value, layout) partials -> their sums over the cluster, after one barrier. With a
+    `Rows` for the layout, the sum of rows.ds only, in rows.layout (value: all b rows)."""
     for key, value, _ in parts:
       self.buf(key)[...] = value
     if self.interpret:
@@ -157,19 +204,52 @@ class Cluster:
     self.sync()
     totals = []
     for key, value, layout in parts:
+      sliced = lambda ref: ref
+      if isinstance(layout, Rows) and layout.split:
+        sliced = lambda ref, ds=layout.ds: ref.at[ds]
+        value = plgpu.load(sliced(self.buf(key)), layout=layout.layout)
+      if isinstance(layout, Rows):
+        layout = layout.layout
       total = value
       for k in range(1, self.size):
         peer = lax.rem(self.c + k, self.size)
         if self.interpret:
           plgpu.copy_gmem_to_smem(self.xch(key, peer), self.recv(key), self.recv_bar)
           plgpu.barrier_wait(self.recv_bar)
-          total = total + plgpu.load(self.recv(key), layout=layout)
+          total = total + plgpu.load(sliced(self.recv(key)), layout=layout)
           plgpu.commit_smem()  # this read before the next copy into recv (async proxy)
         else:
           peer_buf = plgpu.cluster_ref(self.buf(key), {"cluster": peer})
-          total = total + plgpu.load(peer_buf, layout=layout)
+          total = total + plgpu.load(sliced(peer_buf), layout=layout)
       totals.append(total)
     return totals
+
+  def share(self, rows: Rows, *pairs):
+    """wgmma operands of which this CTA computed rows.ds, (ref, value) pairs: each CTA writes
+    its rows into its own ref and, after a cluster barrier, copies its peers' rows from theirs
+    (distributed shared memory; Mosaic GPU lowers loads from a peer's shared memory, not
+    stores), so every ref holds all b rows. Without a split, `stage`."""
+    if not rows.split:
+      return stage(*pairs)
+    for ref, value in pairs:
+      ref.at[rows.ds][...] = value.astype(ref.dtype)
+    if self.interpret:
+      plgpu.commit_smem()
+      for j, (ref, _) in enumerate(pairs):
+        plgpu.copy_smem_to_gmem(ref.at[rows.ds], self.xch_rows(j, self.c))
+      plgpu.wait_smem_to_gmem(0)
+    self.sync()
+    n = rows.ds.size
+    for k in range(1, self.size):
+      peer = lax.rem(self.c + k, self.size)
+      theirs = pl.ds(pl.multiple_of(peer * n, n), n)
+      for j, (ref, _) in enumerate(pairs):
+        if self.interpret:  # recv_bar counts one arrival
+          fetch([(self.xch_rows(j, peer), ref.at[theirs])], self.recv_bar)
+        else:
+          peer_ref = plgpu.cluster_ref(ref, {"cluster": peer})
+          ref.at[theirs][...] = plgpu.load(peer_ref.at[theirs], layout=rows.layout)
+    plgpu.commit_smem()
 
 
 def stage(*pairs):
@@ -181,44 +261,48 @@ def stage(*pairs):
 
 
 class Recompute(NamedTuple):
-  """What `mini_batch` computes, the registers (f32) the backward differentiates through."""
+  """What `mini_batch` computes, the registers (f32) the backward differentiates through; the
+  [., d] ones hold the CTA's `Rows`."""
   Z1: jax.Array  # [b, fp] XK W1 + b1
   P: jax.Array  # [b, fp] G2 W2^T (G1 = P * gelu'(Z1): fewer live registers than keeping G1)
-  Z2: jax.Array  # [b, d] X2 W2 + b2, summed over the cluster
-  G2: jax.Array  # [b, d] the LayerNorm-L2 gradient of Z2
+  Z2: jax.Array  # [rows, d] X2 W2 + b2, summed over the cluster
+  G2: jax.Array  # [rows, d] the LayerNorm-L2 gradient of Z2
   Z1_bar: jax.Array  # [b, fp]
-  Z2_bar: jax.Array  # [b, d], summed over the cluster
+  Z2_bar: jax.Array  # [rows, d], summed over the cluster
   db1: jax.Array  # [fp] colsum(eta G1)
-  db2: jax.Array  # [d] colsum(eta G2)
+  db2: jax.Array  # [d] colsum(eta G2), summed over the cluster (in Rows.col)
 
 
-def mini_batch(s, eta, b1, b2, eps, cl):
+def mini_batch(s, eta, b1, b2, eps, cl, block):
   """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see
-  `gpu_cluster.py`'s docstring), on the CTA's hidden slice.
+  `gpu_cluster.py`'s docstring), on the CTA's hidden slice and `block`, its rows of the [b, d]
+  work (`Rows`: all b, or b / P with the split).
 
-  s: shared-memory buffers with xq, xk, xv [b, d] and w1 [d, fp], w2 [fp, d] (bf16) loaded;
-  written here: x2, x2_bar, eg1 [b, fp], g2, eg2 [b, d] and neg_b, neg_a [b, b] (-XQ XK^T,
-  -X2_bar X2^T; the forward passes one buffer for both); ln [2, d] f32: gamma and beta, loaded
-  where used (fewer live registers). eta [b], b1 [fp], b2 [d]: f32 registers. cl: the
-  `Cluster`, whose partial-sum slots 0 and 1 this uses.
+  s: shared-memory buffers with xq, xk, xv [b, d] (bf16) and eta [b] (f32) loaded, w1 [d, fp],
+  w2 [fp, d] (bf16) staged; written here: x2, x2_bar, eg1 [b, fp], g2, eg2 [b, d] (all b rows,
+  `Cluster.share`) and neg_b, neg_a [b, b] (-XQ XK^T, -X2_bar X2^T; the forward passes one
+  buffer for both); ln [2, d] f32: gamma and beta, loaded where used (fewer live registers).
+  eta [b] (ROW), b1 [fp] (COL), b2 [d] (block.col): f32 registers. cl: the `Cluster`, whose
+  partial-sum slots 0 and 1 (and "db2" with split rows) this uses.
   """
   b, d = s.xq.shape
   fp = s.w1.shape[1]
-  bf, bd = (b, fp), (b, d)
+  bf, bd, rd = (b, fp), (b, d), (block.ds.size, d)
 
   # Z1 = XK W1 + b1; X2 = gelu(Z1); Z2 = X2 W2 + b2 (summed over the cluster).
   Z1 = matmul(bf, (s.xk, s.w1)) + cols(b1, bf)  # [b, fp]
   X2 = gelu_tanh(Z1)
   stage((s.x2, X2))
-  Z2, = cl.sum((0, matmul(bd, (s.x2, s.w2)), WGMMA))
-  Z2 = Z2 + cols(b2, bd)  # [b, d]
+  Z2, = cl.sum((0, matmul(bd, (s.x2, s.w2)), block))
+  Z2 = Z2 + cols(b2, rd)  # [rows, d]
 
-  # Gradients of the reconstruction loss: G2 = dl/dZ2 (redundant per CTA), G1 = dl/dZ1.
-  XK = plgpu.load(s.xk, layout=WGMMA).astype(jnp.float32)
-  XV = plgpu.load(s.xv, layout=WGMMA).astype(jnp.float32)
-  G2 = ln_l2_grad(Z2, XV - XK, load_col(s.ln.at[0]), load_col(s.ln.at[1]), eps)
-  eG2 = rows(eta, bd) * G2
-  stage((s.eg2, eG2), (s.g2, G2))
+  # Gradients of the reconstruction loss: G2 = dl/dZ2 on the CTA's rows, G1 = dl/dZ1.
+  target = load_rows(s.xv, block) - load_rows(s.xk, block)
+  ln = lambda k: plgpu.load(s.ln.at[k], layout=block.col)
+  G2 = ln_l2_grad(Z2, target, ln(0), ln(1), eps)
+  eta_rows = plgpu.load(s.eta.at[block.ds], layout=block.row) if block.split else eta
+  eG2 = rows(eta_rows, rd) * G2
+  cl.share(block, (s.eg2, eG2), (s.g2, G2))
   P = matmul(bf, (s.g2, s.w2.transpose((1, 0))))
   G1 = P * gelu_tanh_grad(Z1)
   eG1 = rows(eta, bf) * G1
@@ -232,7 +316,10 @@ def mini_batch(s, eta, b1, b2, eps, cl):
   stage((s.x2_bar, gelu_tanh(Z1_bar)))
   stage((s.neg_a, -matmul((b, b), (s.x2_bar, s.x2.transpose((1, 0))))))
   part = matmul(bd, (s.x2_bar, s.w2), (s.neg_a, s.eg2))
-  db2 = eG2.sum(axis=0)  # [d]
-  Z2_bar, = cl.sum((1, part, WGMMA))
-  Z2_bar = Z2_bar + cols(b2 - db2, bd)
+  db2 = eG2.sum(axis=0)  # [d], over the CTA's rows
+  if block.split:
+    Z2_bar, db2 = cl.sum((1, part, block), ("db2", db2, block.col))
+  else:
+    Z2_bar, = cl.sum((1, part, block))
+  Z2_bar = Z2_bar + cols(b2 - db2, rd)
   return Recompute(Z1, P, Z2, G2, Z1_bar, Z2_bar, db1, db2)

@@ -14,19 +14,28 @@ inference); its derivation follows the forward line by line, and the tests compa
 pure op's autodiff. Everything a hidden slice contributes to a [b, d] quantity is a partial sum
 over the cluster, so the backward adds two more exchanges through distributed shared memory:
 
-  ct_G2 = sum_c [eta * ct_eG2_c + (ct_G1_c * gelu'(Z1_c)) W2_c] + eta * ct_eG2_shared
-          (G2 feeds every slice's G1 and the W2 update; needed before LayerNorm-L2's VJP)
+  ct_G2 = eta * (sum_c ct_eG2_c - db2') + sum_c (ct_G1_c * gelu'(Z1_c)) W2_c
+          (G2 feeds every slice's G1 and the W2 update; needed before LayerNorm-L2's VJP; db2'
+          is b2's cotangent so far, which meets eG2 through colsum(eG2))
   ct_XQ, ct_XK, ct_eta: sums of the slices' parts (XQ and XK meet every W1 slice; ct_XQ is
-          complete with ct_G2's partial and is summed with it)
+          complete with ct_G2's partials and is summed with them)
 
-and ct_XV, the LayerNorm parameters' cotangents and db2 come out the same in every CTA. Sums
-use slots 0, 1 (the forward's two), then 2 and 0 (ct_G2, ct_XQ), then 1 (ct_XK): each was last
-read before a later cluster barrier, and a barrier ends each mini-batch.
+As in the forward, the [b, d] work is split by rows (`gpu_cluster_lib.row_block`): each sum
+gives CTA c its 16 rows only, and c computes the LayerNorm VJPs (the output's D2 and
+LayerNorm-L2's) on them, shares D2 and ct_Z2 (wgmma operands of every slice) with
+`Cluster.share`, and writes its rows of d XQ, d XK, d XV and d eta. The column sums over the
+rows (b2's cotangent, which every CTA needs at once, goes into the next exchange as "v"; the
+LayerNorm parameters' cotangents are returned per CTA and summed by `backward_group`) are
+partial per CTA. Sums use slots 0, 1 (the forward's two), then 0, 2, 1 (ct_eG2, ct_P, ct_XQ),
+then 0 (ct_XK): each was last read by the peers before a later cluster barrier (`share`'s, or
+the one that ends each mini-batch). Splitting the rows took the loop from 12,249 to 8,239 SASS
+instructions (`benchmarks/kernel_resources.py`), a ceiling of 48% of the matmul peak.
 
 Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double
 as the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster).
-Shared memory: 20 bf16 tiles and 3 f32 ones, 211 KiB (`smem_bytes`). Mini-batch t's inputs
-are loaded when it starts (no prefetch yet: the tiles are all in use).
+Shared memory: 20 bf16 tiles and 3 f32 ones, 211 KiB (`smem_bytes`; Mosaic GPU asks for
+222 KiB). Mini-batch t's inputs are loaded when it starts (no prefetch yet: the tiles are all
+in use).
 """
 from __future__ import annotations
 
@@ -42,9 +51,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.ttt import gpu_cluster
 from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW, SMEM_LIMIT_BYTES,
-                                                WGMMA, Cluster, all_rows, cluster_kernel, cols,
-                                                fetch, ln_backward, load_col, matmul,
-                                                mini_batch, normalize, rows, stage, swizzled)
+                                                WGMMA, Cluster, cluster_kernel, cols, fetch,
+                                                ln_backward, load_col, load_rows, matmul,
+                                                mini_batch, normalize, row_block, rows, stage,
+                                                swizzled)
 from ttt_jax.ops.ttt import gelu_tanh_grad, gelu_tanh_grad2
 
 
@@ -75,6 +85,7 @@ def _scratch(b, d, cluster, interpret):
       plgpu.SMEM((b,), f32), plgpu.SMEM((fp,), f32), plgpu.SMEM((d,), f32),  # eta, b1, b2 at t
       plgpu.SMEM((b,), f32), plgpu.SMEM((b,) if interpret else (8,), f32),  # ct_eta partial
       plgpu.SMEM((fp,), f32), plgpu.SMEM((d,), f32),  # ct b1, ct b2 (accumulated here)
+      plgpu.SMEM((d,), f32), plgpu.SMEM((d,) if interpret else (8,), f32),  # a [d] partial
       plgpu.SMEM((2, d), f32), plgpu.SMEM((2, d), f32),  # gamma, beta; their cotangents
       plgpu.Barrier(num_arrivals=6), plgpu.Barrier(num_arrivals=9),
       plgpu.Barrier(num_arrivals=1),
@@ -104,28 +115,36 @@ def _ln_l2_grad_vjp(z, target, gamma, beta, eps, G, ct_G):
 def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
             cw1_g, cb1_g, cw2_g, cb2_g,
             dxq_g, dxk_g, dxv_g, deta_g, dln_g, dw1_g, db1_g, dw2_g, db2_g, xch_g, xche_g,
-            scratch, *, eps, g, cluster, interpret):
+            xchv_g, xchr_g, scratch, *, eps, g, cluster, interpret):
   """One CTA: hidden slice c of head h, batch element i, one group of g mini-batches. GMEM refs:
   x, ct_out [B, H, g, b, d] bf16, eta [B, H, g, b] f32, gamma/beta [H, d] f32, the states
   before each mini-batch [B, H, g, ...] (W1, W2 bf16, b1, b2 f32), the group's final state
-  cotangent [B, H, ...] f32; outputs the cotangents of x and eta (like them), of (gamma, beta)
-  [B, H, 2, d], of the group's initial state [B, H, ...] and (interpret only) the exchange
-  scratch [B, H, P, 3, b, d] and [B, H, P, b]."""
+  cotangent [B, H, ...] f32; outputs the cotangents of x and eta (like them), each CTA's part
+  of (gamma, beta)'s [B, H, P, 2, d] (its rows'), of the group's initial state [B, H, ...] and
+  (interpret only) the exchange scratch [B, H, P, 3, b, d], [B, H, P, b], [B, H, P, d] f32
+  and [B, H, P, 2, 16, d] bf16."""
   (xq_s, xk_s, xv_s, cto_s, w1_s, w2_s,
    x2_s, x2bar_s, eg1_s, g2_s, eg2_s, nb_s, na_s,
    d2_s, m_s, cw1_s, cw2_s, d1_s, ctb_s, ctp_s,
-   part_s, recv_s, eta_s, b1_s, b2_s, parte_s, recve_s, vb1_s, vb2_s, vec_s, ctln_s,
-   init_bar, load_bar, recv_bar, cbar) = scratch
+   part_s, recv_s, eta_s, b1_s, b2_s, parte_s, recve_s, vb1_s, vb2_s, partv_s, recvv_s,
+   vec_s, ctln_s, init_bar, load_bar, recv_bar, cbar) = scratch
   i, h, c = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("cluster")
   b, d = xq_s.shape
   fp = w1_s.shape[1]
   hid = pl.ds(c * fp, fp)  # this CTA's slice of the hidden width
   f32 = jnp.float32
   bd, bf, bb = (b, d), (b, fp), (b, b)
+  block = row_block(c, b, d, cluster)  # the CTA's rows of the [b, d] work
+  eta_block = block._replace(layout=block.row)  # and of [b] vectors
+  # Exchange buffers: slots 0-2 [b, d], "eta" [b] and "v" [d] (vectors' partial sums; also
+  # `mini_batch`'s "db2").
+  vecs = {"eta": (parte_s, xche_g, recve_s), "v": (partv_s, xchv_g, recvv_s)}
+  vecs["db2"] = vecs["v"]
   cl = Cluster(c, cluster, interpret, cbar, recv_bar,
-               buf=lambda k: parte_s if k == "eta" else part_s.at[k],
-               xch=lambda k, p: xche_g.at[i, h, p] if k == "eta" else xch_g.at[i, h, p, k],
-               recv=lambda k: recve_s if k == "eta" else recv_s)
+               buf=lambda k: vecs[k][0] if k in vecs else part_s.at[k],
+               xch=lambda k, p: vecs[k][1].at[i, h, p] if k in vecs else xch_g.at[i, h, p, k],
+               recv=lambda k: vecs[k][2] if k in vecs else recv_s,
+               xch_rows=lambda j, p: xchr_g.at[i, h, p, j])
 
   # LayerNorm parameters and the cotangent of the group's final state (f32; W1's and W2's
   # through the partial-sum slots, free until the first mini-batch).
@@ -152,16 +171,23 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
                                  x2_bar=x2bar_s, eg1=eg1_s, eg2=eg2_s, g2=g2_s, neg_b=nb_s,
                                  neg_a=na_s, ln=vec_s, eta=eta_s)
-    r = mini_batch(bufs, eta, load_col(b1_s), load_col(b2_s), eps, cl, all_rows(b))
+    r = mini_batch(bufs, eta, load_col(b1_s), plgpu.load(b2_s, layout=block.col), eps, cl,
+                   block)
     T = lambda ref: ref.transpose((1, 0))
+    rd = r.Z2.shape  # [rows, d]: the CTA's rows of the [b, d] work
+    col = lambda ref: cols(plgpu.load(ref, layout=block.col), rd)  # a [d] vector, broadcast
+    add_col = lambda ref, v: ref.__setitem__(..., plgpu.load(ref, layout=block.col) + v)
+    eta_rows = plgpu.load(eta_s.at[block.ds], layout=block.row)
 
-    # out = XQ + gamma * x_hat(Z2_bar) + beta: D2 = ct of Z2_bar (the same in every CTA).
+    # out = XQ + gamma * x_hat(Z2_bar) + beta: D2 = ct of Z2_bar, on the CTA's rows, shared.
     x_hat, rstd = normalize(r.Z2_bar, eps)
-    ct_out = plgpu.load(cto_s, layout=WGMMA).astype(f32)
-    ctln_s.at[0][...] = load_col(ctln_s.at[0]) + (ct_out * x_hat).sum(axis=0)
-    ctln_s.at[1][...] = load_col(ctln_s.at[1]) + ct_out.sum(axis=0)
-    D2 = ln_backward(x_hat, rstd, ct_out * cols(load_col(vec_s.at[0]), bd))
-    stage((d2_s, D2), (cw1_s, CW1), (cw2_s, CW2))
+    ct_out = load_rows(cto_s, block)
+    add_col(ctln_s.at[0], (ct_out * x_hat).sum(axis=0))  # this CTA's rows' part
+    add_col(ctln_s.at[1], ct_out.sum(axis=0))
+    D2 = ln_backward(x_hat, rstd, ct_out * col(vec_s.at[0]))
+    dD2 = D2.sum(axis=0)  # [d], the rows' part of b2's cotangent
+    cl.share(block, (d2_s, D2))
+    stage((cw1_s, CW1), (cw2_s, CW2))
 
     # Z2_bar's slice part X2_bar W2 - (X2_bar X2^T) eG2, and the W2 update W2 - X2^T eG2. (Terms
     # whose operands stay in shared memory are computed where they are consumed, which keeps
@@ -170,8 +196,6 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     ct_X2bar = matmul(bf, (d2_s, T(w2_s))) - matmul(bf, (m_s, x2_s))
     ct_eG2 = matmul(bd, (T(na_s), d2_s)) - matmul(bd, (x2_s, cw2_s))  # this slice's part
     CW2 = CW2 + matmul((fp, d), (T(x2bar_s), d2_s))
-    # ct of b2 before b2's update, which is also -(ct of colsum(eG2)), in Z2_bar and b2's update
-    vb2_s[...] = load_col(vb2_s) + D2.sum(axis=0)
 
     # Z1_bar = XQ W1 - (XQ XK^T) eG1 + b1 - colsum(eG1), and the W1, b1 updates.
     D1 = ct_X2bar * gelu_tanh_grad(r.Z1_bar)
@@ -186,30 +210,33 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     # eG1 = eta G1, G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
     ct_G1 = rows(eta, bf) * ct_eG1
     dX2 = gelu_tanh_grad(r.Z1)
-    ct_eta = (ct_eG1 * r.P * dX2).sum(axis=1) + (ct_eG2 * r.G2).sum(axis=1)  # [b], this slice's
+    ct_eta = (ct_eG1 * r.P * dX2).sum(axis=1)  # [b], this slice's part
     ct_Z1 = ct_G1 * r.P * gelu_tanh_grad2(r.Z1)  # X2's share is added below
     stage((ctp_s, ct_G1 * dX2))  # ct of P = G2 W2^T
     CW2 = CW2 + matmul((fp, d), (T(ctp_s), g2_s))
-    part = rows(eta, bd) * ct_eG2 + matmul(bd, (ctp_s, w2_s))
-    ct_G2, ct_XQ = cl.sum((2, part, WGMMA), (0, ct_XQ, WGMMA))
-    ct_G2 = ct_G2 - rows(eta, bd) * cols(load_col(vb2_s), bd)
+    ct_eG2, ct_P, ct_XQ, dD2 = cl.sum((0, ct_eG2, block), (2, matmul(bd, (ctp_s, w2_s)), block),
+                                      (1, ct_XQ, block), ("v", dD2, block.col))
+    # b2's cotangent before its update is -(ct of colsum(eG2)), in Z2_bar and in b2's update.
+    vb2 = plgpu.load(vb2_s, layout=block.col) + dD2
+    vb2_s[...] = vb2
+    ct_eG2 = ct_eG2 - cols(vb2, rd)
+    ct_G2 = rows(eta_rows, rd) * ct_eG2 + ct_P
+    ct_eta_rows = (ct_eG2 * r.G2).sum(axis=1)  # [rows]: eG2's share of ct_eta
 
-    @pl.when(c == 0)
-    def _():  # d XQ is complete: out through ct_P's tile, free now
-      ct_out = plgpu.load(cto_s, layout=WGMMA).astype(f32)
-      stage((ctp_s, ct_out + ct_XQ))
-      plgpu.copy_smem_to_gmem(ctp_s, dxq_g.at[i, h, t])
+    # d XQ is complete on the CTA's rows: out through ct_P's tile, free now.
+    ctp_s.at[block.ds][...] = (load_rows(cto_s, block) + ct_XQ).astype(ctp_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(ctp_s.at[block.ds], dxq_g.at[i, h, t, block.ds])
 
     # G2 = LN-L2 gradient of Z2 = X2 W2 + b2 at target XV - XK; X2 = gelu(Z1 = XK W1 + b1).
-    XK = plgpu.load(xk_s, layout=WGMMA).astype(f32)
-    XV = plgpu.load(xv_s, layout=WGMMA).astype(f32)
     ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(
-        r.Z2, XV - XK, load_col(vec_s.at[0]), load_col(vec_s.at[1]), eps, r.G2, ct_G2)
-    ct_eta_shared = -(r.G2 * cols(load_col(vb2_s), bd)).sum(axis=1)  # [b], added once, below
-    ctln_s.at[0][...] = load_col(ctln_s.at[0]) + dgamma
-    ctln_s.at[1][...] = load_col(ctln_s.at[1]) + dbeta
-    stage((d2_s, ct_Z2))  # D2's tile: D2 is dead (and every thread has read vb2_s above)
-    vb2_s[...] = load_col(vb2_s) + ct_Z2.sum(axis=0)
+        r.Z2, load_rows(xv_s, block) - load_rows(xk_s, block),
+        plgpu.load(vec_s.at[0], layout=block.col), plgpu.load(vec_s.at[1], layout=block.col),
+        eps, r.G2, ct_G2)
+    add_col(ctln_s.at[0], dgamma)
+    add_col(ctln_s.at[1], dbeta)
+    dZ2 = ct_Z2.sum(axis=0)
+    cl.share(block, (d2_s, ct_Z2))  # D2's tile: D2 is dead
     # X2 meets Z2 (W2), Z2_bar's Gram term (-M^T X2_bar) and the W2 update (-eG2 dW2'^T).
     ct_X2 = matmul(bf, (d2_s, T(w2_s))) - matmul(bf, (T(m_s), x2bar_s), (eg2_s, T(cw2_s)))
     CW2 = CW2 + matmul((fp, d), (T(x2_s), d2_s))
@@ -220,16 +247,18 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     CW1 = CW1 + matmul((d, fp), (T(xk_s), d1_s))
     vb1_s[...] = load_col(vb1_s) + ct_Z1.sum(axis=0)
 
-    ct_XK, ct_eta = cl.sum((1, ct_XK, WGMMA), ("eta", ct_eta, ROW))
-    ct_eta = ct_eta + ct_eta_shared
+    ct_XK, ct_eta, dZ2 = cl.sum((0, ct_XK, block), ("eta", ct_eta, eta_block),
+                                ("v", dZ2, block.col))
+    add_col(vb2_s, dZ2)
 
-    @pl.when(c == 0)
-    def _():  # the input tiles are free now; the next mini-batch loads after these leave
-      stage((xk_s, ct_XK - ct_T), (xv_s, ct_T))
-      eta_s[...] = ct_eta
-      plgpu.commit_smem()
-      for src, dst in ((xk_s, dxk_g), (xv_s, dxv_g), (eta_s, deta_g)):
-        plgpu.copy_smem_to_gmem(src, dst.at[i, h, t])
+    # The CTA's rows of d XK, d XV and d eta, out through the input tiles (free now; the next
+    # mini-batch loads after these leave).
+    xk_s.at[block.ds][...] = (ct_XK - ct_T).astype(xk_s.dtype)
+    xv_s.at[block.ds][...] = ct_T.astype(xv_s.dtype)
+    eta_s.at[block.ds][...] = ct_eta + ct_eta_rows
+    plgpu.commit_smem()
+    for src, dst in ((xk_s, dxk_g), (xv_s, dxv_g), (eta_s, deta_g)):
+      plgpu.copy_smem_to_gmem(src.at[block.ds], dst.at[i, h, t, block.ds])
 
     cl.sync()  # every peer has read this mini-batch's partials
     return CW1, CW2
@@ -242,10 +271,11 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   plgpu.copy_smem_to_gmem(vb1_s, db1_g.at[i, h, 0, hid])
   plgpu.copy_smem_to_gmem(part_s.at[1], dw2_g.at[i, h, hid, :])
 
+  plgpu.copy_smem_to_gmem(ctln_s, dln_g.at[i, h, c])
+
   @pl.when(c == 0)
   def _():
     plgpu.copy_smem_to_gmem(vb2_s, db2_g.at[i, h, 0])
-    plgpu.copy_smem_to_gmem(ctln_s, dln_g.at[i, h])
 
   plgpu.wait_smem_to_gmem(0)
 
@@ -271,10 +301,12 @@ def backward_group(xs, ln_weight, ln_bias, states, ct_out, ct_final, *, eps: flo
                      " is not supported (bf16, b = d = 64, cluster = 4); use gpu.backward.")
   f32 = jnp.float32
   out_type = (*(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (xq, xk, xv)),
-              jax.ShapeDtypeStruct(eta.shape, f32), jax.ShapeDtypeStruct((B, H, 2, d), f32),
+              jax.ShapeDtypeStruct(eta.shape, f32),
+              jax.ShapeDtypeStruct((B, H, cluster, 2, d), f32),
               *(jax.ShapeDtypeStruct(c.shape, f32) for c in ct_final),
-              jax.ShapeDtypeStruct((B, H, cluster, 3, b, d) if interpret else (1,), f32),
-              jax.ShapeDtypeStruct((B, H, cluster, b) if interpret else (1,), f32))
+              *(jax.ShapeDtypeStruct((B, H, cluster, *shape) if interpret else (1,), dtype)
+                for shape, dtype in (((3, b, d), f32), ((b,), f32), ((d,), f32),
+                                     ((2, b // cluster, d), xq.dtype))))
   body = functools.partial(_kernel, eps=eps, g=g, cluster=cluster, interpret=bool(interpret))
   kernel = cluster_kernel(body, "ttt_mlp_backward_cluster", out_type=out_type,
                           scratch=_scratch(b, d, cluster, bool(interpret)), grid=(B, H),
@@ -284,4 +316,5 @@ def backward_group(xs, ln_weight, ln_bias, states, ct_out, ct_final, *, eps: flo
                 ln_bias.astype(f32), W1.astype(jnp.bfloat16), b1.astype(f32),
                 W2.astype(jnp.bfloat16), b2.astype(f32), *(c.astype(f32) for c in ct_final))
   ct_xq, ct_xk, ct_xv, ct_eta, ct_ln, *ct_init = outs[:9]
+  ct_ln = ct_ln.sum(axis=2)  # over the CTAs' rows
   return ct_xq, ct_xk, ct_xv, ct_eta, ct_ln[:, :, 0], ct_ln[:, :, 1], tuple(ct_init)

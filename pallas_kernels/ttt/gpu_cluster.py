@@ -28,7 +28,7 @@ on them and the output XQ + LN(Z2_bar) for them, 8 values a thread; G2 and eta *
 operands of every CTA, are then shared (each CTA copies its peers' rows into its own tiles after
 a cluster barrier: `Cluster.share`), and colsum(eta * G2) is summed with Z2_bar. Done
 redundantly by all P CTAs in the WGMMA layout (32 values a thread) this was a quarter of the
-loop (4,607 SASS instructions before the split, 3,346 after). The matmuls run on the tensor
+loop (4,607 SASS instructions before the split, 3,335 after). The matmuls run on the tensor
 cores (`wgmma`) with bf16 operands and f32 accumulation; the state stays f32 in registers and a
 bf16 copy of W1 and W2 in shared memory feeds the matmuls, so the output differs from the f32
 pure op by bf16 rounding (measured 4e-3 to 8e-3 relative). tanh is the hardware approximation
@@ -39,10 +39,10 @@ computed in registers are staged through shared memory (jax's interpreter takes 
 shared-memory wgmma operands, and one code path serves both).
 
 A ceiling from the compiled code (`benchmarks/kernel_resources.py`): one warpgroup per SM
-issues at most one instruction per clock per scheduler, and the loop's 3,346 instructions per
+issues at most one instruction per clock per scheduler, and the loop's 3,335 instructions per
 mini-batch face 1,408 clocks of tensor-core work (44 HGMMA.64x64x16), so the forward can use
 at most 42% of the matmul peak (36% in the benchmarks' `ttt_flops` count, which counts the
-b x b products once where each CTA computes its own), the backward 48% (8,239 against 3,968,
+b x b products once where each CTA computes its own), the backward 48% (8,228 against 3,968,
 its [b, d] work split the same way). At d = 64 the elementwise work, not the matmuls, sets the
 pace; cutting it further (the [b, fp] tiles' gelu and conversions, packed bf16x2 math where the
 result is a bf16 operand anyway, the backward's register spills) is the way up.
@@ -215,11 +215,14 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     # The update (gradient step at the mini-batch's last token).
     W1 = W1 - matmul((d, fp), (bufs.xk.transpose((1, 0)), eg1_s))
     W2 = W2 - matmul((fp, d), (x2_s.transpose((1, 0)), eg2_s))
-    cl.sync()  # every peer has read this step's partials
+    # No barrier ends the step: each exchange buffer is written again only after a later
+    # barrier than the one its peers read it behind (slot 0: Z2's, read before `share`'s; the
+    # shared rows: read before Z2_bar's; slot 1 and db2's: read before the next Z2's).
     return W1, b1 - r.db1, W2, b2 - r.db2
 
   prefetch(0)
   lax.fori_loop(0, num_mini_batches, step, state)
+  cl.sync()  # no CTA exits while a peer may still read its shared memory
   plgpu.wait_smem_to_gmem(0)
 
 

@@ -27,9 +27,11 @@ LayerNorm-L2's) on them, shares D2 and ct_Z2 (wgmma operands of every slice) wit
 rows (b2's cotangent, which every CTA needs at once, goes into the next exchange as "v"; the
 LayerNorm parameters' cotangents are returned per CTA and summed by `backward_group`) are
 partial per CTA. Sums use slots 0, 1 (the forward's two), then 0, 2, 1 (ct_eG2, ct_P, ct_XQ),
-then 0 (ct_XK): each was last read by the peers before a later cluster barrier (`share`'s, or
-the one that ends each mini-batch). Splitting the rows took the loop from 12,249 to 8,239 SASS
-instructions (`benchmarks/kernel_resources.py`), a ceiling of 48% of the matmul peak.
+then 2 (ct_XK), so that no barrier has to end a mini-batch: a CTA writes each exchange buffer
+(slot, vector or shared tile) again only after passing a later cluster barrier than the one
+behind which its peers read it (`sum`'s and `share`'s barriers: seven a mini-batch).
+Splitting the rows took the loop from 12,249 to 8,228 SASS instructions
+(`benchmarks/kernel_resources.py`), a ceiling of 48% of the matmul peak.
 
 Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double
 as the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster).
@@ -247,7 +249,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     CW1 = CW1 + matmul((d, fp), (T(xk_s), d1_s))
     vb1_s[...] = load_col(vb1_s) + ct_Z1.sum(axis=0)
 
-    ct_XK, ct_eta, dZ2 = cl.sum((0, ct_XK, block), ("eta", ct_eta, eta_block),
+    ct_XK, ct_eta, dZ2 = cl.sum((2, ct_XK, block), ("eta", ct_eta, eta_block),
                                 ("v", dZ2, block.col))
     add_col(vb2_s, dZ2)
 
@@ -260,10 +262,10 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     for src, dst in ((xk_s, dxk_g), (xv_s, dxv_g), (eta_s, deta_g)):
       plgpu.copy_smem_to_gmem(src.at[block.ds], dst.at[i, h, t, block.ds])
 
-    cl.sync()  # every peer has read this mini-batch's partials
-    return CW1, CW2
+    return CW1, CW2  # (no barrier needed here: see the module docstring)
 
   CW1, CW2 = lax.fori_loop(0, g, step, carry)
+  cl.sync()  # no CTA exits or reuses slots 0, 1 while a peer may still read them
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
   part_s.at[0][...], part_s.at[1][...] = CW1, CW2  # the last barrier freed the slots
   plgpu.commit_smem()

@@ -173,8 +173,9 @@ class Cluster:
 
   Partials are published in shared-memory buffers, `buf(key)`, and read by the peers through
   distributed shared memory (`plgpu.cluster_ref`) after a cluster barrier. A buffer may be
-  written again once every peer has passed a later barrier (all have read it by then), which is
-  how the kernels choose their keys. Interpreter: the partials go through the global-memory
+  written again once this CTA has passed a later barrier than the one the peers read it behind
+  (they arrive there after reading), which is how the kernels choose their keys; a CTA must not
+  exit while its peers may still read it (a barrier after the loop). Interpreter: the partials go through the global-memory
   scratch `xch(key, peer)` and are fetched into `recv(key)` (it has no distributed shared
   memory); `share` goes through `xch_rows(j, peer)`.
   """

@@ -175,9 +175,9 @@ class Cluster:
   distributed shared memory (`plgpu.cluster_ref`) after a cluster barrier. A buffer may be
   written again once this CTA has passed a later barrier than the one the peers read it behind
   (they arrive there after reading), which is how the kernels choose their keys; a CTA must not
-  exit while its peers may still read it (a barrier after the loop). Interpreter: the partials go through the global-memory
-  scratch `xch(key, peer)` and are fetched into `recv(key)` (it has no distributed shared
-  memory); `share` goes through `xch_rows(j, peer)`.
+  exit while its peers may still read it (a barrier after the loop). Interpreter: the partials
+  go through the global-memory scratch `xch(key, peer)` and are fetched into `recv(key)` (it
+  has no distributed shared memory); `share` goes through `xch_rows(j, peer)`.
   """
 
   def __init__(self, c, size, interpret, cbar, recv_bar, buf, xch, recv, xch_rows=None):

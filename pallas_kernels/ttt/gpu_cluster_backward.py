@@ -242,7 +242,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     # X2 meets Z2 (W2), Z2_bar's Gram term (-M^T X2_bar) and the W2 update (-eG2 dW2'^T).
     ct_X2 = matmul(bf, (d2_s, T(w2_s))) - matmul(bf, (T(m_s), x2bar_s), (eg2_s, T(cw2_s)))
     CW2 = CW2 + matmul((fp, d), (T(x2_s), d2_s))
-    ct_Z1 = ct_Z1 + ct_X2 * gelu_tanh_grad(r.Z1)
+    ct_Z1 = ct_Z1 + ct_X2 * dX2
     stage((d1_s, ct_Z1))  # D1's tile
     ct_XK = (matmul(bd, (T(ctb_s), xq_s), (d1_s, T(w1_s)))
              - matmul(bd, (eg1_s, T(cw1_s))))  # this slice's part

@@ -42,7 +42,7 @@ A ceiling from the compiled code (`benchmarks/kernel_resources.py`): one warpgro
 issues at most one instruction per clock per scheduler, and the loop's 3,335 instructions per
 mini-batch face 1,408 clocks of tensor-core work (44 HGMMA.64x64x16), so the forward can use
 at most 42% of the matmul peak (36% in the benchmarks' `ttt_flops` count, which counts the
-b x b products once where each CTA computes its own), the backward 48% (8,228 against 3,968,
+b x b products once where each CTA computes its own), the backward 49% (8,172 against 3,968,
 its [b, d] work split the same way). At d = 64 the elementwise work, not the matmuls, sets the
 pace; cutting it further (the [b, fp] tiles' gelu and conversions, packed bf16x2 math where the
 result is a bf16 operand anyway, the backward's register spills) is the way up.

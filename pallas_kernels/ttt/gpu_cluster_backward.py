@@ -31,7 +31,8 @@ then 2 (ct_XK), so that no barrier has to end a mini-batch: a CTA writes each ex
 (slot, vector or shared tile) again only after passing a later cluster barrier than the one
 behind which its peers read it (`sum`'s and `share`'s barriers: seven a mini-batch).
 Splitting the rows took the loop from 12,249 to 8,228 SASS instructions
-(`benchmarks/kernel_resources.py`), a ceiling of 48% of the matmul peak.
+(`benchmarks/kernel_resources.py`), computing the slices' parts where `Cluster.sum` publishes
+them (fewer live registers, fewer spills) to 8,172: a ceiling of 49% of the matmul peak.
 
 Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double
 as the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster).
@@ -196,7 +197,6 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     # fewer [b, fp] values live in registers.)
     stage((m_s, matmul(bb, (d2_s, T(eg2_s)))))  # M = D2 eG2^T
     ct_X2bar = matmul(bf, (d2_s, T(w2_s))) - matmul(bf, (m_s, x2_s))
-    ct_eG2 = matmul(bd, (T(na_s), d2_s)) - matmul(bd, (x2_s, cw2_s))  # this slice's part
     CW2 = CW2 + matmul((fp, d), (T(x2bar_s), d2_s))
 
     # Z1_bar = XQ W1 - (XQ XK^T) eG1 + b1 - colsum(eG1), and the W1, b1 updates.
@@ -207,7 +207,6 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     vb1_s[...] = Cb1
     ct_eG1 = matmul(bf, (T(nb_s), d1_s)) - matmul(bf, (xk_s, cw1_s)) - cols(Cb1, bf)
     CW1 = CW1 + matmul((d, fp), (T(xq_s), d1_s))
-    ct_XQ = matmul(bd, (d1_s, T(w1_s)), (ctb_s, xk_s))  # this slice's part
 
     # eG1 = eta G1, G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
     ct_G1 = rows(eta, bf) * ct_eG1
@@ -216,8 +215,12 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     ct_Z1 = ct_G1 * r.P * gelu_tanh_grad2(r.Z1)  # X2's share is added below
     stage((ctp_s, ct_G1 * dX2))  # ct of P = G2 W2^T
     CW2 = CW2 + matmul((fp, d), (T(ctp_s), g2_s))
-    ct_eG2, ct_P, ct_XQ, dD2 = cl.sum((0, ct_eG2, block), (2, matmul(bd, (ctp_s, w2_s)), block),
-                                      (1, ct_XQ, block), ("v", dD2, block.col))
+    # This slice's parts of ct_eG2 (Z2_bar's Gram term, the W2 update), ct_P and ct_XQ, each
+    # computed as it is published (their operands wait in shared memory).
+    ct_eG2, ct_P, ct_XQ, dD2 = cl.sum(
+        (0, lambda: matmul(bd, (T(na_s), d2_s)) - matmul(bd, (x2_s, cw2_s)), block),
+        (2, lambda: matmul(bd, (ctp_s, w2_s)), block),
+        (1, lambda: matmul(bd, (d1_s, T(w1_s)), (ctb_s, xk_s)), block), ("v", dD2, block.col))
     # b2's cotangent before its update is -(ct of colsum(eG2)), in Z2_bar and in b2's update.
     vb2 = plgpu.load(vb2_s, layout=block.col) + dD2
     vb2_s[...] = vb2

@@ -84,22 +84,18 @@ def cluster_sync(ctx):
 
 class Rows(NamedTuple):
   """The rows of a mini-batch's [b, d] work (LayerNorms, the LayerNorm-L2 gradient, the
-  output) that one CTA computes, and their register layouts.
+  output) that one CTA computes, and their register layouts (`row_block`).
 
-  `all_rows`: every CTA computes all b rows in the WGMMA layout (32 values a thread at
-  b = d = 64), redundantly. `row_block`: CTA c computes rows c*b/P .. (c+1)*b/P - 1 only, in
-  `ROW_BLOCK`, which spreads those 16 rows over the CTA's 128 threads (8 values a thread), so the
-  cluster does each row once; their results are shared through distributed shared memory.
+  CTA c computes rows c*b/P .. (c+1)*b/P - 1 only, in `ROW_BLOCK`, which spreads those 16 rows
+  over the CTA's 128 threads (8 values a thread), so the cluster does each row once and shares
+  the results through distributed shared memory (`Cluster.sum`, `Cluster.share`). Done
+  redundantly by every CTA in the WGMMA layout (32 values a thread at b = d = 64), this work
+  took a quarter of the forward's loop instructions and a third of the backward's.
   """
   ds: pl.Slice  # the rows, a slice of [b]
   layout: plgpu.SomeLayout  # [rows, d]
   row: plgpu.SomeLayout  # [rows]: a value per row
   col: plgpu.SomeLayout  # [d]: a value per column
-  split: bool  # whether the cluster's CTAs split the rows
-
-
-def all_rows(b: int) -> Rows:
-  return Rows(pl.ds(0, b), WGMMA, ROW, COL, split=False)
 
 
 # 16 rows x 64 columns over a warpgroup: warp w takes rows 4w .. 4w+3, 8 lanes a row, and each
@@ -117,13 +113,12 @@ def row_block(c, b: int, d: int, cluster: int) -> Rows:
     raise ValueError(f"row_block: b={b}, d={d}, cluster={cluster}; needs b = 16 * cluster, "
                      "d = 64")
   return Rows(pl.ds(pl.multiple_of(c * ROW_BLOCK_ROWS, ROW_BLOCK_ROWS), ROW_BLOCK_ROWS),
-              ROW_BLOCK, ROW_BLOCK.reduce(1), ROW_BLOCK.reduce(0), split=True)
+              ROW_BLOCK, ROW_BLOCK.reduce(1), ROW_BLOCK.reduce(0))
 
 
 def load_rows(ref, rows: Rows):
   """rows.ds of a [b, n] shared-memory ref, in rows.layout, as f32."""
-  return plgpu.load(ref.at[rows.ds] if rows.split else ref,
-                    layout=rows.layout).astype(jnp.float32)
+  return plgpu.load(ref.at[rows.ds], layout=rows.layout).astype(jnp.float32)
 
 
 def load_col(ref):
@@ -194,9 +189,15 @@ class Cluster:
 
   def sum(self, *parts):
     """(key, value, layout) partials -> their sums over the cluster, after one barrier. With a
-    `Rows` for the layout, the sum of rows.ds only, in rows.layout (value: all b rows)."""
-    for key, value, _ in parts:
+    `Rows` for the layout, the sum of rows.ds only, in rows.layout (value: all b rows). A
+    callable value is computed just before it is published (its registers are live only
+    there)."""
+    published = []
+    for key, value, layout in parts:
+      value = value() if callable(value) else value
       self.buf(key)[...] = value
+      published.append((key, value, layout))
+    parts = published
     if self.interpret:
       plgpu.commit_smem()
       for key, _, _ in parts:
@@ -206,11 +207,9 @@ class Cluster:
     totals = []
     for key, value, layout in parts:
       sliced = lambda ref: ref
-      if isinstance(layout, Rows) and layout.split:
+      if isinstance(layout, Rows):  # the own rows from shared memory, in the rows' layout
         sliced = lambda ref, ds=layout.ds: ref.at[ds]
-        value = plgpu.load(sliced(self.buf(key)), layout=layout.layout)
-      if isinstance(layout, Rows):
-        layout = layout.layout
+        value, layout = plgpu.load(sliced(self.buf(key)), layout=layout.layout), layout.layout
       total = value
       for k in range(1, self.size):
         peer = lax.rem(self.c + k, self.size)
@@ -229,9 +228,7 @@ class Cluster:
     """wgmma operands of which this CTA computed rows.ds, (ref, value) pairs: each CTA writes
     its rows into its own ref and, after a cluster barrier, copies its peers' rows from theirs
     (distributed shared memory; Mosaic GPU lowers loads from a peer's shared memory, not
-    stores), so every ref holds all b rows. Without a split, `stage`."""
-    if not rows.split:
-      return stage(*pairs)
+    stores), so every ref holds all b rows."""
     for ref, value in pairs:
       ref.at[rows.ds][...] = value.astype(ref.dtype)
     if self.interpret:
@@ -277,14 +274,14 @@ class Recompute(NamedTuple):
 def mini_batch(s, eta, b1, b2, eps, cl, block):
   """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see
   `gpu_cluster.py`'s docstring), on the CTA's hidden slice and `block`, its rows of the [b, d]
-  work (`Rows`: all b, or b / P with the split).
+  work (`Rows`).
 
   s: shared-memory buffers with xq, xk, xv [b, d] (bf16) and eta [b] (f32) loaded, w1 [d, fp],
   w2 [fp, d] (bf16) staged; written here: x2, x2_bar, eg1 [b, fp], g2, eg2 [b, d] (all b rows,
   `Cluster.share`) and neg_b, neg_a [b, b] (-XQ XK^T, -X2_bar X2^T; the forward passes one
   buffer for both); ln [2, d] f32: gamma and beta, loaded where used (fewer live registers).
   eta [b] (ROW), b1 [fp] (COL), b2 [d] (block.col): f32 registers. cl: the `Cluster`, whose
-  partial-sum slots 0 and 1 (and "db2" with split rows) this uses.
+  partial-sum slots 0 and 1 and vector "db2" this uses.
   """
   b, d = s.xq.shape
   fp = s.w1.shape[1]
@@ -301,8 +298,7 @@ def mini_batch(s, eta, b1, b2, eps, cl, block):
   target = load_rows(s.xv, block) - load_rows(s.xk, block)
   ln = lambda k: plgpu.load(s.ln.at[k], layout=block.col)
   G2 = ln_l2_grad(Z2, target, ln(0), ln(1), eps)
-  eta_rows = plgpu.load(s.eta.at[block.ds], layout=block.row) if block.split else eta
-  eG2 = rows(eta_rows, rd) * G2
+  eG2 = rows(plgpu.load(s.eta.at[block.ds], layout=block.row), rd) * G2
   cl.share(block, (s.eg2, eG2), (s.g2, G2))
   P = matmul(bf, (s.g2, s.w2.transpose((1, 0))))
   G1 = P * gelu_tanh_grad(Z1)
@@ -318,9 +314,6 @@ def mini_batch(s, eta, b1, b2, eps, cl, block):
   stage((s.neg_a, -matmul((b, b), (s.x2_bar, s.x2.transpose((1, 0))))))
   part = matmul(bd, (s.x2_bar, s.w2), (s.neg_a, s.eg2))
   db2 = eG2.sum(axis=0)  # [d], over the CTA's rows
-  if block.split:
-    Z2_bar, db2 = cl.sum((1, part, block), ("db2", db2, block.col))
-  else:
-    Z2_bar, = cl.sum((1, part, block))
+  Z2_bar, db2 = cl.sum((1, part, block), ("db2", db2, block.col))
   Z2_bar = Z2_bar + cols(b2 - db2, rd)
   return Recompute(Z1, P, Z2, G2, Z1_bar, Z2_bar, db1, db2)

@@ -28,7 +28,7 @@ on them and the output XQ + LN(Z2_bar) for them, 8 values a thread; G2 and eta *
 operands of every CTA, are then shared (each CTA copies its peers' rows into its own tiles after
 a cluster barrier: `Cluster.share`), and colsum(eta * G2) is summed with Z2_bar. Done
 redundantly by all P CTAs in the WGMMA layout (32 values a thread) this was a quarter of the
-loop (4,607 SASS instructions before the split, 3,335 after). The matmuls run on the tensor
+loop (4,607 SASS instructions before the split, 3,367 after). The matmuls run on the tensor
 cores (`wgmma`) with bf16 operands and f32 accumulation; the state stays f32 in registers and a
 bf16 copy of W1 and W2 in shared memory feeds the matmuls, so the output differs from the f32
 pure op by bf16 rounding (measured 4e-3 to 8e-3 relative). tanh is the hardware approximation
@@ -39,10 +39,10 @@ computed in registers are staged through shared memory (jax's interpreter takes 
 shared-memory wgmma operands, and one code path serves both).
 
 A ceiling from the compiled code (`benchmarks/kernel_resources.py`): one warpgroup per SM
-issues at most one instruction per clock per scheduler, and the loop's 3,335 instructions per
+issues at most one instruction per clock per scheduler, and the loop's 3,367 instructions per
 mini-batch face 1,408 clocks of tensor-core work (44 HGMMA.64x64x16), so the forward can use
 at most 42% of the matmul peak (36% in the benchmarks' `ttt_flops` count, which counts the
-b x b products once where each CTA computes its own), the backward 49% (8,172 against 3,968,
+b x b products once where each CTA computes its own), the backward 49% (8,104 against 3,968,
 its [b, d] work split the same way). At d = 64 the elementwise work, not the matmuls, sets the
 pace; cutting it further (the [b, fp] tiles' gelu and conversions, packed bf16x2 math where the
 result is a bf16 operand anyway, the backward's register spills) is the way up.
@@ -70,7 +70,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW, ROW_BLOCK_ROWS,
+from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW_BLOCK_ROWS,
                                                 SMEM_LIMIT_BYTES, WGMMA, Cluster,
                                                 cluster_kernel, cols, fetch, load_col,
                                                 load_rows, matmul, mini_batch, normalize,
@@ -160,7 +160,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
          (head(w1_g).at[:, hid], st_w1), (head(b1_g).at[0, hid], st_b1),
          (head(w2_g).at[hid, :], st_w2), (head(b2_g).at[0], st_b2)], init_bar)
   state = (plgpu.load(st_w1, layout=WGMMA), load_col(st_b1),
-           plgpu.load(st_w2, layout=WGMMA), plgpu.load(st_b2, layout=block.col))
+           plgpu.load(st_w2, layout=WGMMA), load_col(st_b2, block.col))
 
   def save_checkpoint(n, state):
     """The state at the start of group n // g; W1, W2 from their bf16 operand copies when the
@@ -201,11 +201,10 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     def _():  # the other buffer's last readers (mini-batch n - 1) have finished
       prefetch(n + 1)
 
-    eta = plgpu.load(eta_2.at[slot], layout=ROW)  # [b]
-    r = mini_batch(bufs, eta, b1, b2, eps, cl, block)
+    r = mini_batch(bufs, b1, b2, eps, cl, block)
     # The output's rows of this CTA: XQ + gamma * LN(Z2_bar) + beta.
     x_hat, _ = normalize(r.Z2_bar, eps)
-    ln = lambda k: cols(plgpu.load(vec_s.at[k], layout=block.col), x_hat.shape)
+    ln = lambda k: cols(load_col(vec_s.at[k], block.col), x_hat.shape)
     out = load_rows(bufs.xq, block) + ln(0) * x_hat + ln(1)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     out_s.at[block.ds][...] = out.astype(out_s.dtype)

@@ -32,7 +32,8 @@ then 2 (ct_XK), so that no barrier has to end a mini-batch: a CTA writes each ex
 behind which its peers read it (`sum`'s and `share`'s barriers: seven a mini-batch).
 Splitting the rows took the loop from 12,249 to 8,228 SASS instructions
 (`benchmarks/kernel_resources.py`), computing the slices' parts where `Cluster.sum` publishes
-them (fewer live registers, fewer spills) to 8,172: a ceiling of 49% of the matmul peak.
+them and loading eta where it is used (fewer live registers, fewer spills) to 8,104: a ceiling
+of 49% of the matmul peak.
 
 Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double
 as the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster).
@@ -170,16 +171,16 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
            (cto_g.at[i, h, t], cto_s), (eta_g.at[i, h, t], eta_s),
            (w1_g.at[i, h, t, :, hid], w1_s), (b1_g.at[i, h, t, 0, hid], b1_s),
            (w2_g.at[i, h, t, hid, :], w2_s), (b2_g.at[i, h, t, 0], b2_s)], load_bar)
-    eta = plgpu.load(eta_s, layout=ROW)  # [b]
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
                                  x2_bar=x2bar_s, eg1=eg1_s, eg2=eg2_s, g2=g2_s, neg_b=nb_s,
                                  neg_a=na_s, ln=vec_s, eta=eta_s)
-    r = mini_batch(bufs, eta, load_col(b1_s), plgpu.load(b2_s, layout=block.col), eps, cl,
-                   block)
+    r = mini_batch(bufs, load_col(b1_s), load_col(b2_s, block.col), eps, cl, block)
     T = lambda ref: ref.transpose((1, 0))
     rd = r.Z2.shape  # [rows, d]: the CTA's rows of the [b, d] work
-    col = lambda ref: cols(plgpu.load(ref, layout=block.col), rd)  # a [d] vector, broadcast
-    add_col = lambda ref, v: ref.__setitem__(..., plgpu.load(ref, layout=block.col) + v)
+    col = lambda ref: cols(load_col(ref, block.col), rd)  # a [d] vector, broadcast
+
+    def add_col(ref, v):  # accumulate into a [d] vector in shared memory
+      ref[...] = load_col(ref, block.col) + v
     eta_rows = plgpu.load(eta_s.at[block.ds], layout=block.row)
 
     # out = XQ + gamma * x_hat(Z2_bar) + beta: D2 = ct of Z2_bar, on the CTA's rows, shared.
@@ -209,7 +210,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     CW1 = CW1 + matmul((d, fp), (T(xq_s), d1_s))
 
     # eG1 = eta G1, G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
-    ct_G1 = rows(eta, bf) * ct_eG1
+    ct_G1 = rows(plgpu.load(eta_s, layout=ROW), bf) * ct_eG1  # eta loaded where used
     dX2 = gelu_tanh_grad(r.Z1)
     ct_eta = (ct_eG1 * r.P * dX2).sum(axis=1)  # [b], this slice's part
     ct_Z1 = ct_G1 * r.P * gelu_tanh_grad2(r.Z1)  # X2's share is added below
@@ -222,7 +223,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
         (2, lambda: matmul(bd, (ctp_s, w2_s)), block),
         (1, lambda: matmul(bd, (d1_s, T(w1_s)), (ctb_s, xk_s)), block), ("v", dD2, block.col))
     # b2's cotangent before its update is -(ct of colsum(eG2)), in Z2_bar and in b2's update.
-    vb2 = plgpu.load(vb2_s, layout=block.col) + dD2
+    vb2 = load_col(vb2_s, block.col) + dD2
     vb2_s[...] = vb2
     ct_eG2 = ct_eG2 - cols(vb2, rd)
     ct_G2 = rows(eta_rows, rd) * ct_eG2 + ct_P
@@ -236,7 +237,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     # G2 = LN-L2 gradient of Z2 = X2 W2 + b2 at target XV - XK; X2 = gelu(Z1 = XK W1 + b1).
     ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(
         r.Z2, load_rows(xv_s, block) - load_rows(xk_s, block),
-        plgpu.load(vec_s.at[0], layout=block.col), plgpu.load(vec_s.at[1], layout=block.col),
+        load_col(vec_s.at[0], block.col), load_col(vec_s.at[1], block.col),
         eps, r.G2, ct_G2)
     add_col(ctln_s.at[0], dgamma)
     add_col(ctln_s.at[1], dbeta)

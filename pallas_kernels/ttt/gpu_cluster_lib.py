@@ -121,10 +121,11 @@ def load_rows(ref, rows: Rows):
   return plgpu.load(ref.at[rows.ds], layout=rows.layout).astype(jnp.float32)
 
 
-def load_col(ref):
+def load_col(ref, layout=COL):
   """A [n] shared-memory vector into registers, one value per column of a WGMMA tile (n / 4
-  registers per thread: load it where it is used rather than keep it live)."""
-  return plgpu.load(ref, layout=COL)
+  registers per thread: load it where it is used rather than keep it live), or of `layout`
+  (`Rows.col`)."""
+  return plgpu.load(ref, layout=layout)
 
 
 def rows(v, shape):  # [m] -> [m, n]
@@ -175,7 +176,7 @@ class Cluster:
   has no distributed shared memory); `share` goes through `xch_rows(j, peer)`.
   """
 
-  def __init__(self, c, size, interpret, cbar, recv_bar, buf, xch, recv, xch_rows=None):
+  def __init__(self, c, size, interpret, cbar, recv_bar, buf, xch, recv, xch_rows):
     self.c, self.size, self.interpret = c, size, interpret
     self.cbar, self.recv_bar, self.buf, self.xch, self.recv = cbar, recv_bar, buf, xch, recv
     self.xch_rows = xch_rows
@@ -271,7 +272,7 @@ class Recompute(NamedTuple):
   db2: jax.Array  # [d] colsum(eta G2), summed over the cluster (in Rows.col)
 
 
-def mini_batch(s, eta, b1, b2, eps, cl, block):
+def mini_batch(s, b1, b2, eps, cl, block):
   """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see
   `gpu_cluster.py`'s docstring), on the CTA's hidden slice and `block`, its rows of the [b, d]
   work (`Rows`).
@@ -280,7 +281,7 @@ def mini_batch(s, eta, b1, b2, eps, cl, block):
   w2 [fp, d] (bf16) staged; written here: x2, x2_bar, eg1 [b, fp], g2, eg2 [b, d] (all b rows,
   `Cluster.share`) and neg_b, neg_a [b, b] (-XQ XK^T, -X2_bar X2^T; the forward passes one
   buffer for both); ln [2, d] f32: gamma and beta, loaded where used (fewer live registers).
-  eta [b] (ROW), b1 [fp] (COL), b2 [d] (block.col): f32 registers. cl: the `Cluster`, whose
+  b1 [fp] (COL), b2 [d] (block.col): f32 registers. cl: the `Cluster`, whose
   partial-sum slots 0 and 1 and vector "db2" this uses.
   """
   b, d = s.xq.shape
@@ -296,13 +297,13 @@ def mini_batch(s, eta, b1, b2, eps, cl, block):
 
   # Gradients of the reconstruction loss: G2 = dl/dZ2 on the CTA's rows, G1 = dl/dZ1.
   target = load_rows(s.xv, block) - load_rows(s.xk, block)
-  ln = lambda k: plgpu.load(s.ln.at[k], layout=block.col)
+  ln = lambda k: load_col(s.ln.at[k], block.col)
   G2 = ln_l2_grad(Z2, target, ln(0), ln(1), eps)
   eG2 = rows(plgpu.load(s.eta.at[block.ds], layout=block.row), rd) * G2
   cl.share(block, (s.eg2, eG2), (s.g2, G2))
   P = matmul(bf, (s.g2, s.w2.transpose((1, 0))))
   G1 = P * gelu_tanh_grad(Z1)
-  eG1 = rows(eta, bf) * G1
+  eG1 = rows(plgpu.load(s.eta, layout=ROW), bf) * G1
   stage((s.eg1, eG1))
 
   # Dual form, f(XQ; W') without forming W' (as the pure op): Z1_bar = XQ W1 - (XQ XK^T) eG1

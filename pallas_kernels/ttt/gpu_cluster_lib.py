@@ -16,7 +16,7 @@ from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ttt_jax.ops.ttt import gelu_tanh, gelu_tanh_grad
+from ttt_jax.ops.ttt import gelu_tanh, gelu_tanh_and_grad
 
 WGMMA = plgpu.Layout.WGMMA
 ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA tile: [b]
@@ -290,7 +290,7 @@ def mini_batch(s, b1, b2, eps, cl, block):
 
   # Z1 = XK W1 + b1; X2 = gelu(Z1); Z2 = X2 W2 + b2 (summed over the cluster).
   Z1 = matmul(bf, (s.xk, s.w1)) + cols(b1, bf)  # [b, fp]
-  X2 = gelu_tanh(Z1)
+  X2, dX2 = gelu_tanh_and_grad(Z1)  # dX2 (gelu'(Z1)) is live instead of Z1 in the forward
   stage((s.x2, X2))
   Z2, = cl.sum((0, matmul(bd, (s.x2, s.w2)), block))
   Z2 = Z2 + cols(b2, rd)  # [rows, d]
@@ -302,7 +302,7 @@ def mini_batch(s, b1, b2, eps, cl, block):
   eG2 = rows(plgpu.load(s.eta.at[block.ds], layout=block.row), rd) * G2
   cl.share(block, (s.eg2, eG2), (s.g2, G2))
   P = matmul(bf, (s.g2, s.w2.transpose((1, 0))))
-  G1 = P * gelu_tanh_grad(Z1)
+  G1 = P * dX2
   eG1 = rows(plgpu.load(s.eta, layout=ROW), bf) * G1
   stage((s.eg1, eG1))
 

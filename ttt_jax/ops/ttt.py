@@ -69,21 +69,38 @@ def ln_l2_grad(z, target, gamma, beta, eps):
           - x_hat * (g * x_hat).sum(-1, keepdims=True)) * (rstd / d)
 
 
+def _gelu_tanh_parts(x):
+  """x^2 and tanh(sqrt(2/pi) (x + 0.044715 x^3)), the argument written x (c + c k x^2): every
+  gelu function below shares this form, so a kernel that wants gelu and its derivative at one
+  x computes the tanh once (an XLA or LLVM common subexpression)."""
+  u = x * x
+  return u, jnp.tanh(x * (_GELU_C + _GELU_C * 0.044715 * u))
+
+
 def gelu_tanh(x):
-  return 0.5 * x * (1.0 + jnp.tanh(_GELU_C * (x + 0.044715 * x**3)))
+  _, t = _gelu_tanh_parts(x)
+  half_x = 0.5 * x
+  return half_x + half_x * t
+
+
+def gelu_tanh_and_grad(x):
+  """`gelu_tanh` and its derivative, from one tanh."""
+  u, t = _gelu_tanh_parts(x)
+  half_x = 0.5 * x
+  du = _GELU_C + 3 * _GELU_C * 0.044715 * u  # d/dx of tanh's argument
+  return half_x + half_x * t, 0.5 + 0.5 * t + half_x * (1.0 - t * t) * du
 
 
 def gelu_tanh_grad(x):
   """Derivative of `gelu_tanh`."""
-  t = jnp.tanh(_GELU_C * x * (1.0 + 0.044715 * x * x))
-  return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+  return gelu_tanh_and_grad(x)[1]
 
 
 def gelu_tanh_grad2(x):
   """Second derivative of `gelu_tanh` (hand-written VJPs of the TTT step need it)."""
-  t = jnp.tanh(_GELU_C * x * (1.0 + 0.044715 * x * x))
-  du = _GELU_C * (1.0 + 3 * 0.044715 * x * x)  # d/dx of tanh's argument
-  return (1.0 - t * t) * (du - x * t * du * du + 3 * _GELU_C * 0.044715 * x * x)
+  u, t = _gelu_tanh_parts(x)
+  du = _GELU_C + 3 * _GELU_C * 0.044715 * u
+  return (1.0 - t * t) * (du - x * t * du * du + 3 * _GELU_C * 0.044715 * u)
 
 
 def _mm(a, b):

@@ -57,9 +57,8 @@ from pallas_kernels.ttt import gpu_cluster
 from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW, SMEM_LIMIT_BYTES,
                                                 WGMMA, Cluster, cluster_kernel, cols, fetch,
                                                 ln_backward, load_col, load_rows, matmul,
-                                                mini_batch, normalize, row_block, rows, stage,
-                                                swizzled)
-from ttt_jax.ops.ttt import gelu_tanh_grad, gelu_tanh_grad2
+                                                matmul_into, mini_batch, normalize, row_block,
+                                                rows, stage, swizzled)
 
 
 def smem_bytes(b: int, d: int, cluster: int, interpret: bool = False) -> int:
@@ -174,8 +173,10 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
                                  x2_bar=x2bar_s, eg1=eg1_s, eg2=eg2_s, g2=g2_s, neg_b=nb_s,
                                  neg_a=na_s, ln=vec_s, eta=eta_s)
-    r = mini_batch(bufs, load_col(b1_s), load_col(b2_s, block.col), eps, cl, block)
+    r = mini_batch(bufs, load_col(b1_s), load_col(b2_s, block.col), eps, cl, block,
+                   second_order=True)
     T = lambda ref: ref.transpose((1, 0))
+    into = functools.partial(matmul_into, interpret=interpret)  # the state cotangents' sums
     rd = r.Z2.shape  # [rows, d]: the CTA's rows of the [b, d] work
     col = lambda ref: cols(load_col(ref, block.col), rd)  # a [d] vector, broadcast
 
@@ -198,24 +199,23 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     # fewer [b, fp] values live in registers.)
     stage((m_s, matmul(bb, (d2_s, T(eg2_s)))))  # M = D2 eG2^T
     ct_X2bar = matmul(bf, (d2_s, T(w2_s))) - matmul(bf, (m_s, x2_s))
-    CW2 = CW2 + matmul((fp, d), (T(x2bar_s), d2_s))
+    CW2 = into(CW2, (T(x2bar_s), d2_s))
 
     # Z1_bar = XQ W1 - (XQ XK^T) eG1 + b1 - colsum(eG1), and the W1, b1 updates.
-    D1 = ct_X2bar * gelu_tanh_grad(r.Z1_bar)
+    D1 = ct_X2bar * r.dX2_bar
     stage((d1_s, D1))
     stage((ctb_s, -matmul(bb, (d1_s, T(eg1_s)))))  # ct of XQ XK^T
     Cb1 = load_col(vb1_s) + D1.sum(axis=0)
     vb1_s[...] = Cb1
     ct_eG1 = matmul(bf, (T(nb_s), d1_s)) - matmul(bf, (xk_s, cw1_s)) - cols(Cb1, bf)
-    CW1 = CW1 + matmul((d, fp), (T(xq_s), d1_s))
+    CW1 = into(CW1, (T(xq_s), d1_s))
 
     # eG1 = eta G1, G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
     ct_G1 = rows(plgpu.load(eta_s, layout=ROW), bf) * ct_eG1  # eta loaded where used
-    dX2 = gelu_tanh_grad(r.Z1)
-    ct_eta = (ct_eG1 * r.P * dX2).sum(axis=1)  # [b], this slice's part
-    ct_Z1 = ct_G1 * r.P * gelu_tanh_grad2(r.Z1)  # X2's share is added below
-    stage((ctp_s, ct_G1 * dX2))  # ct of P = G2 W2^T
-    CW2 = CW2 + matmul((fp, d), (T(ctp_s), g2_s))
+    ct_eta = (ct_eG1 * r.G1).sum(axis=1)  # [b], this slice's part
+    ct_Z1 = ct_G1 * r.Q  # X2's share is added below
+    stage((ctp_s, ct_G1 * r.dX2))  # ct of P = G2 W2^T
+    CW2 = into(CW2, (T(ctp_s), g2_s))
     # This slice's parts of ct_eG2 (Z2_bar's Gram term, the W2 update), ct_P and ct_XQ, each
     # computed as it is published (their operands wait in shared memory).
     ct_eG2, ct_P, ct_XQ, dD2 = cl.sum(
@@ -245,12 +245,12 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     cl.share(block, (d2_s, ct_Z2))  # D2's tile: D2 is dead
     # X2 meets Z2 (W2), Z2_bar's Gram term (-M^T X2_bar) and the W2 update (-eG2 dW2'^T).
     ct_X2 = matmul(bf, (d2_s, T(w2_s))) - matmul(bf, (T(m_s), x2bar_s), (eg2_s, T(cw2_s)))
-    CW2 = CW2 + matmul((fp, d), (T(x2_s), d2_s))
-    ct_Z1 = ct_Z1 + ct_X2 * dX2
+    CW2 = into(CW2, (T(x2_s), d2_s))
+    ct_Z1 = ct_Z1 + ct_X2 * r.dX2
     stage((d1_s, ct_Z1))  # D1's tile
     ct_XK = (matmul(bd, (T(ctb_s), xq_s), (d1_s, T(w1_s)))
              - matmul(bd, (eg1_s, T(cw1_s))))  # this slice's part
-    CW1 = CW1 + matmul((d, fp), (T(xk_s), d1_s))
+    CW1 = into(CW1, (T(xk_s), d1_s))
     vb1_s[...] = load_col(vb1_s) + ct_Z1.sum(axis=0)
 
     ct_XK, ct_eta, dZ2 = cl.sum((2, ct_XK, block), ("eta", ct_eta, eta_block),

@@ -16,7 +16,7 @@ from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ttt_jax.ops.ttt import gelu_tanh, gelu_tanh_and_grad
+from ttt_jax.ops.ttt import gelu_tanh_and_grad, gelu_tanh_grad2
 
 WGMMA = plgpu.Layout.WGMMA
 ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA tile: [b]
@@ -71,6 +71,19 @@ def matmul(shape, *products):
     plgpu.wgmma_wait(0)
     return acc_ref[...]
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def matmul_into(acc, *products, interpret=False):
+  """acc + `matmul`(acc.shape, *products), accumulated in acc's registers (f32, WGMMA layout):
+  no separate adds, no second [m, n] value live. jax's GPU interpreter cannot run such an
+  accumulator (`pl.run_state`), so there it is the sum and an add."""
+  if interpret:
+    return acc + matmul(acc.shape, *products)
+
+  def body(acc_ref):  # run_state waits for the wgmmas before it returns
+    for a, b in products:
+      plgpu.wgmma(acc_ref, a, b)
+  return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
 @plgpu.inline_mgpu()
@@ -262,17 +275,18 @@ def stage(*pairs):
 class Recompute(NamedTuple):
   """What `mini_batch` computes, the registers (f32) the backward differentiates through; the
   [., d] ones hold the CTA's `Rows`."""
-  Z1: jax.Array  # [b, fp] XK W1 + b1
-  P: jax.Array  # [b, fp] G2 W2^T (G1 = P * gelu'(Z1): fewer live registers than keeping G1)
+  dX2: jax.Array  # [b, fp] gelu'(Z1), Z1 = XK W1 + b1
+  G1: jax.Array  # [b, fp] (G2 W2^T) gelu'(Z1)
+  Q: jax.Array | None  # [b, fp] (G2 W2^T) gelu''(Z1) with second_order, else None
   Z2: jax.Array  # [rows, d] X2 W2 + b2, summed over the cluster
   G2: jax.Array  # [rows, d] the LayerNorm-L2 gradient of Z2
-  Z1_bar: jax.Array  # [b, fp]
+  dX2_bar: jax.Array  # [b, fp] gelu'(Z1_bar)
   Z2_bar: jax.Array  # [rows, d], summed over the cluster
   db1: jax.Array  # [fp] colsum(eta G1)
   db2: jax.Array  # [d] colsum(eta G2), summed over the cluster (in Rows.col)
 
 
-def mini_batch(s, b1, b2, eps, cl, block):
+def mini_batch(s, b1, b2, eps, cl, block, second_order=False):
   """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see
   `gpu_cluster.py`'s docstring), on the CTA's hidden slice and `block`, its rows of the [b, d]
   work (`Rows`).
@@ -282,7 +296,8 @@ def mini_batch(s, b1, b2, eps, cl, block):
   `Cluster.share`) and neg_b, neg_a [b, b] (-XQ XK^T, -X2_bar X2^T; the forward passes one
   buffer for both); ln [2, d] f32: gamma and beta, loaded where used (fewer live registers).
   b1 [fp] (COL), b2 [d] (block.col): f32 registers. cl: the `Cluster`, whose
-  partial-sum slots 0 and 1 and vector "db2" this uses.
+  partial-sum slots 0 and 1 and vector "db2" this uses. second_order: also Q, for the backward
+  (gelu''(Z1) from the same tanh as gelu(Z1), so Z1 and the tanh die at once).
   """
   b, d = s.xq.shape
   fp = s.w1.shape[1]
@@ -290,7 +305,8 @@ def mini_batch(s, b1, b2, eps, cl, block):
 
   # Z1 = XK W1 + b1; X2 = gelu(Z1); Z2 = X2 W2 + b2 (summed over the cluster).
   Z1 = matmul(bf, (s.xk, s.w1)) + cols(b1, bf)  # [b, fp]
-  X2, dX2 = gelu_tanh_and_grad(Z1)  # dX2 (gelu'(Z1)) is live instead of Z1 in the forward
+  X2, dX2 = gelu_tanh_and_grad(Z1)  # dX2 (gelu'(Z1)) is live instead of Z1
+  ddX2 = gelu_tanh_grad2(Z1) if second_order else None
   stage((s.x2, X2))
   Z2, = cl.sum((0, matmul(bd, (s.x2, s.w2)), block))
   Z2 = Z2 + cols(b2, rd)  # [rows, d]
@@ -303,6 +319,7 @@ def mini_batch(s, b1, b2, eps, cl, block):
   cl.share(block, (s.eg2, eG2), (s.g2, G2))
   P = matmul(bf, (s.g2, s.w2.transpose((1, 0))))
   G1 = P * dX2
+  Q = P * ddX2 if second_order else None
   eG1 = rows(plgpu.load(s.eta, layout=ROW), bf) * G1
   stage((s.eg1, eG1))
 
@@ -311,10 +328,11 @@ def mini_batch(s, b1, b2, eps, cl, block):
   stage((s.neg_b, -matmul((b, b), (s.xq, s.xk.transpose((1, 0))))))
   db1 = eG1.sum(axis=0)  # [fp]
   Z1_bar = matmul(bf, (s.xq, s.w1), (s.neg_b, s.eg1)) + cols(b1 - db1, bf)
-  stage((s.x2_bar, gelu_tanh(Z1_bar)))
+  X2_bar, dX2_bar = gelu_tanh_and_grad(Z1_bar)  # (the forward has no use for dX2_bar)
+  stage((s.x2_bar, X2_bar))
   stage((s.neg_a, -matmul((b, b), (s.x2_bar, s.x2.transpose((1, 0))))))
   part = matmul(bd, (s.x2_bar, s.w2), (s.neg_a, s.eg2))
   db2 = eG2.sum(axis=0)  # [d], over the CTA's rows
   Z2_bar, db2 = cl.sum((1, part, block), ("db2", db2, block.col))
   Z2_bar = Z2_bar + cols(b2 - db2, rd)
-  return Recompute(Z1, P, Z2, G2, Z1_bar, Z2_bar, db1, db2)
+  return Recompute(dX2, G1, Q, Z2, G2, dX2_bar, Z2_bar, db1, db2)

@@ -128,7 +128,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   and [B, H, P, 2, 16, d] bf16."""
   (xq_s, xk_s, xv_s, cto_s, w1_s, w2_s,
    x2_s, x2bar_s, eg1_s, g2_s, eg2_s, nb_s, na_s,
-   d2_s, m_s, cw1_s, cw2_s, d1_s, ctb_s, ctp_s,
+   d2_s, nm_s, ncw1_s, ncw2_s, d1_s, ctb_s, ctp_s,
    part_s, recv_s, eta_s, b1_s, b2_s, parte_s, recve_s, vb1_s, vb2_s, partv_s, recvv_s,
    vec_s, ctln_s, init_bar, load_bar, recv_bar, cbar) = scratch
   i, h, c = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("cluster")
@@ -192,13 +192,15 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     D2 = ln_backward(x_hat, rstd, ct_out * col(vec_s.at[0]))
     dD2 = D2.sum(axis=0)  # [d], the rows' part of b2's cotangent
     cl.share(block, (d2_s, D2))
-    stage((cw1_s, CW1), (cw2_s, CW2))
+    # -CW1, -CW2 and -M as operands: every product with them is subtracted, so each sum below
+    # is one accumulator (the negation is free in the bf16 conversion).
+    stage((ncw1_s, -CW1), (ncw2_s, -CW2))
 
     # Z2_bar's slice part X2_bar W2 - (X2_bar X2^T) eG2, and the W2 update W2 - X2^T eG2. (Terms
     # whose operands stay in shared memory are computed where they are consumed, which keeps
     # fewer [b, fp] values live in registers.)
-    stage((m_s, matmul(bb, (d2_s, T(eg2_s)))))  # M = D2 eG2^T
-    ct_X2bar = matmul(bf, (d2_s, T(w2_s))) - matmul(bf, (m_s, x2_s))
+    stage((nm_s, -matmul(bb, (d2_s, T(eg2_s)))))  # M = D2 eG2^T
+    ct_X2bar = matmul(bf, (d2_s, T(w2_s)), (nm_s, x2_s))
     CW2 = into(CW2, (T(x2bar_s), d2_s))
 
     # Z1_bar = XQ W1 - (XQ XK^T) eG1 + b1 - colsum(eG1), and the W1, b1 updates.
@@ -207,7 +209,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     stage((ctb_s, -matmul(bb, (d1_s, T(eg1_s)))))  # ct of XQ XK^T
     Cb1 = load_col(vb1_s) + D1.sum(axis=0)
     vb1_s[...] = Cb1
-    ct_eG1 = matmul(bf, (T(nb_s), d1_s)) - matmul(bf, (xk_s, cw1_s)) - cols(Cb1, bf)
+    ct_eG1 = matmul(bf, (T(nb_s), d1_s), (xk_s, ncw1_s)) - cols(Cb1, bf)
     CW1 = into(CW1, (T(xq_s), d1_s))
 
     # eG1 = eta G1, G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
@@ -219,7 +221,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     # This slice's parts of ct_eG2 (Z2_bar's Gram term, the W2 update), ct_P and ct_XQ, each
     # computed as it is published (their operands wait in shared memory).
     ct_eG2, ct_P, ct_XQ, dD2 = cl.sum(
-        (0, lambda: matmul(bd, (T(na_s), d2_s)) - matmul(bd, (x2_s, cw2_s)), block),
+        (0, lambda: matmul(bd, (T(na_s), d2_s), (x2_s, ncw2_s)), block),
         (2, lambda: matmul(bd, (ctp_s, w2_s)), block),
         (1, lambda: matmul(bd, (d1_s, T(w1_s)), (ctb_s, xk_s)), block), ("v", dD2, block.col))
     # b2's cotangent before its update is -(ct of colsum(eG2)), in Z2_bar and in b2's update.
@@ -244,12 +246,11 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     dZ2 = ct_Z2.sum(axis=0)
     cl.share(block, (d2_s, ct_Z2))  # D2's tile: D2 is dead
     # X2 meets Z2 (W2), Z2_bar's Gram term (-M^T X2_bar) and the W2 update (-eG2 dW2'^T).
-    ct_X2 = matmul(bf, (d2_s, T(w2_s))) - matmul(bf, (T(m_s), x2bar_s), (eg2_s, T(cw2_s)))
+    ct_X2 = matmul(bf, (d2_s, T(w2_s)), (T(nm_s), x2bar_s), (eg2_s, T(ncw2_s)))
     CW2 = into(CW2, (T(x2_s), d2_s))
     ct_Z1 = ct_Z1 + ct_X2 * r.dX2
     stage((d1_s, ct_Z1))  # D1's tile
-    ct_XK = (matmul(bd, (T(ctb_s), xq_s), (d1_s, T(w1_s)))
-             - matmul(bd, (eg1_s, T(cw1_s))))  # this slice's part
+    ct_XK = matmul(bd, (T(ctb_s), xq_s), (d1_s, T(w1_s)), (eg1_s, T(ncw1_s)))  # slice's part
     CW1 = into(CW1, (T(xk_s), d1_s))
     vb1_s[...] = load_col(vb1_s) + ct_Z1.sum(axis=0)
 

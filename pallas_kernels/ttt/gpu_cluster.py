@@ -73,7 +73,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW_BLOCK_ROWS,
                                                 SMEM_LIMIT_BYTES, WGMMA, Cluster,
                                                 cluster_kernel, cols, fetch, load_col,
-                                                load_rows, matmul, mini_batch, normalize,
+                                                load_rows, matmul_into, mini_batch, normalize,
                                                 row_block, stage, swizzled)
 from pallas_kernels.ttt.tile import num_groups
 
@@ -132,7 +132,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   [B, H, G, ...] (W1 and W2 in f32 or bf16) and (interpret only) the exchange scratch
   [B, H, P, 3, b, d] f32 (partial sums; db2's in slot 2, row 0) and [B, H, P, 2, 16, d] bf16
   (G2's and eta G2's row blocks)."""
-  (xq_2, xk_2, xv_2, eta_2, out_s, w1b_s, w2b_s, x2_s, x2bar_s, eg1_s, eg2_s, g2_s, attn_s,
+  (xq_2, xk_2, xv_2, eta_2, out_s, w1b_s, w2b_s, x2_s, x2bar_s, neg_eg1_s, neg_eg2_s, g2_s,
+   attn_s,
    part_s, db2_s, recv_s,
    st_w1, st_b1, st_w2, st_b2, vec_s, init_bar, load_bar, recv_bar, cbar) = scratch
   i, h, c = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("cluster")
@@ -192,7 +193,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     plgpu.barrier_wait(load_bar.at[slot])
     bufs = types.SimpleNamespace(
         xq=xq_2.at[slot], xk=xk_2.at[slot], xv=xv_2.at[slot], w1=w1b_s, w2=w2b_s, x2=x2_s,
-        x2_bar=x2bar_s, eg1=eg1_s, eg2=eg2_s, g2=g2_s, neg_b=attn_s, neg_a=attn_s, ln=vec_s,
+        x2_bar=x2bar_s, neg_eg1=neg_eg1_s, neg_eg2=neg_eg2_s, g2=g2_s, attn_b=attn_s,
+        attn_a=attn_s, ln=vec_s,
         eta=eta_2.at[slot])
 
     @pl.when(n + 1 < num_mini_batches)
@@ -210,8 +212,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     plgpu.copy_smem_to_gmem(out_s.at[block.ds], out_g.at[i, h, n, block.ds])
 
     # The update (gradient step at the mini-batch's last token).
-    W1 = W1 - matmul((d, fp), (bufs.xk.transpose((1, 0)), eg1_s))
-    W2 = W2 - matmul((fp, d), (x2_s.transpose((1, 0)), eg2_s))
+    W1 = matmul_into(W1, (bufs.xk.transpose((1, 0)), neg_eg1_s), interpret=interpret)
+    W2 = matmul_into(W2, (x2_s.transpose((1, 0)), neg_eg2_s), interpret=interpret)
     # No barrier ends the step: each exchange buffer is written again only after a later
     # barrier than the one its peers read it behind (slot 0: Z2's, read before `share`'s; the
     # shared rows: read before Z2_bar's; slot 1 and db2's: read before the next Z2's).

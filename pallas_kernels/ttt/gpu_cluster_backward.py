@@ -127,8 +127,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   (interpret only) the exchange scratch [B, H, P, 3, b, d], [B, H, P, b], [B, H, P, d] f32
   and [B, H, P, 2, 16, d] bf16."""
   (xq_s, xk_s, xv_s, cto_s, w1_s, w2_s,
-   x2_s, x2bar_s, eg1_s, g2_s, eg2_s, nb_s, na_s,
-   d2_s, nm_s, ncw1_s, ncw2_s, d1_s, ctb_s, ctp_s,
+   x2_s, x2bar_s, neg_eg1_s, g2_s, neg_eg2_s, attn_b_s, attn_a_s,
+   d2_s, nm_s, cw1_s, cw2_s, d1_s, ctb_s, ctp_s,
    part_s, recv_s, eta_s, b1_s, b2_s, parte_s, recve_s, vb1_s, vb2_s, partv_s, recvv_s,
    vec_s, ctln_s, init_bar, load_bar, recv_bar, cbar) = scratch
   i, h, c = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("cluster")
@@ -171,8 +171,9 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
            (w1_g.at[i, h, t, :, hid], w1_s), (b1_g.at[i, h, t, 0, hid], b1_s),
            (w2_g.at[i, h, t, hid, :], w2_s), (b2_g.at[i, h, t, 0], b2_s)], load_bar)
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
-                                 x2_bar=x2bar_s, eg1=eg1_s, eg2=eg2_s, g2=g2_s, neg_b=nb_s,
-                                 neg_a=na_s, ln=vec_s, eta=eta_s)
+                                 x2_bar=x2bar_s, neg_eg1=neg_eg1_s, neg_eg2=neg_eg2_s,
+                                 g2=g2_s, attn_b=attn_b_s, attn_a=attn_a_s, ln=vec_s,
+                                 eta=eta_s)
     r = mini_batch(bufs, load_col(b1_s), load_col(b2_s, block.col), eps, cl, block,
                    second_order=True)
     T = lambda ref: ref.transpose((1, 0))
@@ -192,24 +193,24 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     D2 = ln_backward(x_hat, rstd, ct_out * col(vec_s.at[0]))
     dD2 = D2.sum(axis=0)  # [d], the rows' part of b2's cotangent
     cl.share(block, (d2_s, D2))
-    # -CW1, -CW2 and -M as operands: every product with them is subtracted, so each sum below
-    # is one accumulator (the negation is free in the bf16 conversion).
-    stage((ncw1_s, -CW1), (ncw2_s, -CW2))
+    # -M and the forward's -eta G1, -eta G2 as operands: every product with them is subtracted,
+    # so each sum below is one accumulator (negations are free in the bf16 conversions).
+    stage((cw1_s, CW1), (cw2_s, CW2))
 
     # Z2_bar's slice part X2_bar W2 - (X2_bar X2^T) eG2, and the W2 update W2 - X2^T eG2. (Terms
     # whose operands stay in shared memory are computed where they are consumed, which keeps
     # fewer [b, fp] values live in registers.)
-    stage((nm_s, -matmul(bb, (d2_s, T(eg2_s)))))  # M = D2 eG2^T
+    stage((nm_s, matmul(bb, (d2_s, T(neg_eg2_s)))))  # -M, M = D2 eG2^T
     ct_X2bar = matmul(bf, (d2_s, T(w2_s)), (nm_s, x2_s))
     CW2 = into(CW2, (T(x2bar_s), d2_s))
 
     # Z1_bar = XQ W1 - (XQ XK^T) eG1 + b1 - colsum(eG1), and the W1, b1 updates.
     D1 = ct_X2bar * r.dX2_bar
     stage((d1_s, D1))
-    stage((ctb_s, -matmul(bb, (d1_s, T(eg1_s)))))  # ct of XQ XK^T
+    stage((ctb_s, matmul(bb, (d1_s, T(neg_eg1_s)))))  # ct of XQ XK^T
     Cb1 = load_col(vb1_s) + D1.sum(axis=0)
     vb1_s[...] = Cb1
-    ct_eG1 = matmul(bf, (T(nb_s), d1_s), (xk_s, ncw1_s)) - cols(Cb1, bf)
+    ct_eG1 = -(matmul(bf, (T(attn_b_s), d1_s), (xk_s, cw1_s)) + cols(Cb1, bf))
     CW1 = into(CW1, (T(xq_s), d1_s))
 
     # eG1 = eta G1, G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
@@ -221,13 +222,13 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     # This slice's parts of ct_eG2 (Z2_bar's Gram term, the W2 update), ct_P and ct_XQ, each
     # computed as it is published (their operands wait in shared memory).
     ct_eG2, ct_P, ct_XQ, dD2 = cl.sum(
-        (0, lambda: matmul(bd, (T(na_s), d2_s), (x2_s, ncw2_s)), block),
+        (0, lambda: matmul(bd, (T(attn_a_s), d2_s), (x2_s, cw2_s)), block),  # -ct_eG2
         (2, lambda: matmul(bd, (ctp_s, w2_s)), block),
         (1, lambda: matmul(bd, (d1_s, T(w1_s)), (ctb_s, xk_s)), block), ("v", dD2, block.col))
     # b2's cotangent before its update is -(ct of colsum(eG2)), in Z2_bar and in b2's update.
     vb2 = load_col(vb2_s, block.col) + dD2
     vb2_s[...] = vb2
-    ct_eG2 = ct_eG2 - cols(vb2, rd)
+    ct_eG2 = -(ct_eG2 + cols(vb2, rd))
     ct_G2 = rows(eta_rows, rd) * ct_eG2 + ct_P
     ct_eta_rows = (ct_eG2 * r.G2).sum(axis=1)  # [rows]: eG2's share of ct_eta
 
@@ -246,11 +247,11 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     dZ2 = ct_Z2.sum(axis=0)
     cl.share(block, (d2_s, ct_Z2))  # D2's tile: D2 is dead
     # X2 meets Z2 (W2), Z2_bar's Gram term (-M^T X2_bar) and the W2 update (-eG2 dW2'^T).
-    ct_X2 = matmul(bf, (d2_s, T(w2_s)), (T(nm_s), x2bar_s), (eg2_s, T(ncw2_s)))
+    ct_X2 = matmul(bf, (d2_s, T(w2_s)), (T(nm_s), x2bar_s), (neg_eg2_s, T(cw2_s)))
     CW2 = into(CW2, (T(x2_s), d2_s))
     ct_Z1 = ct_Z1 + ct_X2 * r.dX2
     stage((d1_s, ct_Z1))  # D1's tile
-    ct_XK = matmul(bd, (T(ctb_s), xq_s), (d1_s, T(w1_s)), (eg1_s, T(ncw1_s)))  # slice's part
+    ct_XK = matmul(bd, (T(ctb_s), xq_s), (d1_s, T(w1_s)), (neg_eg1_s, T(cw1_s)))  # slice's
     CW1 = into(CW1, (T(xk_s), d1_s))
     vb1_s[...] = load_col(vb1_s) + ct_Z1.sum(axis=0)
 

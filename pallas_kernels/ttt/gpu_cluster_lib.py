@@ -292,9 +292,10 @@ def mini_batch(s, b1, b2, eps, cl, block, second_order=False):
   work (`Rows`).
 
   s: shared-memory buffers with xq, xk, xv [b, d] (bf16) and eta [b] (f32) loaded, w1 [d, fp],
-  w2 [fp, d] (bf16) staged; written here: x2, x2_bar, eg1 [b, fp], g2, eg2 [b, d] (all b rows,
-  `Cluster.share`) and neg_b, neg_a [b, b] (-XQ XK^T, -X2_bar X2^T; the forward passes one
-  buffer for both); ln [2, d] f32: gamma and beta, loaded where used (fewer live registers).
+  w2 [fp, d] (bf16) staged; written here: x2, x2_bar, neg_eg1 [b, fp] (-eta G1), g2, neg_eg2
+  [b, d] (-eta G2; all b rows, `Cluster.share`) and attn_b, attn_a [b, b] (XQ XK^T,
+  X2_bar X2^T; the forward passes one buffer for both). -eta G as the operand: the dual form
+  and the state update subtract every product with it, so each is one accumulator; ln [2, d] f32: gamma and beta, loaded where used (fewer live registers).
   b1 [fp] (COL), b2 [d] (block.col): f32 registers. cl: the `Cluster`, whose
   partial-sum slots 0 and 1 and vector "db2" this uses. second_order: also Q, for the backward
   (gelu''(Z1) from the same tanh as gelu(Z1), so Z1 and the tanh die at once).
@@ -316,22 +317,22 @@ def mini_batch(s, b1, b2, eps, cl, block, second_order=False):
   ln = lambda k: load_col(s.ln.at[k], block.col)
   G2 = ln_l2_grad(Z2, target, ln(0), ln(1), eps)
   eG2 = rows(plgpu.load(s.eta.at[block.ds], layout=block.row), rd) * G2
-  cl.share(block, (s.eg2, eG2), (s.g2, G2))
+  cl.share(block, (s.neg_eg2, -eG2), (s.g2, G2))
   P = matmul(bf, (s.g2, s.w2.transpose((1, 0))))
   G1 = P * dX2
   Q = P * ddX2 if second_order else None
   eG1 = rows(plgpu.load(s.eta, layout=ROW), bf) * G1
-  stage((s.eg1, eG1))
+  stage((s.neg_eg1, -eG1))
 
   # Dual form, f(XQ; W') without forming W' (as the pure op): Z1_bar = XQ W1 - (XQ XK^T) eG1
   # + b1 - colsum(eG1), and likewise Z2_bar.
-  stage((s.neg_b, -matmul((b, b), (s.xq, s.xk.transpose((1, 0))))))
+  stage((s.attn_b, matmul((b, b), (s.xq, s.xk.transpose((1, 0))))))
   db1 = eG1.sum(axis=0)  # [fp]
-  Z1_bar = matmul(bf, (s.xq, s.w1), (s.neg_b, s.eg1)) + cols(b1 - db1, bf)
+  Z1_bar = matmul(bf, (s.xq, s.w1), (s.attn_b, s.neg_eg1)) + cols(b1 - db1, bf)
   X2_bar, dX2_bar = gelu_tanh_and_grad(Z1_bar)  # (the forward has no use for dX2_bar)
   stage((s.x2_bar, X2_bar))
-  stage((s.neg_a, -matmul((b, b), (s.x2_bar, s.x2.transpose((1, 0))))))
-  part = matmul(bd, (s.x2_bar, s.w2), (s.neg_a, s.eg2))
+  stage((s.attn_a, matmul((b, b), (s.x2_bar, s.x2.transpose((1, 0))))))
+  part = matmul(bd, (s.x2_bar, s.w2), (s.attn_a, s.neg_eg2))
   db2 = eG2.sum(axis=0)  # [d], over the CTA's rows
   Z2_bar, db2 = cl.sum((1, part, block), ("db2", db2, block.col))
   Z2_bar = Z2_bar + cols(b2 - db2, rd)

@@ -109,9 +109,9 @@ def _scratch(b, d, cluster, dtype, interpret):
       swizzled((b, d), dtype),  # out
       swizzled((d, fp), bf16), swizzled((fp, d), bf16),  # W1, W2 operands
       swizzled((b, fp), bf16), swizzled((b, fp), bf16),  # X2, X2_bar
-      swizzled((b, fp), bf16),  # eta * G1
-      swizzled((b, d), bf16), swizzled((b, d), bf16),  # eta * G2, G2
-      swizzled((b, b), bf16),  # -XQ XK^T, then -X2_bar X2^T
+      swizzled((b, fp), bf16),  # -eta * G1
+      swizzled((b, d), bf16),  # -eta * G2
+      swizzled((b, b), bf16),  # XQ XK^T, then X2_bar X2^T
       plgpu.SMEM((2, b, d), f32), plgpu.SMEM((d,), f32),  # this CTA's partial sums, of db2
       plgpu.SMEM((b, d) if interpret else (8,), f32),  # a peer's, received (interpret only)
       plgpu.SMEM((d, fp), f32), plgpu.SMEM((fp,), f32), plgpu.SMEM((fp, d), f32),
@@ -130,10 +130,9 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   x [B, H, N, b, d] bf16, eta [B, H, N, b] f32, gamma/beta [H, d] f32, the initial state
   [H, ...] ([B, H, ...] per example) f32; outputs out [B, H, N, b, d], the checkpoints
   [B, H, G, ...] (W1 and W2 in f32 or bf16) and (interpret only) the exchange scratch
-  [B, H, P, 3, b, d] f32 (partial sums; db2's in slot 2, row 0) and [B, H, P, 2, 16, d] bf16
-  (G2's and eta G2's row blocks)."""
-  (xq_2, xk_2, xv_2, eta_2, out_s, w1b_s, w2b_s, x2_s, x2bar_s, neg_eg1_s, neg_eg2_s, g2_s,
-   attn_s,
+  [B, H, P, 3, b, d] f32 (partial sums; db2's in slot 2, row 0) and [B, H, P, 1, 16, d] bf16
+  (-eta G2's row blocks)."""
+  (xq_2, xk_2, xv_2, eta_2, out_s, w1b_s, w2b_s, x2_s, x2bar_s, neg_eg1_s, neg_eg2_s, attn_s,
    part_s, db2_s, recv_s,
    st_w1, st_b1, st_w2, st_b2, vec_s, init_bar, load_bar, recv_bar, cbar) = scratch
   i, h, c = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("cluster")
@@ -193,9 +192,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     plgpu.barrier_wait(load_bar.at[slot])
     bufs = types.SimpleNamespace(
         xq=xq_2.at[slot], xk=xk_2.at[slot], xv=xv_2.at[slot], w1=w1b_s, w2=w2b_s, x2=x2_s,
-        x2_bar=x2bar_s, neg_eg1=neg_eg1_s, neg_eg2=neg_eg2_s, g2=g2_s, attn_b=attn_s,
-        attn_a=attn_s, ln=vec_s,
-        eta=eta_2.at[slot])
+        x2_bar=x2bar_s, neg_eg1=neg_eg1_s, neg_eg2=neg_eg2_s, attn_b=attn_s, attn_a=attn_s,
+        ln=vec_s, eta=eta_2.at[slot])
 
     @pl.when(n + 1 < num_mini_batches)
     def _():  # the other buffer's last readers (mini-batch n - 1) have finished
@@ -265,7 +263,7 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
   out_type = (jax.ShapeDtypeStruct(xq.shape, xq.dtype),
               *(jax.ShapeDtypeStruct((B, H, G, *s), t) for s, t in state_types),
               jax.ShapeDtypeStruct((B, H, cluster, 3, b, d) if interpret else (1,), f32),
-              jax.ShapeDtypeStruct((B, H, cluster, 2, b // cluster, d) if interpret else (1,),
+              jax.ShapeDtypeStruct((B, H, cluster, 1, b // cluster, d) if interpret else (1,),
                                    xq.dtype))
   body = functools.partial(_kernel, eps=eps, g=checkpoint_group, num_mini_batches=N,
                            cluster=cluster, interpret=bool(interpret),

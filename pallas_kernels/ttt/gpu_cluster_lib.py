@@ -276,8 +276,8 @@ class Recompute(NamedTuple):
   """What `mini_batch` computes, the registers (f32) the backward differentiates through; the
   [., d] ones hold the CTA's `Rows`."""
   dX2: jax.Array  # [b, fp] gelu'(Z1), Z1 = XK W1 + b1
-  G1: jax.Array  # [b, fp] (G2 W2^T) gelu'(Z1)
-  Q: jax.Array | None  # [b, fp] (G2 W2^T) gelu''(Z1) with second_order, else None
+  G1: jax.Array | None  # [b, fp] (G2 W2^T) gelu'(Z1); with second_order, else None
+  Q: jax.Array | None  # [b, fp] (G2 W2^T) gelu''(Z1); likewise
   Z2: jax.Array  # [rows, d] X2 W2 + b2, summed over the cluster
   G2: jax.Array  # [rows, d] the LayerNorm-L2 gradient of Z2
   dX2_bar: jax.Array  # [b, fp] gelu'(Z1_bar)
@@ -292,13 +292,14 @@ def mini_batch(s, b1, b2, eps, cl, block, second_order=False):
   work (`Rows`).
 
   s: shared-memory buffers with xq, xk, xv [b, d] (bf16) and eta [b] (f32) loaded, w1 [d, fp],
-  w2 [fp, d] (bf16) staged; written here: x2, x2_bar, neg_eg1 [b, fp] (-eta G1), g2, neg_eg2
-  [b, d] (-eta G2; all b rows, `Cluster.share`) and attn_b, attn_a [b, b] (XQ XK^T,
+  w2 [fp, d] (bf16) staged; written here: x2, x2_bar, neg_eg1 [b, fp] (-eta G1), neg_eg2 and
+  (second_order only) g2 [b, d] (-eta G2, G2; all b rows, `Cluster.share`) and attn_b, attn_a [b, b] (XQ XK^T,
   X2_bar X2^T; the forward passes one buffer for both). -eta G as the operand: the dual form
   and the state update subtract every product with it, so each is one accumulator; ln [2, d] f32: gamma and beta, loaded where used (fewer live registers).
   b1 [fp] (COL), b2 [d] (block.col): f32 registers. cl: the `Cluster`, whose
-  partial-sum slots 0 and 1 and vector "db2" this uses. second_order: also Q, for the backward
-  (gelu''(Z1) from the same tanh as gelu(Z1), so Z1 and the tanh die at once).
+  partial-sum slots 0 and 1 and vector "db2" this uses. second_order: also G1 and Q, for the
+  backward (gelu''(Z1) from the same tanh as gelu(Z1), so Z1 and the tanh die at once);
+  without it they are None.
   """
   b, d = s.xq.shape
   fp = s.w1.shape[1]
@@ -317,17 +318,21 @@ def mini_batch(s, b1, b2, eps, cl, block, second_order=False):
   ln = lambda k: load_col(s.ln.at[k], block.col)
   G2 = ln_l2_grad(Z2, target, ln(0), ln(1), eps)
   eG2 = rows(plgpu.load(s.eta.at[block.ds], layout=block.row), rd) * G2
-  cl.share(block, (s.neg_eg2, -eG2), (s.g2, G2))
-  P = matmul(bf, (s.g2, s.w2.transpose((1, 0))))
-  G1 = P * dX2
-  Q = P * ddX2 if second_order else None
-  eG1 = rows(plgpu.load(s.eta, layout=ROW), bf) * G1
-  stage((s.neg_eg1, -eG1))
+  if second_order:  # the backward wants G1 and Q, so G2 is shared too
+    cl.share(block, (s.neg_eg2, -eG2), (s.g2, G2))
+    P = matmul(bf, (s.g2, s.w2.transpose((1, 0))))
+    G1, Q = P * dX2, P * ddX2
+    neg_eG1 = -(rows(plgpu.load(s.eta, layout=ROW), bf) * G1)
+  else:  # eta scales rows: eta G1 = ((eta G2) W2^T) gelu'(Z1), and G2 is not needed
+    cl.share(block, (s.neg_eg2, -eG2))
+    G1 = Q = None
+    neg_eG1 = matmul(bf, (s.neg_eg2, s.w2.transpose((1, 0)))) * dX2
+  stage((s.neg_eg1, neg_eG1))
 
   # Dual form, f(XQ; W') without forming W' (as the pure op): Z1_bar = XQ W1 - (XQ XK^T) eG1
   # + b1 - colsum(eG1), and likewise Z2_bar.
   stage((s.attn_b, matmul((b, b), (s.xq, s.xk.transpose((1, 0))))))
-  db1 = eG1.sum(axis=0)  # [fp]
+  db1 = -neg_eG1.sum(axis=0)  # [fp]
   Z1_bar = matmul(bf, (s.xq, s.w1), (s.attn_b, s.neg_eg1)) + cols(b1 - db1, bf)
   X2_bar, dX2_bar = gelu_tanh_and_grad(Z1_bar)  # (the forward has no use for dX2_bar)
   stage((s.x2_bar, X2_bar))

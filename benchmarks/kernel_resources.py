@@ -19,6 +19,11 @@ instructions). The kernels run one warpgroup per SM: one warp per scheduler, whi
 most one instruction per clock, so a mini-batch takes at least `loop_instructions` clocks and
 the tensor cores can be busy for at most `tensor_bound_pct` % of them (before stalls, waits on
 each wgmma and wave quantisation). It is a ceiling on the kernel's % of the matmul peak.
+`serial_bound_pct` adds the tensor clocks the loop waits on without issuing anything else
+(`loop_exposed_tensor_clocks`: at each wait on the wgmma group, the group's clocks less the
+instructions issued since its first wgmma): the kernels wait on every matmul before using it,
+so this tighter bound, 100 x tensor clocks / (instructions + exposed clocks), is the better
+estimate until the loop overlaps its matmuls with other work.
 
   python benchmarks/kernel_resources.py                      # the three cluster kernels, 5B shapes
   python benchmarks/kernel_resources.py --out=benchmarks/results/h100-resources.jsonl
@@ -77,9 +82,21 @@ def loop_profile(sass: str) -> dict:
   if not best or not best[1]:
     return {}
   body, hgmma = best
-  tensor = sum(int(m.group(1)) // 2 for o in hgmma if (m := re.match(r"HGMMA\.64x(\d+)x16", o)))
+  clocks = lambda o: int(m.group(1)) // 2 if (m := re.match(r"HGMMA\.64x(\d+)x16", o)) else 0
+  tensor = sum(map(clocks, hgmma))
+  # Tensor clocks not hidden behind issue: at each wait on the wgmma group, the clocks issued
+  # since the last wait less the instructions issued since the first of them.
+  exposed, pending, first = 0, 0, 0
+  for k, o in enumerate(body):
+    if o.startswith("HGMMA"):
+      first = k if not pending else first
+      pending += clocks(o)
+    elif o.startswith("WARPGROUP.DEPBAR") and pending:
+      exposed, pending = exposed + max(0, pending - (k - first)), 0
   return dict(loop_instructions=len(body), loop_hgmma=len(hgmma), loop_tensor_clocks=tensor,
-              tensor_bound_pct=round(100 * tensor / max(tensor, len(body)), 1))
+              tensor_bound_pct=round(100 * tensor / max(tensor, len(body)), 1),
+              loop_exposed_tensor_clocks=exposed,
+              serial_bound_pct=round(100 * tensor / (len(body) + exposed), 1))
 
 
 def find_nvdisasm() -> str | None:

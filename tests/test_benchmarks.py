@@ -158,13 +158,16 @@ def test_kernel_resources_loop_profile():
         /*0040*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ 
         /*0050*/                   HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], R24 
         /*0060*/               @P1 FMUL R3, R3, R4 
+        /*0068*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 
         /*0070*/                   BRA `(.L_x_2) 
 .L_x_3:
         /*0080*/                   FADD R3, R3, R4 
         /*0090*/                   BRA `(.L_x_3) 
 """
+  # The wait comes 3 instructions after the first of the 48 clocks: 45 exposed.
   assert kernel_resources.loop_profile(sass) == dict(
-      loop_instructions=5, loop_hgmma=2, loop_tensor_clocks=48, tensor_bound_pct=100.0)
+      loop_instructions=6, loop_hgmma=2, loop_tensor_clocks=48, tensor_bound_pct=100.0,
+      loop_exposed_tensor_clocks=45, serial_bound_pct=round(100 * 48 / 51, 1))
   assert kernel_resources.loop_profile("no sass") == {}
 
 

@@ -19,11 +19,12 @@ instructions). The kernels run one warpgroup per SM: one warp per scheduler, whi
 most one instruction per clock, so a mini-batch takes at least `loop_instructions` clocks and
 the tensor cores can be busy for at most `tensor_bound_pct` % of them (before stalls, waits on
 each wgmma and wave quantisation). It is a ceiling on the kernel's % of the matmul peak.
-`serial_bound_pct` adds the tensor clocks the loop waits on without issuing anything else
-(`loop_exposed_tensor_clocks`: at each wait on the wgmma group, the group's clocks less the
-instructions issued since its first wgmma): the kernels wait on every matmul before using it,
-so this tighter bound, 100 x tensor clocks / (instructions + exposed clocks), is the better
-estimate until the loop overlaps its matmuls with other work.
+`serial_bound_pct` adds the clocks the loop stalls waiting on its matmuls
+(`loop_exposed_tensor_clocks`, from a timeline of the loop: an instruction a clock, the HGMMAs
+in order on the tensor cores, each wait on the wgmma groups stalling until they are done):
+100 x tensor clocks / (instructions + stalled clocks). Most matmuls are waited on right after
+they are issued, so this tighter bound is the better estimate; work placed between a matmul's
+issue and its wait (`gpu_cluster_lib.matmul_then`, `accumulate`) hides it.
 
   python benchmarks/kernel_resources.py                      # the three cluster kernels, 5B shapes
   python benchmarks/kernel_resources.py --out=benchmarks/results/h100-resources.jsonl
@@ -60,39 +61,55 @@ def parse_dump(text: str) -> dict:
   return out
 
 
+def _exposed_tensor_clocks(body) -> int:
+  """Clocks a loop body, (opcode, line) pairs, stalls on its wgmmas, on a simple timeline: one
+  instruction issued a clock; the tensor cores run the HGMMAs in order, each from when both it
+  is issued and the previous one is done, for N / 2 clocks (HGMMA.64xNx16); an HGMMA marked
+  gsb0 closes a group, and `WARPGROUP.DEPBAR.LE gsb0, k` stalls issue until all but the last k
+  groups are done."""
+  clock, busy_until, exposed, open_end, done_at = 0, 0, 0, None, []
+  for op, line in body:
+    if m := re.match(r"HGMMA\.64x(\d+)x16", op):
+      busy_until = max(clock, busy_until) + int(m.group(1)) // 2
+      open_end = busy_until
+      if "gsb0" in line.split(op, 1)[1]:
+        done_at.append(open_end)
+        open_end = None
+    elif op.startswith("WARPGROUP.DEPBAR") and (m := re.search(r"gsb0,\s*0x([0-9a-f]+)", line)):
+      keep = int(m.group(1), 16)
+      waited, done_at = done_at[:max(0, len(done_at) - keep)], done_at[len(done_at) - keep:]
+      if waited and waited[-1] > clock:
+        exposed += waited[-1] - clock
+        clock = waited[-1]
+    clock += 1
+  return exposed
+
+
 def loop_profile(sass: str) -> dict:
   """The SASS loop whose body holds the most HGMMA instructions (a backward branch to an
-  earlier label: the kernel's mini-batch loop): instruction and HGMMA counts, tensor clocks and
-  the bound they imply (see the module docstring); {} if there is no such loop."""
+  earlier label: the kernel's mini-batch loop): instruction and HGMMA counts, tensor clocks,
+  the clocks it stalls on them and the bounds they imply (see the module docstring); {} if
+  there is no such loop."""
   labels, ops, targets = {}, [], []
   for line in sass.splitlines():
     if m := re.match(r"\s*(\.L_x_\d+):", line):
       labels[m.group(1)] = len(ops)
     elif m := re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)", line):
-      ops.append(m.group(1))
+      ops.append((m.group(1), line))
       t = re.search(r"BRA\s.*?`\((\.L_x_\d+)\)", line)
       targets.append(t.group(1) if t else None)
   best = None
   for end, target in enumerate(targets):
     if target is not None and labels.get(target, end + 1) <= end:
       body = ops[labels[target]:end + 1]
-      hgmma = [o for o in body if o.startswith("HGMMA")]
+      hgmma = [o for o, _ in body if o.startswith("HGMMA")]
       if best is None or len(hgmma) > len(best[1]):
         best = (body, hgmma)
   if not best or not best[1]:
     return {}
   body, hgmma = best
-  clocks = lambda o: int(m.group(1)) // 2 if (m := re.match(r"HGMMA\.64x(\d+)x16", o)) else 0
-  tensor = sum(map(clocks, hgmma))
-  # Tensor clocks not hidden behind issue: at each wait on the wgmma group, the clocks issued
-  # since the last wait less the instructions issued since the first of them.
-  exposed, pending, first = 0, 0, 0
-  for k, o in enumerate(body):
-    if o.startswith("HGMMA"):
-      first = k if not pending else first
-      pending += clocks(o)
-    elif o.startswith("WARPGROUP.DEPBAR") and pending:
-      exposed, pending = exposed + max(0, pending - (k - first)), 0
+  tensor = sum(int(m.group(1)) // 2 for o in hgmma if (m := re.match(r"HGMMA\.64x(\d+)x16", o)))
+  exposed = _exposed_tensor_clocks(body)
   return dict(loop_instructions=len(body), loop_hgmma=len(hgmma), loop_tensor_clocks=tensor,
               tensor_bound_pct=round(100 * tensor / max(tensor, len(body)), 1),
               loop_exposed_tensor_clocks=exposed,

@@ -156,7 +156,7 @@ def test_kernel_resources_loop_profile():
 .L_x_2:
         /*0030*/                   FADD R3, R3, R4 
         /*0040*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ 
-        /*0050*/                   HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], R24 
+        /*0050*/                   HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], R24, gsb0 
         /*0060*/               @P1 FMUL R3, R3, R4 
         /*0068*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 
         /*0070*/                   BRA `(.L_x_2) 
@@ -164,11 +164,18 @@ def test_kernel_resources_loop_profile():
         /*0080*/                   FADD R3, R3, R4 
         /*0090*/                   BRA `(.L_x_3) 
 """
-  # The wait comes 3 instructions after the first of the 48 clocks: 45 exposed.
+  # The wait is issued at clock 4; the HGMMAs, issued at clocks 1 and 2, are done at 49.
   assert kernel_resources.loop_profile(sass) == dict(
       loop_instructions=6, loop_hgmma=2, loop_tensor_clocks=48, tensor_bound_pct=100.0,
       loop_exposed_tensor_clocks=45, serial_bound_pct=round(100 * 48 / 51, 1))
   assert kernel_resources.loop_profile("no sass") == {}
+  # Two groups: waiting for all but the last stalls until the first is done (clock 32), the
+  # final wait until the second is (64).
+  body = [("HGMMA.64x64x16.F32.BF16", "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, gsb0"),
+          ("HGMMA.64x64x16.F32.BF16", "HGMMA.64x64x16.F32.BF16 R56, gdesc[UR8], RZ, gsb0"),
+          ("WARPGROUP.DEPBAR.LE", "WARPGROUP.DEPBAR.LE gsb0, 0x1"), ("FADD", "FADD R3, R3, R4"),
+          ("WARPGROUP.DEPBAR.LE", "WARPGROUP.DEPBAR.LE gsb0, 0x0")]
+  assert kernel_resources._exposed_tensor_clocks(body) == (32 - 2) + (64 - 34)
 
 
 def test_gpu_check_smoke(tmp_path):

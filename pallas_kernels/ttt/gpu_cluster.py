@@ -73,7 +73,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW_BLOCK_ROWS,
                                                 SMEM_LIMIT_BYTES, WGMMA, Cluster,
                                                 cluster_kernel, cols, fetch, load_col,
-                                                load_rows, matmul_into, mini_batch, normalize,
+                                                load_rows, accumulate, mini_batch, normalize,
                                                 row_block, stage, swizzled)
 from pallas_kernels.ttt.tile import num_groups
 
@@ -200,18 +200,20 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
       prefetch(n + 1)
 
     r = mini_batch(bufs, b1, b2, eps, cl, block)
-    # The output's rows of this CTA: XQ + gamma * LN(Z2_bar) + beta.
-    x_hat, _ = normalize(r.Z2_bar, eps)
-    ln = lambda k: cols(load_col(vec_s.at[k], block.col), x_hat.shape)
-    out = load_rows(bufs.xq, block) + ln(0) * x_hat + ln(1)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    out_s.at[block.ds][...] = out.astype(out_s.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_s.at[block.ds], out_g.at[i, h, n, block.ds])
 
-    # The update (gradient step at the mini-batch's last token).
-    W1 = matmul_into(W1, (bufs.xk.transpose((1, 0)), neg_eg1_s), interpret=interpret)
-    W2 = matmul_into(W2, (x2_s.transpose((1, 0)), neg_eg2_s), interpret=interpret)
+    def output():  # the CTA's rows of XQ + gamma * LN(Z2_bar) + beta
+      x_hat, _ = normalize(r.Z2_bar, eps)
+      ln = lambda k: cols(load_col(vec_s.at[k], block.col), x_hat.shape)
+      out = load_rows(bufs.xq, block) + ln(0) * x_hat + ln(1)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      out_s.at[block.ds][...] = out.astype(out_s.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_s.at[block.ds], out_g.at[i, h, n, block.ds])
+
+    # The update (gradient step at the mini-batch's last token), in the state's registers while
+    # the output is computed.
+    W1, W2 = accumulate([(W1, [(bufs.xk.transpose((1, 0)), neg_eg1_s)]),
+                         (W2, [(x2_s.transpose((1, 0)), neg_eg2_s)])], interpret, output)
     # No barrier ends the step: each exchange buffer is written again only after a later
     # barrier than the one its peers read it behind (slot 0: Z2's, read before `share`'s; the
     # shared rows: read before Z2_bar's; slot 1 and db2's: read before the next Z2's).

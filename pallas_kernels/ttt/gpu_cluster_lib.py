@@ -73,17 +73,45 @@ def matmul(shape, *products):
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
-def matmul_into(acc, *products, interpret=False):
-  """acc + `matmul`(acc.shape, *products), accumulated in acc's registers (f32, WGMMA layout):
-  no separate adds, no second [m, n] value live. jax's GPU interpreter cannot run such an
-  accumulator (`pl.run_state`), so there it is the sum and an add."""
-  if interpret:
-    return acc + matmul(acc.shape, *products)
-
-  def body(acc_ref):  # run_state waits for the wgmmas before it returns
+def matmul_then(shape, products, later_shape, later_products, work):
+  """`work`(the sum of `products`, f32 [shape]) runs on the CUDA cores while the tensor cores
+  compute the sum of `later_products` (f32 [later_shape]), which is issued right after: returns
+  (work's result, the later sum). Hides the later matmul behind the work instead of waiting
+  on each in turn."""
+  def body(acc, later):
     for a, b in products:
-      plgpu.wgmma(acc_ref, a, b)
-  return pl.run_state(body)(plgpu.ACC.init(acc))
+      plgpu.wgmma(acc, a, b)
+    for a, b in later_products:
+      plgpu.wgmma(later, a, b)
+    out = work(plgpu.wgmma_accumulator_load(acc, wait_n=len(later_products)))
+    return out, plgpu.wgmma_accumulator_load(later, wait_n=0)
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32),
+                       plgpu.ACC(later_shape, jnp.float32))
+
+
+def accumulate(pairs, interpret=False, during=None):
+  """[(acc, products), ...] -> each acc plus the sum of its (a, b) products, accumulated in
+  acc's registers (f32, WGMMA layout: no separate adds, no second [m, n] value live).
+  `during`(), work with side effects only (shared memory, copies), runs while the tensor cores
+  compute. jax's GPU interpreter cannot run such accumulators (`pl.run_state`), so there it is
+  the sums and adds."""
+  if interpret:
+    if during:
+      during()
+    return [acc + matmul(acc.shape, *products) for acc, products in pairs]
+
+  def body(refs):  # run_state waits for the wgmmas before it returns
+    for ref, (_, products) in zip(refs, pairs):
+      for a, b in products:
+        plgpu.wgmma(ref, a, b)
+    if during:
+      during()
+  return list(pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc, _ in pairs)))
+
+
+def matmul_into(acc, *products, interpret=False):
+  """acc plus the sum of its products, in acc's registers: `accumulate` for one."""
+  return accumulate([(acc, products)], interpret)[0]
 
 
 @plgpu.inline_mgpu()
@@ -295,8 +323,9 @@ def mini_batch(s, b1, b2, eps, cl, block, second_order=False):
   w2 [fp, d] (bf16) staged; written here: x2, x2_bar, neg_eg1 [b, fp] (-eta G1), neg_eg2 and
   (second_order only) g2 [b, d] (-eta G2, G2; all b rows, `Cluster.share`) and attn_b, attn_a [b, b] (XQ XK^T,
   X2_bar X2^T; the forward passes one buffer for both). -eta G as the operand: the dual form
-  and the state update subtract every product with it, so each is one accumulator; ln [2, d] f32: gamma and beta, loaded where used (fewer live registers).
-  b1 [fp] (COL), b2 [d] (block.col): f32 registers. cl: the `Cluster`, whose
+  and the state update subtract every product with it, so each is one accumulator; ln [2, d]
+  f32: gamma and beta, loaded where used (fewer live registers). b1 [fp] (COL), b2 [d]
+  (block.col): f32 registers. cl: the `Cluster`, whose
   partial-sum slots 0 and 1 and vector "db2" this uses. second_order: also G1 and Q, for the
   backward (gelu''(Z1) from the same tanh as gelu(Z1), so Z1 and the tanh die at once);
   without it they are None.
@@ -306,10 +335,15 @@ def mini_batch(s, b1, b2, eps, cl, block, second_order=False):
   bf, bd, rd = (b, fp), (b, d), (block.ds.size, d)
 
   # Z1 = XK W1 + b1; X2 = gelu(Z1); Z2 = X2 W2 + b2 (summed over the cluster).
-  Z1 = matmul(bf, (s.xk, s.w1)) + cols(b1, bf)  # [b, fp]
-  X2, dX2 = gelu_tanh_and_grad(Z1)  # dX2 (gelu'(Z1)) is live instead of Z1
-  ddX2 = gelu_tanh_grad2(Z1) if second_order else None
-  stage((s.x2, X2))
+  # XQ XK^T is computed while gelu runs.
+  def gelu(Z1):
+    Z1 = Z1 + cols(b1, bf)  # [b, fp]
+    X2, dX2 = gelu_tanh_and_grad(Z1)  # dX2 (gelu'(Z1)) is live instead of Z1
+    stage((s.x2, X2))
+    return dX2, gelu_tanh_grad2(Z1) if second_order else None
+  (dX2, ddX2), attn_b = matmul_then(bf, [(s.xk, s.w1)], (b, b),
+                                    [(s.xq, s.xk.transpose((1, 0)))], gelu)
+  stage((s.attn_b, attn_b))
   Z2, = cl.sum((0, matmul(bd, (s.x2, s.w2)), block))
   Z2 = Z2 + cols(b2, rd)  # [rows, d]
 
@@ -331,7 +365,6 @@ def mini_batch(s, b1, b2, eps, cl, block, second_order=False):
 
   # Dual form, f(XQ; W') without forming W' (as the pure op): Z1_bar = XQ W1 - (XQ XK^T) eG1
   # + b1 - colsum(eG1), and likewise Z2_bar.
-  stage((s.attn_b, matmul((b, b), (s.xq, s.xk.transpose((1, 0))))))
   db1 = -neg_eG1.sum(axis=0)  # [fp]
   Z1_bar = matmul(bf, (s.xq, s.w1), (s.attn_b, s.neg_eg1)) + cols(b1 - db1, bf)
   X2_bar, dX2_bar = gelu_tanh_and_grad(Z1_bar)  # (the forward has no use for dX2_bar)

@@ -73,7 +73,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW_BLOCK_ROWS,
                                                 SMEM_LIMIT_BYTES, WGMMA, Cluster,
                                                 cluster_kernel, cols, fetch, load_col,
-                                                load_rows, accumulate, mini_batch, normalize,
+                                                load_rows, mini_batch, normalize,
                                                 row_block, stage, swizzled)
 from pallas_kernels.ttt.tile import num_groups
 
@@ -181,11 +181,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
       plgpu.copy_smem_to_gmem(st_b2, ck_b2.at[i, h, k, 0])
 
   def step(n, state, save=False):
-    W1, b1, W2, b2 = state
-    if bf16_weights:
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last checkpoint left w1b_s, w2b_s
-    stage((w1b_s, W1), (w2b_s, W2))
-    if save:  # g = 1: every mini-batch, from the operands just staged
+    W1, b1, W2, b2 = state  # (W1, W2 staged in w1b_s, w2b_s as bf16 operands)
+    if save:  # g = 1: every mini-batch
       save_checkpoint(n, state)
 
     slot = lax.rem(n, 2)
@@ -199,36 +196,32 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     def _():  # the other buffer's last readers (mini-batch n - 1) have finished
       prefetch(n + 1)
 
-    r = mini_batch(bufs, b1, b2, eps, cl, block)
-
-    def output():  # the CTA's rows of XQ + gamma * LN(Z2_bar) + beta
-      x_hat, _ = normalize(r.Z2_bar, eps)
-      ln = lambda k: cols(load_col(vec_s.at[k], block.col), x_hat.shape)
-      out = load_rows(bufs.xq, block) + ln(0) * x_hat + ln(1)
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      out_s.at[block.ds][...] = out.astype(out_s.dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_s.at[block.ds], out_g.at[i, h, n, block.ds])
-
-    # The update (gradient step at the mini-batch's last token), in the state's registers while
-    # the output is computed.
-    W1, W2 = accumulate([(W1, [(bufs.xk.transpose((1, 0)), neg_eg1_s)]),
-                         (W2, [(x2_s.transpose((1, 0)), neg_eg2_s)])], interpret, output)
+    # The gradient step (at the mini-batch's last token) is taken in mini_batch, which stages
+    # the new W1, W2 once the bf16 checkpoint has left w1b_s, w2b_s.
+    wait = functools.partial(plgpu.wait_smem_to_gmem, 0, wait_read_only=True)
+    r = mini_batch(bufs, b1, b2, eps, cl, block, state=(W1, W2), interpret=interpret,
+                   before_stage=wait if bf16_weights else None)
+    # The CTA's rows of the output: XQ + gamma * LN(Z2_bar) + beta.
+    x_hat, _ = normalize(r.Z2_bar, eps)
+    ln = lambda k: cols(load_col(vec_s.at[k], block.col), x_hat.shape)
+    out = load_rows(bufs.xq, block) + ln(0) * x_hat + ln(1)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    out_s.at[block.ds][...] = out.astype(out_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_s.at[block.ds], out_g.at[i, h, n, block.ds])
     # No barrier ends the step: each exchange buffer is written again only after a later
     # barrier than the one its peers read it behind (slot 0: Z2's, read before `share`'s; the
     # shared rows: read before Z2_bar's; slot 1 and db2's: read before the next Z2's).
-    return W1, b1 - r.db1, W2, b2 - r.db2
+    return r.W1, b1 - r.db1, r.W2, b2 - r.db2
 
   def group(k, state):  # mini-batches k*g .. min((k+1)*g, N) - 1, after their checkpoint
-    if bf16_weights:  # its W1, W2 are the bf16 operands: stage them first
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      stage((w1b_s, state[0]), (w2b_s, state[2]))
     save_checkpoint(k * g, state)
     return lax.fori_loop(k * g, jnp.minimum(k * g + g, num_mini_batches), step, state)
 
   # The checkpoint is saved outside the mini-batch loop (its f32 stores took a fifteenth of the
   # loop's instructions as a branch taken once in g), unless every state is one (g = 1).
   prefetch(0)
+  stage((w1b_s, state[0]), (w2b_s, state[2]))  # then staged by each step's update
   if g == 1:
     lax.fori_loop(0, num_mini_batches, functools.partial(step, save=True), state)
   else:

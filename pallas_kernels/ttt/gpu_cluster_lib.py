@@ -91,21 +91,24 @@ def matmul_then(shape, products, later_shape, later_products, work):
 
 def accumulate(pairs, interpret=False, during=None):
   """[(acc, products), ...] -> each acc plus the sum of its (a, b) products, accumulated in
-  acc's registers (f32, WGMMA layout: no separate adds, no second [m, n] value live).
-  `during`(), work with side effects only (shared memory, copies), runs while the tensor cores
-  compute. jax's GPU interpreter cannot run such accumulators (`pl.run_state`), so there it is
-  the sums and adds."""
+  acc's registers (f32, WGMMA layout: no separate adds, no second [m, n] value live), issued
+  in order. `during`(done), work with side effects only (shared memory, copies), runs while the
+  tensor cores compute; done(k) waits for pair k's sum (the later pairs may still run) and
+  returns it. jax's GPU interpreter cannot run such accumulators (`pl.run_state`), so there it
+  is the sums and adds."""
   if interpret:
+    sums = [acc + matmul(acc.shape, *products) for acc, products in pairs]
     if during:
-      during()
-    return [acc + matmul(acc.shape, *products) for acc, products in pairs]
+      during(lambda k: sums[k])
+    return sums
 
   def body(refs):  # run_state waits for the wgmmas before it returns
     for ref, (_, products) in zip(refs, pairs):
       for a, b in products:
         plgpu.wgmma(ref, a, b)
     if during:
-      during()
+      later = lambda k: sum(len(products) for _, products in pairs[k + 1:])
+      during(lambda k: plgpu.wgmma_accumulator_load(refs[k], wait_n=later(k)))
   return list(pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc, _ in pairs)))
 
 
@@ -308,42 +311,53 @@ class Recompute(NamedTuple):
   Q: jax.Array | None  # [b, fp] (G2 W2^T) gelu''(Z1); likewise
   Z2: jax.Array  # [rows, d] X2 W2 + b2, summed over the cluster
   G2: jax.Array  # [rows, d] the LayerNorm-L2 gradient of Z2
-  dX2_bar: jax.Array  # [b, fp] gelu'(Z1_bar)
+  dX2_bar: jax.Array | None  # [b, fp] gelu'(Z1_bar); the dual form's (backward's) only
   Z2_bar: jax.Array  # [rows, d], summed over the cluster
   db1: jax.Array  # [fp] colsum(eta G1)
   db2: jax.Array  # [d] colsum(eta G2), summed over the cluster (in Rows.col)
+  W1: jax.Array | None  # [d, fp] the updated state, with `mini_batch`'s state, else None
+  W2: jax.Array | None  # [fp, d]
 
 
-def mini_batch(s, b1, b2, eps, cl, block, second_order=False):
+def mini_batch(s, b1, b2, eps, cl, block, second_order=False, state=None, interpret=False,
+               before_stage=None):
   """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see
   `gpu_cluster.py`'s docstring), on the CTA's hidden slice and `block`, its rows of the [b, d]
   work (`Rows`).
 
   s: shared-memory buffers with xq, xk, xv [b, d] (bf16) and eta [b] (f32) loaded, w1 [d, fp],
   w2 [fp, d] (bf16) staged; written here: x2, x2_bar, neg_eg1 [b, fp] (-eta G1), neg_eg2 and
-  (second_order only) g2 [b, d] (-eta G2, G2; all b rows, `Cluster.share`) and attn_b, attn_a [b, b] (XQ XK^T,
-  X2_bar X2^T; the forward passes one buffer for both). -eta G as the operand: the dual form
-  and the state update subtract every product with it, so each is one accumulator; ln [2, d]
-  f32: gamma and beta, loaded where used (fewer live registers). b1 [fp] (COL), b2 [d]
-  (block.col): f32 registers. cl: the `Cluster`, whose
-  partial-sum slots 0 and 1 and vector "db2" this uses. second_order: also G1 and Q, for the
-  backward (gelu''(Z1) from the same tanh as gelu(Z1), so Z1 and the tanh die at once);
-  without it they are None.
+  (second_order only) g2 [b, d] (-eta G2, G2; all b rows, `Cluster.share`) and (dual form
+  only) attn_b, attn_a [b, b] (XQ XK^T, X2_bar X2^T). -eta G as the operand: the dual form and
+  the state update subtract every product with it, so each is one accumulator; ln [2, d] f32:
+  gamma and beta, loaded where used (fewer live registers). b1 [fp] (COL), b2 [d] (block.col):
+  f32 registers. cl: the `Cluster`, whose partial-sum slots 0 and 1 and vector "db2" this
+  uses. second_order: also G1 and Q, for the backward (gelu''(Z1) from the same tanh as
+  gelu(Z1), so Z1 and the tanh die at once); without it they are None.
+
+  state: the forward's (W1, W2), f32 [d, fp], [fp, d] in registers (WGMMA), whose bf16 copies
+  s.w1, s.w2 hold: the gradient step is taken on them here (Recompute's W1, W2) and the new
+  ones staged (after before_stage(), if given), and Z1_bar and Z2_bar are f(XQ; W') itself (the
+  primal form: with no causal mask inside the mini-batch the dual form computes the same with
+  two more [b, b] matmuls; attn_b, attn_a are not written). Without it, the dual form, whose
+  Gram matrices the backward's VJP reuses. interpret: a `plgpu.InterpretGPUParams` or False.
   """
   b, d = s.xq.shape
   fp = s.w1.shape[1]
   bf, bd, rd = (b, fp), (b, d), (block.ds.size, d)
 
   # Z1 = XK W1 + b1; X2 = gelu(Z1); Z2 = X2 W2 + b2 (summed over the cluster).
-  # XQ XK^T is computed while gelu runs.
   def gelu(Z1):
     Z1 = Z1 + cols(b1, bf)  # [b, fp]
     X2, dX2 = gelu_tanh_and_grad(Z1)  # dX2 (gelu'(Z1)) is live instead of Z1
     stage((s.x2, X2))
     return dX2, gelu_tanh_grad2(Z1) if second_order else None
-  (dX2, ddX2), attn_b = matmul_then(bf, [(s.xk, s.w1)], (b, b),
-                                    [(s.xq, s.xk.transpose((1, 0)))], gelu)
-  stage((s.attn_b, attn_b))
+  if state:
+    dX2, ddX2 = gelu(matmul(bf, (s.xk, s.w1)))
+  else:  # XQ XK^T is computed while gelu runs
+    (dX2, ddX2), attn_b = matmul_then(bf, [(s.xk, s.w1)], (b, b),
+                                      [(s.xq, s.xk.transpose((1, 0)))], gelu)
+    stage((s.attn_b, attn_b))
   Z2, = cl.sum((0, matmul(bd, (s.x2, s.w2)), block))
   Z2 = Z2 + cols(b2, rd)  # [rows, d]
 
@@ -363,15 +377,30 @@ def mini_batch(s, b1, b2, eps, cl, block, second_order=False):
     neg_eG1 = matmul(bf, (s.neg_eg2, s.w2.transpose((1, 0)))) * dX2
   stage((s.neg_eg1, neg_eG1))
 
-  # Dual form, f(XQ; W') without forming W' (as the pure op): Z1_bar = XQ W1 - (XQ XK^T) eG1
-  # + b1 - colsum(eG1), and likewise Z2_bar.
+  # f(XQ; W'): Z1_bar = XQ W1' + b1 - colsum(eG1), W1' = W1 - XK^T eG1, and likewise Z2_bar;
+  # the dual form without forming W' (as the pure op): XQ W1' = XQ W1 - (XQ XK^T) eG1.
   db1 = -neg_eG1.sum(axis=0)  # [fp]
-  Z1_bar = matmul(bf, (s.xq, s.w1), (s.attn_b, s.neg_eg1)) + cols(b1 - db1, bf)
-  X2_bar, dX2_bar = gelu_tanh_and_grad(Z1_bar)  # (the forward has no use for dX2_bar)
-  stage((s.x2_bar, X2_bar))
-  stage((s.attn_a, matmul((b, b), (s.x2_bar, s.x2.transpose((1, 0))))))
-  part = matmul(bd, (s.x2_bar, s.w2), (s.attn_a, s.neg_eg2))
+  W1 = W2 = dX2_bar = None
+  if state:  # W1' first; W2's step runs on the tensor cores while gelu(Z1_bar) is computed
+    W1, = accumulate([(state[0], [(s.xk.transpose((1, 0)), s.neg_eg1)])], interpret)
+    if before_stage:
+      before_stage()
+    stage((s.w1, W1))
+
+    def gelu_bar(done):
+      X2_bar, _ = gelu_tanh_and_grad(done(0))
+      stage((s.x2_bar, X2_bar))
+    _, W2 = accumulate([(cols(b1 - db1, bf), [(s.xq, s.w1)]),
+                        (state[1], [(s.x2.transpose((1, 0)), s.neg_eg2)])], interpret, gelu_bar)
+    stage((s.w2, W2))
+    part = matmul(bd, (s.x2_bar, s.w2))
+  else:
+    Z1_bar = matmul(bf, (s.xq, s.w1), (s.attn_b, s.neg_eg1)) + cols(b1 - db1, bf)
+    X2_bar, dX2_bar = gelu_tanh_and_grad(Z1_bar)
+    stage((s.x2_bar, X2_bar))
+    stage((s.attn_a, matmul((b, b), (s.x2_bar, s.x2.transpose((1, 0))))))
+    part = matmul(bd, (s.x2_bar, s.w2), (s.attn_a, s.neg_eg2))
   db2 = eG2.sum(axis=0)  # [d], over the CTA's rows
   Z2_bar, db2 = cl.sum((1, part, block), ("db2", db2, block.col))
   Z2_bar = Z2_bar + cols(b2 - db2, rd)
-  return Recompute(dX2, G1, Q, Z2, G2, dX2_bar, Z2_bar, db1, db2)
+  return Recompute(dX2, G1, Q, Z2, G2, dX2_bar, Z2_bar, db1, db2, W1, W2)

@@ -22,9 +22,11 @@ each wgmma and wave quantisation). It is a ceiling on the kernel's % of the matm
 `serial_bound_pct` adds the clocks the loop stalls waiting on its matmuls
 (`loop_exposed_tensor_clocks`, from a timeline of the loop: an instruction a clock, the HGMMAs
 in order on the tensor cores, each wait on the wgmma groups stalling until they are done):
-100 x tensor clocks / (instructions + stalled clocks). Most matmuls are waited on right after
-they are issued, so this tighter bound is the better estimate; work placed between a matmul's
-issue and its wait (`gpu_cluster_lib.matmul_then`, `accumulate`) hides it.
+100 x tensor clocks / `loop_clocks` (instructions + stalled clocks, the timeline's estimate of
+a mini-batch). Most matmuls are waited on right after they are issued, so this tighter bound is
+the better estimate; work placed between a matmul's issue and its wait
+(`gpu_cluster_lib.matmul_then`, `accumulate`) hides it. Neither models the cluster barriers,
+distributed shared memory latency or spills' memory traffic: on a GPU the loop is slower.
 
   python benchmarks/kernel_resources.py                      # the three cluster kernels, 5B shapes
   python benchmarks/kernel_resources.py --out=benchmarks/results/h100-resources.jsonl
@@ -112,7 +114,7 @@ def loop_profile(sass: str) -> dict:
   exposed = _exposed_tensor_clocks(body)
   return dict(loop_instructions=len(body), loop_hgmma=len(hgmma), loop_tensor_clocks=tensor,
               tensor_bound_pct=round(100 * tensor / max(tensor, len(body)), 1),
-              loop_exposed_tensor_clocks=exposed,
+              loop_exposed_tensor_clocks=exposed, loop_clocks=len(body) + exposed,
               serial_bound_pct=round(100 * tensor / (len(body) + exposed), 1))
 
 

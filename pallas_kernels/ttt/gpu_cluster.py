@@ -6,7 +6,7 @@ idle at the 5B shape (48 heads on 132 SMs). Here the inner MLP's hidden width f 
 over a cluster of P CTAs: CTA c holds W1[:, c*f/P:(c+1)*f/P], b1's slice and W2's matching
 rows, and the P CTAs of a (batch, head) walk the mini-batches together, so the grid is
 B x H x P CTAs (P = 4: 192 at 48 heads) and each holds 1/P of the state. Each CTA's shared
-memory (186 KiB here, 220 KiB in the backward) leaves room for one CTA per SM, and each
+memory (178 KiB here, 220 KiB in the backward) leaves room for one CTA per SM, and each
 (batch, head) is one sequential chain, so 192 CTAs on an H100's 132 SMs run as two waves, the
 second 45% full: expect B x H = 48 chains to take as long as 66 would (an estimate, to be
 checked on a GPU). A cluster of 8 (three waves of half the work each: 1.5 instead of 2 chain
@@ -19,33 +19,38 @@ memory (each CTA reads its peers' partials with `plgpu.cluster_ref`) between clu
 barriers (`barrier.cluster` arrive.release / wait.acquire, so the writes are visible):
 
   Z2     = sum_c X2_c W2_c + b2
-  Z2_bar = sum_c [X2_bar_c W2_c - (X2_bar_c X2_c^T) (eta * G2)] + b2 - colsum(eta * G2)
+  Z2_bar = sum_c X2_bar_c W2'_c + b2',  W2'_c = W2_c - X2_c^T (eta * G2),  b2' = b2 - colsum(eta G2)
 
-(the second term is linear in the partial Gram matrices, so it is summed with them). The
-[b, d] work after each sum is split by rows (`gpu_cluster_lib.row_block`): CTA c sums rows
-16c .. 16c+15 of the partials only, computes G2 (the LayerNorm-L2 gradient of Z2) and eta * G2
-on them and the output XQ + LN(Z2_bar) for them, 8 values a thread; G2 and eta * G2, wgmma
-operands of every CTA, are then shared (each CTA copies its peers' rows into its own tiles after
-a cluster barrier: `Cluster.share`), and colsum(eta * G2) is summed with Z2_bar. Done
-redundantly by all P CTAs in the WGMMA layout (32 values a thread) this was a quarter of the
-loop (4,607 SASS instructions before the split, 3,367 after). The matmuls run on the tensor
-cores (`wgmma`) with bf16 operands and f32 accumulation; the state stays f32 in registers and a
-bf16 copy of W1 and W2 in shared memory feeds the matmuls, so the output differs from the f32
-pure op by bf16 rounding (measured 4e-3 to 8e-3 relative). tanh is the hardware approximation
-(`approx_math`, relative error about 2^-11, well under that rounding; the interpreter computes
-it exactly): it took the unsplit loop from 5,925 to 4,607 instructions. The math is
+The output is computed in the primal form, f(XQ; W') with the stepped state: with no causal
+mask inside a mini-batch it equals the pure op's dual form, XQ W1' = XQ W1 - (XQ XK^T)(eta G1),
+which takes two more [b, b] matmuls (the backward keeps the dual form: its VJP reuses the Gram
+matrices). eta scales rows, so eta G1 = ((eta G2) W2^T) gelu'(Z1) needs only eta G2, which
+every CTA gets whole. The [b, d] work after each sum is split by rows
+(`gpu_cluster_lib.row_block`): CTA c sums rows 16c .. 16c+15 of the partials only, computes G2
+(the LayerNorm-L2 gradient of Z2) and eta G2 on them and the output XQ + LN(Z2_bar) for them, 8
+values a thread; -eta G2, a wgmma operand of every CTA, is then shared (each CTA copies its
+peers' rows into its own tile after a cluster barrier: `Cluster.share`), and colsum(eta G2) is
+summed with Z2_bar. Done redundantly by all P CTAs in the WGMMA layout (32 values a thread)
+this was a quarter of the loop. The matmuls run on the tensor cores (`wgmma`) with bf16
+operands and f32 accumulation; the state stays f32 in registers (its step accumulates in them:
+`gpu_cluster_lib.accumulate`) and a bf16 copy of W1 and W2 in shared memory feeds the matmuls,
+so the output differs from the f32 pure op by bf16 rounding (measured 4e-3 to 8e-3 relative).
+tanh is the hardware approximation (`approx_math`, relative error about 2^-11, well under that
+rounding; the interpreter computes it exactly), and gelu and gelu' share one. The math is
 `tile.mini_batch` rearranged for the split; the tests compare it with the pure op. Operands
 computed in registers are staged through shared memory (jax's interpreter takes only
 shared-memory wgmma operands, and one code path serves both).
 
-A ceiling from the compiled code (`benchmarks/kernel_resources.py`): one warpgroup per SM
-issues at most one instruction per clock per scheduler, and the loop's 3,367 instructions per
-mini-batch face 1,408 clocks of tensor-core work (44 HGMMA.64x64x16), so the forward can use
-at most 42% of the matmul peak (36% in the benchmarks' `ttt_flops` count, which counts the
-b x b products once where each CTA computes its own), the backward 49% (8,104 against 3,968,
-its [b, d] work split the same way). At d = 64 the elementwise work, not the matmuls, sets the
-pace; cutting it further (the [b, fp] tiles' gelu and conversions, packed bf16x2 math where the
-result is a bf16 operand anyway, the backward's register spills) is the way up.
+An estimate from the compiled code (`benchmarks/kernel_resources.py`, H100, jax 0.12.0.1): one
+warpgroup per SM issues at most one instruction per clock, and the loop's 2,085 instructions
+per mini-batch, with 584 clocks stalled on matmuls (of 896 tensor clocks, 28
+HGMMA.64x64x16; W2's step and XQ W1' overlap gelu work), make a mini-batch about 2,669 clocks:
+46% of the matmul peak in the benchmarks' `ttt_flops` count (the dual form's 1,215 clocks a
+CTA; the kernel does 896 of them in the primal form), before the cluster barriers'
+and distributed shared memory's latency. At d = 64 the elementwise work, not the matmuls, sets
+the pace; hiding the remaining waits (warp specialisation: a second warpgroup's work during
+each matmul) and packed bf16x2 math are the ways up. Checkpoints are saved outside the inner
+loop over a group's mini-batches.
 
 Scope (`supports`): TTT-MLP, bf16 inputs, b = 64 (a wgmma tile is 64 rows), d = 64 with
 cluster = 4 (the scratch must fit 227 KiB of shared memory: `smem_bytes`); checkpoints as
@@ -90,9 +95,9 @@ def supports(kind: str, dtype, b: int, d: int, cluster: int) -> bool:
 
   TTT-MLP with bf16 inputs and b = 64 (a wgmma tile has 64 rows), a hidden slice of 64 units or
   a multiple (the W2 slice's update is a wgmma tile too), and the scratch within one SM's shared
-  memory: at d = 64 that is cluster = 4 (186 KiB; cluster = 2 needs 258 KiB), which is also
+  memory: at d = 64 that is cluster = 4 (178 KiB; cluster = 2 needs 250 KiB), which is also
   the row split's shape (b = 16 x cluster, d = 64). d = 128 does not fit yet (cluster = 8:
-  338 KiB), nor does d < 64 (its W1 update tile has d < 64 rows).
+  323 KiB), nor does d < 64 (its W1 update tile has d < 64 rows).
   """
   f = 4 * d
   return (kind == "ttt_mlp" and jnp.dtype(dtype) == jnp.bfloat16 and b == 64 and d == 64

@@ -6,7 +6,7 @@ states the group passes through from its checkpoint (W1, W2 as the bf16 operands
 used, b1, b2 in f32: [B, H, g, ...] in HBM), and this kernel runs the group in reverse: CTA c of
 a (batch, head) holds the cotangent of its hidden slice of the state (dW1[:, slice], db1[slice],
 dW2[slice, :] in f32 registers; db2 replicated), and for mini-batch t = g-1, ..., 0 it loads
-state t's slice, recomputes the mini-batch (`gpu_cluster_lib.mini_batch`, the forward's code and
+state t's slice, recomputes the mini-batch (`gpu_cluster_lib.mini_batch` in the dual form, and
 its two cluster sums) and pulls the cotangents back through it.
 
 The VJP is written out by hand (jax.vjp's graph does not survive Mosaic GPU's layout
@@ -31,9 +31,15 @@ then 2 (ct_XK), so that no barrier has to end a mini-batch: a CTA writes each ex
 (slot, vector or shared tile) again only after passing a later cluster barrier than the one
 behind which its peers read it (`sum`'s and `share`'s barriers: seven a mini-batch).
 Splitting the rows took the loop from 12,249 to 8,228 SASS instructions
-(`benchmarks/kernel_resources.py`), computing the slices' parts where `Cluster.sum` publishes
-them and loading eta where it is used (fewer live registers, fewer spills) to 8,104: a ceiling
-of 49% of the matmul peak.
+(`benchmarks/kernel_resources.py`, H100, jax 0.12.0.1). It is 6,376 now: `mini_batch` hands
+over gelu'(Z1), G1, Q = (G2 W2^T) gelu''(Z1) and gelu'(Z1_bar) from the tanh it computes anyway
+(`second_order`), the state cotangents accumulate in their own registers
+(`gpu_cluster_lib.matmul_into`), and -M, -eta G1, -eta G2 are the staged operands (every
+product with them is subtracted), so each cotangent is one accumulator. With 2,871 clocks
+stalled on its 3,968 tensor clocks (31 matmuls, waited on as issued) a mini-batch takes about
+9,247 clocks: 43% of the matmul peak, 26% in the benchmarks' `ttt_flops` count (twice the
+forward's dual-form 1,215 clocks a CTA). Next: hiding those waits (issuing independent matmuls
+before the work that precedes their use, warp specialisation) and the remaining spills.
 
 Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double
 as the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster).

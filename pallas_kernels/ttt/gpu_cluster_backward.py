@@ -61,10 +61,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.ttt import gpu_cluster
 from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW, SMEM_LIMIT_BYTES,
-                                                WGMMA, Cluster, cluster_kernel, cols, fetch,
-                                                ln_backward, load_col, load_rows, matmul,
-                                                matmul_into, mini_batch, normalize, row_block,
-                                                rows, stage, swizzled)
+                                                WGMMA, Cluster, accumulate, cluster_kernel, cols,
+                                                fetch, ln_backward, load_col, load_rows, matmul,
+                                                matmul_during, matmul_into, mini_batch,
+                                                normalize, row_block, rows, stage, swizzled)
 
 
 def smem_bytes(b: int, d: int, cluster: int, interpret: bool = False) -> int:
@@ -234,32 +234,38 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     # b2's cotangent before its update is -(ct of colsum(eG2)), in Z2_bar and in b2's update.
     vb2 = load_col(vb2_s, block.col) + dD2
     vb2_s[...] = vb2
-    ct_eG2 = -(ct_eG2 + cols(vb2, rd))
-    ct_G2 = rows(eta_rows, rd) * ct_eG2 + ct_P
-    ct_eta_rows = (ct_eG2 * r.G2).sum(axis=1)  # [rows]: eG2's share of ct_eta
 
-    # d XQ is complete on the CTA's rows: out through ct_P's tile, free now.
-    ctp_s.at[block.ds][...] = (load_rows(cto_s, block) + ct_XQ).astype(ctp_s.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(ctp_s.at[block.ds], dxq_g.at[i, h, t, block.ds])
+    def rows_work(done):  # the [rows, d] work, while X2's and XK's other terms are computed
+      del done
+      ct_eG2_ = -(ct_eG2 + cols(vb2, rd))
+      ct_G2 = rows(eta_rows, rd) * ct_eG2_ + ct_P
+      ct_eta_rows = (ct_eG2_ * r.G2).sum(axis=1)  # [rows]: eG2's share of ct_eta
+      # d XQ is complete on the CTA's rows: out through ct_P's tile, free now.
+      ctp_s.at[block.ds][...] = (load_rows(cto_s, block) + ct_XQ).astype(ctp_s.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(ctp_s.at[block.ds], dxq_g.at[i, h, t, block.ds])
+      # G2 = LN-L2 gradient of Z2 = X2 W2 + b2 at target XV - XK; X2 = gelu(Z1 = XK W1 + b1).
+      ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(
+          r.Z2, load_rows(xv_s, block) - load_rows(xk_s, block),
+          load_col(vec_s.at[0], block.col), load_col(vec_s.at[1], block.col),
+          eps, r.G2, ct_G2)
+      add_col(ctln_s.at[0], dgamma)
+      add_col(ctln_s.at[1], dbeta)
+      cl.share(block, (d2_s, ct_Z2))  # D2's tile: D2 is dead
+      return ct_eta_rows, ct_T, ct_Z2.sum(axis=0)
+    # X2 meets Z2 (W2), Z2_bar's Gram term (-M^T X2_bar) and the W2 update (-eG2 dW2'^T); XK
+    # meets XQ XK^T, Z1 (W1) and the W1 update (-eG1 dW1'^T). The terms without ct_Z2 or
+    # ct_Z1 are computed during the rows' work.
+    (ct_eta_rows, ct_T, dZ2), (ct_X2, ct_XK) = matmul_during(
+        [(bf, [(T(nm_s), x2bar_s), (neg_eg2_s, T(cw2_s))]),
+         (bd, [(T(ctb_s), xq_s), (neg_eg1_s, T(cw1_s))])], rows_work)
 
-    # G2 = LN-L2 gradient of Z2 = X2 W2 + b2 at target XV - XK; X2 = gelu(Z1 = XK W1 + b1).
-    ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(
-        r.Z2, load_rows(xv_s, block) - load_rows(xk_s, block),
-        load_col(vec_s.at[0], block.col), load_col(vec_s.at[1], block.col),
-        eps, r.G2, ct_G2)
-    add_col(ctln_s.at[0], dgamma)
-    add_col(ctln_s.at[1], dbeta)
-    dZ2 = ct_Z2.sum(axis=0)
-    cl.share(block, (d2_s, ct_Z2))  # D2's tile: D2 is dead
-    # X2 meets Z2 (W2), Z2_bar's Gram term (-M^T X2_bar) and the W2 update (-eG2 dW2'^T).
-    ct_X2 = matmul(bf, (d2_s, T(w2_s)), (T(nm_s), x2bar_s), (neg_eg2_s, T(cw2_s)))
-    CW2 = into(CW2, (T(x2_s), d2_s))
-    ct_Z1 = ct_Z1 + ct_X2 * r.dX2
-    stage((d1_s, ct_Z1))  # D1's tile
-    ct_XK = matmul(bd, (T(ctb_s), xq_s), (d1_s, T(w1_s)), (neg_eg1_s, T(cw1_s)))  # slice's
-    CW1 = into(CW1, (T(xk_s), d1_s))
-    vb1_s[...] = load_col(vb1_s) + ct_Z1.sum(axis=0)
+    def d1(done):  # ct_Z1, D1's tile, while W2's cotangent is accumulated
+      ct_Z1_ = ct_Z1 + done(0) * r.dX2
+      stage((d1_s, ct_Z1_))
+      vb1_s[...] = load_col(vb1_s) + ct_Z1_.sum(axis=0)
+    _, CW2 = accumulate([(ct_X2, [(d2_s, T(w2_s))]), (CW2, [(T(x2_s), d2_s)])], interpret, d1)
+    ct_XK, CW1 = accumulate([(ct_XK, [(d1_s, T(w1_s))]), (CW1, [(T(xk_s), d1_s)])], interpret)
 
     ct_XK, ct_eta, dZ2 = cl.sum((2, ct_XK, block), ("eta", ct_eta, eta_block),
                                 ("v", dZ2, block.col))

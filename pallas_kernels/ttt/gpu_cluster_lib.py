@@ -73,20 +73,19 @@ def matmul(shape, *products):
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
-def matmul_then(shape, products, later_shape, later_products, work):
-  """`work`(the sum of `products`, f32 [shape]) runs on the CUDA cores while the tensor cores
-  compute the sum of `later_products` (f32 [later_shape]), which is issued right after: returns
-  (work's result, the later sum). Hides the later matmul behind the work instead of waiting
-  on each in turn."""
-  def body(acc, later):
-    for a, b in products:
-      plgpu.wgmma(acc, a, b)
-    for a, b in later_products:
-      plgpu.wgmma(later, a, b)
-    out = work(plgpu.wgmma_accumulator_load(acc, wait_n=len(later_products)))
-    return out, plgpu.wgmma_accumulator_load(later, wait_n=0)
-  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32),
-                       plgpu.ACC(later_shape, jnp.float32))
+def matmul_during(pairs, work):
+  """[(shape, products), ...]: the sum of each pair's (a, b) products (f32 [shape]), issued in
+  order to the tensor cores while `work`(done) runs on the CUDA cores; done(k) waits for pair
+  k's sum only (the later pairs may still run) and returns it. Returns (work's result, the
+  sums). Hides matmuls behind work that does not need them, instead of waiting on each."""
+  def body(*accs):
+    for acc, (_, products) in zip(accs, pairs):
+      for a, b in products:
+        plgpu.wgmma(acc, a, b)
+    later = lambda k: sum(len(products) for _, products in pairs[k + 1:])
+    out = work(lambda k: plgpu.wgmma_accumulator_load(accs[k], wait_n=later(k)))
+    return out, [plgpu.wgmma_accumulator_load(acc, wait_n=0) for acc in accs]
+  return pl.run_scoped(body, *(plgpu.ACC(shape, jnp.float32) for shape, _ in pairs))
 
 
 def accumulate(pairs, interpret=False, during=None):
@@ -355,8 +354,9 @@ def mini_batch(s, b1, b2, eps, cl, block, second_order=False, state=None, interp
   if state:
     dX2, ddX2 = gelu(matmul(bf, (s.xk, s.w1)))
   else:  # XQ XK^T is computed while gelu runs
-    (dX2, ddX2), attn_b = matmul_then(bf, [(s.xk, s.w1)], (b, b),
-                                      [(s.xq, s.xk.transpose((1, 0)))], gelu)
+    (dX2, ddX2), (_, attn_b) = matmul_during(
+        [(bf, [(s.xk, s.w1)]), ((b, b), [(s.xq, s.xk.transpose((1, 0)))])],
+        lambda done: gelu(done(0)))
     stage((s.attn_b, attn_b))
   Z2, = cl.sum((0, matmul(bd, (s.x2, s.w2)), block))
   Z2 = Z2 + cols(b2, rd)  # [rows, d]

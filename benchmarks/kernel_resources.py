@@ -25,7 +25,7 @@ in order on the tensor cores, each wait on the wgmma groups stalling until they 
 100 x tensor clocks / `loop_clocks` (instructions + stalled clocks, the timeline's estimate of
 a mini-batch). Most matmuls are waited on right after they are issued, so this tighter bound is
 the better estimate; work placed between a matmul's issue and its wait
-(`gpu_cluster_lib.matmul_during`, `accumulate`) hides it. Neither models the cluster barriers,
+(`gpu_cluster_lib.matmul_during`) hides it. Neither models the cluster barriers,
 distributed shared memory latency or spills' memory traffic: on a GPU the loop is slower.
 
   python benchmarks/kernel_resources.py                      # the three cluster kernels, 5B shapes

@@ -33,7 +33,7 @@ peers' rows into its own tile after a cluster barrier: `Cluster.share`), and col
 summed with Z2_bar. Done redundantly by all P CTAs in the WGMMA layout (32 values a thread)
 this was a quarter of the loop. The matmuls run on the tensor cores (`wgmma`) with bf16
 operands and f32 accumulation; the state stays f32 in registers (its step accumulates in them:
-`gpu_cluster_lib.accumulate`) and a bf16 copy of W1 and W2 in shared memory feeds the matmuls,
+`gpu_cluster_lib.matmul_during`) and a bf16 copy of W1 and W2 in shared memory feeds the matmuls,
 so the output differs from the f32 pure op by bf16 rounding (measured 4e-3 to 8e-3 relative).
 tanh is the hardware approximation (`approx_math`, relative error about 2^-11, well under that
 rounding; the interpreter computes it exactly), and gelu and gelu' share one. The math is

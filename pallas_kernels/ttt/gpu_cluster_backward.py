@@ -61,7 +61,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.ttt import gpu_cluster
 from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW, SMEM_LIMIT_BYTES,
-                                                WGMMA, Cluster, accumulate, cluster_kernel, cols,
+                                                WGMMA, Cluster, cluster_kernel, cols,
                                                 fetch, ln_backward, load_col, load_rows, matmul,
                                                 matmul_during, matmul_into, mini_batch,
                                                 normalize, row_block, rows, stage, swizzled)
@@ -181,7 +181,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
                                  g2=g2_s, attn_b=attn_b_s, attn_a=attn_a_s, ln=vec_s,
                                  eta=eta_s)
     r = mini_batch(bufs, load_col(b1_s), load_col(b2_s, block.col), eps, cl, block,
-                   second_order=True)
+                   second_order=True, interpret=interpret)
     T = lambda ref: ref.transpose((1, 0))
     into = functools.partial(matmul_into, interpret=interpret)  # the state cotangents' sums
     rd = r.Z2.shape  # [rows, d]: the CTA's rows of the [b, d] work
@@ -206,24 +206,32 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     # Z2_bar's slice part X2_bar W2 - (X2_bar X2^T) eG2, and the W2 update W2 - X2^T eG2. (Terms
     # whose operands stay in shared memory are computed where they are consumed, which keeps
     # fewer [b, fp] values live in registers.)
-    stage((nm_s, matmul(bb, (d2_s, T(neg_eg2_s)))))  # -M, M = D2 eG2^T
-    ct_X2bar = matmul(bf, (d2_s, T(w2_s)), (nm_s, x2_s))
-    CW2 = into(CW2, (T(x2bar_s), d2_s))
+    # (-M, M = D2 eG2^T, is staged while D2 W2^T is computed.)
+    _, (_, ct_X2bar) = matmul_during([(bb, [(d2_s, T(neg_eg2_s))]), (bf, [(d2_s, T(w2_s))])],
+                                     lambda done: stage((nm_s, done(0))))
 
     # Z1_bar = XQ W1 - (XQ XK^T) eG1 + b1 - colsum(eG1), and the W1, b1 updates.
-    D1 = ct_X2bar * r.dX2_bar
-    stage((d1_s, D1))
-    stage((ctb_s, matmul(bb, (d1_s, T(neg_eg1_s)))))  # ct of XQ XK^T
-    Cb1 = load_col(vb1_s) + D1.sum(axis=0)
-    vb1_s[...] = Cb1
-    ct_eG1 = -(matmul(bf, (T(attn_b_s), d1_s), (xk_s, cw1_s)) + cols(Cb1, bf))
-    CW1 = into(CW1, (T(xq_s), d1_s))
+    def d1(done):  # D1 and b1's cotangent, while W2's is accumulated
+      D1 = done(0) * r.dX2_bar
+      stage((d1_s, D1))
+      Cb1 = load_col(vb1_s) + D1.sum(axis=0)
+      vb1_s[...] = Cb1
+      return Cb1
+    Cb1, (_, CW2) = matmul_during([(ct_X2bar, [(nm_s, x2_s)]), (CW2, [(T(x2bar_s), d2_s)])],
+                                  d1, interpret)
+    _, (_, ct_eG1) = matmul_during(  # (the ct of XQ XK^T is staged while ct_eG1 is computed)
+        [(bb, [(d1_s, T(neg_eg1_s))]), (bf, [(T(attn_b_s), d1_s), (xk_s, cw1_s)])],
+        lambda done: stage((ctb_s, done(0))))
+    ct_eG1 = -(ct_eG1 + cols(Cb1, bf))
 
     # eG1 = eta G1, G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
-    ct_G1 = rows(plgpu.load(eta_s, layout=ROW), bf) * ct_eG1  # eta loaded where used
-    ct_eta = (ct_eG1 * r.G1).sum(axis=1)  # [b], this slice's part
-    ct_Z1 = ct_G1 * r.Q  # X2's share is added below
-    stage((ctp_s, ct_G1 * r.dX2))  # ct of P = G2 W2^T
+    def g1(done):  # while W1's cotangent is accumulated
+      del done
+      ct_G1 = rows(plgpu.load(eta_s, layout=ROW), bf) * ct_eG1  # eta loaded where used
+      stage((ctp_s, ct_G1 * r.dX2))  # ct of P = G2 W2^T
+      # ct_eta: [b], this slice's part; ct_Z1: X2's share is added below.
+      return (ct_eG1 * r.G1).sum(axis=1), ct_G1 * r.Q
+    (ct_eta, ct_Z1), (CW1,) = matmul_during([(CW1, [(T(xq_s), d1_s)])], g1, interpret)
     CW2 = into(CW2, (T(ctp_s), g2_s))
     # This slice's parts of ct_eG2 (Z2_bar's Gram term, the W2 update), ct_P and ct_XQ, each
     # computed as it is published (their operands wait in shared memory).
@@ -264,8 +272,10 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       ct_Z1_ = ct_Z1 + done(0) * r.dX2
       stage((d1_s, ct_Z1_))
       vb1_s[...] = load_col(vb1_s) + ct_Z1_.sum(axis=0)
-    _, CW2 = accumulate([(ct_X2, [(d2_s, T(w2_s))]), (CW2, [(T(x2_s), d2_s)])], interpret, d1)
-    ct_XK, CW1 = accumulate([(ct_XK, [(d1_s, T(w1_s))]), (CW1, [(T(xk_s), d1_s)])], interpret)
+    _, (_, CW2) = matmul_during([(ct_X2, [(d2_s, T(w2_s))]), (CW2, [(T(x2_s), d2_s)])], d1,
+                                interpret)
+    _, (ct_XK, CW1) = matmul_during([(ct_XK, [(d1_s, T(w1_s))]), (CW1, [(T(xk_s), d1_s)])],
+                                    interpret=interpret)
 
     ct_XK, ct_eta, dZ2 = cl.sum((2, ct_XK, block), ("eta", ct_eta, eta_block),
                                 ("v", dZ2, block.col))

@@ -73,47 +73,37 @@ def matmul(shape, *products):
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
-def matmul_during(pairs, work):
-  """[(shape, products), ...]: the sum of each pair's (a, b) products (f32 [shape]), issued in
-  order to the tensor cores while `work`(done) runs on the CUDA cores; done(k) waits for pair
-  k's sum only (the later pairs may still run) and returns it. Returns (work's result, the
-  sums). Hides matmuls behind work that does not need them, instead of waiting on each."""
+def matmul_during(pairs, work=None, interpret=False):
+  """[(acc, products), ...]: the sum of each pair's (a, b) products, f32, plus acc (an f32
+  [m, n] in the WGMMA layout, accumulated in its registers: no separate adds) or from zero (acc
+  a shape), issued in order to the tensor cores while `work`(done) runs on the CUDA cores;
+  done(k) waits for pair k's sum only (the later pairs may still run) and returns it. Returns
+  (work's result, the sums). Hides matmuls behind work that does not need them instead of
+  waiting on each. `interpret`: jax's GPU interpreter cannot store into an accumulator, so with
+  an acc there the sums are computed first and added."""
+  inits = [None if isinstance(acc, tuple) else acc for acc, _ in pairs]
+  work = work or (lambda done: None)
+  if interpret and any(v is not None for v in inits):
+    sums = [matmul(acc if v is None else v.shape, *products) + (0 if v is None else v)
+            for v, (acc, products) in zip(inits, pairs)]
+    return work(lambda k: sums[k]), sums
+
   def body(*accs):
-    for acc, (_, products) in zip(accs, pairs):
+    for acc, init, (_, products) in zip(accs, inits, pairs):
+      if init is not None:
+        acc[...] = init
       for a, b in products:
         plgpu.wgmma(acc, a, b)
     later = lambda k: sum(len(products) for _, products in pairs[k + 1:])
     out = work(lambda k: plgpu.wgmma_accumulator_load(accs[k], wait_n=later(k)))
     return out, [plgpu.wgmma_accumulator_load(acc, wait_n=0) for acc in accs]
-  return pl.run_scoped(body, *(plgpu.ACC(shape, jnp.float32) for shape, _ in pairs))
-
-
-def accumulate(pairs, interpret=False, during=None):
-  """[(acc, products), ...] -> each acc plus the sum of its (a, b) products, accumulated in
-  acc's registers (f32, WGMMA layout: no separate adds, no second [m, n] value live), issued
-  in order. `during`(done), work with side effects only (shared memory, copies), runs while the
-  tensor cores compute; done(k) waits for pair k's sum (the later pairs may still run) and
-  returns it. jax's GPU interpreter cannot run such accumulators (`pl.run_state`), so there it
-  is the sums and adds."""
-  if interpret:
-    sums = [acc + matmul(acc.shape, *products) for acc, products in pairs]
-    if during:
-      during(lambda k: sums[k])
-    return sums
-
-  def body(refs):  # run_state waits for the wgmmas before it returns
-    for ref, (_, products) in zip(refs, pairs):
-      for a, b in products:
-        plgpu.wgmma(ref, a, b)
-    if during:
-      later = lambda k: sum(len(products) for _, products in pairs[k + 1:])
-      during(lambda k: plgpu.wgmma_accumulator_load(refs[k], wait_n=later(k)))
-  return list(pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc, _ in pairs)))
+  shapes = [acc if v is None else v.shape for v, (acc, _) in zip(inits, pairs)]
+  return pl.run_scoped(body, *(plgpu.ACC(shape, jnp.float32) for shape in shapes))
 
 
 def matmul_into(acc, *products, interpret=False):
-  """acc plus the sum of its products, in acc's registers: `accumulate` for one."""
-  return accumulate([(acc, products)], interpret)[0]
+  """acc plus the sum of its products, in acc's registers (`matmul_during` for one)."""
+  return matmul_during([(acc, products)], interpret=interpret)[1][0]
 
 
 @plgpu.inline_mgpu()
@@ -341,6 +331,9 @@ def mini_batch(s, b1, b2, eps, cl, block, second_order=False, state=None, interp
   two more [b, b] matmuls; attn_b, attn_a are not written). Without it, the dual form, whose
   Gram matrices the backward's VJP reuses. interpret: a `plgpu.InterpretGPUParams` or False.
   """
+  if (state is None) != second_order:
+    raise ValueError("mini_batch: the forward passes its state (primal form), the backward "
+                     "second_order=True (dual form)")
   b, d = s.xq.shape
   fp = s.w1.shape[1]
   bf, bd, rd = (b, fp), (b, d), (block.ds.size, d)
@@ -368,21 +361,27 @@ def mini_batch(s, b1, b2, eps, cl, block, second_order=False, state=None, interp
   eG2 = rows(plgpu.load(s.eta.at[block.ds], layout=block.row), rd) * G2
   if second_order:  # the backward wants G1 and Q, so G2 is shared too
     cl.share(block, (s.neg_eg2, -eG2), (s.g2, G2))
-    P = matmul(bf, (s.g2, s.w2.transpose((1, 0))))
-    G1, Q = P * dX2, P * ddX2
-    neg_eG1 = -(rows(plgpu.load(s.eta, layout=ROW), bf) * G1)
+
+    def g1(done):  # while XQ W1 (the dual form's) is computed
+      P = done(0)
+      G1 = P * dX2
+      neg_eG1 = -(rows(plgpu.load(s.eta, layout=ROW), bf) * G1)
+      stage((s.neg_eg1, neg_eG1))
+      return G1, P * ddX2, neg_eG1
+    (G1, Q, neg_eG1), (_, XQW1) = matmul_during(
+        [(bf, [(s.g2, s.w2.transpose((1, 0)))]), (bf, [(s.xq, s.w1)])], g1)
   else:  # eta scales rows: eta G1 = ((eta G2) W2^T) gelu'(Z1), and G2 is not needed
     cl.share(block, (s.neg_eg2, -eG2))
     G1 = Q = None
     neg_eG1 = matmul(bf, (s.neg_eg2, s.w2.transpose((1, 0)))) * dX2
-  stage((s.neg_eg1, neg_eG1))
+    stage((s.neg_eg1, neg_eG1))
 
   # f(XQ; W'): Z1_bar = XQ W1' + b1 - colsum(eG1), W1' = W1 - XK^T eG1, and likewise Z2_bar;
   # the dual form without forming W' (as the pure op): XQ W1' = XQ W1 - (XQ XK^T) eG1.
   db1 = -neg_eG1.sum(axis=0)  # [fp]
   W1 = W2 = dX2_bar = None
   if state:  # W1' first; W2's step runs on the tensor cores while gelu(Z1_bar) is computed
-    W1, = accumulate([(state[0], [(s.xk.transpose((1, 0)), s.neg_eg1)])], interpret)
+    W1 = matmul_into(state[0], (s.xk.transpose((1, 0)), s.neg_eg1), interpret=interpret)
     if before_stage:
       before_stage()
     stage((s.w1, W1))
@@ -390,16 +389,19 @@ def mini_batch(s, b1, b2, eps, cl, block, second_order=False, state=None, interp
     def gelu_bar(done):
       X2_bar, _ = gelu_tanh_and_grad(done(0))
       stage((s.x2_bar, X2_bar))
-    _, W2 = accumulate([(cols(b1 - db1, bf), [(s.xq, s.w1)]),
-                        (state[1], [(s.x2.transpose((1, 0)), s.neg_eg2)])], interpret, gelu_bar)
+    _, (_, W2) = matmul_during([(cols(b1 - db1, bf), [(s.xq, s.w1)]),
+                                (state[1], [(s.x2.transpose((1, 0)), s.neg_eg2)])],
+                               gelu_bar, interpret)
     stage((s.w2, W2))
     part = matmul(bd, (s.x2_bar, s.w2))
-  else:
-    Z1_bar = matmul(bf, (s.xq, s.w1), (s.attn_b, s.neg_eg1)) + cols(b1 - db1, bf)
+  else:  # (X2_bar W2 is computed while X2_bar X2^T is staged)
+    Z1_bar = matmul_into(XQW1 + cols(b1 - db1, bf), (s.attn_b, s.neg_eg1), interpret=interpret)
     X2_bar, dX2_bar = gelu_tanh_and_grad(Z1_bar)
     stage((s.x2_bar, X2_bar))
-    stage((s.attn_a, matmul((b, b), (s.x2_bar, s.x2.transpose((1, 0))))))
-    part = matmul(bd, (s.x2_bar, s.w2), (s.attn_a, s.neg_eg2))
+    _, (_, part) = matmul_during(
+        [((b, b), [(s.x2_bar, s.x2.transpose((1, 0)))]), (bd, [(s.x2_bar, s.w2)])],
+        lambda done: stage((s.attn_a, done(0))))
+    part = matmul_into(part, (s.attn_a, s.neg_eg2), interpret=interpret)
   db2 = eG2.sum(axis=0)  # [d], over the CTA's rows
   Z2_bar, db2 = cl.sum((1, part, block), ("db2", db2, block.col))
   Z2_bar = Z2_bar + cols(b2 - db2, rd)

@@ -378,10 +378,11 @@ def mini_batch(s, b1, b2, eps, cl, block, second_order=False, state=None, interp
 
   # f(XQ; W'): Z1_bar = XQ W1' + b1 - colsum(eG1), W1' = W1 - XK^T eG1, and likewise Z2_bar;
   # the dual form without forming W' (as the pure op): XQ W1' = XQ W1 - (XQ XK^T) eG1.
-  db1 = -neg_eG1.sum(axis=0)  # [fp]
+  colsum = lambda done: -neg_eG1.sum(axis=0)  # db1 [fp]
   W1 = W2 = dX2_bar = None
-  if state:  # W1' first; W2's step runs on the tensor cores while gelu(Z1_bar) is computed
-    W1 = matmul_into(state[0], (s.xk.transpose((1, 0)), s.neg_eg1), interpret=interpret)
+  if state:  # W1' first (during db1's sum); W2's step runs during gelu(Z1_bar)
+    db1, (W1,) = matmul_during([(state[0], [(s.xk.transpose((1, 0)), s.neg_eg1)])], colsum,
+                               interpret)
     if before_stage:
       before_stage()
     stage((s.w1, W1))
@@ -395,6 +396,7 @@ def mini_batch(s, b1, b2, eps, cl, block, second_order=False, state=None, interp
     stage((s.w2, W2))
     part = matmul(bd, (s.x2_bar, s.w2))
   else:  # (X2_bar W2 is computed while X2_bar X2^T is staged)
+    db1 = colsum(None)
     Z1_bar = matmul_into(XQW1 + cols(b1 - db1, bf), (s.attn_b, s.neg_eg1), interpret=interpret)
     X2_bar, dX2_bar = gelu_tanh_and_grad(Z1_bar)
     stage((s.x2_bar, X2_bar))

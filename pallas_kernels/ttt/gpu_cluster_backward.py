@@ -274,12 +274,13 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       vb1_s[...] = load_col(vb1_s) + ct_Z1_.sum(axis=0)
     _, (_, CW2) = matmul_during([(ct_X2, [(d2_s, T(w2_s))]), (CW2, [(T(x2_s), d2_s)])], d1,
                                 interpret)
-    _, (ct_XK, CW1) = matmul_during([(ct_XK, [(d1_s, T(w1_s))]), (CW1, [(T(xk_s), d1_s)])],
-                                    interpret=interpret)
-
-    ct_XK, ct_eta, dZ2 = cl.sum((2, ct_XK, block), ("eta", ct_eta, eta_block),
-                                ("v", dZ2, block.col))
-    add_col(vb2_s, dZ2)
+    def xk_sum(done):  # while W1's cotangent is accumulated (it reads xk_s: written after)
+      ct_XK_, ct_eta_, dZ2_ = cl.sum((2, done(0), block), ("eta", ct_eta, eta_block),
+                                     ("v", dZ2, block.col))
+      add_col(vb2_s, dZ2_)
+      return ct_XK_, ct_eta_
+    (ct_XK, ct_eta), (_, CW1) = matmul_during(
+        [(ct_XK, [(d1_s, T(w1_s))]), (CW1, [(T(xk_s), d1_s)])], xk_sum, interpret)
 
     # The CTA's rows of d XK, d XV and d eta, out through the input tiles (free now; the next
     # mini-batch loads after these leave).

@@ -31,15 +31,17 @@ then 2 (ct_XK), so that no barrier has to end a mini-batch: a CTA writes each ex
 (slot, vector or shared tile) again only after passing a later cluster barrier than the one
 behind which its peers read it (`sum`'s and `share`'s barriers: seven a mini-batch).
 Splitting the rows took the loop from 12,249 to 8,228 SASS instructions
-(`benchmarks/kernel_resources.py`, H100, jax 0.12.0.1). It is 6,376 now: `mini_batch` hands
+(`benchmarks/kernel_resources.py`, H100, jax 0.12.0.1), and then to 6,376: `mini_batch` hands
 over gelu'(Z1), G1, Q = (G2 W2^T) gelu''(Z1) and gelu'(Z1_bar) from the tanh it computes anyway
-(`second_order`), the state cotangents accumulate in their own registers
-(`gpu_cluster_lib.matmul_into`), and -M, -eta G1, -eta G2 are the staged operands (every
-product with them is subtracted), so each cotangent is one accumulator. With 2,871 clocks
-stalled on its 3,968 tensor clocks (31 matmuls, waited on as issued) a mini-batch takes about
-9,247 clocks: 43% of the matmul peak, 26% in the benchmarks' `ttt_flops` count (twice the
-forward's dual-form 1,215 clocks a CTA). Next: hiding those waits (issuing independent matmuls
-before the work that precedes their use, warp specialisation) and the remaining spills.
+(`second_order`), the state cotangents accumulate in their own registers, and -M, -eta G1,
+-eta G2 are the staged operands (every product with them is subtracted), so each cotangent is
+one accumulator. Its 31 matmuls (3,968 tensor clocks) were then waited on as issued (2,871
+clocks stalled); issuing each where its operands are ready and waiting where it is used
+(`gpu_cluster_lib.matmul_during`: e.g. the terms of ct_X2 and ct_XK without ct_Z2 run during
+the rows' LayerNorm-L2 VJP, W1's cotangent step during ct_XK's cluster sum) leaves 1,717 for
+6,766 instructions: a mini-batch takes about 8,483 clocks, 47% of the matmul peak, 29% in the
+benchmarks' `ttt_flops` count (twice the forward's dual-form 1,215 clocks a CTA). Next: the
+remaining waits (warp specialisation) and spills, and a primal-form VJP (no b x b products).
 
 Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double
 as the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster).

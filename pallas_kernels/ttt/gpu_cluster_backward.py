@@ -33,7 +33,7 @@ behind which its peers read it (`sum`'s and `share`'s barriers: seven a mini-bat
 Splitting the rows took the loop from 12,249 to 8,228 SASS instructions
 (`benchmarks/kernel_resources.py`, H100, jax 0.12.0.1), and then to 6,376: `mini_batch` hands
 over gelu'(Z1), G1, Q = (G2 W2^T) gelu''(Z1) and gelu'(Z1_bar) from the tanh it computes anyway
-(`second_order`), the state cotangents accumulate in their own registers, and -M, -eta G1,
+(its dual form), the state cotangents accumulate in their own registers, and -M, -eta G1,
 -eta G2 are the staged operands (every product with them is subtracted), so each cotangent is
 one accumulator. Its 31 matmuls (3,968 tensor clocks) were then waited on as issued (2,871
 clocks stalled); issuing each where its operands are ready and waiting where it is used
@@ -183,7 +183,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
                                  g2=g2_s, attn_b=attn_b_s, attn_a=attn_a_s, ln=vec_s,
                                  eta=eta_s)
     r = mini_batch(bufs, load_col(b1_s), load_col(b2_s, block.col), eps, cl, block,
-                   second_order=True, interpret=interpret)
+                   interpret=interpret)
     T = lambda ref: ref.transpose((1, 0))
     into = functools.partial(matmul_into, interpret=interpret)  # the state cotangents' sums
     rd = r.Z2.shape  # [rows, d]: the CTA's rows of the [b, d] work

@@ -296,7 +296,7 @@ class Recompute(NamedTuple):
   """What `mini_batch` computes, the registers (f32) the backward differentiates through; the
   [., d] ones hold the CTA's `Rows`."""
   dX2: jax.Array  # [b, fp] gelu'(Z1), Z1 = XK W1 + b1
-  G1: jax.Array | None  # [b, fp] (G2 W2^T) gelu'(Z1); with second_order, else None
+  G1: jax.Array | None  # [b, fp] (G2 W2^T) gelu'(Z1); the backward's (dual form) only
   Q: jax.Array | None  # [b, fp] (G2 W2^T) gelu''(Z1); likewise
   Z2: jax.Array  # [rows, d] X2 W2 + b2, summed over the cluster
   G2: jax.Array  # [rows, d] the LayerNorm-L2 gradient of Z2
@@ -308,32 +308,28 @@ class Recompute(NamedTuple):
   W2: jax.Array | None  # [fp, d]
 
 
-def mini_batch(s, b1, b2, eps, cl, block, second_order=False, state=None, interpret=False,
-               before_stage=None):
+def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_stage=None):
   """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see
   `gpu_cluster.py`'s docstring), on the CTA's hidden slice and `block`, its rows of the [b, d]
   work (`Rows`).
 
   s: shared-memory buffers with xq, xk, xv [b, d] (bf16) and eta [b] (f32) loaded, w1 [d, fp],
-  w2 [fp, d] (bf16) staged; written here: x2, x2_bar, neg_eg1 [b, fp] (-eta G1), neg_eg2 and
-  (second_order only) g2 [b, d] (-eta G2, G2; all b rows, `Cluster.share`) and (dual form
-  only) attn_b, attn_a [b, b] (XQ XK^T, X2_bar X2^T). -eta G as the operand: the dual form and
-  the state update subtract every product with it, so each is one accumulator; ln [2, d] f32:
-  gamma and beta, loaded where used (fewer live registers). b1 [fp] (COL), b2 [d] (block.col):
-  f32 registers. cl: the `Cluster`, whose partial-sum slots 0 and 1 and vector "db2" this
-  uses. second_order: also G1 and Q, for the backward (gelu''(Z1) from the same tanh as
-  gelu(Z1), so Z1 and the tanh die at once); without it they are None.
+  w2 [fp, d] (bf16) staged; written here: x2, x2_bar, neg_eg1 [b, fp] (-eta G1: every product
+  with it is subtracted, so each is one accumulator), neg_eg2 [b, d] (all b rows,
+  `Cluster.share`), and for the backward g2 [b, d] and attn_b, attn_a [b, b] (XQ XK^T,
+  X2_bar X2^T); ln [2, d] f32: gamma and beta, loaded where used. b1 [fp] (COL), b2 [d]
+  (block.col): f32 registers. cl: the `Cluster` (slots 0, 1 and "db2"). interpret: a
+  `plgpu.InterpretGPUParams` or False.
 
   state: the forward's (W1, W2), f32 [d, fp], [fp, d] in registers (WGMMA), whose bf16 copies
   s.w1, s.w2 hold: the gradient step is taken on them here (Recompute's W1, W2) and the new
   ones staged (after before_stage(), if given), and Z1_bar and Z2_bar are f(XQ; W') itself (the
   primal form: with no causal mask inside the mini-batch the dual form computes the same with
-  two more [b, b] matmuls; attn_b, attn_a are not written). Without it, the dual form, whose
-  Gram matrices the backward's VJP reuses. interpret: a `plgpu.InterpretGPUParams` or False.
+  two more [b, b] matmuls). Without it (the backward), the dual form, whose Gram matrices the
+  VJP reuses, and G1, Q and gelu'(Z1_bar) for it (gelu''(Z1) from the same tanh as gelu(Z1),
+  so Z1 and the tanh die at once).
   """
-  if (state is None) != second_order:
-    raise ValueError("mini_batch: the forward passes its state (primal form), the backward "
-                     "second_order=True (dual form)")
+  dual = state is None  # the backward's recompute
   b, d = s.xq.shape
   fp = s.w1.shape[1]
   bf, bd, rd = (b, fp), (b, d), (block.ds.size, d)
@@ -343,7 +339,7 @@ def mini_batch(s, b1, b2, eps, cl, block, second_order=False, state=None, interp
     Z1 = Z1 + cols(b1, bf)  # [b, fp]
     X2, dX2 = gelu_tanh_and_grad(Z1)  # dX2 (gelu'(Z1)) is live instead of Z1
     stage((s.x2, X2))
-    return dX2, gelu_tanh_grad2(Z1) if second_order else None
+    return dX2, gelu_tanh_grad2(Z1) if dual else None
   if state:
     dX2, ddX2 = gelu(matmul(bf, (s.xk, s.w1)))
   else:  # XQ XK^T is computed while gelu runs
@@ -359,7 +355,7 @@ def mini_batch(s, b1, b2, eps, cl, block, second_order=False, state=None, interp
   ln = lambda k: load_col(s.ln.at[k], block.col)
   G2 = ln_l2_grad(Z2, target, ln(0), ln(1), eps)
   eG2 = rows(plgpu.load(s.eta.at[block.ds], layout=block.row), rd) * G2
-  if second_order:  # the backward wants G1 and Q, so G2 is shared too
+  if dual:  # the backward wants G1 and Q, so G2 is shared too
     cl.share(block, (s.neg_eg2, -eG2), (s.g2, G2))
 
     def g1(done):  # while XQ W1 (the dual form's) is computed

@@ -6,7 +6,7 @@ idle at the 5B shape (48 heads on 132 SMs). Here the inner MLP's hidden width f 
 over a cluster of P CTAs: CTA c holds W1[:, c*f/P:(c+1)*f/P], b1's slice and W2's matching
 rows, and the P CTAs of a (batch, head) walk the mini-batches together, so the grid is
 B x H x P CTAs (P = 4: 192 at 48 heads) and each holds 1/P of the state. Each CTA's shared
-memory (178 KiB here, 220 KiB in the backward) leaves room for one CTA per SM, and each
+memory (170 KiB here, 220 KiB in the backward) leaves room for one CTA per SM, and each
 (batch, head) is one sequential chain, so 192 CTAs on an H100's 132 SMs run as two waves, the
 second 45% full: expect B x H = 48 chains to take as long as 66 would (an estimate, to be
 checked on a GPU). A cluster of 8 (three waves of half the work each: 1.5 instead of 2 chain
@@ -96,9 +96,9 @@ def supports(kind: str, dtype, b: int, d: int, cluster: int) -> bool:
 
   TTT-MLP with bf16 inputs and b = 64 (a wgmma tile has 64 rows), a hidden slice of 64 units or
   a multiple (the W2 slice's update is a wgmma tile too), and the scratch within one SM's shared
-  memory: at d = 64 that is cluster = 4 (178 KiB; cluster = 2 needs 250 KiB), which is also
+  memory: at d = 64 that is cluster = 4 (170 KiB; cluster = 2 needs 242 KiB), which is also
   the row split's shape (b = 16 x cluster, d = 64). d = 128 does not fit yet (cluster = 8:
-  323 KiB), nor does d < 64 (its W1 update tile has d < 64 rows).
+  315 KiB), nor does d < 64 (its W1 update tile has d < 64 rows).
   """
   f = 4 * d
   return (kind == "ttt_mlp" and jnp.dtype(dtype) == jnp.bfloat16 and b == 64 and d == 64
@@ -117,7 +117,6 @@ def _scratch(b, d, cluster, dtype, interpret):
       swizzled((b, fp), bf16), swizzled((b, fp), bf16),  # X2, X2_bar
       swizzled((b, fp), bf16),  # -eta * G1
       swizzled((b, d), bf16),  # -eta * G2
-      swizzled((b, b), bf16),  # XQ XK^T, then X2_bar X2^T
       plgpu.SMEM((2, b, d), f32), plgpu.SMEM((d,), f32),  # this CTA's partial sums, of db2
       plgpu.SMEM((b, d) if interpret else (8,), f32),  # a peer's, received (interpret only)
       plgpu.SMEM((d, fp), f32), plgpu.SMEM((fp,), f32), plgpu.SMEM((fp, d), f32),
@@ -138,7 +137,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   [B, H, G, ...] (W1 and W2 in f32 or bf16) and (interpret only) the exchange scratch
   [B, H, P, 3, b, d] f32 (partial sums; db2's in slot 2, row 0) and [B, H, P, 1, 16, d] bf16
   (-eta G2's row blocks)."""
-  (xq_2, xk_2, xv_2, eta_2, out_s, w1b_s, w2b_s, x2_s, x2bar_s, neg_eg1_s, neg_eg2_s, attn_s,
+  (xq_2, xk_2, xv_2, eta_2, out_s, w1b_s, w2b_s, x2_s, x2bar_s, neg_eg1_s, neg_eg2_s,
    part_s, db2_s, recv_s,
    st_w1, st_b1, st_w2, st_b2, vec_s, init_bar, load_bar, recv_bar, cbar) = scratch
   i, h, c = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("cluster")
@@ -195,8 +194,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     plgpu.barrier_wait(load_bar.at[slot])
     bufs = types.SimpleNamespace(
         xq=xq_2.at[slot], xk=xk_2.at[slot], xv=xv_2.at[slot], w1=w1b_s, w2=w2b_s, x2=x2_s,
-        x2_bar=x2bar_s, neg_eg1=neg_eg1_s, neg_eg2=neg_eg2_s, attn_b=attn_s, attn_a=attn_s,
-        ln=vec_s, eta=eta_2.at[slot])
+        x2_bar=x2bar_s, neg_eg1=neg_eg1_s, neg_eg2=neg_eg2_s, ln=vec_s, eta=eta_2.at[slot])
 
     @pl.when(n + 1 < num_mini_batches)
     def _():  # the other buffer's last readers (mini-batch n - 1) have finished

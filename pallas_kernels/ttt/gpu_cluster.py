@@ -196,15 +196,14 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
         xq=xq_2.at[slot], xk=xk_2.at[slot], xv=xv_2.at[slot], w1=w1b_s, w2=w2b_s, x2=x2_s,
         x2_bar=x2bar_s, neg_eg1=neg_eg1_s, neg_eg2=neg_eg2_s, ln=vec_s, eta=eta_2.at[slot])
 
-    @pl.when(n + 1 < num_mini_batches)
-    def _():  # the other buffer's last readers (mini-batch n - 1) have finished
-      prefetch(n + 1)
-
     # The gradient step (at the mini-batch's last token) is taken in mini_batch, which stages
     # the new W1, W2 once the bf16 checkpoint has left w1b_s, w2b_s.
     wait = functools.partial(plgpu.wait_smem_to_gmem, 0, wait_read_only=True)
+    def prefetch_next():  # (issued while Z1's matmul runs) the other buffer's last readers
+      # (mini-batch n - 1) have finished
+      pl.when(n + 1 < num_mini_batches)(lambda: prefetch(n + 1))
     r = mini_batch(bufs, b1, b2, eps, cl, block, state=(W1, W2), interpret=interpret,
-                   before_stage=wait if bf16_weights else None)
+                   before_stage=wait if bf16_weights else None, during_z1=prefetch_next)
     # The CTA's rows of the output: XQ + gamma * LN(Z2_bar) + beta.
     x_hat, _ = normalize(r.Z2_bar, eps)
     ln = lambda k: cols(load_col(vec_s.at[k], block.col), x_hat.shape)

@@ -308,7 +308,8 @@ class Recompute(NamedTuple):
   W2: jax.Array | None  # [fp, d]
 
 
-def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_stage=None):
+def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_stage=None,
+               during_z1=lambda: None):
   """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see
   `gpu_cluster.py`'s docstring), on the CTA's hidden slice and `block`, its rows of the [b, d]
   work (`Rows`).
@@ -340,21 +341,26 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
     X2, dX2 = gelu_tanh_and_grad(Z1)  # dX2 (gelu'(Z1)) is live instead of Z1
     stage((s.x2, X2))
     return dX2, gelu_tanh_grad2(Z1) if dual else None
-  if state:
-    dX2, ddX2 = gelu(matmul(bf, (s.xk, s.w1)))
+  if state:  # (`during_z1` runs while Z1 is computed)
+    (dX2, ddX2), _ = matmul_during([(bf, [(s.xk, s.w1)])],
+                                   lambda done: (during_z1(), gelu(done(0)))[1])
   else:  # XQ XK^T is computed while gelu runs
     (dX2, ddX2), (_, attn_b) = matmul_during(
         [(bf, [(s.xk, s.w1)]), ((b, b), [(s.xq, s.xk.transpose((1, 0)))])],
         lambda done: gelu(done(0)))
     stage((s.attn_b, attn_b))
-  Z2, = cl.sum((0, matmul(bd, (s.x2, s.w2)), block))
+  # (The rows' inputs of the loss are loaded while X2 W2 is computed.)
+  ln = lambda k: load_col(s.ln.at[k], block.col)
+  (target, eta, gamma, beta, part), _ = matmul_during(
+      [(bd, [(s.x2, s.w2)])],
+      lambda done: (load_rows(s.xv, block) - load_rows(s.xk, block),
+                    plgpu.load(s.eta.at[block.ds], layout=block.row), ln(0), ln(1), done(0)))
+  Z2, = cl.sum((0, part, block))
   Z2 = Z2 + cols(b2, rd)  # [rows, d]
 
   # Gradients of the reconstruction loss: G2 = dl/dZ2 on the CTA's rows, G1 = dl/dZ1.
-  target = load_rows(s.xv, block) - load_rows(s.xk, block)
-  ln = lambda k: load_col(s.ln.at[k], block.col)
-  G2 = ln_l2_grad(Z2, target, ln(0), ln(1), eps)
-  eG2 = rows(plgpu.load(s.eta.at[block.ds], layout=block.row), rd) * G2
+  G2 = ln_l2_grad(Z2, target, gamma, beta, eps)
+  eG2 = rows(eta, rd) * G2
   if dual:  # the backward wants G1 and Q, so G2 is shared too
     cl.share(block, (s.neg_eg2, -eG2), (s.g2, G2))
 

@@ -396,17 +396,19 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
                                 (state[1], [(s.x2.transpose((1, 0)), s.neg_eg2)])],
                                gelu_bar, interpret)
     stage((s.w2, W2))
-    part = matmul(bd, (s.x2_bar, s.w2))
-  else:  # (X2_bar W2 is computed while X2_bar X2^T is staged)
-    db1 = colsum(None)
-    Z1_bar = matmul_into(XQW1 + cols(b1 - db1, bf), (s.attn_b, s.neg_eg1), interpret=interpret)
+    last = (bd, [(s.x2_bar, s.w2)])
+  else:  # (db1 is summed while (XQ XK^T) eG1 is; X2_bar W2 while X2_bar X2^T is staged)
+    db1, (Z1_bar,) = matmul_during([(XQW1 + cols(b1, bf), [(s.attn_b, s.neg_eg1)])], colsum,
+                                   interpret)
+    Z1_bar = Z1_bar - cols(db1, bf)
     X2_bar, dX2_bar = gelu_tanh_and_grad(Z1_bar)
     stage((s.x2_bar, X2_bar))
     _, (_, part) = matmul_during(
         [((b, b), [(s.x2_bar, s.x2.transpose((1, 0)))]), (bd, [(s.x2_bar, s.w2)])],
         lambda done: stage((s.attn_a, done(0))))
-    part = matmul_into(part, (s.attn_a, s.neg_eg2), interpret=interpret)
-  db2 = eG2.sum(axis=0)  # [d], over the CTA's rows
+    last = (part, [(s.attn_a, s.neg_eg2)])
+  # (db2 [d], over the CTA's rows, is summed while Z2_bar's last product is computed.)
+  db2, (part,) = matmul_during([last], lambda done: eG2.sum(axis=0), interpret)
   Z2_bar, db2 = cl.sum((1, part, block), ("db2", db2, block.col))
   Z2_bar = Z2_bar + cols(b2 - db2, rd)
   return Recompute(dX2, G1, Q, Z2, G2, dX2_bar, Z2_bar, db1, db2, W1, W2)

@@ -170,12 +170,15 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   # of them cost 96 registers at n = 64, which spilled. A warpgroup barrier (`stage`, `matmul`
   # operands' commit) separates each store from the other threads' next load of the vector.
 
+  early = lambda t: [(xq_g.at[i, h, t], xq_s), (cto_g.at[i, h, t], cto_s)]
+
   def step(k, carry):
     CW1, CW2 = carry  # cotangents of W1, W2 after mini-batch t (b1, b2: vb1_s, vb2_s)
     t = g - 1 - k
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's outputs have left
-    fetch([(xq_g.at[i, h, t], xq_s), (xk_g.at[i, h, t], xk_s), (xv_g.at[i, h, t], xv_s),
-           (cto_g.at[i, h, t], cto_s), (eta_g.at[i, h, t], eta_s),
+    # XQ and ct_out were loaded during the last step, once it had read them (`early`).
+    pl.when(k == 0)(lambda: fetch(early(t), load_bar, wait=False))
+    fetch([(xk_g.at[i, h, t], xk_s), (xv_g.at[i, h, t], xv_s), (eta_g.at[i, h, t], eta_s),
            (w1_g.at[i, h, t, :, hid], w1_s), (b1_g.at[i, h, t, 0, hid], b1_s),
            (w2_g.at[i, h, t, hid, :], w2_s), (b2_g.at[i, h, t, 0], b2_s)], load_bar)
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
@@ -269,6 +272,9 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     (ct_eta_rows, ct_T, dZ2), (ct_X2, ct_XK) = matmul_during(
         [(bf, [(T(nm_s), x2bar_s), (neg_eg2_s, T(cw2_s))]),
          (bd, [(T(ctb_s), xq_s), (neg_eg1_s, T(cw1_s))])], rows_work)
+    # XQ and ct_out are dead here (their last readers: that matmul, and rows_work before its
+    # cluster barrier): the next mini-batch's are loaded during the rest of this one.
+    pl.when(k + 1 < g)(lambda: fetch(early(t - 1), load_bar, wait=False))
 
     def d1(done):  # ct_Z1, D1's tile, while W2's cotangent is accumulated
       ct_Z1_ = ct_Z1 + done(0) * r.dX2

@@ -170,15 +170,16 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   # of them cost 96 registers at n = 64, which spilled. A warpgroup barrier (`stage`, `matmul`
   # operands' commit) separates each store from the other threads' next load of the vector.
 
-  early = lambda t: [(xq_g.at[i, h, t], xq_s), (cto_g.at[i, h, t], cto_s)]
+  early = lambda t: [(xq_g.at[i, h, t], xq_s), (xv_g.at[i, h, t], xv_s),
+                     (cto_g.at[i, h, t], cto_s)]
 
   def step(k, carry):
     CW1, CW2 = carry  # cotangents of W1, W2 after mini-batch t (b1, b2: vb1_s, vb2_s)
     t = g - 1 - k
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's outputs have left
-    # XQ and ct_out were loaded during the last step, once it had read them (`early`).
+    # XQ, XV and ct_out were loaded during the last step, once it had read them (`early`).
     pl.when(k == 0)(lambda: fetch(early(t), load_bar, wait=False))
-    fetch([(xk_g.at[i, h, t], xk_s), (xv_g.at[i, h, t], xv_s), (eta_g.at[i, h, t], eta_s),
+    fetch([(xk_g.at[i, h, t], xk_s), (eta_g.at[i, h, t], eta_s),
            (w1_g.at[i, h, t, :, hid], w1_s), (b1_g.at[i, h, t, 0, hid], b1_s),
            (w2_g.at[i, h, t, hid, :], w2_s), (b2_g.at[i, h, t, 0], b2_s)], load_bar)
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
@@ -272,7 +273,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     (ct_eta_rows, ct_T, dZ2), (ct_X2, ct_XK) = matmul_during(
         [(bf, [(T(nm_s), x2bar_s), (neg_eg2_s, T(cw2_s))]),
          (bd, [(T(ctb_s), xq_s), (neg_eg1_s, T(cw1_s))])], rows_work)
-    # XQ and ct_out are dead here (their last readers: that matmul, and rows_work before its
+    # XQ, XV and ct_out are dead here (their last readers: that matmul, and rows_work before its
     # cluster barrier): the next mini-batch's are loaded during the rest of this one.
     pl.when(k + 1 < g)(lambda: fetch(early(t - 1), load_bar, wait=False))
 
@@ -290,13 +291,13 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     (ct_XK, ct_eta), (_, CW1) = matmul_during(
         [(ct_XK, [(d1_s, T(w1_s))]), (CW1, [(T(xk_s), d1_s)])], xk_sum, interpret)
 
-    # The CTA's rows of d XK, d XV and d eta, out through the input tiles (free now; the next
-    # mini-batch loads after these leave).
+    # The CTA's rows of d XK, d XV and d eta, out through tiles free now (XK's, -M's, eta's;
+    # the next mini-batch writes them after these leave).
     xk_s.at[block.ds][...] = (ct_XK - ct_T).astype(xk_s.dtype)
-    xv_s.at[block.ds][...] = ct_T.astype(xv_s.dtype)
+    nm_s.at[block.ds][...] = ct_T.astype(nm_s.dtype)
     eta_s.at[block.ds][...] = ct_eta + ct_eta_rows
     plgpu.commit_smem()
-    for src, dst in ((xk_s, dxk_g), (xv_s, dxv_g), (eta_s, deta_g)):
+    for src, dst in ((xk_s, dxk_g), (nm_s, dxv_g), (eta_s, deta_g)):
       plgpu.copy_smem_to_gmem(src.at[block.ds], dst.at[i, h, t, block.ds])
 
     return CW1, CW2  # (no barrier needed here: see the module docstring)

@@ -38,16 +38,24 @@ over gelu'(Z1), G1, Q = (G2 W2^T) gelu''(Z1) and gelu'(Z1_bar) from the tanh it 
 one accumulator. Its 31 matmuls (3,968 tensor clocks) were then waited on as issued (2,871
 clocks stalled); issuing each where its operands are ready and waiting where it is used
 (`gpu_cluster_lib.matmul_during`: e.g. the terms of ct_X2 and ct_XK without ct_Z2 run during
-the rows' LayerNorm-L2 VJP, W1's cotangent step during ct_XK's cluster sum) leaves 1,717 for
-6,766 instructions: a mini-batch takes about 8,483 clocks, 47% of the matmul peak, 29% in the
-benchmarks' `ttt_flops` count (twice the forward's dual-form 1,215 clocks a CTA). Next: the
-remaining waits (warp specialisation) and spills, and a primal-form VJP (no b x b products).
+the rows' LayerNorm-L2 VJP, W1's cotangent step during ct_XK's cluster sum, db1's and db2's
+column sums during the recompute's last products) leaves 1,475 for 6,748 instructions: a
+mini-batch takes about 8,223 clocks, 48% of the matmul peak, 30% in the benchmarks'
+`ttt_flops` count (twice the forward's dual-form 1,215 clocks a CTA). The loop spills about
+2.4 KiB a thread (255 registers: the state cotangents, gelu'(Z1), G1, Q and the accumulators
+in flight); tried and slower: gelu'(Z1_bar) parked in shared memory, P = G2 W2^T recomputed
+instead of keeping G1 and Q, all four of ct_eG2's, ct_P's and ct_XQ's matmuls issued at once.
+Next: warp specialisation (a second warpgroup holding the state cotangents and their matmuls
+would take 64 registers a thread off this one; every warp must then join the cluster
+barriers), and a primal-form VJP (no b x b products).
 
 Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double
 as the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster).
 Shared memory: 20 bf16 tiles and 3 f32 ones, 211 KiB (`smem_bytes`; Mosaic GPU asks for
-222 KiB). Mini-batch t's inputs are loaded when it starts (no prefetch yet: the tiles are all
-in use).
+222 KiB). There is no room for a second set of input tiles, so XQ, XV and ct_out of mini-batch
+t - 1 are loaded into theirs once t has read them (after the rows' work, about the last third
+of the step; d XV leaves through another dead tile), and mini-batch t waits at its start only
+for XK, eta and its state slice (25 of 49 KiB).
 """
 from __future__ import annotations
 

@@ -49,10 +49,10 @@ X2 W2's, W1's step runs during db1's column sum, W2's and XQ W1' during gelu(Z1_
 column sum during X2_bar W2': `gpu_cluster_lib.matmul_during`), make a mini-batch about 2,376
 clocks: 51% of the matmul peak in the benchmarks' `ttt_flops` count (the dual form's 1,215
 clocks a CTA; the kernel does that work with 896 in the primal form), before the cluster
-barriers' and distributed shared memory's latency. At d = 64 the elementwise work, not the matmuls, sets
-the pace; hiding the remaining waits (warp specialisation: a second warpgroup's work during
-each matmul) and packed bf16x2 math are the ways up. Checkpoints are saved outside the inner
-loop over a group's mini-batches.
+barriers' and distributed shared memory's latency. At d = 64 the elementwise work, not the
+matmuls, sets the pace; hiding the remaining waits (warp specialisation: a second warpgroup's
+work during each matmul) and packed bf16x2 math are the ways up. Checkpoints are saved outside
+the inner loop over a group's mini-batches.
 
 Scope (`supports`): TTT-MLP, bf16 inputs, b = 64 (a wgmma tile is 64 rows), d = 64 with
 cluster = 4 (the scratch must fit 227 KiB of shared memory: `smem_bytes`); checkpoints as

@@ -112,11 +112,12 @@ def _scratch(b, d, cluster, interpret):
   )
 
 
-def _ln_l2_grad_vjp(z, target, gamma, beta, eps, G, ct_G):
+def _ln_l2_grad_vjp(z, target, gamma, beta, eps, G, ct_G, more_gamma=0, more_beta=0):
   """VJP of `gpu_cluster_lib.ln_l2_grad` (G = LNback(x_hat, rstd, u), u = gamma (gamma x_hat +
   beta - target), given as computed by the forward): the cotangents of z, target, gamma [d]
-  and beta [d] given ct_G [b, d]. LNback is self-adjoint in u; x_hat and rstd are then
-  differentiated through z."""
+  and beta [d] given ct_G [b, d]; more_gamma, more_beta [b, d]: other per-row terms of the
+  last two, summed over the rows with them (one column sum each). LNback is self-adjoint in u;
+  x_hat and rstd are then differentiated through z."""
   bd = z.shape
   d = bd[1]
   mean = lambda v: rows(v.sum(axis=1) / d, bd)
@@ -127,8 +128,8 @@ def _ln_l2_grad_vjp(z, target, gamma, beta, eps, G, ct_G):
   r = rows(rstd, bd)
   ct_x_hat = g_ * g_ * ct_u - r * (mean(u * x_hat) * ct_G + mean(ct_G * x_hat) * u)
   ct_z = ln_backward(x_hat, rstd, ct_x_hat) - r * mean(ct_G * G) * x_hat
-  ct_gamma = (ct_u * (2 * g_ * x_hat + b_ - target)).sum(axis=0)
-  return ct_z, -g_ * ct_u, ct_gamma, (ct_u * g_).sum(axis=0)
+  ct_gamma = (ct_u * (2 * g_ * x_hat + b_ - target) + more_gamma).sum(axis=0)
+  return ct_z, -g_ * ct_u, ct_gamma, (ct_u * g_ + more_beta).sum(axis=0)
 
 
 def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
@@ -208,8 +209,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     # out = XQ + gamma * x_hat(Z2_bar) + beta: D2 = ct of Z2_bar, on the CTA's rows, shared.
     x_hat, rstd = normalize(r.Z2_bar, eps)
     ct_out = load_rows(cto_s, block)
-    add_col(ctln_s.at[0], (ct_out * x_hat).sum(axis=0))  # this CTA's rows' part
-    add_col(ctln_s.at[1], ct_out.sum(axis=0))
+    ct_gamma_out = ct_out * x_hat  # [rows, d], summed over the rows with LN-L2's part
     D2 = ln_backward(x_hat, rstd, ct_out * col(vec_s.at[0]))
     dD2 = D2.sum(axis=0)  # [d], the rows' part of b2's cotangent
     cl.share(block, (d2_s, D2))
@@ -270,7 +270,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(
           r.Z2, load_rows(xv_s, block) - load_rows(xk_s, block),
           load_col(vec_s.at[0], block.col), load_col(vec_s.at[1], block.col),
-          eps, r.G2, ct_G2)
+          eps, r.G2, ct_G2, ct_gamma_out, load_rows(cto_s, block))
       add_col(ctln_s.at[0], dgamma)
       add_col(ctln_s.at[1], dbeta)
       cl.share(block, (d2_s, ct_Z2))  # D2's tile: D2 is dead

@@ -39,15 +39,17 @@ one accumulator. Its 31 matmuls (3,968 tensor clocks) were then waited on as iss
 clocks stalled); issuing each where its operands are ready and waiting where it is used
 (`gpu_cluster_lib.matmul_during`: e.g. the terms of ct_X2 and ct_XK without ct_Z2 run during
 the rows' LayerNorm-L2 VJP, W1's cotangent step during ct_XK's cluster sum, db1's and db2's
-column sums during the recompute's last products) leaves 1,475 for 6,748 instructions: a
-mini-batch takes about 8,223 clocks, 48% of the matmul peak, 30% in the benchmarks'
-`ttt_flops` count (twice the forward's dual-form 1,215 clocks a CTA). The loop spills about
-2.4 KiB a thread (255 registers: the state cotangents, gelu'(Z1), G1, Q and the accumulators
-in flight); tried and slower: gelu'(Z1_bar) parked in shared memory, P = G2 W2^T recomputed
-instead of keeping G1 and Q, all four of ct_eG2's, ct_P's and ct_XQ's matmuls issued at once.
-Next: warp specialisation (a second warpgroup holding the state cotangents and their matmuls
-would take 64 registers a thread off this one; every warp must then join the cluster
-barriers), and a primal-form VJP (no b x b products).
+column sums during the recompute's last products) leaves 1,441 for 6,723 instructions: a
+mini-batch takes about 8,164 clocks, 49% of the matmul peak, 30% in the benchmarks'
+`ttt_flops` count (twice the forward's dual-form 1,215 clocks a CTA). The loop spills (a
+2.5 KiB stack frame a thread at 255 registers: the state cotangents, gelu'(Z1), G1, Q and the
+accumulators in flight). Tried and slower or more spills: gelu'(Z1_bar) parked in shared
+memory, P = G2 W2^T recomputed instead of keeping G1 and Q, all four of ct_eG2's, ct_P's and
+ct_XQ's matmuls issued at once, ct_eG2's part published early (during the output rows' work:
+270 fewer stalled clocks, 229 more instructions, 20% more spills). Next: warp specialisation
+(a second warpgroup holding the state cotangents and their matmuls would take 64 registers a
+thread off this one; every warp must then join the cluster barriers, or they become mbarrier
+based), and a primal-form VJP (no b x b products).
 
 Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double
 as the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster).

@@ -329,6 +329,9 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
   two more [b, b] matmuls). Without it (the backward), the dual form, whose Gram matrices the
   VJP reuses, and G1, Q and gelu'(Z1_bar) for it (gelu''(Z1) from the same tanh as gelu(Z1),
   so Z1 and the tanh die at once).
+
+  during_z1(): work that needs none of this, run while Z1's matmul is (the forward's loads of
+  the next mini-batch).
   """
   dual = state is None  # the backward's recompute
   b, d = s.xq.shape
@@ -341,13 +344,12 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
     X2, dX2 = gelu_tanh_and_grad(Z1)  # dX2 (gelu'(Z1)) is live instead of Z1
     stage((s.x2, X2))
     return dX2, gelu_tanh_grad2(Z1) if dual else None
-  if state:  # (`during_z1` runs while Z1 is computed)
-    (dX2, ddX2), _ = matmul_during([(bf, [(s.xk, s.w1)])],
-                                   lambda done: (during_z1(), gelu(done(0)))[1])
+  first = lambda done: (during_z1(), gelu(done(0)))[1]  # (during_z1 while Z1 is computed)
+  if state:
+    (dX2, ddX2), _ = matmul_during([(bf, [(s.xk, s.w1)])], first)
   else:  # XQ XK^T is computed while gelu runs
     (dX2, ddX2), (_, attn_b) = matmul_during(
-        [(bf, [(s.xk, s.w1)]), ((b, b), [(s.xq, s.xk.transpose((1, 0)))])],
-        lambda done: gelu(done(0)))
+        [(bf, [(s.xk, s.w1)]), ((b, b), [(s.xq, s.xk.transpose((1, 0)))])], first)
     stage((s.attn_b, attn_b))
   # (The rows' inputs of the loss are loaded while X2 W2 is computed.)
   ln = lambda k: load_col(s.ln.at[k], block.col)

@@ -206,7 +206,6 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
 
     def add_col(ref, v):  # accumulate into a [d] vector in shared memory
       ref[...] = load_col(ref, block.col) + v
-    eta_rows = plgpu.load(eta_s.at[block.ds], layout=block.row)
 
     # out = XQ + gamma * x_hat(Z2_bar) + beta: D2 = ct of Z2_bar, on the CTA's rows, shared.
     x_hat, rstd = normalize(r.Z2_bar, eps)
@@ -262,6 +261,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     def rows_work(done):  # the [rows, d] work, while X2's and XK's other terms are computed
       del done
       ct_eG2_ = -(ct_eG2 + cols(vb2, rd))
+      eta_rows = plgpu.load(eta_s.at[block.ds], layout=block.row)
       ct_G2 = rows(eta_rows, rd) * ct_eG2_ + ct_P
       ct_eta_rows = (ct_eG2_ * r.G2).sum(axis=1)  # [rows]: eG2's share of ct_eta
       # d XQ is complete on the CTA's rows: out through ct_P's tile, free now.

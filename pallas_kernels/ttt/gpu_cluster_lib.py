@@ -347,16 +347,17 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
   first = lambda done: (during_z1(), gelu(done(0)))[1]  # (during_z1 while Z1 is computed)
   if state:
     (dX2, ddX2), _ = matmul_during([(bf, [(s.xk, s.w1)])], first)
-  else:  # XQ XK^T is computed while gelu runs
+    attn_b = None
+  else:  # XQ XK^T is computed while gelu runs, and staged while X2 W2 is
     (dX2, ddX2), (_, attn_b) = matmul_during(
         [(bf, [(s.xk, s.w1)]), ((b, b), [(s.xq, s.xk.transpose((1, 0)))])], first)
-    stage((s.attn_b, attn_b))
-  # (The rows' inputs of the loss are loaded while X2 W2 is computed.)
-  ln = lambda k: load_col(s.ln.at[k], block.col)
-  (target, eta, gamma, beta, part), _ = matmul_during(
-      [(bd, [(s.x2, s.w2)])],
-      lambda done: (load_rows(s.xv, block) - load_rows(s.xk, block),
-                    plgpu.load(s.eta.at[block.ds], layout=block.row), ln(0), ln(1), done(0)))
+  def loss_inputs(done):  # the rows' inputs of the loss, loaded while X2 W2 is computed
+    if attn_b is not None:
+      stage((s.attn_b, attn_b))
+    ln = lambda k: load_col(s.ln.at[k], block.col)
+    return (load_rows(s.xv, block) - load_rows(s.xk, block),
+            plgpu.load(s.eta.at[block.ds], layout=block.row), ln(0), ln(1), done(0))
+  (target, eta, gamma, beta, part), _ = matmul_during([(bd, [(s.x2, s.w2)])], loss_inputs)
   Z2, = cl.sum((0, part, block))
   Z2 = Z2 + cols(b2, rd)  # [rows, d]
 

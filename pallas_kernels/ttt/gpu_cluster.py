@@ -43,10 +43,10 @@ shared-memory wgmma operands, and one code path serves both).
 
 An estimate from the compiled code (`benchmarks/kernel_resources.py`, H100, jax 0.12.0.1): one
 warpgroup per SM issues at most one instruction per clock, and the loop's 2,096 instructions
-per mini-batch, with 278 clocks stalled on matmuls (of 896 tensor clocks, 28 HGMMA.64x64x16;
+per mini-batch, with 282 clocks stalled on matmuls (of 896 tensor clocks, 28 HGMMA.64x64x16;
 the next mini-batch's loads are issued during Z1's matmul, the rows' loss inputs loaded during
 X2 W2's, W1's step runs during db1's column sum, W2's and XQ W1' during gelu(Z1_bar), db2's
-column sum during X2_bar W2': `gpu_cluster_lib.matmul_during`), make a mini-batch about 2,374
+column sum during X2_bar W2': `gpu_cluster_lib.matmul_during`), make a mini-batch about 2,378
 clocks: 51% of the matmul peak in the benchmarks' `ttt_flops` count (the dual form's 1,215
 clocks a CTA; the kernel does that work with 896 in the primal form), before the cluster
 barriers' and distributed shared memory's latency. At d = 64 the elementwise work, not the

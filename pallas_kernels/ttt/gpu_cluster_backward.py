@@ -39,8 +39,8 @@ one accumulator. Its 31 matmuls (3,968 tensor clocks) were then waited on as iss
 clocks stalled); issuing each where its operands are ready and waiting where it is used
 (`gpu_cluster_lib.matmul_during`: e.g. the terms of ct_X2 and ct_XK without ct_Z2 run during
 the rows' LayerNorm-L2 VJP, W1's cotangent step during ct_XK's cluster sum, db1's and db2's
-column sums during the recompute's last products) leaves 1,441 for 6,723 instructions: a
-mini-batch takes about 8,164 clocks, 49% of the matmul peak, 30% in the benchmarks'
+column sums during the recompute's last products) leaves 1,381 for 6,734 instructions: a
+mini-batch takes about 8,115 clocks, 49% of the matmul peak, 30% in the benchmarks'
 `ttt_flops` count (twice the forward's dual-form 1,215 clocks a CTA). The loop spills (a
 2.5 KiB stack frame a thread at 255 registers: the state cotangents, gelu'(Z1), G1, Q and the
 accumulators in flight). Tried and slower or more spills: gelu'(Z1_bar) parked in shared

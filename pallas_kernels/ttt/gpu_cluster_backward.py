@@ -39,9 +39,10 @@ one accumulator. Its 31 matmuls (3,968 tensor clocks) were then waited on as iss
 clocks stalled); issuing each where its operands are ready and waiting where it is used
 (`gpu_cluster_lib.matmul_during`: e.g. the terms of ct_X2 and ct_XK without ct_Z2 run during
 the rows' LayerNorm-L2 VJP, W1's cotangent step during ct_XK's cluster sum, db1's and db2's
-column sums during the recompute's last products) leaves 1,381 for 6,734 instructions: a
-mini-batch takes about 8,115 clocks, 49% of the matmul peak, 30% in the benchmarks'
-`ttt_flops` count (twice the forward's dual-form 1,215 clocks a CTA). The loop spills (a
+column sums during the recompute's last products) leaves 1,429 for 6,847 instructions: a
+mini-batch takes about 8,276 clocks (8,115 without the loads ahead, below), 48% of the matmul
+peak, 29% in the benchmarks' `ttt_flops` count (twice the forward's dual-form 1,215 clocks a
+CTA). The loop spills (a
 2.5 KiB stack frame a thread at 255 registers: the state cotangents, gelu'(Z1), G1, Q and the
 accumulators in flight). Tried and slower or more spills: gelu'(Z1_bar) parked in shared
 memory, P = G2 W2^T recomputed instead of keeping G1 and Q, all four of ct_eG2's, ct_P's and
@@ -54,10 +55,13 @@ based), and a primal-form VJP (no b x b products).
 Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double
 as the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster).
 Shared memory: 20 bf16 tiles and 3 f32 ones, 211 KiB (`smem_bytes`; Mosaic GPU asks for
-222 KiB). There is no room for a second set of input tiles, so XQ, XV and ct_out of mini-batch
-t - 1 are loaded into theirs once t has read them (after the rows' work, about the last third
-of the step; d XV leaves through another dead tile), and mini-batch t waits at its start only
-for XK, eta and its state slice (25 of 49 KiB).
+222 KiB). There is no room for a second set of input tiles, so mini-batch t - 1's inputs are
+loaded once t has read what they replace (after the rows' work, about the last third of the
+step): XQ, XV, ct_out, eta, b1 and b2 into their own buffers, and XK, W1 and W2, whose own
+tiles t reads until its end, into three operand tiles dead by then, copied over at t - 1's
+start (d XV and d eta leave through other buffers). On the loop's timeline, which has no
+memory latency, that costs 113 instructions a step (8,276 clocks instead of 8,115); it takes a
+49 KiB round trip to HBM off the start of every step.
 """
 from __future__ import annotations
 
@@ -104,6 +108,7 @@ def _scratch(b, d, cluster, interpret):
       plgpu.SMEM((3, b, d), f32),  # partial sums: 3 slots
       plgpu.SMEM((b, d) if interpret else (8,), f32),  # a peer's, received (interpret only)
       plgpu.SMEM((b,), f32), plgpu.SMEM((fp,), f32), plgpu.SMEM((d,), f32),  # eta, b1, b2 at t
+      plgpu.SMEM((b,), f32),  # d eta's rows, out
       plgpu.SMEM((b,), f32), plgpu.SMEM((b,) if interpret else (8,), f32),  # ct_eta partial
       plgpu.SMEM((fp,), f32), plgpu.SMEM((d,), f32),  # ct b1, ct b2 (accumulated here)
       plgpu.SMEM((d,), f32), plgpu.SMEM((d,) if interpret else (8,), f32),  # a [d] partial
@@ -148,7 +153,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   (xq_s, xk_s, xv_s, cto_s, w1_s, w2_s,
    x2_s, x2bar_s, neg_eg1_s, g2_s, neg_eg2_s, attn_b_s, attn_a_s,
    d2_s, nm_s, cw1_s, cw2_s, d1_s, ctb_s, ctp_s,
-   part_s, recv_s, eta_s, b1_s, b2_s, parte_s, recve_s, vb1_s, vb2_s, partv_s, recvv_s,
+   part_s, recv_s, eta_s, b1_s, b2_s, deta_s, parte_s, recve_s, vb1_s, vb2_s, partv_s, recvv_s,
    vec_s, ctln_s, init_bar, load_bar, recv_bar, cbar) = scratch
   i, h, c = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("cluster")
   b, d = xq_s.shape
@@ -181,18 +186,30 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   # of them cost 96 registers at n = 64, which spilled. A warpgroup barrier (`stage`, `matmul`
   # operands' commit) separates each store from the other threads' next load of the vector.
 
-  early = lambda t: [(xq_g.at[i, h, t], xq_s), (xv_g.at[i, h, t], xv_s),
-                     (cto_g.at[i, h, t], cto_s)]
+  def load(t, ahead):
+    """Mini-batch t's inputs, TMA, arriving on load_bar. Ahead (issued during mini-batch
+    t + 1, once it has read them): XK, W1 and W2 go to tiles dead by then (X2_bar X2^T's, the
+    cotangent of XQ XK^T's, -eta G2's) and are copied into their own at t's start, since
+    their own are read until t + 1's end (the three pairs as alternating slots cost 315
+    more instructions a step in dynamic wgmma descriptors; the copies about 60)."""
+    tiles = (attn_a_s, ctb_s, neg_eg2_s) if ahead else (xk_s, w1_s, w2_s)
+    fetch([(xq_g.at[i, h, t], xq_s), (xv_g.at[i, h, t], xv_s), (cto_g.at[i, h, t], cto_s),
+           (eta_g.at[i, h, t], eta_s), (b1_g.at[i, h, t, 0, hid], b1_s),
+           (b2_g.at[i, h, t, 0], b2_s), *zip((xk_g.at[i, h, t], w1_g.at[i, h, t, :, hid],
+                                              w2_g.at[i, h, t, hid, :]), tiles)],
+          load_bar, wait=False)
 
   def step(k, carry):
     CW1, CW2 = carry  # cotangents of W1, W2 after mini-batch t (b1, b2: vb1_s, vb2_s)
     t = g - 1 - k
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's outputs have left
-    # XQ, XV and ct_out were loaded during the last step, once it had read them (`early`).
-    pl.when(k == 0)(lambda: fetch(early(t), load_bar, wait=False))
-    fetch([(xk_g.at[i, h, t], xk_s), (eta_g.at[i, h, t], eta_s),
-           (w1_g.at[i, h, t, :, hid], w1_s), (b1_g.at[i, h, t, 0, hid], b1_s),
-           (w2_g.at[i, h, t, hid, :], w2_s), (b2_g.at[i, h, t, 0], b2_s)], load_bar)
+    pl.when(k == 0)(lambda: load(t, ahead=False))  # (later ones: during the step before)
+    plgpu.barrier_wait(load_bar)
+
+    @pl.when(k > 0)
+    def _():
+      stage(*((dst, plgpu.load(src, layout=WGMMA)) for src, dst in
+              ((attn_a_s, xk_s), (ctb_s, w1_s), (neg_eg2_s, w2_s))))
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
                                  x2_bar=x2bar_s, neg_eg1=neg_eg1_s, neg_eg2=neg_eg2_s,
                                  g2=g2_s, attn_b=attn_b_s, attn_a=attn_a_s, ln=vec_s,
@@ -283,9 +300,10 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     (ct_eta_rows, ct_T, dZ2), (ct_X2, ct_XK) = matmul_during(
         [(bf, [(T(nm_s), x2bar_s), (neg_eg2_s, T(cw2_s))]),
          (bd, [(T(ctb_s), xq_s), (neg_eg1_s, T(cw1_s))])], rows_work)
-    # XQ, XV and ct_out are dead here (their last readers: that matmul, and rows_work before its
-    # cluster barrier): the next mini-batch's are loaded during the rest of this one.
-    pl.when(k + 1 < g)(lambda: fetch(early(t - 1), load_bar, wait=False))
+    # XQ, XV, ct_out, eta, b1, b2 and the three tiles `load` uses are dead here (their last
+    # readers: that matmul, and rows_work before its cluster barrier): the next mini-batch's
+    # inputs are loaded during the rest of this one.
+    pl.when(k + 1 < g)(lambda: load(t - 1, ahead=True))
 
     def d1(done):  # ct_Z1, D1's tile, while W2's cotangent is accumulated
       ct_Z1_ = ct_Z1 + done(0) * r.dX2
@@ -301,13 +319,13 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     (ct_XK, ct_eta), (_, CW1) = matmul_during(
         [(ct_XK, [(d1_s, T(w1_s))]), (CW1, [(T(xk_s), d1_s)])], xk_sum, interpret)
 
-    # The CTA's rows of d XK, d XV and d eta, out through tiles free now (XK's, -M's, eta's;
-    # the next mini-batch writes them after these leave).
+    # The CTA's rows of d XK, d XV and d eta, out through tiles free now (XK's, -M's; the
+    # next mini-batch writes them after these leave).
     xk_s.at[block.ds][...] = (ct_XK - ct_T).astype(xk_s.dtype)
     nm_s.at[block.ds][...] = ct_T.astype(nm_s.dtype)
-    eta_s.at[block.ds][...] = ct_eta + ct_eta_rows
+    deta_s.at[block.ds][...] = ct_eta + ct_eta_rows
     plgpu.commit_smem()
-    for src, dst in ((xk_s, dxk_g), (nm_s, dxv_g), (eta_s, deta_g)):
+    for src, dst in ((xk_s, dxk_g), (nm_s, dxv_g), (deta_s, deta_g)):
       plgpu.copy_smem_to_gmem(src.at[block.ds], dst.at[i, h, t, block.ds])
 
     return CW1, CW2  # (no barrier needed here: see the module docstring)

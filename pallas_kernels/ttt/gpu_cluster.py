@@ -43,10 +43,10 @@ shared-memory wgmma operands, and one code path serves both).
 
 An estimate from the compiled code (`benchmarks/kernel_resources.py`, H100, jax 0.12.0.1): one
 warpgroup per SM issues at most one instruction per clock, and the loop's 2,096 instructions
-per mini-batch, with 282 clocks stalled on matmuls (of 896 tensor clocks, 28 HGMMA.64x64x16;
+per mini-batch, with 280 clocks stalled on matmuls (of 896 tensor clocks, 28 HGMMA.64x64x16;
 the next mini-batch's loads are issued during Z1's matmul, the rows' loss inputs loaded during
 X2 W2's, W1's step runs during db1's column sum, W2's and XQ W1' during gelu(Z1_bar), db2's
-column sum during X2_bar W2': `gpu_cluster_lib.matmul_during`), make a mini-batch about 2,378
+column sum during X2_bar W2': `gpu_cluster_lib.matmul_during`), make a mini-batch about 2,376
 clocks: 51% of the matmul peak in the benchmarks' `ttt_flops` count (the dual form's 1,215
 clocks a CTA; the kernel does that work with 896 in the primal form), before the cluster
 barriers' and distributed shared memory's latency. At d = 64 the elementwise work, not the
@@ -200,8 +200,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     # The gradient step (at the mini-batch's last token) is taken in mini_batch, which stages
     # the new W1, W2 once the bf16 checkpoint has left w1b_s, w2b_s.
     wait = functools.partial(plgpu.wait_smem_to_gmem, 0, wait_read_only=True)
-    def prefetch_next():  # issued while Z1's matmul runs; the other buffer's last readers
-      pl.when(n + 1 < num_mini_batches)(lambda: prefetch(n + 1))  # (n - 1) are done
+    def prefetch_next():  # while Z1's matmul runs (the other buffer's readers, n - 1, are done)
+      pl.when(n + 1 < num_mini_batches)(lambda: prefetch(n + 1))
     r = mini_batch(bufs, b1, b2, eps, cl, block, state=(W1, W2), interpret=interpret,
                    before_stage=wait if bf16_weights else None, during_z1=prefetch_next)
     # The CTA's rows of the output: XQ + gamma * LN(Z2_bar) + beta.

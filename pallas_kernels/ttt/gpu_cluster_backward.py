@@ -42,12 +42,12 @@ the rows' LayerNorm-L2 VJP, W1's cotangent step during ct_XK's cluster sum, db1'
 column sums during the recompute's last products) leaves 1,429 for 6,847 instructions: a
 mini-batch takes about 8,276 clocks (8,115 without the loads ahead, below), 48% of the matmul
 peak, 29% in the benchmarks' `ttt_flops` count (twice the forward's dual-form 1,215 clocks a
-CTA). The loop spills (a
-2.5 KiB stack frame a thread at 255 registers: the state cotangents, gelu'(Z1), G1, Q and the
-accumulators in flight). Tried and slower or more spills: gelu'(Z1_bar) parked in shared
-memory, P = G2 W2^T recomputed instead of keeping G1 and Q, all four of ct_eG2's, ct_P's and
-ct_XQ's matmuls issued at once, ct_eG2's part published early (during the output rows' work:
-270 fewer stalled clocks, 229 more instructions, 20% more spills). Next: warp specialisation
+CTA). The loop spills (a 2.5 KiB stack frame a thread at 255 registers: the state cotangents,
+gelu'(Z1), G1, Q and the accumulators in flight). Tried and slower or more spills:
+gelu'(Z1_bar) parked in shared memory, P = G2 W2^T recomputed instead of keeping G1 and Q, all
+four of ct_eG2's, ct_P's and ct_XQ's matmuls issued at once, ct_eG2's part published early
+(during the output rows' work: 270 fewer stalled clocks, 229 more instructions, 20% more
+spills). Next: warp specialisation
 (a second warpgroup holding the state cotangents and their matmuls would take 64 registers a
 thread off this one; every warp must then join the cluster barriers, or they become mbarrier
 based), and a primal-form VJP (no b x b products).

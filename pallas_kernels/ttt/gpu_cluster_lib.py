@@ -344,7 +344,9 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
     X2, dX2 = gelu_tanh_and_grad(Z1)  # dX2 (gelu'(Z1)) is live instead of Z1
     stage((s.x2, X2))
     return dX2, gelu_tanh_grad2(Z1) if dual else None
-  first = lambda done: (during_z1(), gelu(done(0)))[1]  # (during_z1 while Z1 is computed)
+  def first(done):  # during_z1 while Z1 is computed, then gelu
+    during_z1()
+    return gelu(done(0))
   if state:
     (dX2, ddX2), _ = matmul_during([(bf, [(s.xk, s.w1)])], first)
     attn_b = None

@@ -26,31 +26,31 @@ LayerNorm-L2's) on them, shares D2 and ct_Z2 (wgmma operands of every slice) wit
 `Cluster.share`, and writes its rows of d XQ, d XK, d XV and d eta. The column sums over the
 rows (b2's cotangent, which every CTA needs at once, goes into the next exchange as "v"; the
 LayerNorm parameters' cotangents are returned per CTA and summed by `backward_group`) are
-partial per CTA. Sums use slots 0, 1 (the forward's two), then 0, 2, 1 (ct_eG2, ct_P, ct_XQ),
-then 2 (ct_XK), so that no barrier has to end a mini-batch: a CTA writes each exchange buffer
+partial per CTA. Sums use slots 0, 1 (the forward's two), then 0, 2 (ct_eG2, ct_P), then 2, 1
+(ct_XK, ct_XQ), so that no barrier has to end a mini-batch: a CTA writes each exchange buffer
 (slot, vector or shared tile) again only after passing a later cluster barrier than the one
 behind which its peers read it (`sum`'s and `share`'s barriers: seven a mini-batch).
-Splitting the rows took the loop from 12,249 to 8,228 SASS instructions
-(`benchmarks/kernel_resources.py`, H100, jax 0.12.0.1), and then to 6,376: `mini_batch` hands
-over gelu'(Z1), G1, Q = (G2 W2^T) gelu''(Z1) and gelu'(Z1_bar) from the tanh it computes anyway
-(its dual form), the state cotangents accumulate in their own registers, and -M, -eta G1,
--eta G2 are the staged operands (every product with them is subtracted), so each cotangent is
-one accumulator. Its 31 matmuls (3,968 tensor clocks) were then waited on as issued (2,871
-clocks stalled); issuing each where its operands are ready and waiting where it is used
-(`gpu_cluster_lib.matmul_during`: e.g. the terms of ct_X2 and ct_XK without ct_Z2 run during
-the rows' LayerNorm-L2 VJP, W1's cotangent step during ct_XK's cluster sum, db1's and db2's
-column sums during the recompute's last products) leaves 1,429 for 6,847 instructions: a
-mini-batch takes about 8,276 clocks (8,115 without the loads ahead, below), 48% of the matmul
-peak, 29% in the benchmarks' `ttt_flops` count (twice the forward's dual-form 1,215 clocks a
+
+What keeps the loop short (`benchmarks/kernel_resources.py`, H100, jax 0.12.0.1): the rows
+split (12,249 SASS instructions to 8,228); `mini_batch` handing over gelu'(Z1), G1,
+Q = (G2 W2^T) gelu''(Z1) and gelu'(Z1_bar) from the tanh it computes anyway (its dual form);
+the state cotangents accumulating in their own registers, with -M, -eta G1, -eta G2 as the
+staged operands (every product with them is subtracted), so each cotangent is one accumulator
+(6,376 instructions). Its 31 matmuls (3,968 tensor clocks) are issued where their operands are
+ready and waited on where used (`gpu_cluster_lib.matmul_during`), and every product that
+nothing waits on soon goes to the longest stretch of CUDA-core work, the rows' LayerNorm-L2
+VJP: the terms of ct_X2 and ct_XK without ct_Z2, W2's step ct_P^T G2, W1's XQ^T D1 and ct_XQ
+(whose sum then waits for ct_XK's exchange). XK's term of ct_eG1 runs while D1 is computed,
+-ct_eG2's while ct_G1 is. Waited on as issued they stalled 2,871 clocks; now 773, for 6,882
+instructions: a mini-batch takes about 7,655 clocks on the loop's timeline, 52% of the matmul
+peak, 32% in the benchmarks' `ttt_flops` count (twice the forward's dual-form 1,215 clocks a
 CTA). The loop spills (a 2.5 KiB stack frame a thread at 255 registers: the state cotangents,
 gelu'(Z1), G1, Q and the accumulators in flight). Tried and slower or more spills:
-gelu'(Z1_bar) parked in shared memory, P = G2 W2^T recomputed instead of keeping G1 and Q, all
-four of ct_eG2's, ct_P's and ct_XQ's matmuls issued at once, ct_eG2's part published early
-(during the output rows' work: 270 fewer stalled clocks, 229 more instructions, 20% more
-spills). Next: warp specialisation
-(a second warpgroup holding the state cotangents and their matmuls would take 64 registers a
-thread off this one; every warp must then join the cluster barriers, or they become mbarrier
-based), and a primal-form VJP (no b x b products).
+gelu'(Z1_bar) parked in shared memory, P = G2 W2^T recomputed instead of keeping G1 and Q,
+ct_eG2's part published during the output rows' work, ct_out's rows kept in registers through
+the rows' work. Next: warp specialisation (a second warpgroup holding the state cotangents and
+their matmuls would take 64 registers a thread off this one; every warp must then join the
+cluster barriers, or they become mbarrier based), and a primal-form VJP (no b x b products).
 
 Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double
 as the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster).
@@ -60,8 +60,8 @@ loaded once t has read what they replace (after the rows' work, about the last t
 step): XQ, XV, ct_out, eta, b1 and b2 into their own buffers, and XK, W1 and W2, whose own
 tiles t reads until its end, into three operand tiles dead by then, copied over at t - 1's
 start (d XV and d eta leave through other buffers). On the loop's timeline, which has no
-memory latency, that costs 113 instructions a step (8,276 clocks instead of 8,115); it takes a
-49 KiB round trip to HBM off the start of every step.
+memory latency, that cost 113 instructions a step when measured (8,276 clocks instead of
+8,115); it takes a 49 KiB round trip to HBM off the start of every step.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ from pallas_kernels.ttt import gpu_cluster
 from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW, SMEM_LIMIT_BYTES,
                                                 WGMMA, Cluster, cluster_kernel, cols,
                                                 fetch, ln_backward, load_col, load_rows, matmul,
-                                                matmul_during, matmul_into, mini_batch,
+                                                matmul_during, mini_batch,
                                                 normalize, row_block, rows, stage, swizzled)
 
 
@@ -217,7 +217,6 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     r = mini_batch(bufs, load_col(b1_s), load_col(b2_s, block.col), eps, cl, block,
                    interpret=interpret)
     T = lambda ref: ref.transpose((1, 0))
-    into = functools.partial(matmul_into, interpret=interpret)  # the state cotangents' sums
     rd = r.Z2.shape  # [rows, d]: the CTA's rows of the [b, d] work
     col = lambda ref: cols(load_col(ref, block.col), rd)  # a [d] vector, broadcast
 
@@ -243,34 +242,35 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
                                      lambda done: stage((nm_s, done(0))))
 
     # Z1_bar = XQ W1 - (XQ XK^T) eG1 + b1 - colsum(eG1), and the W1, b1 updates.
-    def d1(done):  # D1 and b1's cotangent, while W2's is accumulated
+    def d1(done):  # D1 and b1's cotangent, while W2's is accumulated (and ct_eG1's XK term)
       D1 = done(0) * r.dX2_bar
       stage((d1_s, D1))
       Cb1 = load_col(vb1_s) + D1.sum(axis=0)
       vb1_s[...] = Cb1
       return Cb1
-    Cb1, (_, CW2) = matmul_during([(ct_X2bar, [(nm_s, x2_s)]), (CW2, [(T(x2bar_s), d2_s)])],
-                                  d1, interpret)
+    Cb1, (_, CW2, ct_eG1) = matmul_during(
+        [(ct_X2bar, [(nm_s, x2_s)]), (CW2, [(T(x2bar_s), d2_s)]), (bf, [(xk_s, cw1_s)])],
+        d1, interpret)
     _, (_, ct_eG1) = matmul_during(  # (the ct of XQ XK^T is staged while ct_eG1 is computed)
-        [(bb, [(d1_s, T(neg_eg1_s))]), (bf, [(T(attn_b_s), d1_s), (xk_s, cw1_s)])],
-        lambda done: stage((ctb_s, done(0))))
+        [(bb, [(d1_s, T(neg_eg1_s))]), (ct_eG1, [(T(attn_b_s), d1_s)])],
+        lambda done: stage((ctb_s, done(0))), interpret)
     ct_eG1 = -(ct_eG1 + cols(Cb1, bf))
 
     # eG1 = eta G1, G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
-    def g1(done):  # while W1's cotangent is accumulated
+    def g1(done):  # while this slice's part of -ct_eG2 is computed
       del done
       ct_G1 = rows(plgpu.load(eta_s, layout=ROW), bf) * ct_eG1  # eta loaded where used
       stage((ctp_s, ct_G1 * r.dX2))  # ct of P = G2 W2^T
       # ct_eta: [b], this slice's part; ct_Z1: X2's share is added below.
       return (ct_eG1 * r.G1).sum(axis=1), ct_G1 * r.Q
-    (ct_eta, ct_Z1), (CW1,) = matmul_during([(CW1, [(T(xq_s), d1_s)])], g1, interpret)
-    CW2 = into(CW2, (T(ctp_s), g2_s))
-    # This slice's parts of ct_eG2 (Z2_bar's Gram term, the W2 update), ct_P and ct_XQ, each
-    # computed as it is published (their operands wait in shared memory).
-    ct_eG2, ct_P, ct_XQ, dD2 = cl.sum(
-        (0, lambda: matmul(bd, (T(attn_a_s), d2_s), (x2_s, cw2_s)), block),  # -ct_eG2
+    (ct_eta, ct_Z1), (neg_ct_eG2,) = matmul_during(
+        [(bd, [(T(attn_a_s), d2_s), (x2_s, cw2_s)])], g1)
+    # -ct_eG2 (Z2_bar's Gram term, the W2 update) and ct_P summed (ct_XQ waits for ct_XK's sum:
+    # only d XQ needs it).
+    ct_eG2, ct_P, dD2 = cl.sum(
+        (0, neg_ct_eG2, block),
         (2, lambda: matmul(bd, (ctp_s, w2_s)), block),
-        (1, lambda: matmul(bd, (d1_s, T(w1_s)), (ctb_s, xk_s)), block), ("v", dD2, block.col))
+        ("v", dD2, block.col))
     # b2's cotangent before its update is -(ct of colsum(eG2)), in Z2_bar and in b2's update.
     vb2 = load_col(vb2_s, block.col) + dD2
     vb2_s[...] = vb2
@@ -281,10 +281,9 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       eta_rows = plgpu.load(eta_s.at[block.ds], layout=block.row)
       ct_G2 = rows(eta_rows, rd) * ct_eG2_ + ct_P
       ct_eta_rows = (ct_eG2_ * r.G2).sum(axis=1)  # [rows]: eG2's share of ct_eta
-      # d XQ is complete on the CTA's rows: out through ct_P's tile, free now.
-      ctp_s.at[block.ds][...] = (load_rows(cto_s, block) + ct_XQ).astype(ctp_s.dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(ctp_s.at[block.ds], dxq_g.at[i, h, t, block.ds])
+      # d XQ = ct_out + ct_XQ's sum: ct_out's rows wait in XQ XK^T's tile (dead now; the
+      # next mini-batch's ct_out is loaded over cto_s before the sum).
+      attn_b_s.at[block.ds][...] = plgpu.load(cto_s.at[block.ds], layout=block.layout)
       # G2 = LN-L2 gradient of Z2 = X2 W2 + b2 at target XV - XK; X2 = gelu(Z1 = XK W1 + b1).
       ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(
           r.Z2, load_rows(xv_s, block) - load_rows(xk_s, block),
@@ -296,10 +295,13 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       return ct_eta_rows, ct_T, ct_Z2.sum(axis=0)
     # X2 meets Z2 (W2), Z2_bar's Gram term (-M^T X2_bar) and the W2 update (-eG2 dW2'^T); XK
     # meets XQ XK^T, Z1 (W1) and the W1 update (-eG1 dW1'^T). The terms without ct_Z2 or
-    # ct_Z1 are computed during the rows' work.
-    (ct_eta_rows, ct_T, dZ2), (ct_X2, ct_XK) = matmul_during(
+    # ct_Z1 are computed during the rows' work, with W2's (ct_P^T G2) and W1's (XQ^T D1)
+    # cotangent steps and this slice's part of ct_XQ.
+    (ct_eta_rows, ct_T, dZ2), (ct_X2, ct_XK, CW2, CW1, ct_XQ) = matmul_during(
         [(bf, [(T(nm_s), x2bar_s), (neg_eg2_s, T(cw2_s))]),
-         (bd, [(T(ctb_s), xq_s), (neg_eg1_s, T(cw1_s))])], rows_work)
+         (bd, [(T(ctb_s), xq_s), (neg_eg1_s, T(cw1_s))]), (CW2, [(T(ctp_s), g2_s)]),
+         (CW1, [(T(xq_s), d1_s)]), (bd, [(d1_s, T(w1_s)), (ctb_s, xk_s)])],
+        rows_work, interpret)
     # XQ, XV, ct_out, eta, b1, b2 and the three tiles `load` uses are dead here (their last
     # readers: that matmul, and rows_work before its cluster barrier): the next mini-batch's
     # inputs are loaded during the rest of this one.
@@ -307,25 +309,28 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
 
     def d1(done):  # ct_Z1, D1's tile, while W2's cotangent is accumulated
       ct_Z1_ = ct_Z1 + done(0) * r.dX2
+      part_s.at[1][...] = ct_XQ  # published for xk_sum's exchange
       stage((d1_s, ct_Z1_))
       vb1_s[...] = load_col(vb1_s) + ct_Z1_.sum(axis=0)
     _, (_, CW2) = matmul_during([(ct_X2, [(d2_s, T(w2_s))]), (CW2, [(T(x2_s), d2_s)])], d1,
                                 interpret)
     def xk_sum(done):  # while W1's cotangent is accumulated (it reads xk_s: written after)
-      ct_XK_, ct_eta_, dZ2_ = cl.sum((2, done(0), block), ("eta", ct_eta, eta_block),
-                                     ("v", dZ2, block.col))
+      ct_XK_, ct_XQ_, ct_eta_, dZ2_ = cl.sum(
+          (2, done(0), block), (1, None, block), ("eta", ct_eta, eta_block),
+          ("v", dZ2, block.col))
       add_col(vb2_s, dZ2_)
-      return ct_XK_, ct_eta_
-    (ct_XK, ct_eta), (_, CW1) = matmul_during(
+      return ct_XK_, ct_XQ_, ct_eta_
+    (ct_XK, ct_XQ, ct_eta), (_, CW1) = matmul_during(
         [(ct_XK, [(d1_s, T(w1_s))]), (CW1, [(T(xk_s), d1_s)])], xk_sum, interpret)
 
     # The CTA's rows of d XK, d XV and d eta, out through tiles free now (XK's, -M's; the
     # next mini-batch writes them after these leave).
     xk_s.at[block.ds][...] = (ct_XK - ct_T).astype(xk_s.dtype)
+    attn_b_s.at[block.ds][...] = (load_rows(attn_b_s, block) + ct_XQ).astype(attn_b_s.dtype)
     nm_s.at[block.ds][...] = ct_T.astype(nm_s.dtype)
     deta_s.at[block.ds][...] = ct_eta + ct_eta_rows
     plgpu.commit_smem()
-    for src, dst in ((xk_s, dxk_g), (nm_s, dxv_g), (deta_s, deta_g)):
+    for src, dst in ((attn_b_s, dxq_g), (xk_s, dxk_g), (nm_s, dxv_g), (deta_s, deta_g)):
       plgpu.copy_smem_to_gmem(src.at[block.ds], dst.at[i, h, t, block.ds])
 
     return CW1, CW2  # (no barrier needed here: see the module docstring)

@@ -101,11 +101,6 @@ def matmul_during(pairs, work=None, interpret=False):
   return pl.run_scoped(body, *(plgpu.ACC(shape, jnp.float32) for shape in shapes))
 
 
-def matmul_into(acc, *products, interpret=False):
-  """acc plus the sum of its products, in acc's registers (`matmul_during` for one)."""
-  return matmul_during([(acc, products)], interpret=interpret)[1][0]
-
-
 @plgpu.inline_mgpu()
 def cluster_sync(ctx):
   """All threads of the cluster's CTAs meet; each CTA's earlier shared-memory writes are then
@@ -225,11 +220,14 @@ class Cluster:
     """(key, value, layout) partials -> their sums over the cluster, after one barrier. With a
     `Rows` for the layout, the sum of rows.ds only, in rows.layout (value: all b rows). A
     callable value is computed just before it is published (its registers are live only
-    there)."""
+    there); None: already written to buf(key) (with a `Rows` layout only)."""
     published = []
     for key, value, layout in parts:
       value = value() if callable(value) else value
-      self.buf(key)[...] = value
+      if value is None:
+        assert isinstance(layout, Rows), "only Rows sums read their own part back"
+      else:
+        self.buf(key)[...] = value
       published.append((key, value, layout))
     parts = published
     if self.interpret:

@@ -41,8 +41,8 @@ ready and waited on where used (`gpu_cluster_lib.matmul_during`), and every prod
 nothing waits on soon goes to the longest stretch of CUDA-core work, the rows' LayerNorm-L2
 VJP: the terms of ct_X2 and ct_XK without ct_Z2, W2's step ct_P^T G2, W1's XQ^T D1 and ct_XQ
 (whose sum then waits for ct_XK's exchange). XK's term of ct_eG1 runs while D1 is computed,
--ct_eG2's while ct_G1 is. Waited on as issued they stalled 2,871 clocks; now 773, for 6,882
-instructions: a mini-batch takes about 7,655 clocks on the loop's timeline, 52% of the matmul
+-ct_eG2's while ct_G1 is. Waited on as issued they stalled 2,871 clocks; now 692, for 6,879
+instructions: a mini-batch takes about 7,571 clocks on the loop's timeline, 52% of the matmul
 peak, 32% in the benchmarks' `ttt_flops` count (twice the forward's dual-form 1,215 clocks a
 CTA). The loop spills (a 2.5 KiB stack frame a thread at 255 registers: the state cotangents,
 gelu'(Z1), G1, Q and the accumulators in flight). Tried and slower or more spills:
@@ -302,32 +302,32 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
          (bd, [(T(ctb_s), xq_s), (neg_eg1_s, T(cw1_s))]), (CW2, [(T(ctp_s), g2_s)]),
          (CW1, [(T(xq_s), d1_s)]), (bd, [(d1_s, T(w1_s)), (ctb_s, xk_s)])],
         rows_work, interpret)
-    # XQ, XV, ct_out, eta, b1, b2 and the three tiles `load` uses are dead here (their last
-    # readers: that matmul, and rows_work before its cluster barrier): the next mini-batch's
-    # inputs are loaded during the rest of this one.
-    pl.when(k + 1 < g)(lambda: load(t - 1, ahead=True))
 
     def d1(done):  # ct_Z1, D1's tile, while W2's cotangent is accumulated
-      ct_Z1_ = ct_Z1 + done(0) * r.dX2
+      # XQ, XV, ct_out, eta, b1, b2 and the three tiles `load` uses are dead here (their last
+      # readers: the matmuls above, and rows_work before its cluster barrier): the next
+      # mini-batch's inputs are loaded during the rest of this one.
+      pl.when(k + 1 < g)(lambda: load(t - 1, ahead=True))
       part_s.at[1][...] = ct_XQ  # published for xk_sum's exchange
+      ct_Z1_ = ct_Z1 + done(0) * r.dX2
       stage((d1_s, ct_Z1_))
       vb1_s[...] = load_col(vb1_s) + ct_Z1_.sum(axis=0)
     _, (_, CW2) = matmul_during([(ct_X2, [(d2_s, T(w2_s))]), (CW2, [(T(x2_s), d2_s)])], d1,
                                 interpret)
     def xk_sum(done):  # while W1's cotangent is accumulated (it reads xk_s: written after)
-      ct_XK_, ct_XQ_, ct_eta_, dZ2_ = cl.sum(
-          (2, done(0), block), (1, None, block), ("eta", ct_eta, eta_block),
-          ("v", dZ2, block.col))
+      nm_s.at[block.ds][...] = ct_T.astype(nm_s.dtype)  # d XV's rows, out below
+      ct_eta_, dZ2_, ct_XQ_, ct_XK_ = cl.sum(
+          ("eta", ct_eta, eta_block), ("v", dZ2, block.col), (1, None, block),
+          (2, lambda: done(0), block))
       add_col(vb2_s, dZ2_)
       return ct_XK_, ct_XQ_, ct_eta_
     (ct_XK, ct_XQ, ct_eta), (_, CW1) = matmul_during(
         [(ct_XK, [(d1_s, T(w1_s))]), (CW1, [(T(xk_s), d1_s)])], xk_sum, interpret)
 
-    # The CTA's rows of d XK, d XV and d eta, out through tiles free now (XK's, -M's; the
-    # next mini-batch writes them after these leave).
-    xk_s.at[block.ds][...] = (ct_XK - ct_T).astype(xk_s.dtype)
+    # The CTA's rows of d XQ, d XK, d XV and d eta, out through tiles free now (XQ XK^T's,
+    # XK's, -M's; the next mini-batch writes them after these leave).
     attn_b_s.at[block.ds][...] = (load_rows(attn_b_s, block) + ct_XQ).astype(attn_b_s.dtype)
-    nm_s.at[block.ds][...] = ct_T.astype(nm_s.dtype)
+    xk_s.at[block.ds][...] = (ct_XK - ct_T).astype(xk_s.dtype)
     deta_s.at[block.ds][...] = ct_eta + ct_eta_rows
     plgpu.commit_smem()
     for src, dst in ((attn_b_s, dxq_g), (xk_s, dxk_g), (nm_s, dxv_g), (deta_s, deta_g)):

@@ -103,8 +103,8 @@ def _scratch(b, d, cluster, interpret):
   # Swizzled tiles first, vectors last: each tile is aligned to 1 KiB.
   return (
       t(b, d), t(b, d), t(b, d), t(b, d), t(d, fp), t(fp, d),  # XQ XK XV ct_out, W1 W2 at t
-      t(b, fp), t(b, fp), t(b, fp), t(b, d), t(b, d), t(b, b), t(b, b),  # forward operands
-      t(b, d), t(b, b), t(d, fp), t(fp, d), t(b, fp), t(b, b), t(b, fp),  # backward operands
+      t(b, fp), t(b, fp), t(b, fp), t(b, d), t(b, d), t(d, fp), t(fp, d),  # forward operands
+      t(b, d), t(d, fp), t(fp, d), t(b, fp), t(b, fp),  # backward operands
       plgpu.SMEM((3, b, d), f32),  # partial sums: 3 slots
       plgpu.SMEM((b, d) if interpret else (8,), f32),  # a peer's, received (interpret only)
       plgpu.SMEM((b,), f32), plgpu.SMEM((fp,), f32), plgpu.SMEM((d,), f32),  # eta, b1, b2 at t
@@ -151,8 +151,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   (interpret only) the exchange scratch [B, H, P, 3, b, d], [B, H, P, b], [B, H, P, d] f32
   and [B, H, P, 2, 16, d] bf16."""
   (xq_s, xk_s, xv_s, cto_s, w1_s, w2_s,
-   x2_s, x2bar_s, neg_eg1_s, g2_s, neg_eg2_s, attn_b_s, attn_a_s,
-   d2_s, nm_s, cw1_s, cw2_s, d1_s, ctb_s, ctp_s,
+   x2_s, x2bar_s, neg_eg1_s, g2_s, neg_eg2_s, w1p_s, w2p_s,
+   d2_s, cw1_s, cw2_s, d1_s, ctp_s,
    part_s, recv_s, eta_s, b1_s, b2_s, deta_s, parte_s, recve_s, vb1_s, vb2_s, partv_s, recvv_s,
    vec_s, ctln_s, init_bar, load_bar, recv_bar, cbar) = scratch
   i, h, c = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("cluster")
@@ -160,7 +160,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   fp = w1_s.shape[1]
   hid = pl.ds(c * fp, fp)  # this CTA's slice of the hidden width
   f32 = jnp.float32
-  bd, bf, bb = (b, d), (b, fp), (b, b)
+  bd, bf = (b, d), (b, fp)
   block = row_block(c, b, d, cluster)  # the CTA's rows of the [b, d] work
   eta_block = block._replace(layout=block.row)  # and of [b] vectors
   # Exchange buffers: slots 0-2 [b, d], "eta" [b] and "v" [d] (vectors' partial sums; also
@@ -188,11 +188,11 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
 
   def load(t, ahead):
     """Mini-batch t's inputs, TMA, arriving on load_bar. Ahead (issued during mini-batch
-    t + 1, once it has read them): XK, W1 and W2 go to tiles dead by then (X2_bar X2^T's, the
-    cotangent of XQ XK^T's, -eta G2's) and are copied into their own at t's start, since
-    their own are read until t + 1's end (the three pairs as alternating slots cost 315
-    more instructions a step in dynamic wgmma descriptors; the copies about 60)."""
-    tiles = (attn_a_s, ctb_s, neg_eg2_s) if ahead else (xk_s, w1_s, w2_s)
+    t + 1, once it has read them): XK, W1 and W2 go to tiles dead by then (those of W1' and
+    its cotangent, ct_P's) and are copied into their own at t's start, since their own
+    are read until t + 1's end (the three pairs as alternating slots cost 315 more
+    instructions a step in dynamic wgmma descriptors; the copies about 60)."""
+    tiles = (w1p_s, cw1_s, ctp_s) if ahead else (xk_s, w1_s, w2_s)
     fetch([(xq_g.at[i, h, t], xq_s), (xv_g.at[i, h, t], xv_s), (cto_g.at[i, h, t], cto_s),
            (eta_g.at[i, h, t], eta_s), (b1_g.at[i, h, t, 0, hid], b1_s),
            (b2_g.at[i, h, t, 0], b2_s), *zip((xk_g.at[i, h, t], w1_g.at[i, h, t, :, hid],
@@ -209,11 +209,10 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     @pl.when(k > 0)
     def _():
       stage(*((dst, plgpu.load(src, layout=WGMMA)) for src, dst in
-              ((attn_a_s, xk_s), (ctb_s, w1_s), (neg_eg2_s, w2_s))))
+              ((w1p_s, xk_s), (cw1_s, w1_s), (ctp_s, w2_s))))
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
                                  x2_bar=x2bar_s, neg_eg1=neg_eg1_s, neg_eg2=neg_eg2_s,
-                                 g2=g2_s, attn_b=attn_b_s, attn_a=attn_a_s, ln=vec_s,
-                                 eta=eta_s)
+                                 g2=g2_s, w1_new=w1p_s, w2_new=w2p_s, ln=vec_s, eta=eta_s)
     r = mini_batch(bufs, load_col(b1_s), load_col(b2_s, block.col), eps, cl, block,
                    interpret=interpret)
     T = lambda ref: ref.transpose((1, 0))
@@ -230,43 +229,34 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     D2 = ln_backward(x_hat, rstd, ct_out * col(vec_s.at[0]))
     dD2 = D2.sum(axis=0)  # [d], the rows' part of b2's cotangent
     cl.share(block, (d2_s, D2))
-    # -M and the forward's -eta G1, -eta G2 as operands: every product with them is subtracted,
-    # so each sum below is one accumulator (negations are free in the bf16 conversions).
-    stage((cw1_s, CW1), (cw2_s, CW2))
 
-    # Z2_bar's slice part X2_bar W2 - (X2_bar X2^T) eG2, and the W2 update W2 - X2^T eG2. (Terms
-    # whose operands stay in shared memory are computed where they are consumed, which keeps
-    # fewer [b, fp] values live in registers.)
-    # (-M, M = D2 eG2^T, is staged while D2 W2^T is computed.)
-    _, (_, ct_X2bar) = matmul_during([(bb, [(d2_s, T(neg_eg2_s))]), (bf, [(d2_s, T(w2_s))])],
-                                     lambda done: stage((nm_s, done(0))))
-
-    # Z1_bar = XQ W1 - (XQ XK^T) eG1 + b1 - colsum(eG1), and the W1, b1 updates.
-    def d1(done):  # D1 and b1's cotangent, while W2's is accumulated (and ct_eG1's XK term)
+    # Z2_bar = X2_bar W2' + b2': ct_X2_bar = D2 W2'^T, and the cotangent of W2' is
+    # CW2 + X2_bar^T D2 (staged: every later product with it pulls it back through W2's step
+    # W2' = W2 - X2^T eG2). Z1_bar = XQ W1' + b1': D1 = ct of Z1_bar, and W1' likewise.
+    def d1(done):  # D1 and the cotangent of b1', while that of W2' is accumulated
       D1 = done(0) * r.dX2_bar
       stage((d1_s, D1))
       Cb1 = load_col(vb1_s) + D1.sum(axis=0)
       vb1_s[...] = Cb1
       return Cb1
-    Cb1, (_, CW2, ct_eG1) = matmul_during(
-        [(ct_X2bar, [(nm_s, x2_s)]), (CW2, [(T(x2bar_s), d2_s)]), (bf, [(xk_s, cw1_s)])],
-        d1, interpret)
-    _, (_, ct_eG1) = matmul_during(  # (the ct of XQ XK^T is staged while ct_eG1 is computed)
-        [(bb, [(d1_s, T(neg_eg1_s))]), (ct_eG1, [(T(attn_b_s), d1_s)])],
-        lambda done: stage((ctb_s, done(0))), interpret)
-    ct_eG1 = -(ct_eG1 + cols(Cb1, bf))
+    Cb1, (_, CW2) = matmul_during([(bf, [(d2_s, T(w2p_s))]), (CW2, [(T(x2bar_s), d2_s)])],
+                                  d1, interpret)
+    def cw(done):  # both staged
+      stage((cw2_s, CW2))
+      stage((cw1_s, done(0)))
+    _, (CW1,) = matmul_during([(CW1, [(T(xq_s), d1_s)])], cw, interpret)
 
-    # eG1 = eta G1, G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
-    def g1(done):  # while this slice's part of -ct_eG2 is computed
-      del done
+    # W1' = W1 - XK^T eG1, b1' = b1 - colsum(eG1): ct_eG1 = -(XK ct_W1' + ct_b1'). eG1 = eta G1,
+    # G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
+    def g1(done):  # while -ct_eG2's part (from W2's step) is computed
+      ct_eG1 = -(done(0) + cols(Cb1, bf))
       ct_G1 = rows(plgpu.load(eta_s, layout=ROW), bf) * ct_eG1  # eta loaded where used
       stage((ctp_s, ct_G1 * r.dX2))  # ct of P = G2 W2^T
       # ct_eta: [b], this slice's part; ct_Z1: X2's share is added below.
       return (ct_eG1 * r.G1).sum(axis=1), ct_G1 * r.Q
-    (ct_eta, ct_Z1), (neg_ct_eG2,) = matmul_during(
-        [(bd, [(T(attn_a_s), d2_s), (x2_s, cw2_s)])], g1)
-    # -ct_eG2 (Z2_bar's Gram term, the W2 update) and ct_P summed (ct_XQ waits for ct_XK's sum:
-    # only d XQ needs it).
+    (ct_eta, ct_Z1), (_, neg_ct_eG2) = matmul_during(
+        [(bf, [(xk_s, cw1_s)]), (bd, [(x2_s, cw2_s)])], g1)
+    # -ct_eG2 and ct_P summed (ct_XQ waits for ct_XK's sum: only d XQ needs it).
     ct_eG2, ct_P, dD2 = cl.sum(
         (0, neg_ct_eG2, block),
         (2, lambda: matmul(bd, (ctp_s, w2_s)), block),
@@ -281,9 +271,9 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       eta_rows = plgpu.load(eta_s.at[block.ds], layout=block.row)
       ct_G2 = rows(eta_rows, rd) * ct_eG2_ + ct_P
       ct_eta_rows = (ct_eG2_ * r.G2).sum(axis=1)  # [rows]: eG2's share of ct_eta
-      # d XQ = ct_out + ct_XQ's sum: ct_out's rows wait in XQ XK^T's tile (dead now; the
+      # d XQ = ct_out + ct_XQ's sum: ct_out's rows wait in X2_bar's tile (dead now; the
       # next mini-batch's ct_out is loaded over cto_s before the sum).
-      attn_b_s.at[block.ds][...] = plgpu.load(cto_s.at[block.ds], layout=block.layout)
+      x2bar_s.at[block.ds][...] = plgpu.load(cto_s.at[block.ds], layout=block.layout)
       # G2 = LN-L2 gradient of Z2 = X2 W2 + b2 at target XV - XK; X2 = gelu(Z1 = XK W1 + b1).
       ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(
           r.Z2, load_rows(xv_s, block) - load_rows(xk_s, block),
@@ -293,15 +283,12 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       add_col(ctln_s.at[1], dbeta)
       cl.share(block, (d2_s, ct_Z2))  # D2's tile: D2 is dead
       return ct_eta_rows, ct_T, ct_Z2.sum(axis=0)
-    # X2 meets Z2 (W2), Z2_bar's Gram term (-M^T X2_bar) and the W2 update (-eG2 dW2'^T); XK
-    # meets XQ XK^T, Z1 (W1) and the W1 update (-eG1 dW1'^T). The terms without ct_Z2 or
-    # ct_Z1 are computed during the rows' work, with W2's (ct_P^T G2) and W1's (XQ^T D1)
-    # cotangent steps and this slice's part of ct_XQ.
-    (ct_eta_rows, ct_T, dZ2), (ct_X2, ct_XK, CW2, CW1, ct_XQ) = matmul_during(
-        [(bf, [(T(nm_s), x2bar_s), (neg_eg2_s, T(cw2_s))]),
-         (bd, [(T(ctb_s), xq_s), (neg_eg1_s, T(cw1_s))]), (CW2, [(T(ctp_s), g2_s)]),
-         (CW1, [(T(xq_s), d1_s)]), (bd, [(d1_s, T(w1_s)), (ctb_s, xk_s)])],
-        rows_work, interpret)
+    # X2 meets Z2 (W2) and W2's step (-eG2 ct_W2'^T); XK meets Z1 (W1) and W1's step
+    # (-eG1 ct_W1'^T). The terms without ct_Z2 or ct_Z1 are computed during the rows' work,
+    # with W2's cotangent step ct_P^T G2 and this slice's part of ct_XQ = D1 W1'^T.
+    (ct_eta_rows, ct_T, dZ2), (ct_X2, ct_XK, CW2, ct_XQ) = matmul_during(
+        [(bf, [(neg_eg2_s, T(cw2_s))]), (bd, [(neg_eg1_s, T(cw1_s))]),
+         (CW2, [(T(ctp_s), g2_s)]), (bd, [(d1_s, T(w1p_s))])], rows_work, interpret)
 
     def d1(done):  # ct_Z1, D1's tile, while W2's cotangent is accumulated
       # XQ, XV, ct_out, eta, b1, b2 and the three tiles `load` uses are dead here (their last
@@ -315,7 +302,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     _, (_, CW2) = matmul_during([(ct_X2, [(d2_s, T(w2_s))]), (CW2, [(T(x2_s), d2_s)])], d1,
                                 interpret)
     def xk_sum(done):  # while W1's cotangent is accumulated (it reads xk_s: written after)
-      nm_s.at[block.ds][...] = ct_T.astype(nm_s.dtype)  # d XV's rows, out below
+      w2p_s.at[block.ds][...] = ct_T.astype(w2p_s.dtype)  # d XV's rows, out below
       ct_eta_, dZ2_, ct_XQ_, ct_XK_ = cl.sum(
           ("eta", ct_eta, eta_block), ("v", dZ2, block.col), (1, None, block),
           (2, lambda: done(0), block))
@@ -324,13 +311,13 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     (ct_XK, ct_XQ, ct_eta), (_, CW1) = matmul_during(
         [(ct_XK, [(d1_s, T(w1_s))]), (CW1, [(T(xk_s), d1_s)])], xk_sum, interpret)
 
-    # The CTA's rows of d XQ, d XK, d XV and d eta, out through tiles free now (XQ XK^T's,
-    # XK's, -M's; the next mini-batch writes them after these leave).
-    attn_b_s.at[block.ds][...] = (load_rows(attn_b_s, block) + ct_XQ).astype(attn_b_s.dtype)
+    # The CTA's rows of d XQ, d XK, d XV and d eta, out through tiles free now (X2_bar's,
+    # XK's, W2'; the next mini-batch writes them after these leave).
+    x2bar_s.at[block.ds][...] = (load_rows(x2bar_s, block) + ct_XQ).astype(x2bar_s.dtype)
     xk_s.at[block.ds][...] = (ct_XK - ct_T).astype(xk_s.dtype)
     deta_s.at[block.ds][...] = ct_eta + ct_eta_rows
     plgpu.commit_smem()
-    for src, dst in ((attn_b_s, dxq_g), (xk_s, dxk_g), (nm_s, dxv_g), (deta_s, deta_g)):
+    for src, dst in ((x2bar_s, dxq_g), (xk_s, dxk_g), (w2p_s, dxv_g), (deta_s, deta_g)):
       plgpu.copy_smem_to_gmem(src.at[block.ds], dst.at[i, h, t, block.ds])
 
     return CW1, CW2  # (no barrier needed here: see the module docstring)

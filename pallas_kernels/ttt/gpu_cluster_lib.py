@@ -294,11 +294,11 @@ class Recompute(NamedTuple):
   """What `mini_batch` computes, the registers (f32) the backward differentiates through; the
   [., d] ones hold the CTA's `Rows`."""
   dX2: jax.Array  # [b, fp] gelu'(Z1), Z1 = XK W1 + b1
-  G1: jax.Array | None  # [b, fp] (G2 W2^T) gelu'(Z1); the backward's (dual form) only
+  G1: jax.Array | None  # [b, fp] (G2 W2^T) gelu'(Z1); the backward's only
   Q: jax.Array | None  # [b, fp] (G2 W2^T) gelu''(Z1); likewise
   Z2: jax.Array  # [rows, d] X2 W2 + b2, summed over the cluster
   G2: jax.Array  # [rows, d] the LayerNorm-L2 gradient of Z2
-  dX2_bar: jax.Array | None  # [b, fp] gelu'(Z1_bar); the dual form's (backward's) only
+  dX2_bar: jax.Array | None  # [b, fp] gelu'(Z1_bar); the backward's only
   Z2_bar: jax.Array  # [rows, d], summed over the cluster
   db1: jax.Array  # [fp] colsum(eta G1)
   db2: jax.Array  # [d] colsum(eta G2), summed over the cluster (in Rows.col)
@@ -310,28 +310,29 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
                during_z1=lambda: None):
   """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see
   `gpu_cluster.py`'s docstring), on the CTA's hidden slice and `block`, its rows of the [b, d]
-  work (`Rows`).
+  work (`Rows`). Z1_bar and Z2_bar are f(XQ; W') with the stepped state W' (the primal form:
+  with no causal mask inside the mini-batch the pure op's dual form computes the same with two
+  more [b, b] matmuls).
 
   s: shared-memory buffers with xq, xk, xv [b, d] (bf16) and eta [b] (f32) loaded, w1 [d, fp],
   w2 [fp, d] (bf16) staged; written here: x2, x2_bar, neg_eg1 [b, fp] (-eta G1: every product
   with it is subtracted, so each is one accumulator), neg_eg2 [b, d] (all b rows,
-  `Cluster.share`), and for the backward g2 [b, d] and attn_b, attn_a [b, b] (XQ XK^T,
-  X2_bar X2^T); ln [2, d] f32: gamma and beta, loaded where used. b1 [fp] (COL), b2 [d]
-  (block.col): f32 registers. cl: the `Cluster` (slots 0, 1 and "db2"). interpret: a
+  `Cluster.share`), and for the backward g2 [b, d] and w1_new [d, fp], w2_new [fp, d] (W1',
+  W2'); ln [2, d] f32: gamma and beta, loaded where used. b1 [fp] (COL), b2 [d] (block.col):
+  f32 registers. cl: the `Cluster` (slots 0, 1 and "db2"). interpret: a
   `plgpu.InterpretGPUParams` or False.
 
   state: the forward's (W1, W2), f32 [d, fp], [fp, d] in registers (WGMMA), whose bf16 copies
-  s.w1, s.w2 hold: the gradient step is taken on them here (Recompute's W1, W2) and the new
-  ones staged (after before_stage(), if given), and Z1_bar and Z2_bar are f(XQ; W') itself (the
-  primal form: with no causal mask inside the mini-batch the dual form computes the same with
-  two more [b, b] matmuls). Without it (the backward), the dual form, whose Gram matrices the
-  VJP reuses, and G1, Q and gelu'(Z1_bar) for it (gelu''(Z1) from the same tanh as gelu(Z1),
-  so Z1 and the tanh die at once).
+  s.w1, s.w2 hold: the gradient step is taken on them (Recompute's W1, W2) and the new ones
+  staged over s.w1, s.w2 (after before_stage(), if given). Without it (the backward), the step
+  is taken on s.w1, s.w2 as the checkpoints hold them (bf16) and staged into s.w1_new,
+  s.w2_new, since the VJP needs both; and G1, Q and gelu'(Z1_bar) are returned for it
+  (gelu''(Z1) from the same tanh as gelu(Z1), so Z1 and the tanh die at once).
 
   during_z1(): work that needs none of this, run while Z1's matmul is (the forward's loads of
   the next mini-batch).
   """
-  dual = state is None  # the backward's recompute
+  backward = state is None
   b, d = s.xq.shape
   fp = s.w1.shape[1]
   bf, bd, rd = (b, fp), (b, d), (block.ds.size, d)
@@ -341,19 +342,12 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
     Z1 = Z1 + cols(b1, bf)  # [b, fp]
     X2, dX2 = gelu_tanh_and_grad(Z1)  # dX2 (gelu'(Z1)) is live instead of Z1
     stage((s.x2, X2))
-    return dX2, gelu_tanh_grad2(Z1) if dual else None
+    return dX2, gelu_tanh_grad2(Z1) if backward else None
   def first(done):  # during_z1 while Z1 is computed, then gelu
     during_z1()
     return gelu(done(0))
-  if state:
-    (dX2, ddX2), _ = matmul_during([(bf, [(s.xk, s.w1)])], first)
-    attn_b = None
-  else:  # XQ XK^T is computed while gelu runs, and staged while X2 W2 is
-    (dX2, ddX2), (_, attn_b) = matmul_during(
-        [(bf, [(s.xk, s.w1)]), ((b, b), [(s.xq, s.xk.transpose((1, 0)))])], first)
+  (dX2, ddX2), _ = matmul_during([(bf, [(s.xk, s.w1)])], first)
   def loss_inputs(done):  # the rows' inputs of the loss, loaded while X2 W2 is computed
-    if attn_b is not None:
-      stage((s.attn_b, attn_b))
     ln = lambda k: load_col(s.ln.at[k], block.col)
     return (load_rows(s.xv, block) - load_rows(s.xk, block),
             plgpu.load(s.eta.at[block.ds], layout=block.row), ln(0), ln(1), done(0))
@@ -364,54 +358,48 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
   # Gradients of the reconstruction loss: G2 = dl/dZ2 on the CTA's rows, G1 = dl/dZ1.
   G2 = ln_l2_grad(Z2, target, gamma, beta, eps)
   eG2 = rows(eta, rd) * G2
-  if dual:  # the backward wants G1 and Q, so G2 is shared too
+  if backward:  # the VJP wants G1 and Q, so G2 is shared too
     cl.share(block, (s.neg_eg2, -eG2), (s.g2, G2))
 
-    def g1(done):  # while XQ W1 (the dual form's) is computed
+    def g1(done):  # while G2 W2^T is computed
       P = done(0)
       G1 = P * dX2
       neg_eG1 = -(rows(plgpu.load(s.eta, layout=ROW), bf) * G1)
       stage((s.neg_eg1, neg_eG1))
       return G1, P * ddX2, neg_eG1
-    (G1, Q, neg_eG1), (_, XQW1) = matmul_during(
-        [(bf, [(s.g2, s.w2.transpose((1, 0)))]), (bf, [(s.xq, s.w1)])], g1)
+    (G1, Q, neg_eG1), _ = matmul_during([(bf, [(s.g2, s.w2.transpose((1, 0)))])], g1)
+    w1_new, w2_new = s.w1_new, s.w2_new
   else:  # eta scales rows: eta G1 = ((eta G2) W2^T) gelu'(Z1), and G2 is not needed
     cl.share(block, (s.neg_eg2, -eG2))
     G1 = Q = None
     neg_eG1 = matmul(bf, (s.neg_eg2, s.w2.transpose((1, 0)))) * dX2
     stage((s.neg_eg1, neg_eG1))
+    w1_new, w2_new = s.w1, s.w2
+  # The state before the step, as the accumulator's start (the backward's: from bf16).
+  old = lambda k, ref: state[k] if state else plgpu.load(ref, layout=WGMMA).astype(jnp.float32)
 
-  # f(XQ; W'): Z1_bar = XQ W1' + b1 - colsum(eG1), W1' = W1 - XK^T eG1, and likewise Z2_bar;
-  # the dual form without forming W' (as the pure op): XQ W1' = XQ W1 - (XQ XK^T) eG1.
+  # W1' = W1 - XK^T eG1, b1' = b1 - colsum(eG1) (db1, summed while W1' is computed), and
+  # Z1_bar = XQ W1' + b1'; W2' = W2 - X2^T eG2 during gelu(Z1_bar).
   colsum = lambda done: -neg_eG1.sum(axis=0)  # db1 [fp]
-  W1 = W2 = dX2_bar = None
-  if state:  # W1' first (during db1's sum); W2's step runs during gelu(Z1_bar)
-    db1, (W1,) = matmul_during([(state[0], [(s.xk.transpose((1, 0)), s.neg_eg1)])], colsum,
-                               interpret)
-    if before_stage:
-      before_stage()
-    stage((s.w1, W1))
+  db1, (W1,) = matmul_during([(old(0, s.w1), [(s.xk.transpose((1, 0)), s.neg_eg1)])], colsum,
+                             interpret)
+  if before_stage:
+    before_stage()
+  stage((w1_new, W1))
 
-    def gelu_bar(done):
-      X2_bar, _ = gelu_tanh_and_grad(done(0))
-      stage((s.x2_bar, X2_bar))
-    _, (_, W2) = matmul_during([(cols(b1 - db1, bf), [(s.xq, s.w1)]),
-                                (state[1], [(s.x2.transpose((1, 0)), s.neg_eg2)])],
-                               gelu_bar, interpret)
-    stage((s.w2, W2))
-    last = (bd, [(s.x2_bar, s.w2)])
-  else:  # (db1 is summed while (XQ XK^T) eG1 is; X2_bar W2 while X2_bar X2^T is staged)
-    db1, (Z1_bar,) = matmul_during([(XQW1 + cols(b1, bf), [(s.attn_b, s.neg_eg1)])], colsum,
-                                   interpret)
-    Z1_bar = Z1_bar - cols(db1, bf)
-    X2_bar, dX2_bar = gelu_tanh_and_grad(Z1_bar)
+  def gelu_bar(done):
+    X2_bar, dX2_bar = gelu_tanh_and_grad(done(0))
     stage((s.x2_bar, X2_bar))
-    _, (_, part) = matmul_during(
-        [((b, b), [(s.x2_bar, s.x2.transpose((1, 0)))]), (bd, [(s.x2_bar, s.w2)])],
-        lambda done: stage((s.attn_a, done(0))))
-    last = (part, [(s.attn_a, s.neg_eg2)])
-  # (db2 [d], over the CTA's rows, is summed while Z2_bar's last product is computed.)
-  db2, (part,) = matmul_during([last], lambda done: eG2.sum(axis=0), interpret)
+    return dX2_bar if backward else None
+  dX2_bar, (_, W2) = matmul_during([(cols(b1 - db1, bf), [(s.xq, w1_new)]),
+                                    (old(1, s.w2), [(s.x2.transpose((1, 0)), s.neg_eg2)])],
+                                   gelu_bar, interpret)
+  stage((w2_new, W2))
+  # (db2 [d], over the CTA's rows, is summed while Z2_bar's product is computed.)
+  db2, (part,) = matmul_during([(bd, [(s.x2_bar, w2_new)])], lambda done: eG2.sum(axis=0),
+                               interpret)
   Z2_bar, db2 = cl.sum((1, part, block), ("db2", db2, block.col))
   Z2_bar = Z2_bar + cols(b2 - db2, rd)
+  if backward:
+    W1 = W2 = None
   return Recompute(dX2, G1, Q, Z2, G2, dX2_bar, Z2_bar, db1, db2, W1, W2)

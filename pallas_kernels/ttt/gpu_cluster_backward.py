@@ -103,7 +103,7 @@ def _scratch(b, d, cluster, interpret):
   # Swizzled tiles first, vectors last: each tile is aligned to 1 KiB.
   return (
       t(b, d), t(b, d), t(b, d), t(b, d), t(d, fp), t(fp, d),  # XQ XK XV ct_out, W1 W2 at t
-      t(b, fp), t(b, fp), t(b, fp), t(b, d), t(b, d), t(d, fp), t(fp, d),  # forward operands
+      t(b, fp), t(b, fp), t(b, fp), t(b, d), t(b, d), t(d, fp), t(fp, d), t(b, b),  # recompute's
       t(b, d), t(d, fp), t(fp, d), t(b, fp), t(b, fp),  # backward operands
       plgpu.SMEM((3, b, d), f32),  # partial sums: 3 slots
       plgpu.SMEM((b, d) if interpret else (8,), f32),  # a peer's, received (interpret only)
@@ -151,7 +151,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   (interpret only) the exchange scratch [B, H, P, 3, b, d], [B, H, P, b], [B, H, P, d] f32
   and [B, H, P, 2, 16, d] bf16."""
   (xq_s, xk_s, xv_s, cto_s, w1_s, w2_s,
-   x2_s, x2bar_s, neg_eg1_s, g2_s, neg_eg2_s, w1p_s, w2p_s,
+   x2_s, x2bar_s, neg_eg1_s, g2_s, neg_eg2_s, w1p_s, w2p_s, attn_s,
    d2_s, cw1_s, cw2_s, d1_s, ctp_s,
    part_s, recv_s, eta_s, b1_s, b2_s, deta_s, parte_s, recve_s, vb1_s, vb2_s, partv_s, recvv_s,
    vec_s, ctln_s, init_bar, load_bar, recv_bar, cbar) = scratch
@@ -212,7 +212,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
               ((w1p_s, xk_s), (cw1_s, w1_s), (ctp_s, w2_s))))
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
                                  x2_bar=x2bar_s, neg_eg1=neg_eg1_s, neg_eg2=neg_eg2_s,
-                                 g2=g2_s, w1_new=w1p_s, w2_new=w2p_s, ln=vec_s, eta=eta_s)
+                                 g2=g2_s, w1_new=w1p_s, w2_new=w2p_s, attn=attn_s, ln=vec_s,
+                                 eta=eta_s)
     r = mini_batch(bufs, load_col(b1_s), load_col(b2_s, block.col), eps, cl, block,
                    interpret=interpret)
     T = lambda ref: ref.transpose((1, 0))
@@ -229,38 +230,39 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     D2 = ln_backward(x_hat, rstd, ct_out * col(vec_s.at[0]))
     dD2 = D2.sum(axis=0)  # [d], the rows' part of b2's cotangent
     cl.share(block, (d2_s, D2))
+    stage((cw1_s, CW1))
 
     # Z2_bar = X2_bar W2' + b2': ct_X2_bar = D2 W2'^T, and the cotangent of W2' is
     # CW2 + X2_bar^T D2 (staged: every later product with it pulls it back through W2's step
     # W2' = W2 - X2^T eG2). Z1_bar = XQ W1' + b1': D1 = ct of Z1_bar, and W1' likewise.
-    def d1(done):  # D1 and the cotangent of b1', while that of W2' is accumulated
+    def d1(done):  # D1 and the cotangent of b1', while XK's term of ct_eG1 and W2''s are computed
       D1 = done(0) * r.dX2_bar
       stage((d1_s, D1))
       Cb1 = load_col(vb1_s) + D1.sum(axis=0)
       vb1_s[...] = Cb1
+      stage((cw2_s, done(2)))
       return Cb1
-    Cb1, (_, CW2) = matmul_during([(bf, [(d2_s, T(w2p_s))]), (CW2, [(T(x2bar_s), d2_s)])],
-                                  d1, interpret)
-    def cw(done):  # both staged
-      stage((cw2_s, CW2))
-      stage((cw1_s, done(0)))
-    _, (CW1,) = matmul_during([(CW1, [(T(xq_s), d1_s)])], cw, interpret)
+    Cb1, (_, ct_eG1, CW2) = matmul_during(
+        [(bf, [(d2_s, T(w2p_s))]), (bf, [(xk_s, cw1_s)]), (CW2, [(T(x2bar_s), d2_s)])], d1,
+        interpret)
 
-    # W1' = W1 - XK^T eG1, b1' = b1 - colsum(eG1): ct_eG1 = -(XK ct_W1' + ct_b1'). eG1 = eta G1,
-    # G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
-    def g1(done):  # while -ct_eG2's part (from W2's step) is computed
+    # W1' = W1 - XK^T eG1, b1' = b1 - colsum(eG1): ct_eG1 = -(XK ct_W1' + ct_b1'), with
+    # XK ct_W1' = XK CW1 + (XQ XK^T)^T D1 (not waiting for ct_W1' = CW1 + XQ^T D1 to be staged).
+    # eG1 = eta G1, G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
+    def g1(done):  # while -ct_eG2's part (from W2's step) and ct_W1' are computed
       ct_eG1 = -(done(0) + cols(Cb1, bf))
       ct_G1 = rows(plgpu.load(eta_s, layout=ROW), bf) * ct_eG1  # eta loaded where used
       stage((ctp_s, ct_G1 * r.dX2))  # ct of P = G2 W2^T
       # ct_eta: [b], this slice's part; ct_Z1: X2's share is added below.
       return (ct_eG1 * r.G1).sum(axis=1), ct_G1 * r.Q
-    (ct_eta, ct_Z1), (_, neg_ct_eG2) = matmul_during(
-        [(bf, [(xk_s, cw1_s)]), (bd, [(x2_s, cw2_s)])], g1)
-    # -ct_eG2 and ct_P summed (ct_XQ waits for ct_XK's sum: only d XQ needs it).
-    ct_eG2, ct_P, dD2 = cl.sum(
-        (0, neg_ct_eG2, block),
-        (2, lambda: matmul(bd, (ctp_s, w2_s)), block),
-        ("v", dD2, block.col))
+    (ct_eta, ct_Z1), (_, neg_ct_eG2, CW1) = matmul_during(
+        [(ct_eG1, [(T(attn_s), d1_s)]), (bd, [(x2_s, cw2_s)]), (CW1, [(T(xq_s), d1_s)])], g1,
+        interpret)
+
+    def publish(done):  # -ct_eG2 and ct_P summed while ct_P is computed; ct_W1' staged
+      stage((cw1_s, CW1))  # (ct_XQ waits for ct_XK's sum: only d XQ needs it)
+      return cl.sum((0, neg_ct_eG2, block), (2, lambda: done(0), block), ("v", dD2, block.col))
+    (ct_eG2, ct_P, dD2), _ = matmul_during([(bd, [(ctp_s, w2_s)])], publish)
     # b2's cotangent before its update is -(ct of colsum(eG2)), in Z2_bar and in b2's update.
     vb2 = load_col(vb2_s, block.col) + dD2
     vb2_s[...] = vb2

@@ -317,8 +317,8 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
   s: shared-memory buffers with xq, xk, xv [b, d] (bf16) and eta [b] (f32) loaded, w1 [d, fp],
   w2 [fp, d] (bf16) staged; written here: x2, x2_bar, neg_eg1 [b, fp] (-eta G1: every product
   with it is subtracted, so each is one accumulator), neg_eg2 [b, d] (all b rows,
-  `Cluster.share`), and for the backward g2 [b, d] and w1_new [d, fp], w2_new [fp, d] (W1',
-  W2'); ln [2, d] f32: gamma and beta, loaded where used. b1 [fp] (COL), b2 [d] (block.col):
+  `Cluster.share`), and for the backward g2 [b, d], w1_new [d, fp], w2_new [fp, d] (W1',
+  W2') and attn [b, b] (XQ XK^T); ln [2, d] f32: gamma and beta, loaded where used. b1 [fp] (COL), b2 [d] (block.col):
   f32 registers. cl: the `Cluster` (slots 0, 1 and "db2"). interpret: a
   `plgpu.InterpretGPUParams` or False.
 
@@ -346,8 +346,14 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
   def first(done):  # during_z1 while Z1 is computed, then gelu
     during_z1()
     return gelu(done(0))
-  (dX2, ddX2), _ = matmul_during([(bf, [(s.xk, s.w1)])], first)
+  if backward:  # XQ XK^T (its VJP's Gram matrix) while gelu runs, staged while X2 W2 is
+    (dX2, ddX2), (_, attn) = matmul_during(
+        [(bf, [(s.xk, s.w1)]), ((b, b), [(s.xq, s.xk.transpose((1, 0)))])], first)
+  else:
+    (dX2, ddX2), _ = matmul_during([(bf, [(s.xk, s.w1)])], first)
   def loss_inputs(done):  # the rows' inputs of the loss, loaded while X2 W2 is computed
+    if backward:
+      stage((s.attn, attn))
     ln = lambda k: load_col(s.ln.at[k], block.col)
     return (load_rows(s.xv, block) - load_rows(s.xk, block),
             plgpu.load(s.eta.at[block.ds], layout=block.row), ln(0), ln(1), done(0))

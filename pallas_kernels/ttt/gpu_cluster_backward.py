@@ -104,6 +104,7 @@ def _scratch(b, d, cluster, interpret):
   return (
       t(b, d), t(b, d), t(b, d), t(b, d), t(d, fp), t(fp, d),  # XQ XK XV ct_out, W1 W2 at t
       t(b, fp), t(b, fp), t(b, fp), t(b, d), t(b, d), t(d, fp), t(fp, d), t(b, b),  # recompute's
+      t(b, fp),  # gelu'(Z1), parked
       t(b, d), t(d, fp), t(fp, d), t(b, fp), t(b, fp),  # backward operands
       plgpu.SMEM((3, b, d), f32),  # partial sums: 3 slots
       plgpu.SMEM((b, d) if interpret else (8,), f32),  # a peer's, received (interpret only)
@@ -151,7 +152,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   (interpret only) the exchange scratch [B, H, P, 3, b, d], [B, H, P, b], [B, H, P, d] f32
   and [B, H, P, 2, 16, d] bf16."""
   (xq_s, xk_s, xv_s, cto_s, w1_s, w2_s,
-   x2_s, x2bar_s, neg_eg1_s, g2_s, neg_eg2_s, w1p_s, w2p_s, attn_s,
+   x2_s, x2bar_s, neg_eg1_s, g2_s, neg_eg2_s, w1p_s, w2p_s, attn_s, dx2_s,
    d2_s, cw1_s, cw2_s, d1_s, ctp_s,
    part_s, recv_s, eta_s, b1_s, b2_s, deta_s, parte_s, recve_s, vb1_s, vb2_s, partv_s, recvv_s,
    vec_s, ctln_s, init_bar, load_bar, recv_bar, cbar) = scratch
@@ -212,11 +213,12 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
               ((w1p_s, xk_s), (cw1_s, w1_s), (ctp_s, w2_s))))
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
                                  x2_bar=x2bar_s, neg_eg1=neg_eg1_s, neg_eg2=neg_eg2_s,
-                                 g2=g2_s, w1_new=w1p_s, w2_new=w2p_s, attn=attn_s, ln=vec_s,
-                                 eta=eta_s)
+                                 g2=g2_s, w1_new=w1p_s, w2_new=w2p_s, attn=attn_s, dx2=dx2_s,
+                                 q=ctp_s, g1=part_s.at[2], ln=vec_s, eta=eta_s)
     r = mini_batch(bufs, load_col(b1_s), load_col(b2_s, block.col), eps, cl, block,
                    interpret=interpret)
     T = lambda ref: ref.transpose((1, 0))
+    dX2 = lambda: plgpu.load(dx2_s, layout=WGMMA).astype(f32)  # gelu'(Z1), loaded where used
     rd = r.Z2.shape  # [rows, d]: the CTA's rows of the [b, d] work
     col = lambda ref: cols(load_col(ref, block.col), rd)  # a [d] vector, broadcast
 
@@ -252,9 +254,10 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     def g1(done):  # while -ct_eG2's part (from W2's step) and ct_W1' are computed
       ct_eG1 = -(done(0) + cols(Cb1, bf))
       ct_G1 = rows(plgpu.load(eta_s, layout=ROW), bf) * ct_eG1  # eta loaded where used
-      stage((ctp_s, ct_G1 * r.dX2))  # ct of P = G2 W2^T
+      ct_Z1 = ct_G1 * plgpu.load(ctp_s, layout=WGMMA).astype(f32)  # Q, parked there
+      stage((ctp_s, ct_G1 * dX2()))  # ct of P = G2 W2^T
       # ct_eta: [b], this slice's part; ct_Z1: X2's share is added below.
-      return (ct_eG1 * r.G1).sum(axis=1), ct_G1 * r.Q
+      return (ct_eG1 * plgpu.load(part_s.at[2], layout=WGMMA)).sum(axis=1), ct_Z1
     (ct_eta, ct_Z1), (_, neg_ct_eG2, CW1) = matmul_during(
         [(ct_eG1, [(T(attn_s), d1_s)]), (bd, [(x2_s, cw2_s)]), (CW1, [(T(xq_s), d1_s)])], g1,
         interpret)
@@ -298,7 +301,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       # mini-batch's inputs are loaded during the rest of this one.
       pl.when(k + 1 < g)(lambda: load(t - 1, ahead=True))
       part_s.at[1][...] = ct_XQ  # published for xk_sum's exchange
-      ct_Z1_ = ct_Z1 + done(0) * r.dX2
+      ct_Z1_ = ct_Z1 + done(0) * dX2()
       stage((d1_s, ct_Z1_))
       vb1_s[...] = load_col(vb1_s) + ct_Z1_.sum(axis=0)
     _, (_, CW2) = matmul_during([(ct_X2, [(d2_s, T(w2_s))]), (CW2, [(T(x2_s), d2_s)])], d1,

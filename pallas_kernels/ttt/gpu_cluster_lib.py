@@ -370,9 +370,13 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
     def g1(done):  # while G2 W2^T is computed
       P = done(0)
       G1 = P * dX2
+      # Parked in shared memory (the VJP's uses are far off): gelu'(Z1), G1 and Q.
+      s.dx2[...] = dX2.astype(s.dx2.dtype)
+      s.q[...] = (P * ddX2).astype(s.q.dtype)
+      s.g1[...] = G1
       neg_eG1 = -(rows(plgpu.load(s.eta, layout=ROW), bf) * G1)
       stage((s.neg_eg1, neg_eG1))
-      return G1, P * ddX2, neg_eG1
+      return None, None, neg_eG1
     (G1, Q, neg_eG1), _ = matmul_during([(bf, [(s.g2, s.w2.transpose((1, 0)))])], g1)
     w1_new, w2_new = s.w1_new, s.w2_new
   else:  # eta scales rows: eta G1 = ((eta G2) W2^T) gelu'(Z1), and G2 is not needed
@@ -407,5 +411,5 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
   Z2_bar, db2 = cl.sum((1, part, block), ("db2", db2, block.col))
   Z2_bar = Z2_bar + cols(b2 - db2, rd)
   if backward:
-    W1 = W2 = None
+    dX2 = W1 = W2 = None
   return Recompute(dX2, G1, Q, Z2, G2, dX2_bar, Z2_bar, db1, db2, W1, W2)

@@ -23,9 +23,9 @@ barriers (`barrier.cluster` arrive.release / wait.acquire, so the writes are vis
 
 The output is computed in the primal form, f(XQ; W') with the stepped state: with no causal
 mask inside a mini-batch it equals the pure op's dual form, XQ W1' = XQ W1 - (XQ XK^T)(eta G1),
-which takes two more [b, b] matmuls (the backward keeps the dual form: its VJP reuses the Gram
-matrices). eta scales rows, so eta G1 = ((eta G2) W2^T) gelu'(Z1) needs only eta G2, which
-every CTA gets whole. The [b, d] work after each sum is split by rows
+which takes two more [b, b] matmuls (the backward recomputes in the primal form too, staging
+W1' and W2' for its VJP). eta scales rows, so eta G1 = ((eta G2) W2^T) gelu'(Z1) needs only
+eta G2, which every CTA gets whole. The [b, d] work after each sum is split by rows
 (`gpu_cluster_lib.row_block`): CTA c sums rows 16c .. 16c+15 of the partials only, computes G2
 (the LayerNorm-L2 gradient of Z2) and eta G2 on them and the output XQ + LN(Z2_bar) for them, 8
 values a thread; -eta G2, a wgmma operand of every CTA, is then shared (each CTA copies its

@@ -6,8 +6,17 @@ states the group passes through from its checkpoint (W1, W2 as the bf16 operands
 used, b1, b2 in f32: [B, H, g, ...] in HBM), and this kernel runs the group in reverse: CTA c of
 a (batch, head) holds the cotangent of its hidden slice of the state (dW1[:, slice], db1[slice],
 dW2[slice, :] in f32 registers; db2 replicated), and for mini-batch t = g-1, ..., 0 it loads
-state t's slice, recomputes the mini-batch (`gpu_cluster_lib.mini_batch` in the dual form, and
-its two cluster sums) and pulls the cotangents back through it.
+state t's slice, recomputes the mini-batch (`gpu_cluster_lib.mini_batch`, its two cluster sums,
+and the stepped state W1', W2' staged in bf16) and pulls the cotangents back through it.
+
+The VJP follows the primal form, f(XQ; W'): the cotangent of W' is the incoming one plus the
+output's (ct_W2' = CW2 + X2_bar^T D2, ct_W1' = CW1 + XQ^T D1, with D2, D1 the cotangents of
+Z2_bar, Z1_bar), staged once, and every product with it pulls it back through the step
+W' = W - X^T eG: ct_X2 gets -eG2 ct_W2'^T, ct_eG2 gets -X2 ct_W2', and likewise for XK and eG1.
+So ct_X2_bar = D2 W2'^T and ct_XQ = D1 W1'^T, and no [b, b] Gram matrix, M = D2 eG2^T or its
+cotangent is formed: 23 matmuls instead of the dual form's 31. One Gram matrix is kept:
+ct_eG1 = -(XK CW1 + (XQ XK^T)^T D1 + ct_b1'), which does not wait for ct_W1' to be staged
+(the chain D1 -> ct_eG1 -> ct_P -> ct_G2 gates the rows' work).
 
 The VJP is written out by hand (jax.vjp's graph does not survive Mosaic GPU's layout
 inference); its derivation follows the forward line by line, and the tests compare it with the
@@ -17,8 +26,8 @@ over the cluster, so the backward adds two more exchanges through distributed sh
   ct_G2 = eta * (sum_c ct_eG2_c - db2') + sum_c (ct_G1_c * gelu'(Z1_c)) W2_c
           (G2 feeds every slice's G1 and the W2 update; needed before LayerNorm-L2's VJP; db2'
           is b2's cotangent so far, which meets eG2 through colsum(eG2))
-  ct_XQ, ct_XK, ct_eta: sums of the slices' parts (XQ and XK meet every W1 slice; ct_XQ is
-          complete with ct_G2's partials and is summed with them)
+  ct_XQ, ct_XK, ct_eta: sums of the slices' parts (XQ and XK meet every W1 slice), in the
+          step's last exchange
 
 As in the forward, the [b, d] work is split by rows (`gpu_cluster_lib.row_block`): each sum
 gives CTA c its 16 rows only, and c computes the LayerNorm VJPs (the output's D2 and
@@ -33,24 +42,24 @@ behind which its peers read it (`sum`'s and `share`'s barriers: seven a mini-bat
 
 What keeps the loop short (`benchmarks/kernel_resources.py`, H100, jax 0.12.0.1): the rows
 split (12,249 SASS instructions to 8,228); `mini_batch` handing over gelu'(Z1), G1,
-Q = (G2 W2^T) gelu''(Z1) and gelu'(Z1_bar) from the tanh it computes anyway (its dual form);
-the state cotangents accumulating in their own registers, with -M, -eta G1, -eta G2 as the
-staged operands (every product with them is subtracted), so each cotangent is one accumulator
-(6,376 instructions). Its 31 matmuls (3,968 tensor clocks) are issued where their operands are
+Q = (G2 W2^T) gelu''(Z1) and gelu'(Z1_bar) from the tanh it computes anyway; the state
+cotangents accumulating in their own registers, with -eta G1, -eta G2 as the staged operands
+(every product with them is subtracted), so each cotangent is one accumulator; the primal form
+(7,571 to 7,283 clocks). The matmuls (2,944 tensor clocks) are issued where their operands are
 ready and waited on where used (`gpu_cluster_lib.matmul_during`), and every product that
 nothing waits on soon goes to the longest stretch of CUDA-core work, the rows' LayerNorm-L2
-VJP: the terms of ct_X2 and ct_XK without ct_Z2, W2's step ct_P^T G2, W1's XQ^T D1 and ct_XQ
-(whose sum then waits for ct_XK's exchange). XK's term of ct_eG1 runs while D1 is computed,
--ct_eG2's while ct_G1 is. Waited on as issued they stalled 2,871 clocks; now 692, for 6,879
-instructions: a mini-batch takes about 7,571 clocks on the loop's timeline, 52% of the matmul
-peak, 32% in the benchmarks' `ttt_flops` count (twice the forward's dual-form 1,215 clocks a
-CTA). The loop spills (a 2.5 KiB stack frame a thread at 255 registers: the state cotangents,
-gelu'(Z1), G1, Q and the accumulators in flight). Tried and slower or more spills:
-gelu'(Z1_bar) parked in shared memory, P = G2 W2^T recomputed instead of keeping G1 and Q,
-ct_eG2's part published during the output rows' work, ct_out's rows kept in registers through
-the rows' work. Next: warp specialisation (a second warpgroup holding the state cotangents and
-their matmuls would take 64 registers a thread off this one; every warp must then join the
-cluster barriers, or they become mbarrier based), and a primal-form VJP (no b x b products).
+VJP: ct_X2's and ct_XK's terms from the steps, W2's cotangent step ct_P^T G2 and ct_XQ (whose
+sum then waits for ct_XK's exchange). The loop holds 255 registers a thread and spills; what
+the VJP uses only much later waits in shared memory instead (gelu'(Z1) and Q in bf16, G1 in
+f32 in the third partial-sum slot): a 2.1 KiB stack frame, 6,733 instructions and 289 clocks
+stalled, so a mini-batch takes about 7,022 clocks on the loop's timeline, 34.6% in the
+benchmarks' `ttt_flops` count (twice the forward's dual-form 1,215 clocks a CTA). Tried and
+slower on the timeline: ct_Z1 or gelu'(Z1_bar) parked too (fewer instructions, more stalls),
+ct_W1' staged before ct_eG1 (the pure primal chain: 7,283), ct_out's rows kept in registers
+through the rows' work, and in the dual form P = G2 W2^T recomputed instead of keeping G1 and
+Q. Next: warp specialisation (a second warpgroup holding the state cotangents and their
+matmuls would take 64 registers a thread off this one; every warp must then join the cluster
+barriers, or they become mbarrier based).
 
 Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double
 as the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster).
@@ -59,9 +68,9 @@ Shared memory: 20 bf16 tiles and 3 f32 ones, 211 KiB (`smem_bytes`; Mosaic GPU a
 loaded once t has read what they replace (after the rows' work, about the last third of the
 step): XQ, XV, ct_out, eta, b1 and b2 into their own buffers, and XK, W1 and W2, whose own
 tiles t reads until its end, into three operand tiles dead by then, copied over at t - 1's
-start (d XV and d eta leave through other buffers). On the loop's timeline, which has no
-memory latency, that cost 113 instructions a step when measured (8,276 clocks instead of
-8,115); it takes a 49 KiB round trip to HBM off the start of every step.
+start (d XQ, d XK and d XV leave through the tiles of X2_bar, XK and W2'). On the loop's
+timeline, which has no memory latency, that cost 113 instructions a step when measured (8,276
+clocks instead of 8,115); it takes a 49 KiB round trip to HBM off the start of every step.
 """
 from __future__ import annotations
 

@@ -293,9 +293,6 @@ def stage(*pairs):
 class Recompute(NamedTuple):
   """What `mini_batch` computes, the registers (f32) the backward differentiates through; the
   [., d] ones hold the CTA's `Rows`."""
-  dX2: jax.Array  # [b, fp] gelu'(Z1), Z1 = XK W1 + b1
-  G1: jax.Array | None  # [b, fp] (G2 W2^T) gelu'(Z1); the backward's only
-  Q: jax.Array | None  # [b, fp] (G2 W2^T) gelu''(Z1); likewise
   Z2: jax.Array  # [rows, d] X2 W2 + b2, summed over the cluster
   G2: jax.Array  # [rows, d] the LayerNorm-L2 gradient of Z2
   dX2_bar: jax.Array | None  # [b, fp] gelu'(Z1_bar); the backward's only
@@ -318,16 +315,17 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
   w2 [fp, d] (bf16) staged; written here: x2, x2_bar, neg_eg1 [b, fp] (-eta G1: every product
   with it is subtracted, so each is one accumulator), neg_eg2 [b, d] (all b rows,
   `Cluster.share`), and for the backward g2 [b, d], w1_new [d, fp], w2_new [fp, d] (W1',
-  W2') and attn [b, b] (XQ XK^T); ln [2, d] f32: gamma and beta, loaded where used. b1 [fp] (COL), b2 [d] (block.col):
-  f32 registers. cl: the `Cluster` (slots 0, 1 and "db2"). interpret: a
-  `plgpu.InterpretGPUParams` or False.
+  W2'), attn [b, b] (XQ XK^T), and parked for the VJP (not returned): dx2 [b, fp]
+  (gelu'(Z1)), q [b, fp] (Q) and g1 [b, fp] (G1, f32); ln [2, d] f32: gamma and beta, loaded
+  where used. b1 [fp] (COL), b2 [d] (block.col): f32 registers. cl: the `Cluster` (slots 0, 1
+  and "db2"). interpret: a `plgpu.InterpretGPUParams` or False.
 
   state: the forward's (W1, W2), f32 [d, fp], [fp, d] in registers (WGMMA), whose bf16 copies
   s.w1, s.w2 hold: the gradient step is taken on them (Recompute's W1, W2) and the new ones
   staged over s.w1, s.w2 (after before_stage(), if given). Without it (the backward), the step
   is taken on s.w1, s.w2 as the checkpoints hold them (bf16) and staged into s.w1_new,
-  s.w2_new, since the VJP needs both; and G1, Q and gelu'(Z1_bar) are returned for it
-  (gelu''(Z1) from the same tanh as gelu(Z1), so Z1 and the tanh die at once).
+  s.w2_new, since the VJP needs both; and gelu'(Z1_bar) is returned and gelu'(Z1), G1, Q
+  parked for it (gelu''(Z1) from the same tanh as gelu(Z1), so Z1 and the tanh die at once).
 
   during_z1(): work that needs none of this, run while Z1's matmul is (the forward's loads of
   the next mini-batch).
@@ -376,12 +374,11 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
       s.g1[...] = G1
       neg_eG1 = -(rows(plgpu.load(s.eta, layout=ROW), bf) * G1)
       stage((s.neg_eg1, neg_eG1))
-      return None, None, neg_eG1
-    (G1, Q, neg_eG1), _ = matmul_during([(bf, [(s.g2, s.w2.transpose((1, 0)))])], g1)
+      return neg_eG1
+    neg_eG1, _ = matmul_during([(bf, [(s.g2, s.w2.transpose((1, 0)))])], g1)
     w1_new, w2_new = s.w1_new, s.w2_new
   else:  # eta scales rows: eta G1 = ((eta G2) W2^T) gelu'(Z1), and G2 is not needed
     cl.share(block, (s.neg_eg2, -eG2))
-    G1 = Q = None
     neg_eG1 = matmul(bf, (s.neg_eg2, s.w2.transpose((1, 0)))) * dX2
     stage((s.neg_eg1, neg_eG1))
     w1_new, w2_new = s.w1, s.w2
@@ -411,5 +408,5 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
   Z2_bar, db2 = cl.sum((1, part, block), ("db2", db2, block.col))
   Z2_bar = Z2_bar + cols(b2 - db2, rd)
   if backward:
-    dX2 = W1 = W2 = None
-  return Recompute(dX2, G1, Q, Z2, G2, dX2_bar, Z2_bar, db1, db2, W1, W2)
+    W1 = W2 = None
+  return Recompute(Z2, G2, dX2_bar, Z2_bar, db1, db2, W1, W2)

@@ -246,7 +246,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     # Z2_bar = X2_bar W2' + b2': ct_X2_bar = D2 W2'^T, and the cotangent of W2' is
     # CW2 + X2_bar^T D2 (staged: every later product with it pulls it back through W2's step
     # W2' = W2 - X2^T eG2). Z1_bar = XQ W1' + b1': D1 = ct of Z1_bar, and W1' likewise.
-    def d1(done):  # D1 and the cotangent of b1', while XK's term of ct_eG1 and W2''s are computed
+    def d1(done):  # D1 and ct_b1', while XK's term of ct_eG1 and ct_W2' are computed
       D1 = done(0) * r.dX2_bar
       stage((d1_s, D1))
       Cb1 = load_col(vb1_s) + D1.sum(axis=0)
@@ -325,8 +325,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     (ct_XK, ct_XQ, ct_eta), (_, CW1) = matmul_during(
         [(ct_XK, [(d1_s, T(w1_s))]), (CW1, [(T(xk_s), d1_s)])], xk_sum, interpret)
 
-    # The CTA's rows of d XQ, d XK, d XV and d eta, out through tiles free now (X2_bar's,
-    # XK's, W2'; the next mini-batch writes them after these leave).
+    # The CTA's rows of d XQ, d XK, d XV and d eta, out through tiles free now (those of
+    # X2_bar, XK and W2'; the next mini-batch writes them after these leave).
     x2bar_s.at[block.ds][...] = (load_rows(x2bar_s, block) + ct_XQ).astype(x2bar_s.dtype)
     xk_s.at[block.ds][...] = (ct_XK - ct_T).astype(xk_s.dtype)
     deta_s.at[block.ds][...] = ct_eta + ct_eta_rows

@@ -87,7 +87,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.ttt import gpu_cluster
 from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW, SMEM_LIMIT_BYTES,
                                                 WGMMA, Cluster, cluster_kernel, cols,
-                                                fetch, ln_backward, load_col, load_rows, matmul,
+                                                fetch, ln_backward, load_col, load_rows,
                                                 matmul_during, mini_batch,
                                                 normalize, row_block, rows, stage, swizzled)
 

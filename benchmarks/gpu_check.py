@@ -1,7 +1,8 @@
 """The GPU TTT kernels, compiled for this machine, against the pure op: run it first on a GPU.
 
-For each kernel path (`cluster`: the Mosaic GPU forward and backward; `triton`: the Triton
-forward with the XLA reverse sweep, as at d = 64; `triton-d32`: Triton forward and backward)
+For each kernel path (`cluster`: the Mosaic GPU forward and backward; `cluster-g1`: the same
+at checkpoint_group 1, every state stored and no recompute; `triton`: the Triton forward with
+the XLA reverse sweep, as at d = 64; `triton-d32`: Triton forward and backward)
 it draws fresh random inputs, runs the op's output and its gradients, and compares them with
 `ttt_jax.ops.ttt_mlp` (the XLA scan) in float32 at the highest matmul precision on the same
 bf16-rounded inputs, by ||x - ref|| / ||ref||. Each path runs on two independent input sets,
@@ -29,9 +30,11 @@ from pallas_kernels.ttt import BlockSizes
 from pallas_kernels.ttt import op as pallas_op
 from ttt_jax import ops
 
-# path: (head_dim, block sizes)
-PATHS = {"cluster": (64, BlockSizes(cluster=4)), "triton": (64, BlockSizes(num_warps=8)),
-         "triton-d32": (32, BlockSizes(num_warps=4))}
+# path: (head_dim, block sizes, checkpoint group or None for --checkpoint_group)
+PATHS = {"cluster": (64, BlockSizes(cluster=4), None),
+         "cluster-g1": (64, BlockSizes(cluster=4), 1),
+         "triton": (64, BlockSizes(num_warps=8), None),
+         "triton-d32": (32, BlockSizes(num_warps=4), None)}
 TOL = 2e-2  # bf16 operands against an f32 reference (measured 3e-3 to 8e-3 in the interpreter)
 NAMES = ("out", "xq", "xk", "xv", "eta", "ln_weight", "ln_bias", "W1", "b1", "W2", "b2")
 
@@ -61,7 +64,8 @@ def out_and_grads(op, args, cot):
 
 
 def check_path(name, args_by_seed, cots, checkpoint_group, emit):
-  d, sizes = PATHS[name]
+  d, sizes, group = PATHS[name]
+  checkpoint_group = group or checkpoint_group
   kernel = jax.jit(functools.partial(
       out_and_grads, functools.partial(pallas_op.ttt_mlp, checkpoint_group=checkpoint_group,
                                        backend="gpu", block_sizes=sizes)))
@@ -102,7 +106,7 @@ def main(argv=None):
   for name in args.paths.split(","):
     if name not in PATHS:
       raise SystemExit(f"--paths: {name!r} is not one of {tuple(PATHS)}")
-    d = PATHS[name][0]
+    d = PATHS[name][0]  # (the reference is the same remat at the same group)
     pairs = [inputs(seed, args.batch, args.heads, args.num_mini_batches, 64, d)
              for seed in (0, 1)]
     ok &= check_path(name, [a for a, _ in pairs], [c for _, c in pairs], args.checkpoint_group,

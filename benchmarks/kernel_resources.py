@@ -28,7 +28,7 @@ the better estimate; work placed between a matmul's issue and its wait
 (`gpu_cluster_lib.matmul_during`) hides it. Neither models the cluster barriers,
 distributed shared memory latency or spills' memory traffic: on a GPU the loop is slower.
 
-  python benchmarks/kernel_resources.py                      # the three cluster kernels, 5B shapes
+  python benchmarks/kernel_resources.py                      # the four cluster kernels, 5B shapes
   python benchmarks/kernel_resources.py --out=benchmarks/results/h100-resources.jsonl
 """
 
@@ -45,8 +45,10 @@ import tempfile
 import time
 
 # The forward (checkpoints every g mini-batches), the backward's recompute of one group (the
-# forward kernel saving every state, W1 and W2 in bf16) and the backward of one group.
-KERNELS = ("cluster_forward", "cluster_recompute", "cluster_backward")
+# forward kernel saving every state, W1 and W2 in bf16), the backward of one group, and the
+# forward at checkpoint_group 1, which saves every state as the recompute does so that the
+# backward recomputes nothing (`gpu.stores_states`).
+KERNELS = ("cluster_forward", "cluster_recompute", "cluster_backward", "cluster_forward_g1")
 
 
 def parse_dump(text: str) -> dict:
@@ -154,12 +156,13 @@ def _compile(kernel: str, args) -> dict:
                                         cluster=P)
     shapes = (*[spec((B, H, N, b, d), bf16)] * 3, spec((B, H, N, b), f32), ln, ln,
               state((H,), f32))
-  elif kernel == "cluster_recompute":  # `gpu.backward`'s first half for one group
-    N, module = args.checkpoint_group, gpu_cluster
+  elif kernel in ("cluster_recompute", "cluster_forward_g1"):  # every state saved
+    recompute = kernel == "cluster_recompute"  # `gpu.backward`'s first half for one group
+    N, module = (args.checkpoint_group if recompute else args.num_mini_batches), gpu_cluster
     fn = lambda *a: gpu_cluster.forward(*a, eps=1e-6, checkpoint_group=1, cluster=P,
-                                        per_example_init=True, weights_dtype=bf16)
+                                        per_example_init=recompute, weights_dtype=bf16)
     shapes = (*[spec((B, H, N, b, d), bf16)] * 3, spec((B, H, N, b), f32), ln, ln,
-              state((B, H), f32))
+              state((B, H) if recompute else (H,), f32))
   else:  # one group of the reverse sweep
     N, module = args.checkpoint_group, gpu_cluster_backward
     fn = lambda *a: gpu_cluster_backward.backward_group(*a, eps=1e-6, cluster=P)

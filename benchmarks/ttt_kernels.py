@@ -2,7 +2,7 @@
 and forward + backward, at the 5B model's per-layer shapes (48 heads, d = 64, b = 64) for the
 sequence of each video duration, side by side in one run.
 
-One JSON line per (seconds, dtype, mode, impl): device, jax version, shapes, median ms, achieved
+One JSON line per (seconds, dtype, mode, impl, checkpoint group): device, jax version, shapes, median ms, achieved
 TFLOP/s by the dual-form FLOP count (`ttt_jax.ops.ttt_flops`, fwd+bwd = 3x fwd; the cluster
 forward computes the primal form, 26% fewer FLOPs, so its figure is the pure op's work per
 second, not its tensor-core use) and % of the bf16/f32 matmul rate measured in the same run;
@@ -13,6 +13,7 @@ and commit the JSON under benchmarks/results/.
   python benchmarks/ttt_kernels.py --seconds=3,9,18,63 --out=benchmarks/results/h100.jsonl
   python benchmarks/ttt_kernels.py --backend=gpu --gpu_cluster=4,0   # cluster vs Triton kernels
   python benchmarks/ttt_kernels.py --tpu_mini_batches_per_step=8,1   # TPU forward grid steps
+  python benchmarks/ttt_kernels.py --checkpoint_group=16,1 --impls=xla,pallas  # + stored states
   python benchmarks/ttt_kernels.py --heads=2 --seconds=3 --repeats=1      # CPU smoke run
   python benchmarks/summarize.py benchmarks/results/*.jsonl --svg=summary.svg  # across devices
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +83,9 @@ def main(argv=None):
                       "(rounded to divide --checkpoint_group); default: the tuning table's")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--heads", type=int, default=48)
-  p.add_argument("--checkpoint_group", type=int, default=16)
+  p.add_argument("--checkpoint_group", type=csv(int), default=[16],
+                 help="one set of pallas rows per value (1 on the GPU cluster kernels: every "
+                      "state stored, no recompute); the XLA scan is timed at the first only")
   p.add_argument("--num_mini_batches", type=int, default=None,
                  help="override the duration's N (smoke runs)")
   p.add_argument("--repeats", type=int, default=5)
@@ -106,14 +110,17 @@ def main(argv=None):
         flops = ops.ttt_flops("ttt_mlp", args.batch, args.heads, N, b, d) * (
             3 if mode == "fwd_bwd" else 1)
         times = {}
-        for impl, sizes in variants(args.impls, args.gpu_cluster,
-                                    args.tpu_mini_batches_per_step, dtype, d):
-          times[impl] = ms = time_fn(build(impl, mode, args.checkpoint_group, args.backend,
-                                           sizes), inputs, args.repeats)
+        for group, (impl, sizes) in itertools.product(
+            args.checkpoint_group, variants(args.impls, args.gpu_cluster,
+                                            args.tpu_mini_batches_per_step, dtype, d)):
+          if impl == "xla" and group != args.checkpoint_group[0]:
+            continue
+          ms = time_fn(build(impl, mode, group, args.backend, sizes), inputs, args.repeats)
+          times.setdefault(impl, ms)
           tflops = flops / ms / 1e9
           row = dict(device_fields("ttt_kernels"), seconds=seconds, tokens=N * b,
                      batch=args.batch, heads=args.heads, num_mini_batches=N, mini_batch=b,
-                     head_dim=d, checkpoint_group=args.checkpoint_group, dtype=dtype, mode=mode,
+                     head_dim=d, checkpoint_group=group, dtype=dtype, mode=mode,
                      impl=impl, kernel_backend=None if impl == "xla" else kernel_backend,
                      gpu_cluster=None if sizes is None else sizes.cluster,
                      mini_batches_per_step=None if sizes is None else sizes.mini_batches_per_step,

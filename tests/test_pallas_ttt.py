@@ -233,24 +233,34 @@ def test_cluster_forward_matches_pure_op(shape, P):
   _check_group_start_states(ckpts, args, groups=(shape[2] + 1) // 2, tol=1e-2)
 
 
-def test_cluster_op_gradients():
-  """The op on the cluster kernels: `gpu.backward` recomputes each group with the cluster
-  forward and sweeps it in reverse with the cluster backward (N = 3, g = 2: a padded group);
-  gradients against the pure op's within bf16 tolerance."""
-  shape = (1, 2, 3, 64, 64)
+@pytest.mark.parametrize("group", [2, 1], ids=["g2-recompute", "g1-stored_states"])
+def test_cluster_op_gradients(group):
+  """The op on the cluster kernels against the pure op's gradients within bf16 tolerance
+  (measured 3e-3 to 6e-3). g = 2: `gpu.backward` recomputes each group with the cluster forward
+  and sweeps it in reverse with the cluster backward (N = 3: a padded group). g = 1: the
+  forward saves every state in bf16 and one backward call sweeps them, with no recompute (the
+  forward kernel appears once in the jaxpr); the forward alone writes one checkpoint."""
+  B, H, N, b, d = shape = (1, 2, 3, 64, 64)
   args = _inputs(shape, jnp.bfloat16, seed=5)
   cot = jnp.asarray(np.random.default_rng(6).normal(size=shape), jnp.float32)
+  kw = dict(checkpoint_group=group, backend="gpu", block_sizes=pk.BlockSizes(cluster=4))
 
   def grads(op, **kw):
     loss = lambda *a: jnp.sum(op(*a, **kw).astype(jnp.float32) * cot)
-    return jax.jit(jax.grad(loss, range(len(args))))(*args)
+    return jax.grad(loss, range(len(args)))
 
-  got = grads(pk.ttt_mlp, checkpoint_group=2, backend="gpu",
-              block_sizes=pk.BlockSizes(cluster=4))
-  want = grads(reference.ttt_mlp, checkpoint_group=None)
+  got = jax.jit(grads(pk.ttt_mlp, **kw))(*args)
+  want = jax.jit(grads(reference.ttt_mlp, checkpoint_group=None))(*args)
   for name, g, w in zip(NAMES, got, want):
     assert g.shape == w.shape and g.dtype == w.dtype, name
     assert rel_err(g, w) <= 2e-2, name
+
+  jaxpr = str(jax.make_jaxpr(grads(pk.ttt_mlp, **kw))(*args))
+  assert jaxpr.count("ttt_mlp_forward_cluster") == (1 if group == 1 else 2)
+  assert jaxpr.count("ttt_mlp_backward_cluster") == 1
+  assert (f"bf16[{B},{H},{N},{d},{4 * d}]" in jaxpr) == (group == 1)  # the stored W1s
+  primal = str(jax.make_jaxpr(functools.partial(pk.ttt_mlp, **kw))(*args))
+  assert f"f32[{B},{H},1,{d},{4 * d}]" in primal  # W1's one checkpoint
 
 
 def test_cluster_backward_group_matches_autodiff():
@@ -369,15 +379,17 @@ def _cuda_plugin():
     pytest.skip(f"needs jax's CUDA plugin (not installed by .[test]): {e}")
 
 
-def test_cluster_kernel_compiles_for_h100(d=64, P=4):
+@pytest.mark.parametrize("group", [16, 1], ids=["g16", "g1-stored_states"])
+def test_cluster_kernel_compiles_for_h100(group, d=64, P=4):
   """The cluster kernel (distributed shared memory, not the interpreter's global-memory path)
   and the op's gradient compile for an H100 at the 5B layer's shape per GPU (compile-only
-  devices: jax's CUDA plugin, no GPU)."""
+  devices: jax's CUDA plugin, no GPU), with the backward's recompute (g = 16) and without
+  (g = 1: the forward kernel stores bf16 states, one kernel in the gradient's module)."""
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
   mesh = Mesh(np.array(_cuda_plugin()[:1]), ("x",))
   shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
             for s in _abstract_shapes(jnp.bfloat16, H=6, N=23, d=d)]
-  op = functools.partial(pk.ttt_mlp, checkpoint_group=16, block_sizes=pk.BlockSizes(cluster=P))
+  op = functools.partial(pk.ttt_mlp, checkpoint_group=group, block_sizes=pk.BlockSizes(cluster=P))
   loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
   for f in (op, jax.grad(loss, range(len(shapes)))):
     with use_abstract_mesh(mesh.abstract_mesh):  # the op's target: the H100, not this CPU
@@ -385,6 +397,8 @@ def test_cluster_kernel_compiles_for_h100(d=64, P=4):
     text = lowered.as_text()
     assert "ttt_mlp_forward_cluster" in text
     assert ("ttt_mlp_backward_cluster" in text) == (f is not op)
+    if group == 1 and f is not op:
+      assert text.count("ttt_mlp_forward_cluster") == text.count("ttt_mlp_backward_cluster")
     lowered.compile()
 
 

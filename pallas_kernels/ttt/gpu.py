@@ -30,7 +30,10 @@ on an H100, measured by compiling for it), the reverse sweep runs as XLA over th
 `tile.step_vjp` (`_backward_group_xla`), except where the cluster split takes both halves:
 with `block_sizes.cluster` at bf16, b = d = 64, each group is recomputed by
 `gpu_cluster.forward` (W1, W2 saved as their bf16 operands) and swept in reverse by
-`gpu_cluster_backward.backward_group`, the state's cotangent split over the same CTAs.
+`gpu_cluster_backward.backward_group`, the state's cotangent split over the same CTAs. At
+checkpoint_group = 1 there (`stores_states`) the forward saves those bf16 states itself and the
+backward is one `backward_group` over the whole sequence, with no recompute: the forward's
+work is not done twice, at the cost of every state held from the forward to the backward.
 
 The work of one (b, h) is sequential over N, so the parallelism is the B x H programs only (the
 SMs are not all busy when B * H is below their count, e.g. 48 heads on 132 SMs); it is the
@@ -106,10 +109,12 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
   B, H, N, b, d = xq.shape
   P = block_sizes.cluster
   if P and gpu_cluster.supports(kind, xq.dtype, b, d, P):
+    stored = stores_states(kind, xq.dtype, b, d, checkpoint_group, block_sizes)
     return gpu_cluster.forward(
         xq, xk, xv, eta, ln_weight, ln_bias, init, eps=eps, checkpoint_group=checkpoint_group,
         cluster=P, interpret=_mosaic_interpret(interpret), debug=debug,
-        per_example_init=per_example_init)
+        per_example_init=per_example_init,
+        weights_dtype=jnp.bfloat16 if stored else jnp.float32)
   dtype = init[0].dtype
   G = num_groups(N, checkpoint_group)
   eta = eta[..., None]  # [B, H, N, b, 1]: a column, so no reshape is needed in the kernel
@@ -183,6 +188,18 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
 # TTT-MLP at d = 64 (131 KiB: 420 KiB requested). Up to this many bytes of state per head the
 # kernel is used; above it the group's reverse sweep is XLA (`_backward_group_xla`).
 _KERNEL_STATE_BYTES = 64 << 10
+
+
+def stores_states(kind: str, dtype, b: int, d: int, checkpoint_group: int,
+                  block_sizes: BlockSizes) -> bool:
+  """Whether `forward` saves every state as the cluster backward reads it (W1, W2 as their
+  bf16 operands, b1, b2 in f32) and `backward` sweeps them without recomputing: at
+  checkpoint_group = 1 on the cluster kernels. The forward then writes what the backward's
+  recompute would (64 KiB a head per mini-batch at d = 64, held until the backward: about
+  18 GiB per batch element at 63 s with 48 heads), and the backward is one kernel call."""
+  P = block_sizes.cluster
+  return (checkpoint_group == 1 and bool(P)
+          and gpu_cluster_backward.supports(kind, dtype, b, d, P))
 
 
 def backward_fits_kernel(kind: str, d: int) -> bool:
@@ -259,6 +276,14 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
   in_kernel = backward_fits_kernel(kind, d)
   P = block_sizes.cluster
   on_cluster = bool(P) and gpu_cluster_backward.supports(kind, xq.dtype, b, d, P)
+  if stores_states(kind, xq.dtype, b, d, g, block_sizes):  # every state saved: no recompute
+    f32 = jnp.float32
+    ct_final = tuple(jnp.zeros(c.shape[:2] + c.shape[3:], f32) for c in checkpoints)
+    *ct_xs, ct_gamma, ct_beta, ct_init = gpu_cluster_backward.backward_group(
+        (xq, xk, xv, eta), ln_weight, ln_bias, checkpoints, ct_out, ct_final, eps=eps,
+        cluster=P, interpret=_mosaic_interpret(interpret), debug=debug)
+    ct_xs[3] = ct_xs[3].astype(eta.dtype)
+    return (*ct_xs, ct_gamma.astype(f32), ct_beta.astype(f32), ct_init)
 
   def cluster_step(ct_final, group):  # the Mosaic GPU pair, state split over P CTAs
     xs, ckpt, ct = group

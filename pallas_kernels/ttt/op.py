@@ -6,7 +6,10 @@ with TTT-MLP's bf16 forward and backward as Mosaic GPU cluster kernels, `gpu_clu
 Both forwards save the state at the start of every group of `checkpoint_group` mini-batches;
 both backwards recompute one group at a time from its checkpoint (the TPU kernel in VMEM, the
 GPU one into HBM by the forward kernel) and run it in reverse, so the backward holds one
-group's states at a time, as the pure op's remat does.
+group's states at a time, as the pure op's remat does. At checkpoint_group = 1 the GPU cluster
+kernels skip the recompute: the forward saves every state as the backward reads it (bf16
+weights) and one backward call sweeps them all (`gpu.stores_states`). The forward alone (not
+differentiated) saves one checkpoint, whatever the group.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ def ttt_mlp(xq, xk, xv, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, eps: float =
     eps: inner LayerNorm epsilon.
     checkpoint_group: the forward saves the state every this many mini-batches and the
       backward recomputes one group at a time (None or 0: one group, the whole sequence).
+      At 1 on the GPU cluster kernels, the forward saves every state as the backward reads
+      it and the backward recomputes nothing (`gpu.stores_states`: less compute, the most
+      memory).
     backend: "tpu" (Mosaic TPU kernels) or "gpu" (Triton; the Mosaic GPU cluster kernels
       where `block_sizes.cluster` asks for them and the shape allows). None: the
       platform being compiled for (`ttt_jax.sharding.target_device`); on CPU "tpu", whose
@@ -128,6 +134,8 @@ def _forward(cfg: _Config, xq, xk, xv, eta, ln_weight, ln_bias, init):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _ttt(cfg, xq, xk, xv, eta, ln_weight, ln_bias, init):
+  if cfg.backend == "gpu":  # not differentiated: one checkpoint to write, not N / g
+    cfg = dataclasses.replace(cfg, checkpoint_group=xq.shape[2])
   return _forward(cfg, xq, xk, xv, eta, ln_weight, ln_bias, init)[0]
 
 

@@ -45,7 +45,8 @@ import tempfile
 import time
 
 # The forward (checkpoints every g mini-batches), the backward's recompute of one group (the
-# forward kernel saving every state, W1 and W2 in bf16), the backward of one group, and the
+# forward kernel saving every state, W1 and W2 in bf16, without the output), the backward of
+# one group, and the
 # forward at checkpoint_group 1, which saves every state as the recompute does so that the
 # backward recomputes nothing (`gpu.stores_states`).
 KERNELS = ("cluster_forward", "cluster_recompute", "cluster_backward", "cluster_forward_g1")
@@ -160,7 +161,8 @@ def _compile(kernel: str, args) -> dict:
     recompute = kernel == "cluster_recompute"  # `gpu.backward`'s first half for one group
     N, module = (args.checkpoint_group if recompute else args.num_mini_batches), gpu_cluster
     fn = lambda *a: gpu_cluster.forward(*a, eps=1e-6, checkpoint_group=1, cluster=P,
-                                        per_example_init=recompute, weights_dtype=bf16)
+                                        per_example_init=recompute, weights_dtype=bf16,
+                                        output=not recompute)
     shapes = (*[spec((B, H, N, b, d), bf16)] * 3, spec((B, H, N, b), f32), ln, ln,
               state((B, H) if recompute else (H,), f32))
   else:  # one group of the reverse sweep

@@ -3,8 +3,9 @@
 Reads JSON-lines files (one per device run, e.g. benchmarks/results/*.jsonl), keeps the
 `ttt_kernels` rows and prints one table row per (device, seconds, dtype, mode, impl, checkpoint
 group): median ms, achieved TFLOP/s, % of that device's measured matmul rate and the kernel's
-speed-up over the XLA scan. `--svg` also draws % of the matmul rate against the sequence length, one line per
-(device, mode, impl, group), so kernels on different accelerators compare on one axis.
+speed-up over the XLA scan. `--svg` also draws % of the matmul rate against the sequence
+length, one line per (device, mode, impl, group), so kernels on different accelerators compare
+on one axis.
 
   python benchmarks/summarize.py benchmarks/results/*.jsonl --svg=benchmarks/results/summary.svg
 """

@@ -138,13 +138,15 @@ def test_kernel_resources_compiles_for_h100(tmp_path):
   for r in rows:
     assert r["smem_bytes"] <= 227 << 10 and r["registers"] <= 255
     assert r["smem_estimate_bytes"] <= r["smem_bytes"]
-    if kernel_resources.find_nvdisasm():  # the loop's SASS: 7 (forward, primal) or 23 matmuls
-      assert r["loop_hgmma"] == 4 * (23 if r["kernel"] == "cluster_backward" else 7)
+    if kernel_resources.find_nvdisasm():  # the loop's SASS: its matmuls (4 HGMMA each)
+      matmuls = dict(cluster_forward=7, cluster_recompute=5, cluster_backward=23,
+                     cluster_forward_g1=7)  # (the recompute leaves the output out)
+      assert r["loop_hgmma"] == 4 * matmuls[r["kernel"]]
       assert r["loop_instructions"] > r["loop_hgmma"] and 0 < r["tensor_bound_pct"] < 100
-      # A mini-batch on the loop's timeline (a static count, not a timing): 2,376, 2,502,
+      # A mini-batch on the loop's timeline (a static count, not a timing): 2,376, 1,789,
       # 7,022 and 2,502 clocks with jax 0.12.0.1, against 4,607 + stalls, 4,504 + stalls and
       # 12,249 + stalls instructions when every CTA did all [b, d] rows in the dual form.
-      limit = dict(cluster_forward=2500, cluster_recompute=2650, cluster_backward=7500,
+      limit = dict(cluster_forward=2500, cluster_recompute=1950, cluster_backward=7500,
                    cluster_forward_g1=2650)
       assert r["loop_clocks"] < limit[r["kernel"]]
 

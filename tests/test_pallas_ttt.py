@@ -267,7 +267,8 @@ def test_cluster_backward_group_matches_autodiff():
   """One group's reverse sweep on the cluster split (hand-written VJP, GPU interpreter) against
   the XLA sweep of `tile.step_vjp` (jax.vjp of the tile math, f32) from the same checkpoint and
   cotangents; the kernel runs on the bf16 operand copies of the recomputed states. Measured 2e-3
-  to 6e-3 (relative norm) on every cotangent."""
+  to 6e-3 (relative norm) on every cotangent. The recompute without the output (as
+  `gpu.backward` runs it) gives exactly the states the forward with its output saves."""
   B, H, g, b, d = 2, 2, 2, 64, 64  # two batch elements: per-example states and outputs
   rng = np.random.default_rng(7)
   r = lambda *s, sc=1.0: jnp.asarray(rng.normal(size=s) * sc, jnp.float32)
@@ -282,9 +283,15 @@ def test_cluster_backward_group_matches_autodiff():
   # detect_races: the interpreter checks the kernels' barriers and proxy fences (its model
   # covers one CTA's threads and TMA; the exchange goes through global memory there).
   mosaic = dict(eps=1e-6, cluster=4, interpret=plgpu.InterpretGPUParams(detect_races=True))
-  _, states = gpu_cluster.forward(xq, xk, xv, eta, lw, lb, ckpt, checkpoint_group=1,
-                                  per_example_init=True, weights_dtype=jnp.bfloat16, **mosaic)
-  assert states[0].dtype == jnp.bfloat16 and states[1].dtype == jnp.float32
+  recompute = functools.partial(gpu_cluster.forward, xq, xk, xv, eta, lw, lb, ckpt,
+                                checkpoint_group=1, per_example_init=True,
+                                weights_dtype=jnp.bfloat16, **mosaic)
+  none, states = recompute(output=False)
+  assert none is None and states[0].dtype == jnp.bfloat16 and states[1].dtype == jnp.float32
+  out, with_output = recompute()
+  assert out.shape == xq.shape
+  for x, y in zip(states, with_output):
+    np.testing.assert_array_equal(x, y)
   got = gpu_cluster_backward.backward_group((xq, xk, xv, eta), lw, lb, states, ct_out, ct_final,
                                             **mosaic)
   f32 = lambda x: x.astype(jnp.float32)

@@ -29,7 +29,7 @@ working set does not fit one SM's shared memory (TTT-MLP at d = 64: 420 KiB requ
 on an H100, measured by compiling for it), the reverse sweep runs as XLA over the same
 `tile.step_vjp` (`_backward_group_xla`), except where the cluster split takes both halves:
 with `block_sizes.cluster` at bf16, b = d = 64, each group is recomputed by
-`gpu_cluster.forward` (W1, W2 saved as their bf16 operands) and swept in reverse by
+`gpu_cluster.forward` (W1, W2 saved as their bf16 operands, no output) and swept in reverse by
 `gpu_cluster_backward.backward_group`, the state's cotangent split over the same CTAs. At
 checkpoint_group = 1 there (`stores_states`) the forward saves those bf16 states itself and the
 backward is one `backward_group` over the whole sequence, with no recompute: the forward's
@@ -289,7 +289,8 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
     xs, ckpt, ct = group
     mosaic = dict(eps=eps, cluster=P, interpret=_mosaic_interpret(interpret), debug=debug)
     _, states = gpu_cluster.forward(*xs, ln_weight, ln_bias, ckpt, checkpoint_group=1,
-                                    per_example_init=True, weights_dtype=jnp.bfloat16, **mosaic)
+                                    per_example_init=True, weights_dtype=jnp.bfloat16,
+                                    output=False, **mosaic)
     *ct_xs, ct_gamma, ct_beta, ct_init = gpu_cluster_backward.backward_group(
         xs, ln_weight, ln_bias, states, ct, ct_final, **mosaic)
     ct_xs[3] = ct_xs[3][..., None].astype(xs[3].dtype)

@@ -60,7 +60,10 @@ cluster = 4 (the scratch must fit 227 KiB of shared memory: `smem_bytes`); check
 states). Mini-batch n + 1's inputs are loaded (TMA) while n is computed. The backward on the
 same split is `gpu_cluster_backward.py` (`gpu.backward` recomputes each group with this kernel,
 then sweeps it in reverse there); both run `gpu_cluster_lib.mini_batch`, the forward half of
-a mini-batch. Not yet done: warp specialisation.
+a mini-batch. The recompute leaves out the output (`output=False`: XQ W1', gelu(Z1_bar),
+X2_bar W2', the [b, d] sum and LayerNorm; W2's step runs during (eta G2) W2^T instead), which
+the backward recomputes for its VJP anyway: 1,789 clocks a mini-batch instead of 2,502. Not
+yet done: warp specialisation.
 In interpret mode (CPU) jax's Mosaic GPU interpreter has no distributed shared memory, so there
 the partials go through a global-memory scratch instead; the compiled path is checked by
 lowering and compiling for an H100 (compile-only devices) and has not yet run on a GPU.
@@ -130,8 +133,7 @@ def _scratch(b, d, cluster, dtype, interpret):
 
 def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
             out_g, ck_w1, ck_b1, ck_w2, ck_b2, xch_g, xchr_g, scratch, *, eps, g,
-            num_mini_batches,
-            cluster, interpret, per_example_init):
+            num_mini_batches, cluster, interpret, per_example_init, output):
   """One CTA: hidden slice c of head h, batch element i. Inputs are GMEM refs
   x [B, H, N, b, d] bf16, eta [B, H, N, b] f32, gamma/beta [H, d] f32, the initial state
   [H, ...] ([B, H, ...] per example) f32; outputs out [B, H, N, b, d], the checkpoints
@@ -203,15 +205,16 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     def prefetch_next():  # while Z1's matmul runs (the other buffer's readers, n - 1, are done)
       pl.when(n + 1 < num_mini_batches)(lambda: prefetch(n + 1))
     r = mini_batch(bufs, b1, b2, eps, cl, block, state=(W1, W2), interpret=interpret,
-                   before_stage=wait if bf16_weights else None, during_z1=prefetch_next)
-    # The CTA's rows of the output: XQ + gamma * LN(Z2_bar) + beta.
-    x_hat, _ = normalize(r.Z2_bar, eps)
-    ln = lambda k: cols(load_col(vec_s.at[k], block.col), x_hat.shape)
-    out = load_rows(bufs.xq, block) + ln(0) * x_hat + ln(1)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    out_s.at[block.ds][...] = out.astype(out_s.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_s.at[block.ds], out_g.at[i, h, n, block.ds])
+                   before_stage=wait if bf16_weights else None, during_z1=prefetch_next,
+                   output=output)
+    if output:  # the CTA's rows of the output: XQ + gamma * LN(Z2_bar) + beta
+      x_hat, _ = normalize(r.Z2_bar, eps)
+      ln = lambda k: cols(load_col(vec_s.at[k], block.col), x_hat.shape)
+      out = load_rows(bufs.xq, block) + ln(0) * x_hat + ln(1)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      out_s.at[block.ds][...] = out.astype(out_s.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_s.at[block.ds], out_g.at[i, h, n, block.ds])
     # No barrier ends the step: each exchange buffer is written again only after a later
     # barrier than the one its peers read it behind (slot 0: Z2's, read before `share`'s; the
     # shared rows: read before Z2_bar's; slot 1 and db2's: read before the next Z2's).
@@ -234,10 +237,11 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "checkpoint_group", "cluster", "interpret",
-                                             "debug", "per_example_init", "weights_dtype"))
+                                             "debug", "per_example_init", "weights_dtype",
+                                             "output"))
 def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint_group: int,
             cluster: int = 4, interpret=False, debug: bool = False,
-            per_example_init: bool = False, weights_dtype=jnp.float32):
+            per_example_init: bool = False, weights_dtype=jnp.float32, output: bool = True):
   """TTT-MLP forward; arguments and results as `gpu.forward` (kind="ttt_mlp").
 
   xq, xk, xv: [B, H, N, 64, d] bf16; eta: [B, H, N, 64]; ln_weight, ln_bias: [H, d]; init:
@@ -245,7 +249,8 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
   per_example_init (the backward's recompute from checkpoints). `cluster`: CTAs per head.
   `weights_dtype`: of the W1 and W2 checkpoints (b1, b2 stay f32); bf16 for the backward's
   stack of states (`gpu_cluster_backward`), which are exactly the operands the kernel's
-  matmuls used.
+  matmuls used. `output`: False for the states alone (the backward's recompute, which
+  recomputes each mini-batch's output itself): the returned output is then None.
   `interpret`: False, or a `plgpu.InterpretGPUParams` to run on the CPU; `debug`: print the
   kernel's jaxpr and lowered code.
   """
@@ -258,17 +263,17 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
   G = num_groups(N, checkpoint_group)
   f32 = jnp.float32
   state_types = (((d, f), weights_dtype), ((1, f), f32), ((f, d), weights_dtype), ((1, d), f32))
-  out_type = (jax.ShapeDtypeStruct(xq.shape, xq.dtype),
+  out_type = (jax.ShapeDtypeStruct(xq.shape if output else (1,), xq.dtype),
               *(jax.ShapeDtypeStruct((B, H, G, *s), t) for s, t in state_types),
               jax.ShapeDtypeStruct((B, H, cluster, 3, b, d) if interpret else (1,), f32),
               jax.ShapeDtypeStruct((B, H, cluster, 1, b // cluster, d) if interpret else (1,),
                                    xq.dtype))
   body = functools.partial(_kernel, eps=eps, g=checkpoint_group, num_mini_batches=N,
                            cluster=cluster, interpret=bool(interpret),
-                           per_example_init=per_example_init)
+                           per_example_init=per_example_init, output=output)
   kernel = cluster_kernel(body, "ttt_mlp_forward_cluster", out_type=out_type,
                           scratch=_scratch(b, d, cluster, xq.dtype, bool(interpret)),
                           grid=(B, H), cluster=cluster, interpret=interpret, debug=debug)
   out, *ckpts, _, _ = kernel(xq, xk, xv, eta.astype(f32), ln_weight.astype(f32),
                           ln_bias.astype(f32), *(w.astype(f32) for w in init))
-  return out, tuple(ckpts)
+  return out if output else None, tuple(ckpts)

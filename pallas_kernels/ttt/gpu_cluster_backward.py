@@ -3,11 +3,13 @@ cluster of CTAs as in `gpu_cluster.py` (Hopper).
 
 `gpu.backward` walks the groups last first. For each, `gpu_cluster.forward` recomputes the g
 states the group passes through from its checkpoint (W1, W2 as the bf16 operands its matmuls
-used, b1, b2 in f32: [B, H, g, ...] in HBM), and this kernel runs the group in reverse: CTA c of
-a (batch, head) holds the cotangent of its hidden slice of the state (dW1[:, slice], db1[slice],
-dW2[slice, :] in f32 registers; db2 replicated), and for mini-batch t = g-1, ..., 0 it loads
-state t's slice, recomputes the mini-batch (`gpu_cluster_lib.mini_batch`, its two cluster sums,
-and the stepped state W1', W2' staged in bf16) and pulls the cotangents back through it.
+used, b1, b2 in f32: [B, H, g, ...] in HBM; without the output), and this kernel runs the
+group in reverse (at checkpoint_group = 1 the forward saved them all, and one call runs the
+whole sequence: `gpu.stores_states`): CTA c of a (batch, head) holds the cotangent of its
+hidden slice of the state (dW1[:, slice], db1[slice], dW2[slice, :] in f32 registers; db2
+replicated), and for mini-batch t = g-1, ..., 0 it loads state t's slice, recomputes the
+mini-batch (`gpu_cluster_lib.mini_batch`, its two cluster sums, and the stepped state W1', W2'
+staged in bf16) and pulls the cotangents back through it.
 
 The VJP follows the primal form, f(XQ; W'): the cotangent of W' is the incoming one plus the
 output's (ct_W2' = CW2 + X2_bar^T D2, ct_W1' = CW1 + XQ^T D1, with D2, D1 the cotangents of

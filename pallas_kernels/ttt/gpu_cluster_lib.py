@@ -296,7 +296,7 @@ class Recompute(NamedTuple):
   Z2: jax.Array  # [rows, d] X2 W2 + b2, summed over the cluster
   G2: jax.Array  # [rows, d] the LayerNorm-L2 gradient of Z2
   dX2_bar: jax.Array | None  # [b, fp] gelu'(Z1_bar); the backward's only
-  Z2_bar: jax.Array  # [rows, d], summed over the cluster
+  Z2_bar: jax.Array | None  # [rows, d], summed over the cluster (None: output=False)
   db1: jax.Array  # [fp] colsum(eta G1)
   db2: jax.Array  # [d] colsum(eta G2), summed over the cluster (in Rows.col)
   W1: jax.Array | None  # [d, fp] the updated state, with `mini_batch`'s state, else None
@@ -304,7 +304,7 @@ class Recompute(NamedTuple):
 
 
 def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_stage=None,
-               during_z1=lambda: None):
+               during_z1=lambda: None, output=True):
   """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see
   `gpu_cluster.py`'s docstring), on the CTA's hidden slice and `block`, its rows of the [b, d]
   work (`Rows`). Z1_bar and Z2_bar are f(XQ; W') with the stepped state W' (the primal form:
@@ -328,7 +328,9 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
   parked for it (gelu''(Z1) from the same tanh as gelu(Z1), so Z1 and the tanh die at once).
 
   during_z1(): work that needs none of this, run while Z1's matmul is (the forward's loads of
-  the next mini-batch).
+  the next mini-batch). output=False (the forward's only): the state's step alone, for the
+  backward's recompute, without Z1_bar and Z2_bar (two of the seven matmuls, gelu(Z1_bar), the
+  [b, d] sum; db2 is summed alone, so the cluster barriers stay the same).
   """
   backward = state is None
   b, d = s.xq.shape
@@ -362,6 +364,7 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
   # Gradients of the reconstruction loss: G2 = dl/dZ2 on the CTA's rows, G1 = dl/dZ1.
   G2 = ln_l2_grad(Z2, target, gamma, beta, eps)
   eG2 = rows(eta, rd) * G2
+  assert output or not backward, "the backward recomputes the output"
   if backward:  # the VJP wants G1 and Q, so G2 is shared too
     cl.share(block, (s.neg_eg2, -eG2), (s.g2, G2))
 
@@ -379,6 +382,24 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
     w1_new, w2_new = s.w1_new, s.w2_new
   else:  # eta scales rows: eta G1 = ((eta G2) W2^T) gelu'(Z1), and G2 is not needed
     cl.share(block, (s.neg_eg2, -eG2))
+    if not output:  # the step alone: W2's during eta G1, W1's while W2' is staged
+      def g1(done):
+        neg_eG1 = done(0) * dX2
+        stage((s.neg_eg1, neg_eG1))
+        return neg_eG1, eG2.sum(axis=0)  # and db2 [d] on the CTA's rows
+      (neg_eG1, db2), (_, W2) = matmul_during(
+          [(bf, [(s.neg_eg2, s.w2.transpose((1, 0)))]),
+           (state[1], [(s.x2.transpose((1, 0)), s.neg_eg2)])], g1, interpret)
+      def w2_new(done):
+        if before_stage:
+          before_stage()
+        stage((s.w2, W2))
+        return -neg_eG1.sum(axis=0)  # db1 [fp]
+      db1, (W1,) = matmul_during([(state[0], [(s.xk.transpose((1, 0)), s.neg_eg1)])], w2_new,
+                                 interpret)
+      stage((s.w1, W1))
+      db2, = cl.sum(("db2", db2, block.col))
+      return Recompute(Z2, G2, None, None, db1, db2, W1, W2)
     neg_eG1 = matmul(bf, (s.neg_eg2, s.w2.transpose((1, 0)))) * dX2
     stage((s.neg_eg1, neg_eG1))
     w1_new, w2_new = s.w1, s.w2

@@ -92,7 +92,8 @@ def _exposed_tensor_clocks(body) -> int:
 
 def loop_profile(sass: str) -> dict:
   """The SASS loop whose body holds the most HGMMA instructions (a backward branch to an
-  earlier label: the kernel's mini-batch loop): instruction and HGMMA counts, tensor clocks,
+  earlier label: the kernel's mini-batch loop; not the branches back from the out-of-line
+  barrier-wait retries that ptxas puts after EXIT): instruction and HGMMA counts, tensor clocks,
   the clocks it stalls on them and the bounds they imply (see the module docstring); {} if
   there is no such loop."""
   labels, ops, targets = {}, [], []
@@ -107,6 +108,8 @@ def loop_profile(sass: str) -> dict:
   for end, target in enumerate(targets):
     if target is not None and labels.get(target, end + 1) <= end:
       body = ops[labels[target]:end + 1]
+      if any(o == "EXIT" for o, _ in body):
+        continue
       hgmma = [o for o, _ in body if o.startswith("HGMMA")]
       if best is None or len(hgmma) > len(best[1]):
         best = (body, hgmma)

@@ -125,6 +125,7 @@ def _scratch(b, d, cluster, interpret):
       plgpu.SMEM((fp,), f32), plgpu.SMEM((d,), f32),  # ct b1, ct b2 (accumulated here)
       plgpu.SMEM((d,), f32), plgpu.SMEM((d,) if interpret else (8,), f32),  # a [d] partial
       plgpu.SMEM((2, d), f32), plgpu.SMEM((2, d), f32),  # gamma, beta; their cotangents
+      plgpu.SMEM((fp,), f32), plgpu.SMEM((d,), f32),  # b1, b2 after t - 1 (= at t)
       plgpu.Barrier(num_arrivals=6), plgpu.Barrier(num_arrivals=9),
       plgpu.Barrier(num_arrivals=1),
       plgpu.ClusterBarrier(collective_axes=("cluster",)),
@@ -166,7 +167,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
    x2_s, x2bar_s, neg_eg1_s, g2_s, neg_eg2_s, w1p_s, w2p_s, attn_s, dx2_s,
    d2_s, cw1_s, cw2_s, d1_s, ctp_s,
    part_s, recv_s, eta_s, b1_s, b2_s, deta_s, parte_s, recve_s, vb1_s, vb2_s, partv_s, recvv_s,
-   vec_s, ctln_s, init_bar, load_bar, recv_bar, cbar) = scratch
+   vec_s, ctln_s, b1n_s, b2n_s, init_bar, load_bar, recv_bar, cbar) = scratch
   i, h, c = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("cluster")
   b, d = xq_s.shape
   fp = w1_s.shape[1]
@@ -211,23 +212,27 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
                                               w2_g.at[i, h, t, hid, :]), tiles)],
           load_bar, wait=False)
 
-  def step(k, carry):
+  def step(k, carry, first=False):
     CW1, CW2 = carry  # cotangents of W1, W2 after mini-batch t (b1, b2: vb1_s, vb2_s)
     t = g - 1 - k
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's outputs have left
-    pl.when(k == 0)(lambda: load(t, ahead=False))  # (later ones: during the step before)
+    if first:
+      load(t, ahead=False)  # (later ones: during the step before)
     plgpu.barrier_wait(load_bar)
-
-    @pl.when(k > 0)
-    def _():
+    b1, b2 = load_col(b1_s), load_col(b2_s, block.col)
+    stepped = None  # the first step (t = g - 1) takes the step W -> W' itself
+    if not first:  # W' is the state after t, mini-batch t + 1's: in w1_s, w2_s, b1n_s, b2n_s
       stage(*((dst, plgpu.load(src, layout=WGMMA)) for src, dst in
-              ((w1p_s, xk_s), (cw1_s, w1_s), (ctp_s, w2_s))))
+              ((w1p_s, xk_s), (w1_s, w1p_s), (cw1_s, w1_s), (w2_s, w2p_s), (ctp_s, w2_s))))
+      stepped = (load_col(b1n_s), load_col(b2n_s, block.col))
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
                                  x2_bar=x2bar_s, neg_eg1=neg_eg1_s, neg_eg2=neg_eg2_s,
                                  g2=g2_s, w1_new=w1p_s, w2_new=w2p_s, attn=attn_s, dx2=dx2_s,
                                  q=ctp_s, g1=part_s.at[2], ln=vec_s, eta=eta_s)
-    r = mini_batch(bufs, load_col(b1_s), load_col(b2_s, block.col), eps, cl, block,
-                   interpret=interpret)
+    r = mini_batch(bufs, b1, b2, eps, cl, block, interpret=interpret, stepped=stepped)
+    # b1, b2 at t for t - 1 (its b1', b2'), past mini_batch's warpgroup barriers: every
+    # thread has read b1n_s, b2n_s, and the next step reads them past more.
+    b1n_s[...], b2n_s[...] = b1, b2
     T = lambda ref: ref.transpose((1, 0))
     dX2 = lambda: plgpu.load(dx2_s, layout=WGMMA).astype(f32)  # gelu'(Z1), loaded where used
     rd = r.Z2.shape  # [rows, d]: the CTA's rows of the [b, d] work
@@ -338,7 +343,9 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
 
     return CW1, CW2  # (no barrier needed here: see the module docstring)
 
-  CW1, CW2 = lax.fori_loop(0, g, step, carry)
+  # The first step apart (its own code): it alone computes W' from W, the rest load it.
+  carry = step(jnp.int32(0), carry, first=True)
+  CW1, CW2 = lax.fori_loop(1, g, step, carry)
   cl.sync()  # no CTA exits or reuses slots 0, 1 while a peer may still read them
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
   part_s.at[0][...], part_s.at[1][...] = CW1, CW2  # the last barrier freed the slots

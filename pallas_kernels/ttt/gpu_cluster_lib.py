@@ -297,14 +297,14 @@ class Recompute(NamedTuple):
   G2: jax.Array  # [rows, d] the LayerNorm-L2 gradient of Z2
   dX2_bar: jax.Array | None  # [b, fp] gelu'(Z1_bar); the backward's only
   Z2_bar: jax.Array | None  # [rows, d], summed over the cluster (None: output=False)
-  db1: jax.Array  # [fp] colsum(eta G1)
-  db2: jax.Array  # [d] colsum(eta G2), summed over the cluster (in Rows.col)
+  db1: jax.Array | None  # [fp] colsum(eta G1) (None: `mini_batch`'s stepped)
+  db2: jax.Array | None  # [d] colsum(eta G2), summed over the cluster (in Rows.col)
   W1: jax.Array | None  # [d, fp] the updated state, with `mini_batch`'s state, else None
   W2: jax.Array | None  # [fp, d]
 
 
 def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_stage=None,
-               during_z1=lambda: None, output=True):
+               during_z1=lambda: None, output=True, stepped=None):
   """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see
   `gpu_cluster.py`'s docstring), on the CTA's hidden slice and `block`, its rows of the [b, d]
   work (`Rows`). Z1_bar and Z2_bar are f(XQ; W') with the stepped state W' (the primal form:
@@ -330,7 +330,10 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
   during_z1(): work that needs none of this, run while Z1's matmul is (the forward's loads of
   the next mini-batch). output=False (the forward's only): the state's step alone, for the
   backward's recompute, without Z1_bar and Z2_bar (two of the seven matmuls, gelu(Z1_bar), the
-  [b, d] sum; db2 is summed alone, so the cluster barriers stay the same).
+  [b, d] sum; db2 is summed alone, so the cluster barriers stay the same). stepped (the
+  backward's only): (b1', b2') when W1', W2' are already staged in s.w1_new, s.w2_new (the
+  next state, which the backward has at hand): the step is not taken again, db1 and db2 are
+  not returned, and Z1_bar's product runs with G2 W2^T.
   """
   backward = state is None
   b, d = s.xq.shape
@@ -378,6 +381,14 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
       neg_eG1 = -(rows(plgpu.load(s.eta, layout=ROW), bf) * G1)
       stage((s.neg_eg1, neg_eG1))
       return neg_eG1
+    if stepped is not None:  # Z1_bar = XQ W1' + b1' with G2 W2^T; Z2_bar = X2_bar W2' + b2'
+      b1_new, b2_new = stepped
+      _, (_, Z1_bar) = matmul_during([(bf, [(s.g2, s.w2.transpose((1, 0)))]),
+                                      (cols(b1_new, bf), [(s.xq, s.w1_new)])], g1, interpret)
+      X2_bar, dX2_bar = gelu_tanh_and_grad(Z1_bar)
+      stage((s.x2_bar, X2_bar))
+      Z2_bar, = cl.sum((1, matmul(bd, (s.x2_bar, s.w2_new)), block))
+      return Recompute(Z2, G2, dX2_bar, Z2_bar + cols(b2_new, rd), None, None, None, None)
     neg_eG1, _ = matmul_during([(bf, [(s.g2, s.w2.transpose((1, 0)))])], g1)
     w1_new, w2_new = s.w1_new, s.w2_new
   else:  # eta scales rows: eta G1 = ((eta G2) W2^T) gelu'(Z1), and G2 is not needed

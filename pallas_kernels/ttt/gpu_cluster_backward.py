@@ -228,7 +228,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
                                  x2_bar=x2bar_s, neg_eg1=neg_eg1_s, neg_eg2=neg_eg2_s,
                                  g2=g2_s, w1_new=w1p_s, w2_new=w2p_s, attn=attn_s, dx2=dx2_s,
-                                 q=ctp_s, g1=part_s.at[2], ln=vec_s, eta=eta_s)
+                                 q=ctp_s, g1=part_s.at[2], ln=vec_s, eta=eta_s, d1=d1_s)
     r = mini_batch(bufs, b1, b2, eps, cl, block, interpret=interpret, stepped=stepped)
     # b1, b2 at t for t - 1 (its b1', b2'), past mini_batch's warpgroup barriers: every
     # thread has read b1n_s, b2n_s, and the next step reads them past more.
@@ -254,7 +254,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     # CW2 + X2_bar^T D2 (staged: every later product with it pulls it back through W2's step
     # W2' = W2 - X2^T eG2). Z1_bar = XQ W1' + b1': D1 = ct of Z1_bar, and W1' likewise.
     def d1(done):  # D1 and ct_b1', while XK's term of ct_eG1 and ct_W2' are computed
-      D1 = done(0) * r.dX2_bar
+      dX2_bar = r.dX2_bar if first else plgpu.load(d1_s, layout=WGMMA).astype(f32)
+      D1 = done(0) * dX2_bar
       stage((d1_s, D1))
       Cb1 = load_col(vb1_s) + D1.sum(axis=0)
       vb1_s[...] = Cb1

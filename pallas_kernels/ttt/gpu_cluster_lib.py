@@ -349,7 +349,11 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
   def first(done):  # during_z1 while Z1 is computed, then gelu
     during_z1()
     return gelu(done(0))
-  if backward:  # XQ XK^T (its VJP's Gram matrix) while gelu runs, staged while X2 W2 is
+  if backward and stepped is not None:  # and Z1_bar = XQ W1' + b1' (W1' at hand)
+    (dX2, ddX2), (_, attn, Z1_bar) = matmul_during(
+        [(bf, [(s.xk, s.w1)]), ((b, b), [(s.xq, s.xk.transpose((1, 0)))]),
+         (cols(stepped[0], bf), [(s.xq, s.w1_new)])], first, interpret)
+  elif backward:  # XQ XK^T (its VJP's Gram matrix) while gelu runs, staged while X2 W2 is
     (dX2, ddX2), (_, attn) = matmul_during(
         [(bf, [(s.xk, s.w1)]), ((b, b), [(s.xq, s.xk.transpose((1, 0)))])], first)
   else:
@@ -357,6 +361,10 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
   def loss_inputs(done):  # the rows' inputs of the loss, loaded while X2 W2 is computed
     if backward:
       stage((s.attn, attn))
+    if stepped is not None:
+      X2_bar, dX2_bar = gelu_tanh_and_grad(Z1_bar)
+      stage((s.x2_bar, X2_bar))
+      s.d1[...] = dX2_bar.astype(s.d1.dtype)  # parked where D1 goes
     ln = lambda k: load_col(s.ln.at[k], block.col)
     return (load_rows(s.xv, block) - load_rows(s.xk, block),
             plgpu.load(s.eta.at[block.ds], layout=block.row), ln(0), ln(1), done(0))
@@ -381,14 +389,11 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
       neg_eG1 = -(rows(plgpu.load(s.eta, layout=ROW), bf) * G1)
       stage((s.neg_eg1, neg_eG1))
       return neg_eG1
-    if stepped is not None:  # Z1_bar = XQ W1' + b1' with G2 W2^T; Z2_bar = X2_bar W2' + b2'
-      b1_new, b2_new = stepped
-      _, (_, Z1_bar) = matmul_during([(bf, [(s.g2, s.w2.transpose((1, 0)))]),
-                                      (cols(b1_new, bf), [(s.xq, s.w1_new)])], g1, interpret)
-      X2_bar, dX2_bar = gelu_tanh_and_grad(Z1_bar)
-      stage((s.x2_bar, X2_bar))
-      Z2_bar, = cl.sum((1, matmul(bd, (s.x2_bar, s.w2_new)), block))
-      return Recompute(Z2, G2, dX2_bar, Z2_bar + cols(b2_new, rd), None, None, None, None)
+    if stepped is not None:  # Z2_bar = X2_bar W2' + b2' with G2 W2^T
+      _, (_, part) = matmul_during([(bf, [(s.g2, s.w2.transpose((1, 0)))]),
+                                    (bd, [(s.x2_bar, s.w2_new)])], g1, interpret)
+      Z2_bar, = cl.sum((1, part, block))
+      return Recompute(Z2, G2, None, Z2_bar + cols(stepped[1], rd), None, None, None, None)
     neg_eG1, _ = matmul_during([(bf, [(s.g2, s.w2.transpose((1, 0)))])], g1)
     w1_new, w2_new = s.w1_new, s.w2_new
   else:  # eta scales rows: eta G1 = ((eta G2) W2^T) gelu'(Z1), and G2 is not needed

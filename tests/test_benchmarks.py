@@ -145,10 +145,10 @@ def test_kernel_resources_compiles_for_h100(tmp_path):
       # backward's loop loads W1', W2' instead of stepping: its first step, apart, does)
       assert r["loop_hgmma"] == 4 * matmuls[r["kernel"]]
       assert r["loop_instructions"] > r["loop_hgmma"] and 0 < r["tensor_bound_pct"] < 100
-      # A mini-batch on the loop's timeline (a static count, not a timing): 2,376, 1,789,
-      # 6,552 and 2,502 clocks with jax 0.12.0.1, against 4,607 + stalls, 4,504 + stalls and
+      # A mini-batch on the loop's timeline (a static count, not a timing): 2,376, 1,745,
+      # 6,242 and 2,468 clocks with jax 0.12.0.1, against 4,607 + stalls, 4,504 + stalls and
       # 12,249 + stalls instructions when every CTA did all [b, d] rows in the dual form.
-      limit = dict(cluster_forward=2500, cluster_recompute=1950, cluster_backward=7000,
+      limit = dict(cluster_forward=2500, cluster_recompute=1950, cluster_backward=6700,
                    cluster_forward_g1=2650)
       assert r["loop_clocks"] < limit[r["kernel"]]
 

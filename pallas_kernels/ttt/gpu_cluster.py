@@ -190,8 +190,6 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
 
   def step(n, state, save=False):
     W1, b1, W2, b2 = state  # (W1, W2 staged in w1b_s, w2b_s as bf16 operands)
-    if save:  # g = 1: every mini-batch
-      save_checkpoint(n, state)
 
     slot = lax.rem(n, 2)
     plgpu.barrier_wait(load_bar.at[slot])
@@ -203,6 +201,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     # the new W1, W2 once the bf16 checkpoint has left w1b_s, w2b_s.
     wait = functools.partial(plgpu.wait_smem_to_gmem, 0, wait_read_only=True)
     def prefetch_next():  # while Z1's matmul runs (the other buffer's readers, n - 1, are done)
+      if save:  # g = 1: every mini-batch (Z1's matmul reads W1's operand too)
+        save_checkpoint(n, state)
       pl.when(n + 1 < num_mini_batches)(lambda: prefetch(n + 1))
     r = mini_batch(bufs, b1, b2, eps, cl, block, state=(W1, W2), interpret=interpret,
                    before_stage=wait if bf16_weights else None, during_z1=prefetch_next,

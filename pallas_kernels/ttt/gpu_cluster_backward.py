@@ -269,10 +269,13 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     # XK ct_W1' = XK CW1 + (XQ XK^T)^T D1 (not waiting for ct_W1' = CW1 + XQ^T D1 to be staged).
     # eG1 = eta G1, G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
     def g1(done):  # while -ct_eG2's part (from W2's step) and ct_W1' are computed
+      # eta, Q (parked in ct_P's tile) and gelu'(Z1) loaded while ct_eG1 is computed
+      eta, Q, dx2 = (plgpu.load(eta_s, layout=ROW), plgpu.load(ctp_s, layout=WGMMA),
+                     plgpu.load(dx2_s, layout=WGMMA))
       ct_eG1 = -(done(0) + cols(Cb1, bf))
-      ct_G1 = rows(plgpu.load(eta_s, layout=ROW), bf) * ct_eG1  # eta loaded where used
-      ct_Z1 = ct_G1 * plgpu.load(ctp_s, layout=WGMMA).astype(f32)  # Q, parked there
-      stage((ctp_s, ct_G1 * dX2()))  # ct of P = G2 W2^T
+      ct_G1 = rows(eta, bf) * ct_eG1
+      ct_Z1 = ct_G1 * Q.astype(f32)
+      stage((ctp_s, ct_G1 * dx2.astype(f32)))  # ct of P = G2 W2^T
       # ct_eta: [b], this slice's part; ct_Z1: X2's share is added below.
       return (ct_eG1 * plgpu.load(part_s.at[2], layout=WGMMA)).sum(axis=1), ct_Z1
     (ct_eta, ct_Z1), (_, neg_ct_eG2, CW1) = matmul_during(
@@ -320,10 +323,11 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       part_s.at[1][...] = ct_XQ  # published for xk_sum's exchange
       ct_Z1_ = ct_Z1 + done(0) * dX2()
       stage((d1_s, ct_Z1_))
-      vb1_s[...] = load_col(vb1_s) + ct_Z1_.sum(axis=0)
-    _, (_, CW2) = matmul_during([(ct_X2, [(d2_s, T(w2_s))]), (CW2, [(T(x2_s), d2_s)])], d1,
-                                interpret)
+      return ct_Z1_
+    ct_Z1, (_, CW2) = matmul_during(
+        [(ct_X2, [(d2_s, T(w2_s))]), (CW2, [(T(x2_s), d2_s)])], d1, interpret)
     def xk_sum(done):  # while W1's cotangent is accumulated (it reads xk_s: written after)
+      vb1_s[...] = load_col(vb1_s) + ct_Z1.sum(axis=0)
       w2p_s.at[block.ds][...] = ct_T.astype(w2p_s.dtype)  # d XV's rows, out below
       ct_eta_, dZ2_, ct_XQ_, ct_XK_ = cl.sum(
           ("eta", ct_eta, eta_block), ("v", dZ2, block.col), (1, None, block),

@@ -62,7 +62,7 @@ same split is `gpu_cluster_backward.py` (`gpu.backward` recomputes each group wi
 then sweeps it in reverse there); both run `gpu_cluster_lib.mini_batch`, the forward half of
 a mini-batch. The recompute leaves out the output (`output=False`: XQ W1', gelu(Z1_bar),
 X2_bar W2', the [b, d] sum and LayerNorm; W2's step runs during (eta G2) W2^T instead), which
-the backward recomputes for its VJP anyway: 1,789 clocks a mini-batch instead of 2,502. Not
+the backward recomputes for its VJP anyway: 1,745 clocks a mini-batch instead of 2,502. Not
 yet done: warp specialisation.
 In interpret mode (CPU) jax's Mosaic GPU interpreter has no distributed shared memory, so there
 the partials go through a global-memory scratch instead; the compiled path is checked by

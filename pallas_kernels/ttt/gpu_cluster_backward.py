@@ -16,9 +16,17 @@ output's (ct_W2' = CW2 + X2_bar^T D2, ct_W1' = CW1 + XQ^T D1, with D2, D1 the co
 Z2_bar, Z1_bar), staged once, and every product with it pulls it back through the step
 W' = W - X^T eG: ct_X2 gets -eG2 ct_W2'^T, ct_eG2 gets -X2 ct_W2', and likewise for XK and eG1.
 So ct_X2_bar = D2 W2'^T and ct_XQ = D1 W1'^T, and no [b, b] Gram matrix, M = D2 eG2^T or its
-cotangent is formed: 23 matmuls instead of the dual form's 31. One Gram matrix is kept:
+cotangent is formed: 23 matmuls instead of the dual form's 31 (21 where W' is at hand, below).
+One Gram matrix is kept:
 ct_eG1 = -(XK CW1 + (XQ XK^T)^T D1 + ct_b1'), which does not wait for ct_W1' to be staged
 (the chain D1 -> ct_eG1 -> ct_P -> ct_G2 gates the rows' work).
+
+W' = (W1', b1', W2', b2') of mini-batch t is the state after t, which mini-batch t + 1, swept
+just before, read as its W: every step but a group's first copies it into W''s tiles at its
+start (`mini_batch`'s `stepped`) instead of taking the step again, so Z1_bar = XQ W1' starts
+with Z1, gelu(Z1_bar) runs during X2 W2 (gelu'(Z1_bar) waits in D1's tile) and X2_bar W2' with
+G2 W2^T. The first step (t = g - 1, whose next state is not in the group's stack) takes the
+step itself and is traced apart from the loop over the others.
 
 The VJP is written out by hand (jax.vjp's graph does not survive Mosaic GPU's layout
 inference); its derivation follows the forward line by line, and the tests compare it with the
@@ -42,38 +50,37 @@ partial per CTA. Sums use slots 0, 1 (the forward's two), then 0, 2 (ct_eG2, ct_
 (slot, vector or shared tile) again only after passing a later cluster barrier than the one
 behind which its peers read it (`sum`'s and `share`'s barriers: seven a mini-batch).
 
-What keeps the loop short (`benchmarks/kernel_resources.py`, H100, jax 0.12.0.1): the rows
-split (12,249 SASS instructions to 8,228); `mini_batch` handing over gelu'(Z1), G1,
-Q = (G2 W2^T) gelu''(Z1) and gelu'(Z1_bar) from the tanh it computes anyway; the state
-cotangents accumulating in their own registers, with -eta G1, -eta G2 as the staged operands
-(every product with them is subtracted), so each cotangent is one accumulator; the primal form
-(7,571 to 7,283 clocks). The matmuls (2,944 tensor clocks) are issued where their operands are
-ready and waited on where used (`gpu_cluster_lib.matmul_during`), and every product that
-nothing waits on soon goes to the longest stretch of CUDA-core work, the rows' LayerNorm-L2
+What keeps the loop short (`benchmarks/kernel_resources.py`, H100, jax 0.12.0.1): the rows split
+(12,249 SASS instructions to 8,228); `mini_batch` handing over gelu'(Z1), G1, Q = (G2 W2^T)
+gelu''(Z1) and gelu'(Z1_bar) from the tanh it computes anyway; the state cotangents accumulating
+in their own registers, with -eta G1, -eta G2 as the staged operands (every product with them is
+subtracted), so each cotangent is one accumulator; the primal form (7,571 to 7,283 clocks); W'
+from the next state (7,022 to 6,342). The matmuls (2,688 tensor clocks) are issued where their
+operands are ready and waited on where used (`gpu_cluster_lib.matmul_during`), and every product
+that nothing waits on soon goes to the longest stretch of CUDA-core work, the rows' LayerNorm-L2
 VJP: ct_X2's and ct_XK's terms from the steps, W2's cotangent step ct_P^T G2 and ct_XQ (whose
-sum then waits for ct_XK's exchange). The loop holds 255 registers a thread and spills; what
-the VJP uses only much later waits in shared memory instead (gelu'(Z1) and Q in bf16, G1 in
-f32 in the third partial-sum slot): a 2.1 KiB stack frame, 6,733 instructions and 289 clocks
-stalled, so a mini-batch takes about 7,022 clocks on the loop's timeline, 34.6% in the
-benchmarks' `ttt_flops` count (twice the forward's dual-form 1,215 clocks a CTA). Tried and
-slower on the timeline: ct_Z1 or gelu'(Z1_bar) parked too (fewer instructions, more stalls),
-ct_W1' staged before ct_eG1 (the pure primal chain: 7,283), ct_out's rows kept in registers
-through the rows' work, and in the dual form P = G2 W2^T recomputed instead of keeping G1 and
-Q. Next: warp specialisation (a second warpgroup holding the state cotangents and their
-matmuls would take 64 registers a thread off this one; every warp must then join the cluster
-barriers, or they become mbarrier based).
+sum then waits for ct_XK's exchange). The loop holds 255 registers a thread and spills; what the
+VJP uses only much later waits in shared memory instead (gelu'(Z1) and Q in bf16, G1 in f32 in
+the third partial-sum slot): a 2.4 KiB stack frame, 6,174 instructions and 68 clocks stalled, so
+a mini-batch takes about 6,242 clocks on the loop's timeline (a group's first step about 6,890),
+38.9% in the benchmarks' `ttt_flops` count (twice the forward's dual-form 1,215 clocks a CTA).
+Tried and slower on the timeline (before W' came from the next state): ct_Z1 or gelu'(Z1_bar)
+parked too (fewer instructions, more stalls), ct_W1' staged before ct_eG1 (the pure primal
+chain: 7,283), ct_out's rows kept in registers through the rows' work, and in the dual form P =
+G2 W2^T recomputed instead of keeping G1 and Q. Next: warp specialisation (a second warpgroup
+holding the state cotangents and their matmuls would take 64 registers a thread off this one;
+every warp must then join the cluster barriers, or they become mbarrier based).
 
-Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double
-as the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster).
-Shared memory: 20 bf16 tiles and 3 f32 ones, 211 KiB (`smem_bytes`; Mosaic GPU asks for
-222 KiB). There is no room for a second set of input tiles, so mini-batch t - 1's inputs are
-loaded once t has read what they replace (after the rows' work, about the last third of the
-step): XQ, XV, ct_out, eta, b1 and b2 into their own buffers, and XK, W1 and W2, whose own
-tiles t reads until its end, into three operand tiles dead by then, copied over at t - 1's
-start (d XQ, d XK and d XV leave through the tiles of X2_bar, XK and W2'). On the loop's
-timeline, which has no memory latency, that cost 113 instructions a step when measured (8,276
-clocks instead of 8,115); it takes a 49 KiB round trip to HBM off the start of every step.
-"""
+Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double as
+the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster). Shared
+memory: 20 bf16 tiles and 3 f32 ones, 212 KiB (`smem_bytes`; Mosaic GPU asks for 225 KiB of the
+227). There is no room for a second set of input tiles, so mini-batch t - 1's inputs are loaded
+once t has read what they replace (after the rows' work, about the last third of the step): XQ,
+XV, ct_out, eta, b1 and b2 into their own buffers, and XK, W1 and W2, whose own tiles t reads
+until its end, into three operand tiles dead by then, copied over at t - 1's start (d XQ, d XK
+and d XV leave through the tiles of X2_bar, XK and W2'). On the loop's timeline, which has no
+memory latency, that cost 113 instructions a step when measured (8,276 clocks instead of 8,115);
+it takes a 49 KiB round trip to HBM off the start of every step."""
 from __future__ import annotations
 
 import functools

@@ -332,8 +332,9 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
   backward's recompute, without Z1_bar and Z2_bar (two of the seven matmuls, gelu(Z1_bar), the
   [b, d] sum; db2 is summed alone, so the cluster barriers stay the same). stepped (the
   backward's only): (b1', b2') when W1', W2' are already staged in s.w1_new, s.w2_new (the
-  next state, which the backward has at hand): the step is not taken again, db1 and db2 are
-  not returned, and Z1_bar's product runs with G2 W2^T.
+  next state, which the backward has at hand): the step is not taken again, db1, db2 and
+  gelu'(Z1_bar) are not returned (the last waits in s.d1, bf16), Z1_bar's product runs with
+  Z1's, gelu(Z1_bar) during X2 W2 and X2_bar W2' with G2 W2^T.
   """
   backward = state is None
   b, d = s.xq.shape

@@ -172,7 +172,7 @@ def _compile(kernel: str, args) -> dict:
     N, module = args.checkpoint_group, gpu_cluster_backward
     fn = lambda *a: gpu_cluster_backward.backward_group(*a, eps=1e-6, cluster=P)
     xs = (*[spec((B, H, N, b, d), bf16)] * 3, spec((B, H, N, b), f32))
-    shapes = (xs, ln, ln, state((B, H, N), bf16), spec((B, H, N, b, d), bf16),
+    shapes = (xs, ln, ln, state((B, H, N + 1), bf16), spec((B, H, N, b, d), bf16),
               state((B, H), f32))
   t0 = time.perf_counter()
   with use_abstract_mesh(mesh.abstract_mesh):

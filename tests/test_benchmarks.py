@@ -142,11 +142,11 @@ def test_kernel_resources_compiles_for_h100(tmp_path):
     if kernel_resources.find_nvdisasm():  # the loop's SASS: its matmuls (4 HGMMA each)
       matmuls = dict(cluster_forward=7, cluster_recompute=5, cluster_backward=21,
                      cluster_forward_g1=7)  # (the recompute leaves the output out; the
-      # backward's loop loads W1', W2' instead of stepping: its first step, apart, does)
+      # backward takes W1', W2' from the next state instead of stepping)
       assert r["loop_hgmma"] == 4 * matmuls[r["kernel"]]
       assert r["loop_instructions"] > r["loop_hgmma"] and 0 < r["tensor_bound_pct"] < 100
-      # A mini-batch on the loop's timeline (a static count, not a timing): 2,376, 1,745,
-      # 6,242 and 2,468 clocks with jax 0.12.0.1, against 4,607 + stalls, 4,504 + stalls and
+      # A mini-batch on the loop's timeline (a static count, not a timing): 2,378, 1,758,
+      # 6,270 and 2,446 clocks with jax 0.12.0.1, against 4,607 + stalls, 4,504 + stalls and
       # 12,249 + stalls instructions when every CTA did all [b, d] rows in the dual form.
       limit = dict(cluster_forward=2500, cluster_recompute=1950, cluster_backward=6700,
                    cluster_forward_g1=2650)

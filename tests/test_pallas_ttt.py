@@ -258,7 +258,7 @@ def test_cluster_op_gradients(group):
   jaxpr = str(jax.make_jaxpr(grads(pk.ttt_mlp, **kw))(*args))
   assert jaxpr.count("ttt_mlp_forward_cluster") == (1 if group == 1 else 2)
   assert jaxpr.count("ttt_mlp_backward_cluster") == 1
-  assert (f"bf16[{B},{H},{N},{d},{4 * d}]" in jaxpr) == (group == 1)  # the stored W1s
+  assert (f"bf16[{B},{H},{N + 1},{d},{4 * d}]" in jaxpr) == (group == 1)  # the stored W1s
   primal = str(jax.make_jaxpr(functools.partial(pk.ttt_mlp, **kw))(*args))
   assert f"f32[{B},{H},1,{d},{4 * d}]" in primal  # W1's one checkpoint
 
@@ -286,8 +286,9 @@ def test_cluster_backward_group_matches_autodiff():
   recompute = functools.partial(gpu_cluster.forward, xq, xk, xv, eta, lw, lb, ckpt,
                                 checkpoint_group=1, per_example_init=True,
                                 weights_dtype=jnp.bfloat16, **mosaic)
-  none, states = recompute(output=False)
+  none, states = recompute(output=False)  # g + 1: the states before each and after the last
   assert none is None and states[0].dtype == jnp.bfloat16 and states[1].dtype == jnp.float32
+  assert all(w.shape[2] == g + 1 for w in states)
   out, with_output = recompute()
   assert out.shape == xq.shape
   for x, y in zip(states, with_output):
@@ -316,7 +317,7 @@ def test_cluster_supports():
   # Shared memory: the estimate came within 1.3% of Mosaic GPU's count when compiling d = 128,
   # P = 8 for an H100 (an earlier scratch list: 329,728 B estimated, 333,856 B asked for).
   assert gpu_cluster.smem_bytes(64, 64, 4) <= gpu_cluster_lib.SMEM_LIMIT_BYTES
-  # The backward: 20 bf16 tiles and 3 f32 ones (211 KiB; Mosaic GPU asked for 222 KiB).
+  # The backward: 20 bf16 tiles and 3 f32 ones (212 KiB; Mosaic GPU asked for 225 KiB).
   assert gpu_cluster_backward.supports("ttt_mlp", jnp.bfloat16, 64, 64, 4)
   assert 200 << 10 < gpu_cluster_backward.smem_bytes(64, 64, 4) < 215 << 10
   assert not gpu_cluster_backward.supports("ttt_mlp", jnp.bfloat16, 64, 128, 8)
@@ -325,6 +326,17 @@ def test_cluster_supports():
   with pytest.raises(ValueError, match="cluster=8 is not supported"):
     gpu_cluster.forward(*_inputs((1, 1, 1, 64, 64), jnp.bfloat16)[:6], (), eps=1e-6,
                         checkpoint_group=1, cluster=8)
+  # The backward's stack of states: g + 1 of them, as the forward saves them at g = 1 only.
+  args = _inputs((1, 1, 2, 64, 64), jnp.bfloat16)
+  B, H, g, b, d = args[0].shape
+  stack = lambda n: tuple(jnp.zeros((B, H, n, *w.shape[1:]), t)
+                          for w, t in zip(args[6:], (jnp.bfloat16, jnp.float32) * 2))
+  final = tuple(jnp.zeros((B, H, *w.shape[1:])) for w in args[6:])
+  with pytest.raises(ValueError, match="pass g \\+ 1 = 3"):
+    gpu_cluster_backward.backward_group(args[:4], *args[4:6], stack(g), args[0], final, eps=1e-6)
+  with pytest.raises(ValueError, match="needs checkpoint_group=1"):
+    gpu_cluster.forward(*args[:6], args[6:], eps=1e-6, checkpoint_group=2,
+                        weights_dtype=jnp.bfloat16)
   # The forward's row split: 16 rows per CTA in a 16 x 64 layout.
   assert gpu_cluster_lib.row_block(3, 64, 64, 4).ds.size == 16
   with pytest.raises(ValueError, match="needs b = 16 \\* cluster, d = 64"):

@@ -193,10 +193,11 @@ _KERNEL_STATE_BYTES = 64 << 10
 def stores_states(kind: str, dtype, b: int, d: int, checkpoint_group: int,
                   block_sizes: BlockSizes) -> bool:
   """Whether `forward` saves every state as the cluster backward reads it (W1, W2 as their
-  bf16 operands, b1, b2 in f32) and `backward` sweeps them without recomputing: at
-  checkpoint_group = 1 on the cluster kernels. The forward then writes what the backward's
-  recompute would (64 KiB a head per mini-batch at d = 64, held until the backward: about
-  18 GiB per batch element at 63 s with 48 heads), and the backward is one kernel call."""
+  bf16 operands, b1, b2 in f32; N + 1, the final state too) and `backward` sweeps them without
+  recomputing: at checkpoint_group = 1 on the cluster kernels. The forward then writes what
+  the backward's recompute would (65 KiB a head per mini-batch at d = 64, held until the
+  backward: 16.4 GiB per batch element at 63 s with 48 heads), and the backward is one kernel
+  call."""
   P = block_sizes.cluster
   return (checkpoint_group == 1 and bool(P)
           and gpu_cluster_backward.supports(kind, dtype, b, d, P))

@@ -62,7 +62,7 @@ same split is `gpu_cluster_backward.py` (`gpu.backward` recomputes each group wi
 then sweeps it in reverse there); both run `gpu_cluster_lib.mini_batch`, the forward half of
 a mini-batch. The recompute leaves out the output (`output=False`: XQ W1', gelu(Z1_bar),
 X2_bar W2', the [b, d] sum and LayerNorm; W2's step runs during (eta G2) W2^T instead), which
-the backward recomputes for its VJP anyway: 1,745 clocks a mini-batch instead of 2,502. Not
+the backward recomputes for its VJP anyway: 1,758 clocks a mini-batch instead of 2,502. Not
 yet done: warp specialisation.
 In interpret mode (CPU) jax's Mosaic GPU interpreter has no distributed shared memory, so there
 the partials go through a global-memory scratch instead; the compiled path is checked by
@@ -229,7 +229,9 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   prefetch(0)
   stage((w1b_s, state[0]), (w2b_s, state[2]))  # then staged by each step's update
   if g == 1:
-    lax.fori_loop(0, num_mini_batches, functools.partial(step, save=True), state)
+    final = lax.fori_loop(0, num_mini_batches, functools.partial(step, save=True), state)
+    if bf16_weights:  # the backward's stack of states ends with the state after the last
+      save_checkpoint(num_mini_batches, final)
   else:
     lax.fori_loop(0, num_groups(num_mini_batches, g), group, state)
   cl.sync()  # no CTA exits while a peer may still read its shared memory
@@ -249,7 +251,8 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
   per_example_init (the backward's recompute from checkpoints). `cluster`: CTAs per head.
   `weights_dtype`: of the W1 and W2 checkpoints (b1, b2 stay f32); bf16 for the backward's
   stack of states (`gpu_cluster_backward`), which are exactly the operands the kernel's
-  matmuls used. `output`: False for the states alone (the backward's recompute, which
+  matmuls used, at checkpoint_group = 1: N + 1 of them, the state after the last mini-batch
+  too. `output`: False for the states alone (the backward's recompute, which
   recomputes each mini-batch's output itself): the returned output is then None.
   `interpret`: False, or a `plgpu.InterpretGPUParams` to run on the CPU; `debug`: print the
   kernel's jaxpr and lowered code.
@@ -260,7 +263,11 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
     raise ValueError(f"gpu_cluster.forward: b={b}, d={d}, dtype {xq.dtype}, cluster={cluster} "
                      "is not supported (see gpu_cluster.supports: bf16, b = 64, d = 64 with "
                      "cluster = 4); use gpu.forward.")
-  G = num_groups(N, checkpoint_group)
+  stack = jnp.dtype(weights_dtype) == jnp.bfloat16  # the backward's stack of states
+  if stack and checkpoint_group != 1:
+    raise ValueError(f"gpu_cluster.forward: weights_dtype=bfloat16 (the backward's stack of "
+                     f"states) needs checkpoint_group=1, not {checkpoint_group}.")
+  G = num_groups(N, checkpoint_group) + stack
   f32 = jnp.float32
   state_types = (((d, f), weights_dtype), ((1, f), f32), ((f, d), weights_dtype), ((1, d), f32))
   out_type = (jax.ShapeDtypeStruct(xq.shape if output else (1,), xq.dtype),

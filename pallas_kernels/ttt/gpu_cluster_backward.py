@@ -2,9 +2,9 @@
 cluster of CTAs as in `gpu_cluster.py` (Hopper).
 
 `gpu.backward` walks the groups last first. For each, `gpu_cluster.forward` recomputes the g
-states the group passes through from its checkpoint (W1, W2 as the bf16 operands its matmuls
-used, b1, b2 in f32: [B, H, g, ...] in HBM; without the output), and this kernel runs the
-group in reverse (at checkpoint_group = 1 the forward saved them all, and one call runs the
+states the group passes through from its checkpoint and the one after it (W1, W2 as the bf16
+operands its matmuls used, b1, b2 in f32: [B, H, g + 1, ...] in HBM; without the output), and
+this kernel runs the group in reverse (at checkpoint_group = 1 the forward saved them all, and one call runs the
 whole sequence: `gpu.stores_states`): CTA c of a (batch, head) holds the cotangent of its
 hidden slice of the state (dW1[:, slice], db1[slice], dW2[slice, :] in f32 registers; db2
 replicated), and for mini-batch t = g-1, ..., 0 it loads state t's slice, recomputes the
@@ -22,11 +22,11 @@ ct_eG1 = -(XK CW1 + (XQ XK^T)^T D1 + ct_b1'), which does not wait for ct_W1' to 
 (the chain D1 -> ct_eG1 -> ct_P -> ct_G2 gates the rows' work).
 
 W' = (W1', b1', W2', b2') of mini-batch t is the state after t, which mini-batch t + 1, swept
-just before, read as its W: every step but a group's first copies it into W''s tiles at its
-start (`mini_batch`'s `stepped`) instead of taking the step again, so Z1_bar = XQ W1' starts
-with Z1, gelu(Z1_bar) runs during X2 W2 (gelu'(Z1_bar) waits in D1's tile) and X2_bar W2' with
-G2 W2^T. The first step (t = g - 1, whose next state is not in the group's stack) takes the
-step itself and is traced apart from the loop over the others.
+just before, read as its W: each step copies it into W''s tiles at its start (the first, t =
+g - 1, has it from the stack's last state, fetched with the prologue) instead of taking the
+step again (`mini_batch`'s `stepped`), so Z1_bar = XQ W1' starts with Z1, gelu(Z1_bar) runs
+during X2 W2 (gelu'(Z1_bar) waits in D1's tile) and X2_bar W2' with G2 W2^T. The first step
+is traced apart from the loop over the others, so that the loop has no branch on the step.
 
 The VJP is written out by hand (jax.vjp's graph does not survive Mosaic GPU's layout
 inference); its derivation follows the forward line by line, and the tests compare it with the
@@ -61,9 +61,9 @@ that nothing waits on soon goes to the longest stretch of CUDA-core work, the ro
 VJP: ct_X2's and ct_XK's terms from the steps, W2's cotangent step ct_P^T G2 and ct_XQ (whose
 sum then waits for ct_XK's exchange). The loop holds 255 registers a thread and spills; what the
 VJP uses only much later waits in shared memory instead (gelu'(Z1) and Q in bf16, G1 in f32 in
-the third partial-sum slot): a 2.4 KiB stack frame, 6,174 instructions and 68 clocks stalled, so
-a mini-batch takes about 6,242 clocks on the loop's timeline (a group's first step about 6,890),
-38.9% in the benchmarks' `ttt_flops` count (twice the forward's dual-form 1,215 clocks a CTA).
+the third partial-sum slot): a 2.4 KiB stack frame, 6,135 instructions and 135 clocks stalled,
+so a mini-batch takes about 6,270 clocks on the loop's timeline (the group's prologue and first
+step 8,122), 38.8% in the benchmarks' `ttt_flops` count (twice the forward's dual-form 1,215 clocks a CTA).
 Tried and slower on the timeline (before W' came from the next state): ct_Z1 or gelu'(Z1_bar)
 parked too (fewer instructions, more stalls), ct_W1' staged before ct_eG1 (the pure primal
 chain: 7,283), ct_out's rows kept in registers through the rows' work, and in the dual form P =
@@ -133,7 +133,7 @@ def _scratch(b, d, cluster, interpret):
       plgpu.SMEM((d,), f32), plgpu.SMEM((d,) if interpret else (8,), f32),  # a [d] partial
       plgpu.SMEM((2, d), f32), plgpu.SMEM((2, d), f32),  # gamma, beta; their cotangents
       plgpu.SMEM((fp,), f32), plgpu.SMEM((d,), f32),  # b1, b2 after t - 1 (= at t)
-      plgpu.Barrier(num_arrivals=6), plgpu.Barrier(num_arrivals=9),
+      plgpu.Barrier(num_arrivals=10), plgpu.Barrier(num_arrivals=9),
       plgpu.Barrier(num_arrivals=1),
       plgpu.ClusterBarrier(collective_axes=("cluster",)),
   )
@@ -195,9 +195,12 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
 
   # LayerNorm parameters and the cotangent of the group's final state (f32; W1's and W2's
   # through the partial-sum slots, free until the first mini-batch).
+  # And W' of the last mini-batch (the group's final state) into W''s tiles: see `step`.
   fetch([(gamma_g.at[h], vec_s.at[0]), (beta_g.at[h], vec_s.at[1]),
          (cw1_g.at[i, h, :, hid], part_s.at[0]), (cb1_g.at[i, h, 0, hid], vb1_s),
-         (cw2_g.at[i, h, hid, :], part_s.at[1]), (cb2_g.at[i, h, 0], vb2_s)], init_bar)
+         (cw2_g.at[i, h, hid, :], part_s.at[1]), (cb2_g.at[i, h, 0], vb2_s),
+         (w1_g.at[i, h, g, :, hid], w1p_s), (b1_g.at[i, h, g, 0, hid], b1n_s),
+         (w2_g.at[i, h, g, hid, :], w2p_s), (b2_g.at[i, h, g, 0], b2n_s)], init_bar)
   ctln_s[...] = jnp.zeros((2, d), f32)  # (a warpgroup barrier comes before its first use)
   carry = (plgpu.load(part_s.at[0], layout=WGMMA), plgpu.load(part_s.at[1], layout=WGMMA))
   # Only dW1 and dW2 are carried in registers. The vector cotangents (b1, b2, gamma, beta)
@@ -227,11 +230,10 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       load(t, ahead=False)  # (later ones: during the step before)
     plgpu.barrier_wait(load_bar)
     b1, b2 = load_col(b1_s), load_col(b2_s, block.col)
-    stepped = None  # the first step (t = g - 1) takes the step W -> W' itself
-    if not first:  # W' is the state after t, mini-batch t + 1's: in w1_s, w2_s, b1n_s, b2n_s
+    if not first:  # W' is the state after t, which t + 1 read as W (in w1_s, w2_s)
       stage(*((dst, plgpu.load(src, layout=WGMMA)) for src, dst in
               ((w1p_s, xk_s), (w1_s, w1p_s), (cw1_s, w1_s), (w2_s, w2p_s), (ctp_s, w2_s))))
-      stepped = (load_col(b1n_s), load_col(b2n_s, block.col))
+    stepped = (load_col(b1n_s), load_col(b2n_s, block.col))  # b1', b2'
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
                                  x2_bar=x2bar_s, neg_eg1=neg_eg1_s, neg_eg2=neg_eg2_s,
                                  g2=g2_s, w1_new=w1p_s, w2_new=w2p_s, attn=attn_s, dx2=dx2_s,
@@ -261,8 +263,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     # CW2 + X2_bar^T D2 (staged: every later product with it pulls it back through W2's step
     # W2' = W2 - X2^T eG2). Z1_bar = XQ W1' + b1': D1 = ct of Z1_bar, and W1' likewise.
     def d1(done):  # D1 and ct_b1', while XK's term of ct_eG1 and ct_W2' are computed
-      dX2_bar = r.dX2_bar if first else plgpu.load(d1_s, layout=WGMMA).astype(f32)
-      D1 = done(0) * dX2_bar
+      D1 = done(0) * plgpu.load(d1_s, layout=WGMMA).astype(f32)  # gelu'(Z1_bar), parked
       stage((d1_s, D1))
       Cb1 = load_col(vb1_s) + D1.sum(axis=0)
       vb1_s[...] = Cb1
@@ -355,7 +356,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
 
     return CW1, CW2  # (no barrier needed here: see the module docstring)
 
-  # The first step apart (its own code): it alone computes W' from W, the rest load it.
+  # The first step apart (traced twice, the loop has no branch on k): it loads its inputs
+  # itself, and its W' came with the prologue.
   carry = step(jnp.int32(0), carry, first=True)
   CW1, CW2 = lax.fori_loop(1, g, step, carry)
   cl.sync()  # no CTA exits or reuses slots 0, 1 while a peer may still read them
@@ -381,7 +383,8 @@ def backward_group(xs, ln_weight, ln_bias, states, ct_out, ct_final, *, eps: flo
   """One group's reverse sweep (`gpu._backward_group`'s job) on the cluster split.
 
   xs: (xq, xk, xv [B, H, g, 64, d] bf16, eta [B, H, g, 64]); ln_weight, ln_bias: [H, d];
-  states: the states before each of the g mini-batches, W1 [B, H, g, d, 4d] and W2 in bf16,
+  states: the states before each of the g mini-batches and after the last, W1
+  [B, H, g + 1, d, 4d] and W2 in bf16,
   b1, b2 in f32 (`gpu_cluster.forward` with checkpoint_group=1, weights_dtype=bf16); ct_out
   [B, H, g, 64, d]; ct_final: the cotangent of the group's final state, f32 [B, H, ...].
   `interpret`: False or a `plgpu.InterpretGPUParams`.
@@ -394,6 +397,11 @@ def backward_group(xs, ln_weight, ln_bias, states, ct_out, ct_final, *, eps: flo
   if not supports("ttt_mlp", xq.dtype, b, d, cluster):
     raise ValueError(f"gpu_cluster_backward: b={b}, d={d}, dtype {xq.dtype}, cluster={cluster}"
                      " is not supported (bf16, b = d = 64, cluster = 4); use gpu.backward.")
+  if any(w.shape[2] != g + 1 for w in states):
+    raise ValueError(f"gpu_cluster_backward: states hold {[w.shape[2] for w in states]} "
+                     f"states for g = {g} mini-batches; pass g + 1 = {g + 1}, the states "
+                     "before each and after the last (gpu_cluster.forward with "
+                     "checkpoint_group=1, weights_dtype=bfloat16).")
   f32 = jnp.float32
   out_type = (*(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (xq, xk, xv)),
               jax.ShapeDtypeStruct(eta.shape, f32),

@@ -295,16 +295,15 @@ class Recompute(NamedTuple):
   [., d] ones hold the CTA's `Rows`."""
   Z2: jax.Array  # [rows, d] X2 W2 + b2, summed over the cluster
   G2: jax.Array  # [rows, d] the LayerNorm-L2 gradient of Z2
-  dX2_bar: jax.Array | None  # [b, fp] gelu'(Z1_bar); the backward's only
   Z2_bar: jax.Array | None  # [rows, d], summed over the cluster (None: output=False)
-  db1: jax.Array | None  # [fp] colsum(eta G1) (None: `mini_batch`'s stepped)
+  db1: jax.Array | None  # [fp] colsum(eta G1) (the forward's only)
   db2: jax.Array | None  # [d] colsum(eta G2), summed over the cluster (in Rows.col)
-  W1: jax.Array | None  # [d, fp] the updated state, with `mini_batch`'s state, else None
+  W1: jax.Array | None  # [d, fp] the updated state (the forward's only)
   W2: jax.Array | None  # [fp, d]
 
 
-def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_stage=None,
-               during_z1=lambda: None, output=True, stepped=None):
+def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=False,
+               before_stage=None, during_z1=lambda: None, output=True):
   """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see
   `gpu_cluster.py`'s docstring), on the CTA's hidden slice and `block`, its rows of the [b, d]
   work (`Rows`). Z1_bar and Z2_bar are f(XQ; W') with the stepped state W' (the primal form:
@@ -314,29 +313,28 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
   s: shared-memory buffers with xq, xk, xv [b, d] (bf16) and eta [b] (f32) loaded, w1 [d, fp],
   w2 [fp, d] (bf16) staged; written here: x2, x2_bar, neg_eg1 [b, fp] (-eta G1: every product
   with it is subtracted, so each is one accumulator), neg_eg2 [b, d] (all b rows,
-  `Cluster.share`), and for the backward g2 [b, d], w1_new [d, fp], w2_new [fp, d] (W1',
-  W2'), attn [b, b] (XQ XK^T), and parked for the VJP (not returned): dx2 [b, fp]
-  (gelu'(Z1)), q [b, fp] (Q) and g1 [b, fp] (G1, f32); ln [2, d] f32: gamma and beta, loaded
-  where used. b1 [fp] (COL), b2 [d] (block.col): f32 registers. cl: the `Cluster` (slots 0, 1
-  and "db2"). interpret: a `plgpu.InterpretGPUParams` or False.
+  `Cluster.share`), and for the backward g2 [b, d], attn [b, b] (XQ XK^T), and parked for the
+  VJP (not returned): dx2 [b, fp] (gelu'(Z1)), q [b, fp] (Q), g1 [b, fp] (G1, f32) and d1
+  [b, fp] (gelu'(Z1_bar)); ln [2, d] f32: gamma and beta, loaded where used. b1 [fp] (COL),
+  b2 [d] (block.col): f32 registers. cl: the `Cluster` (slots 0, 1 and "db2"). interpret: a
+  `plgpu.InterpretGPUParams` or False.
 
-  state: the forward's (W1, W2), f32 [d, fp], [fp, d] in registers (WGMMA), whose bf16 copies
-  s.w1, s.w2 hold: the gradient step is taken on them (Recompute's W1, W2) and the new ones
-  staged over s.w1, s.w2 (after before_stage(), if given). Without it (the backward), the step
-  is taken on s.w1, s.w2 as the checkpoints hold them (bf16) and staged into s.w1_new,
-  s.w2_new, since the VJP needs both; and gelu'(Z1_bar) is returned and gelu'(Z1), G1, Q
-  parked for it (gelu''(Z1) from the same tanh as gelu(Z1), so Z1 and the tanh die at once).
+  The forward passes state, its (W1, W2), f32 [d, fp], [fp, d] in registers (WGMMA), whose
+  bf16 copies s.w1, s.w2 hold: the gradient step is taken on them (Recompute's W1, W2) and the
+  new ones staged over s.w1, s.w2 (after before_stage(), if given). during_z1(): work that
+  needs none of this, run while Z1's matmul is (the forward's loads of the next mini-batch).
+  output=False: the state's step alone, for the backward's recompute, without Z1_bar and
+  Z2_bar (two of the seven matmuls, gelu(Z1_bar), the [b, d] sum; db2 is summed alone, so the
+  cluster barriers stay the same).
 
-  during_z1(): work that needs none of this, run while Z1's matmul is (the forward's loads of
-  the next mini-batch). output=False (the forward's only): the state's step alone, for the
-  backward's recompute, without Z1_bar and Z2_bar (two of the seven matmuls, gelu(Z1_bar), the
-  [b, d] sum; db2 is summed alone, so the cluster barriers stay the same). stepped (the
-  backward's only): (b1', b2') when W1', W2' are already staged in s.w1_new, s.w2_new (the
-  next state, which the backward has at hand): the step is not taken again, db1, db2 and
-  gelu'(Z1_bar) are not returned (the last waits in s.d1, bf16), Z1_bar's product runs with
-  Z1's, gelu(Z1_bar) during X2 W2 and X2_bar W2' with G2 W2^T.
+  The backward passes stepped instead, (b1', b2'), with W1', W2' (the state after this
+  mini-batch, which it has at hand) staged in s.w1_new, s.w2_new: the step is not taken again.
+  Z1_bar's product runs with Z1's, gelu(Z1_bar) during X2 W2 and X2_bar W2' with G2 W2^T;
+  gelu'(Z1), gelu''(Z1) come from the tanh of gelu(Z1), so Z1 and the tanh die at once.
   """
   backward = state is None
+  assert backward == (stepped is not None), "the forward passes state, the backward stepped"
+  assert output or not backward, "the backward recomputes the output"
   b, d = s.xq.shape
   fp = s.w1.shape[1]
   bf, bd, rd = (b, fp), (b, d), (block.ds.size, d)
@@ -350,22 +348,17 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
   def first(done):  # during_z1 while Z1 is computed, then gelu
     during_z1()
     return gelu(done(0))
-  if backward and stepped is not None:  # and Z1_bar = XQ W1' + b1' (W1' at hand)
+  if backward:  # and XQ XK^T (its VJP's Gram matrix), Z1_bar = XQ W1' + b1'
     (dX2, ddX2), (_, attn, Z1_bar) = matmul_during(
         [(bf, [(s.xk, s.w1)]), ((b, b), [(s.xq, s.xk.transpose((1, 0)))]),
          (cols(stepped[0], bf), [(s.xq, s.w1_new)])], first, interpret)
-  elif backward:  # XQ XK^T (its VJP's Gram matrix) while gelu runs, staged while X2 W2 is
-    (dX2, ddX2), (_, attn) = matmul_during(
-        [(bf, [(s.xk, s.w1)]), ((b, b), [(s.xq, s.xk.transpose((1, 0)))])], first)
   else:
     (dX2, ddX2), _ = matmul_during([(bf, [(s.xk, s.w1)])], first)
   def loss_inputs(done):  # the rows' inputs of the loss, loaded while X2 W2 is computed
-    if backward:
-      stage((s.attn, attn))
-    if stepped is not None:
+    if backward:  # (and XQ XK^T, gelu(Z1_bar) staged, gelu'(Z1_bar) parked)
       X2_bar, dX2_bar = gelu_tanh_and_grad(Z1_bar)
-      stage((s.x2_bar, X2_bar))
-      s.d1[...] = dX2_bar.astype(s.d1.dtype)  # parked where D1 goes
+      stage((s.attn, attn), (s.x2_bar, X2_bar))
+      s.d1[...] = dX2_bar.astype(s.d1.dtype)
     ln = lambda k: load_col(s.ln.at[k], block.col)
     return (load_rows(s.xv, block) - load_rows(s.xk, block),
             plgpu.load(s.eta.at[block.ds], layout=block.row), ln(0), ln(1), done(0))
@@ -376,7 +369,6 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
   # Gradients of the reconstruction loss: G2 = dl/dZ2 on the CTA's rows, G1 = dl/dZ1.
   G2 = ln_l2_grad(Z2, target, gamma, beta, eps)
   eG2 = rows(eta, rd) * G2
-  assert output or not backward, "the backward recomputes the output"
   if backward:  # the VJP wants G1 and Q, so G2 is shared too
     cl.share(block, (s.neg_eg2, -eG2), (s.g2, G2))
 
@@ -387,64 +379,52 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, interpret=False, before_st
       s.dx2[...] = dX2.astype(s.dx2.dtype)
       s.q[...] = (P * ddX2).astype(s.q.dtype)
       s.g1[...] = G1
-      neg_eG1 = -(rows(plgpu.load(s.eta, layout=ROW), bf) * G1)
+      stage((s.neg_eg1, -(rows(plgpu.load(s.eta, layout=ROW), bf) * G1)))
+    # Z2_bar = X2_bar W2' + b2', with G2 W2^T
+    _, (_, part) = matmul_during([(bf, [(s.g2, s.w2.transpose((1, 0)))]),
+                                  (bd, [(s.x2_bar, s.w2_new)])], g1, interpret)
+    Z2_bar, = cl.sum((1, part, block))
+    return Recompute(Z2, G2, Z2_bar + cols(stepped[1], rd), None, None, None, None)
+
+  # The forward: eta scales rows, eta G1 = ((eta G2) W2^T) gelu'(Z1), and G2 is not needed.
+  cl.share(block, (s.neg_eg2, -eG2))
+  W1, W2 = state
+  if not output:  # the step alone: W2's during eta G1, W1's while W2' is staged
+    def g1(done):
+      neg_eG1 = done(0) * dX2
       stage((s.neg_eg1, neg_eG1))
-      return neg_eG1
-    if stepped is not None:  # Z2_bar = X2_bar W2' + b2' with G2 W2^T
-      _, (_, part) = matmul_during([(bf, [(s.g2, s.w2.transpose((1, 0)))]),
-                                    (bd, [(s.x2_bar, s.w2_new)])], g1, interpret)
-      Z2_bar, = cl.sum((1, part, block))
-      return Recompute(Z2, G2, None, Z2_bar + cols(stepped[1], rd), None, None, None, None)
-    neg_eG1, _ = matmul_during([(bf, [(s.g2, s.w2.transpose((1, 0)))])], g1)
-    w1_new, w2_new = s.w1_new, s.w2_new
-  else:  # eta scales rows: eta G1 = ((eta G2) W2^T) gelu'(Z1), and G2 is not needed
-    cl.share(block, (s.neg_eg2, -eG2))
-    if not output:  # the step alone: W2's during eta G1, W1's while W2' is staged
-      def g1(done):
-        neg_eG1 = done(0) * dX2
-        stage((s.neg_eg1, neg_eG1))
-        return neg_eG1, eG2.sum(axis=0)  # and db2 [d] on the CTA's rows
-      (neg_eG1, db2), (_, W2) = matmul_during(
-          [(bf, [(s.neg_eg2, s.w2.transpose((1, 0)))]),
-           (state[1], [(s.x2.transpose((1, 0)), s.neg_eg2)])], g1, interpret)
-      def w2_new(done):
-        if before_stage:
-          before_stage()
-        stage((s.w2, W2))
-        return -neg_eG1.sum(axis=0)  # db1 [fp]
-      db1, (W1,) = matmul_during([(state[0], [(s.xk.transpose((1, 0)), s.neg_eg1)])], w2_new,
-                                 interpret)
-      stage((s.w1, W1))
-      db2, = cl.sum(("db2", db2, block.col))
-      return Recompute(Z2, G2, None, None, db1, db2, W1, W2)
-    neg_eG1 = matmul(bf, (s.neg_eg2, s.w2.transpose((1, 0)))) * dX2
-    stage((s.neg_eg1, neg_eG1))
-    w1_new, w2_new = s.w1, s.w2
-  # The state before the step, as the accumulator's start (the backward's: from bf16).
-  old = lambda k, ref: state[k] if state else plgpu.load(ref, layout=WGMMA).astype(jnp.float32)
+      return neg_eG1, eG2.sum(axis=0)  # and db2 [d] on the CTA's rows
+    (neg_eG1, db2), (_, W2) = matmul_during(
+        [(bf, [(s.neg_eg2, s.w2.transpose((1, 0)))]),
+         (W2, [(s.x2.transpose((1, 0)), s.neg_eg2)])], g1, interpret)
+    def w2_new(done):
+      if before_stage:
+        before_stage()
+      stage((s.w2, W2))
+      return -neg_eG1.sum(axis=0)  # db1 [fp]
+    db1, (W1,) = matmul_during([(W1, [(s.xk.transpose((1, 0)), s.neg_eg1)])], w2_new,
+                               interpret)
+    stage((s.w1, W1))
+    db2, = cl.sum(("db2", db2, block.col))
+    return Recompute(Z2, G2, None, db1, db2, W1, W2)
+  neg_eG1 = matmul(bf, (s.neg_eg2, s.w2.transpose((1, 0)))) * dX2
+  stage((s.neg_eg1, neg_eG1))
 
   # W1' = W1 - XK^T eG1, b1' = b1 - colsum(eG1) (db1, summed while W1' is computed), and
   # Z1_bar = XQ W1' + b1'; W2' = W2 - X2^T eG2 during gelu(Z1_bar).
   colsum = lambda done: -neg_eG1.sum(axis=0)  # db1 [fp]
-  db1, (W1,) = matmul_during([(old(0, s.w1), [(s.xk.transpose((1, 0)), s.neg_eg1)])], colsum,
-                             interpret)
+  db1, (W1,) = matmul_during([(W1, [(s.xk.transpose((1, 0)), s.neg_eg1)])], colsum, interpret)
   if before_stage:
     before_stage()
-  stage((w1_new, W1))
+  stage((s.w1, W1))
 
   def gelu_bar(done):
-    X2_bar, dX2_bar = gelu_tanh_and_grad(done(0))
-    stage((s.x2_bar, X2_bar))
-    return dX2_bar if backward else None
-  dX2_bar, (_, W2) = matmul_during([(cols(b1 - db1, bf), [(s.xq, w1_new)]),
-                                    (old(1, s.w2), [(s.x2.transpose((1, 0)), s.neg_eg2)])],
-                                   gelu_bar, interpret)
-  stage((w2_new, W2))
+    stage((s.x2_bar, gelu_tanh_and_grad(done(0))[0]))
+  _, (_, W2) = matmul_during([(cols(b1 - db1, bf), [(s.xq, s.w1)]),
+                              (W2, [(s.x2.transpose((1, 0)), s.neg_eg2)])], gelu_bar, interpret)
+  stage((s.w2, W2))
   # (db2 [d], over the CTA's rows, is summed while Z2_bar's product is computed.)
-  db2, (part,) = matmul_during([(bd, [(s.x2_bar, w2_new)])], lambda done: eG2.sum(axis=0),
+  db2, (part,) = matmul_during([(bd, [(s.x2_bar, s.w2)])], lambda done: eG2.sum(axis=0),
                                interpret)
   Z2_bar, db2 = cl.sum((1, part, block), ("db2", db2, block.col))
-  Z2_bar = Z2_bar + cols(b2 - db2, rd)
-  if backward:
-    W1 = W2 = None
-  return Recompute(Z2, G2, dX2_bar, Z2_bar, db1, db2, W1, W2)
+  return Recompute(Z2, G2, Z2_bar + cols(b2 - db2, rd), db1, db2, W1, W2)

@@ -3,12 +3,12 @@ and forward + backward, at the 5B model's per-layer shapes (48 heads, d = 64, b 
 sequence of each video duration, side by side in one run.
 
 One JSON line per (seconds, dtype, mode, impl, checkpoint group): device, jax version, shapes,
-median ms, achieved TFLOP/s by the dual-form FLOP count (`ttt_jax.ops.ttt_flops`, fwd+bwd =
-3x fwd; the cluster forward computes the primal form, 26% fewer FLOPs, so its figure is the
-pure op's work per second, not its tensor-core use) and % of the bf16/f32 matmul rate measured
-in the same run; the pallas rows add the speed-up over xla. On a CPU the kernel runs in interpret mode, so only
-the numerics and the plumbing mean anything; run it on the accelerator (device tool METHOD.md)
-and commit the JSON under benchmarks/results/.
+median ms, achieved TFLOP/s by the dual-form FLOP count (`ttt_jax.ops.ttt_flops`, fwd+bwd = 3x
+fwd; the cluster forward computes the primal form, 26% fewer FLOPs, so its figure is the pure
+op's work per second, not its tensor-core use) and % of the bf16/f32 matmul rate measured in the
+same run; the pallas rows add the speed-up over xla. On a CPU the kernel runs in interpret mode,
+so only the numerics and the plumbing mean anything; run it on the accelerator (device tool
+METHOD.md) and commit the JSON under benchmarks/results/.
 
   python benchmarks/ttt_kernels.py --seconds=3,9,18,63 --out=benchmarks/results/h100.jsonl
   python benchmarks/ttt_kernels.py --backend=gpu --gpu_cluster=4,0   # cluster vs Triton kernels

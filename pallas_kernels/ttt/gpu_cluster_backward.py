@@ -4,12 +4,12 @@ cluster of CTAs as in `gpu_cluster.py` (Hopper).
 `gpu.backward` walks the groups last first. For each, `gpu_cluster.forward` recomputes the g
 states the group passes through from its checkpoint and the one after it (W1, W2 as the bf16
 operands its matmuls used, b1, b2 in f32: [B, H, g + 1, ...] in HBM; without the output), and
-this kernel runs the group in reverse (at checkpoint_group = 1 the forward saved them all, and one call runs the
-whole sequence: `gpu.stores_states`): CTA c of a (batch, head) holds the cotangent of its
-hidden slice of the state (dW1[:, slice], db1[slice], dW2[slice, :] in f32 registers; db2
-replicated), and for mini-batch t = g-1, ..., 0 it loads state t's slice, recomputes the
-mini-batch (`gpu_cluster_lib.mini_batch`, its two cluster sums, and the stepped state W1', W2'
-staged in bf16) and pulls the cotangents back through it.
+this kernel runs the group in reverse (at checkpoint_group = 1 the forward saved them all, and
+one call runs the whole sequence: `gpu.stores_states`): CTA c of a (batch, head) holds the
+cotangent of its hidden slice of the state (dW1[:, slice], db1[slice], dW2[slice, :] in f32
+registers; db2 replicated), and for mini-batch t = g-1, ..., 0 it loads state t's slice,
+recomputes the mini-batch (`gpu_cluster_lib.mini_batch`, its two cluster sums, and the stepped
+state W1', W2' staged in bf16) and pulls the cotangents back through it.
 
 The VJP follows the primal form, f(XQ; W'): the cotangent of W' is the incoming one plus the
 output's (ct_W2' = CW2 + X2_bar^T D2, ct_W1' = CW1 + XQ^T D1, with D2, D1 the cotangents of
@@ -63,13 +63,13 @@ sum then waits for ct_XK's exchange). The loop holds 255 registers a thread and 
 VJP uses only much later waits in shared memory instead (gelu'(Z1) and Q in bf16, G1 in f32 in
 the third partial-sum slot): a 2.4 KiB stack frame, 6,135 instructions and 135 clocks stalled,
 so a mini-batch takes about 6,270 clocks on the loop's timeline (the group's prologue and first
-step 8,122), 38.8% in the benchmarks' `ttt_flops` count (twice the forward's dual-form 1,215 clocks a CTA).
-Tried and slower on the timeline (before W' came from the next state): ct_Z1 or gelu'(Z1_bar)
-parked too (fewer instructions, more stalls), ct_W1' staged before ct_eG1 (the pure primal
-chain: 7,283), ct_out's rows kept in registers through the rows' work, and in the dual form P =
-G2 W2^T recomputed instead of keeping G1 and Q. Next: warp specialisation (a second warpgroup
-holding the state cotangents and their matmuls would take 64 registers a thread off this one;
-every warp must then join the cluster barriers, or they become mbarrier based).
+step 8,122), 38.8% in the benchmarks' `ttt_flops` count (twice the forward's dual-form 1,215
+clocks a CTA). Tried and slower on the timeline (before W' came from the next state): ct_Z1 or
+gelu'(Z1_bar) parked too (fewer instructions, more stalls), ct_W1' staged before ct_eG1 (the
+pure primal chain: 7,283), ct_out's rows kept in registers through the rows' work, and in the
+dual form P = G2 W2^T recomputed instead of keeping G1 and Q. Next: warp specialisation (a
+second warpgroup holding the state cotangents and their matmuls would take 64 registers a thread
+off this one; every warp must then join the cluster barriers, or they become mbarrier based).
 
 Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double as
 the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster). Shared
@@ -132,7 +132,7 @@ def _scratch(b, d, cluster, interpret):
       plgpu.SMEM((fp,), f32), plgpu.SMEM((d,), f32),  # ct b1, ct b2 (accumulated here)
       plgpu.SMEM((d,), f32), plgpu.SMEM((d,) if interpret else (8,), f32),  # a [d] partial
       plgpu.SMEM((2, d), f32), plgpu.SMEM((2, d), f32),  # gamma, beta; their cotangents
-      plgpu.SMEM((fp,), f32), plgpu.SMEM((d,), f32),  # b1, b2 after t - 1 (= at t)
+      plgpu.SMEM((fp,), f32), plgpu.SMEM((d,), f32),  # b1', b2' (the next state's)
       plgpu.Barrier(num_arrivals=10), plgpu.Barrier(num_arrivals=9),
       plgpu.Barrier(num_arrivals=1),
       plgpu.ClusterBarrier(collective_axes=("cluster",)),

@@ -65,7 +65,7 @@ def out_and_grads(op, args, cot):
 
 def check_path(name, args_by_seed, cots, checkpoint_group, emit):
   d, sizes, group = PATHS[name]
-  checkpoint_group = group or checkpoint_group
+  checkpoint_group = group or checkpoint_group  # (the reference remats at the same group)
   kernel = jax.jit(functools.partial(
       out_and_grads, functools.partial(pallas_op.ttt_mlp, checkpoint_group=checkpoint_group,
                                        backend="gpu", block_sizes=sizes)))
@@ -106,7 +106,7 @@ def main(argv=None):
   for name in args.paths.split(","):
     if name not in PATHS:
       raise SystemExit(f"--paths: {name!r} is not one of {tuple(PATHS)}")
-    d = PATHS[name][0]  # (the reference is the same remat at the same group)
+    d = PATHS[name][0]
     pairs = [inputs(seed, args.batch, args.heads, args.num_mini_batches, 64, d)
              for seed in (0, 1)]
     ok &= check_path(name, [a for a, _ in pairs], [c for _, c in pairs], args.checkpoint_group,

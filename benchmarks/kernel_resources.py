@@ -46,9 +46,8 @@ import time
 
 # The forward (checkpoints every g mini-batches), the backward's recompute of one group (the
 # forward kernel saving every state, W1 and W2 in bf16, without the output), the backward of
-# one group, and the
-# forward at checkpoint_group 1, which saves every state as the recompute does so that the
-# backward recomputes nothing (`gpu.stores_states`).
+# one group, and the forward at checkpoint_group 1, which saves every state as the recompute
+# does so that the backward recomputes nothing (`gpu.stores_states`).
 KERNELS = ("cluster_forward", "cluster_recompute", "cluster_backward", "cluster_forward_g1")
 
 

@@ -183,10 +183,9 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   bd, bf = (b, d), (b, fp)
   block = row_block(c, b, d, cluster)  # the CTA's rows of the [b, d] work
   eta_block = block._replace(layout=block.row)  # and of [b] vectors
-  # Exchange buffers: slots 0-2 [b, d], "eta" [b] and "v" [d] (vectors' partial sums; also
-  # `mini_batch`'s "db2").
+  # Exchange buffers: slots 0-2 [b, d], "eta" [b] and "v" [d] (vectors' partial sums;
+  # `mini_batch`'s backward sums no "db2": b2' comes with the next state).
   vecs = {"eta": (parte_s, xche_g, recve_s), "v": (partv_s, xchv_g, recvv_s)}
-  vecs["db2"] = vecs["v"]
   cl = Cluster(c, cluster, interpret, cbar, recv_bar,
                buf=lambda k: vecs[k][0] if k in vecs else part_s.at[k],
                xch=lambda k, p: vecs[k][1].at[i, h, p] if k in vecs else xch_g.at[i, h, p, k],

@@ -28,7 +28,7 @@ the better estimate; work placed between a matmul's issue and its wait
 (`gpu_cluster_lib.matmul_during`) hides it. Neither models the cluster barriers,
 distributed shared memory latency or spills' memory traffic: on a GPU the loop is slower.
 
-  python benchmarks/kernel_resources.py                      # the four cluster kernels, 5B shapes
+  python benchmarks/kernel_resources.py                      # the cluster kernels, 5B shapes
   python benchmarks/kernel_resources.py --out=benchmarks/results/h100-resources.jsonl
 """
 
@@ -46,9 +46,11 @@ import time
 
 # The forward (checkpoints every g mini-batches), the backward's recompute of one group (the
 # forward kernel saving every state, W1 and W2 in bf16, without the output), the backward of
-# one group, and the forward at checkpoint_group 1, which saves every state as the recompute
-# does so that the backward recomputes nothing (`gpu.stores_states`).
-KERNELS = ("cluster_forward", "cluster_recompute", "cluster_backward", "cluster_forward_g1")
+# one group, the forward at checkpoint_group 1, which saves every state as the recompute
+# does so that the backward recomputes nothing (`gpu.stores_states`), and the forward on 8
+# CTAs a head whatever --cluster says (`gpu.forward_cluster`: where the grid fits one wave).
+KERNELS = ("cluster_forward", "cluster_recompute", "cluster_backward", "cluster_forward_g1",
+           "cluster_forward_p8")
 
 
 def parse_dump(text: str) -> dict:
@@ -149,6 +151,8 @@ def _compile(kernel: str, args) -> dict:
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(
       shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
   B, H, b, d, P = 1, args.heads, 64, 64, args.cluster
+  if kernel == "cluster_forward_p8":
+    kernel, P = "cluster_forward", 8
   f, bf16, f32 = 4 * d, jnp.bfloat16, jnp.float32
   state = lambda lead, w_dtype: (spec((*lead, d, f), w_dtype), spec((*lead, 1, f), f32),
                                  spec((*lead, f, d), w_dtype), spec((*lead, 1, d), f32))

@@ -1,11 +1,11 @@
 """Summary of `ttt_kernels.py` results across accelerators: a Markdown table and an SVG plot.
 
 Reads JSON-lines files (one per device run, e.g. benchmarks/results/*.jsonl), keeps the
-`ttt_kernels` rows and prints one table row per (device, seconds, dtype, mode, impl, checkpoint
-group): median ms, achieved TFLOP/s, % of that device's measured matmul rate and the kernel's
-speed-up over the XLA scan. `--svg` also draws % of the matmul rate against the sequence
-length, one line per (device, mode, impl, group), so kernels on different accelerators compare
-on one axis.
+`ttt_kernels` rows and prints one table row per (device, seconds, heads, dtype, mode, impl,
+checkpoint group), with the cluster forward's CTAs per head where it ran: median ms, achieved
+TFLOP/s, % of that device's measured matmul rate and the kernel's speed-up over the XLA scan.
+`--svg` also draws % of the matmul rate against the sequence length, one line per (device,
+heads, mode, impl, group), so kernels on different accelerators compare on one axis.
 
   python benchmarks/summarize.py benchmarks/results/*.jsonl --svg=benchmarks/results/summary.svg
 """
@@ -17,8 +17,8 @@ import json
 import pathlib
 import sys
 
-COLUMNS = ("device", "seconds", "tokens", "dtype", "mode", "impl", "checkpoint_group",
-           "median_ms", "tflops_per_s", "pct_of_matmul_rate", "speedup_vs_xla")
+COLUMNS = ("device", "seconds", "tokens", "heads", "dtype", "mode", "impl", "checkpoint_group",
+           "forward_cluster", "median_ms", "tflops_per_s", "pct_of_matmul_rate", "speedup_vs_xla")
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf")
 
@@ -45,7 +45,8 @@ def load(paths) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-  key = lambda r: (r["device"], r["seconds"], r["dtype"], r["mode"], r["impl"] != "xla")
+  key = lambda r: (r["device"], r["seconds"], r.get("heads", 0), r["dtype"], r["mode"],
+                   r["impl"] != "xla")
   lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
   for r in sorted(rows, key=key):
     lines.append("| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in COLUMNS)
@@ -58,7 +59,7 @@ def svg(rows: list[dict], W: int = 720, H: int = 420, pad: int = 60) -> str:
   import math
   series: dict[tuple, list[tuple[float, float]]] = {}
   for r in rows:
-    series.setdefault((r["device"], r["dtype"], r["mode"], r["impl"],
+    series.setdefault((r["device"], f"H{r.get('heads')}", r["dtype"], r["mode"], r["impl"],
                        f"g{r.get('checkpoint_group')}"), []).append(
         (math.log2(r["tokens"]), r["pct_of_matmul_rate"]))
   xs = [x for pts in series.values() for x, _ in pts]

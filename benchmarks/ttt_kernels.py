@@ -12,6 +12,7 @@ METHOD.md) and commit the JSON under benchmarks/results/.
 
   python benchmarks/ttt_kernels.py --seconds=3,9,18,63 --out=benchmarks/results/h100.jsonl
   python benchmarks/ttt_kernels.py --backend=gpu --gpu_cluster=4,0   # cluster vs Triton kernels
+  python benchmarks/ttt_kernels.py --heads=12 --gpu_cluster=4,8 --modes=fwd  # one wave each
   python benchmarks/ttt_kernels.py --tpu_mini_batches_per_step=8,1   # TPU forward grid steps
   python benchmarks/ttt_kernels.py --checkpoint_group=16,1 --impls=xla,pallas  # + stored states
   python benchmarks/ttt_kernels.py --heads=2 --seconds=3 --repeats=1      # CPU smoke run
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 
 from bench_util import Emitter, default_matmul_size, device_fields, matmul_rate, time_fn
 from configs.default import get_config
-from pallas_kernels.ttt import get_block_sizes
+from pallas_kernels.ttt import get_block_sizes, gpu
 from pallas_kernels.ttt import op as pallas_op
 from ttt_jax import config as config_lib
 from ttt_jax import ops, sharding
@@ -51,18 +52,35 @@ def build(impl, mode, checkpoint_group, backend=None, block_sizes=None):
 
 def variants(impls, gpu_cluster, tpu_steps, dtype, d):
   """(impl label, block sizes or None) to time: "pallas" expands to one row per --gpu_cluster
-  value ("pallas-cluster4", "pallas-triton") and per --tpu_mini_batches_per_step value
-  ("pallas-k8") when given, else it is the tuning table's choice."""
+  value ("pallas-cluster4", "pallas-cluster8", "pallas-triton") and per
+  --tpu_mini_batches_per_step value ("pallas-k8") when given, else it is the tuning table's
+  choice. A --gpu_cluster value is the forward's split, whatever the grid; the backward keeps
+  the table's (4: the one it supports), and so does a forward that stores states for it."""
   for impl in impls:
     if impl != "pallas" or not (gpu_cluster or tpu_steps):
       yield impl, None
       continue
     table = get_block_sizes(sharding.target_device()[1], jnp.dtype(dtype), d)
     for P in gpu_cluster or ():
-      yield (f"pallas-cluster{P}" if P else "pallas-triton"), dataclasses.replace(table,
-                                                                                 cluster=P)
+      # (off the table's devices, e.g. interpreted on CPU: the backward on 4, or on P if less)
+      backward = table.cluster or min(P, 4)
+      sizes = dataclasses.replace(table, cluster=backward, forward_cluster=P, sms=0)
+      yield ((f"pallas-cluster{P}", sizes) if P else
+             ("pallas-triton", dataclasses.replace(table, cluster=0, forward_cluster=0)))
     for k in tpu_steps or ():
       yield f"pallas-k{k}", dataclasses.replace(table, mini_batches_per_step=k)
+
+
+def forward_cluster(impl, backend, mode, group, inputs, sizes, N):
+  """CTAs per head of the GPU cluster forward this row ran (0: Triton; None: not on a GPU
+  kernel): `gpu.forward_cluster` for the table's or the row's block sizes, at the checkpoint
+  group the op passes it (the whole sequence when not differentiated)."""
+  if impl == "xla" or backend != "gpu":
+    return None
+  xq = inputs[0]
+  sizes = sizes or get_block_sizes(sharding.target_device()[1], xq.dtype, xq.shape[-1])
+  return gpu.forward_cluster("ttt_mlp", xq.dtype, xq.shape, N if mode == "fwd" else group,
+                             sizes)
 
 
 def main(argv=None):
@@ -98,9 +116,8 @@ def main(argv=None):
                           args.repeats) for dt in args.dtypes}
   emit = Emitter(args.out, ("seconds", "tokens", "dtype", "mode", "impl", "median_ms",
                             "tflops_per_s", "pct_of_matmul_rate", "speedup_vs_xla"))
-  kernel_backend = args.backend or pallas_op.default_backend()
-  if sharding.target_platform() == "cpu":
-    kernel_backend += " (interpret)"
+  family = args.backend or pallas_op.default_backend()
+  kernel_backend = family + (" (interpret)" if sharding.target_platform() == "cpu" else "")
   for seconds in args.seconds:
     layout = config_lib.sequence_layout(get_config(f"preset=5b,seconds={seconds}"))
     N = args.num_mini_batches or layout.num_mini_batches(b)
@@ -123,6 +140,8 @@ def main(argv=None):
                      head_dim=d, checkpoint_group=group, dtype=dtype, mode=mode,
                      impl=impl, kernel_backend=None if impl == "xla" else kernel_backend,
                      gpu_cluster=None if sizes is None else sizes.cluster,
+                     forward_cluster=forward_cluster(impl, family, mode, group, inputs, sizes,
+                                                     N),
                      mini_batches_per_step=None if sizes is None else sizes.mini_batches_per_step,
                      median_ms=round(ms, 3), flops=flops,
                      tflops_per_s=round(tflops, 4),

@@ -210,6 +210,7 @@ def test_gpu_backward_kernel_choice():
 CLUSTER_CASES = {  # name: ((B, H, N, b, d), P)
     "d64-P4": ((1, 2, 5, 64, 64), 4),
     "d64-P4-batched": ((2, 1, 3, 64, 64), 4),
+    "d64-P8": ((1, 2, 3, 64, 64), 8),  # 8 rows a CTA, W2^T's slice held
 }
 
 
@@ -233,17 +234,21 @@ def test_cluster_forward_matches_pure_op(shape, P):
   _check_group_start_states(ckpts, args, groups=(shape[2] + 1) // 2, tol=1e-2)
 
 
-@pytest.mark.parametrize("group", [2, 1], ids=["g2-recompute", "g1-stored_states"])
-def test_cluster_op_gradients(group):
+@pytest.mark.parametrize("group,wide", [(2, 0), (2, 8), (1, 8)],
+                         ids=["g2-recompute", "g2-forward8", "g1-stored_states"])
+def test_cluster_op_gradients(group, wide):
   """The op on the cluster kernels against the pure op's gradients within bf16 tolerance
   (measured 3e-3 to 6e-3). g = 2: `gpu.backward` recomputes each group with the cluster forward
-  and sweeps it in reverse with the cluster backward (N = 3: a padded group). g = 1: the
-  forward saves every state in bf16 and one backward call sweeps them, with no recompute (the
-  forward kernel appears once in the jaxpr); the forward alone writes one checkpoint."""
+  and sweeps it in reverse with the cluster backward (N = 3: a padded group); with
+  forward_cluster = 8 the forward runs on 8 CTAs a head and the backward on 4 from its f32
+  checkpoints. g = 1: the forward saves every state in bf16 and one backward call sweeps them,
+  with no recompute (the forward kernel appears once in the jaxpr), on the backward's 4 CTAs
+  whatever forward_cluster says; the forward alone writes one checkpoint."""
   B, H, N, b, d = shape = (1, 2, 3, 64, 64)
   args = _inputs(shape, jnp.bfloat16, seed=5)
   cot = jnp.asarray(np.random.default_rng(6).normal(size=shape), jnp.float32)
-  kw = dict(checkpoint_group=group, backend="gpu", block_sizes=pk.BlockSizes(cluster=4))
+  sizes = pk.BlockSizes(cluster=4, forward_cluster=wide)
+  kw = dict(checkpoint_group=group, backend="gpu", block_sizes=sizes)
 
   def grads(op, **kw):
     loss = lambda *a: jnp.sum(op(*a, **kw).astype(jnp.float32) * cot)
@@ -259,8 +264,13 @@ def test_cluster_op_gradients(group):
   assert jaxpr.count("ttt_mlp_forward_cluster") == (1 if group == 1 else 2)
   assert jaxpr.count("ttt_mlp_backward_cluster") == 1
   assert (f"bf16[{B},{H},{N + 1},{d},{4 * d}]" in jaxpr) == (group == 1)  # the stored W1s
+  # The kernels' clusters: forward (on 8 where asked, unless it stores states), recompute and
+  # backward on 4.
+  assert jaxpr.count("cluster=(8,)") == (1 if group == 2 and wide else 0)
+  assert jaxpr.count("cluster=(4,)") == (2 if group == 1 else 3) - jaxpr.count("cluster=(8,)")
   primal = str(jax.make_jaxpr(functools.partial(pk.ttt_mlp, **kw))(*args))
   assert f"f32[{B},{H},1,{d},{4 * d}]" in primal  # W1's one checkpoint
+  assert ("cluster=(8,)" in primal) == bool(wide)  # not differentiated: no states stored
 
 
 def test_cluster_backward_group_matches_autodiff():
@@ -312,7 +322,10 @@ def test_cluster_supports():
   assert gpu_cluster.supports("ttt_mlp", jnp.bfloat16, 64, 64, 4)
   assert not gpu_cluster.supports("ttt_mlp", jnp.float32, 64, 64, 4)  # wgmma operands: bf16
   assert not gpu_cluster.supports("ttt_mlp", jnp.bfloat16, 16, 64, 4)  # a wgmma tile: 64 rows
-  assert not gpu_cluster.supports("ttt_mlp", jnp.bfloat16, 64, 64, 8)  # 32 hidden units < 64
+  assert gpu_cluster.supports("ttt_mlp", jnp.bfloat16, 64, 64, 8)  # 32 hidden units, W2^T held
+  assert gpu_cluster.w2_transposed(64, 8) and not gpu_cluster.w2_transposed(64, 4)
+  assert gpu_cluster.smem_bytes(64, 64, 8) < gpu_cluster.smem_bytes(64, 64, 4)
+  assert not gpu_cluster_backward.supports("ttt_mlp", jnp.bfloat16, 64, 64, 8)
   assert not gpu_cluster.supports("ttt_linear", jnp.bfloat16, 64, 64, 1)
   # Shared memory: the estimate came within 1.3% of Mosaic GPU's count when compiling d = 128,
   # P = 8 for an H100 (an earlier scratch list: 329,728 B estimated, 333,856 B asked for).
@@ -323,9 +336,9 @@ def test_cluster_supports():
   assert not gpu_cluster_backward.supports("ttt_mlp", jnp.bfloat16, 64, 128, 8)
   assert not gpu_cluster.supports("ttt_mlp", jnp.bfloat16, 64, 64, 2)
   assert not gpu_cluster.supports("ttt_mlp", jnp.bfloat16, 64, 128, 8)
-  with pytest.raises(ValueError, match="cluster=8 is not supported"):
+  with pytest.raises(ValueError, match="cluster=2 is not supported"):
     gpu_cluster.forward(*_inputs((1, 1, 1, 64, 64), jnp.bfloat16)[:6], (), eps=1e-6,
-                        checkpoint_group=1, cluster=8)
+                        checkpoint_group=1, cluster=2)
   # The backward's stack of states: g + 1 of them, as the forward saves them at g = 1 only.
   args = _inputs((1, 1, 2, 64, 64), jnp.bfloat16)
   B, H, g, b, d = args[0].shape
@@ -337,10 +350,28 @@ def test_cluster_supports():
   with pytest.raises(ValueError, match="needs checkpoint_group=1"):
     gpu_cluster.forward(*args[:6], args[6:], eps=1e-6, checkpoint_group=2,
                         weights_dtype=jnp.bfloat16)
-  # The forward's row split: 16 rows per CTA in a 16 x 64 layout.
+  # The forward's row split: 16 rows per CTA at cluster = 4, 8 at 8.
   assert gpu_cluster_lib.row_block(3, 64, 64, 4).ds.size == 16
-  with pytest.raises(ValueError, match="needs b = 16 \\* cluster, d = 64"):
+  assert gpu_cluster_lib.row_block(7, 64, 64, 8).ds.size == 8
+  with pytest.raises(ValueError, match="needs d = 64 and b / cluster in \\[8, 16\\]"):
     gpu_cluster_lib.row_block(0, 64, 32, 4)
+
+
+def test_forward_cluster_choice():
+  """The cluster forward's split (`gpu.forward_cluster`): the table's forward_cluster where
+  B x H x 8 CTAs fit one wave of the H100's 132 SMs (128 in clusters of 8), else 4; 4 when the
+  forward stores the backward's states; 0 (Triton) where no cluster kernel takes the shape."""
+  h100 = pk.get_block_sizes("NVIDIA H100 80GB HBM3", jnp.bfloat16, 64)
+  choose = lambda B, H, g=16, d=64, sizes=h100: gpu.forward_cluster(
+      "ttt_mlp", jnp.bfloat16, (B, H, 100, 64, d), g, sizes)
+  assert (h100.cluster, h100.forward_cluster, h100.sms) == (4, 8, 132)
+  assert choose(1, 12) == 8 and choose(1, 16) == 8 and choose(2, 8) == 8
+  assert choose(1, 17) == 4 and choose(1, 48) == 4  # 48: two waves at 4, three at 8
+  assert choose(1, 12, g=1) == 4  # the stored states are read on the backward's split
+  assert choose(1, 12, d=32) == 0
+  pcie = pk.get_block_sizes("NVIDIA H100 PCIe", jnp.bfloat16, 64)
+  assert pcie.sms == 114 and choose(1, 14, sizes=pcie) == 8 and choose(1, 15, sizes=pcie) == 4
+  assert choose(1, 48, sizes=pk.BlockSizes(cluster=4, forward_cluster=8)) == 8  # sms=0: always
 
 
 def test_block_sizes_table():
@@ -398,8 +429,9 @@ def _cuda_plugin():
     pytest.skip(f"needs jax's CUDA plugin (not installed by .[test]): {e}")
 
 
-@pytest.mark.parametrize("group", [16, 1], ids=["g16", "g1-stored_states"])
-def test_cluster_kernel_compiles_for_h100(group, d=64, P=4):
+@pytest.mark.parametrize("group,wide", [(16, 0), (16, 8), (1, 0)],
+                         ids=["g16", "g16-forward8", "g1-stored_states"])
+def test_cluster_kernel_compiles_for_h100(group, wide, d=64, P=4):
   """The cluster kernel (distributed shared memory, not the interpreter's global-memory path)
   and the op's gradient compile for an H100 at the 5B layer's shape per GPU (compile-only
   devices: jax's CUDA plugin, no GPU), with the backward's recompute (g = 16) and without
@@ -408,7 +440,8 @@ def test_cluster_kernel_compiles_for_h100(group, d=64, P=4):
   mesh = Mesh(np.array(_cuda_plugin()[:1]), ("x",))
   shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
             for s in _abstract_shapes(jnp.bfloat16, H=6, N=23, d=d)]
-  op = functools.partial(pk.ttt_mlp, checkpoint_group=group, block_sizes=pk.BlockSizes(cluster=P))
+  op = functools.partial(pk.ttt_mlp, checkpoint_group=group,
+                         block_sizes=pk.BlockSizes(cluster=P, forward_cluster=wide))
   loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
   for f in (op, jax.grad(loss, range(len(shapes)))):
     with use_abstract_mesh(mesh.abstract_mesh):  # the op's target: the H100, not this CPU

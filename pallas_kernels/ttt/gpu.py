@@ -6,8 +6,8 @@ matmuls, which Triton expresses directly (`lax.fori_loop` over refs) for every k
 mini-batch size and dtype, and Pallas Triton lowers on a CPU-only host for an abstract H100, so
 CI checks that it stays lowerable (jax 0.11/0.12's Mosaic GPU lowering is registered only with
 the CUDA plugin). TTT-MLP's bf16 forward at b = d = 64, the training shape, has a Mosaic GPU
-kernel with the state split over a cluster of CTAs (`gpu_cluster.py`), chosen by the block-size
-table; Pallas marks its Triton backend as deprecated, so the rest follows once a GPU is at hand
+kernel with the state split over a cluster of CTAs (`gpu_cluster.py`; 4 a head, or 8 for the
+forward where that grid fits one wave: `forward_cluster`), chosen by the block-size table; Pallas marks its Triton backend as deprecated, so the rest follows once a GPU is at hand
 to measure both.
 
 Design: one program per (batch element, head), grid (B, H). Each program loads its initial
@@ -102,13 +102,12 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
   Returns (out [B, H, N, b, d] in xq's dtype, checkpoints: each state array
   [B, H, ceil(N/g), ...] in the state dtype, the state at the start of each group of g).
 
-  Runs the Mosaic GPU cluster kernel (`gpu_cluster.forward`) instead where
-  `block_sizes.cluster` asks for it and `gpu_cluster.supports` the shape, so the backward's
+  Runs the Mosaic GPU cluster kernel (`gpu_cluster.forward`) instead where the block sizes
+  ask for it and `gpu_cluster.supports` the shape (`forward_cluster`), so the backward's
   recompute uses the same kernel as the forward.
   """
   B, H, N, b, d = xq.shape
-  P = block_sizes.cluster
-  if P and gpu_cluster.supports(kind, xq.dtype, b, d, P):
+  if P := forward_cluster(kind, xq.dtype, xq.shape, checkpoint_group, block_sizes):
     stored = stores_states(kind, xq.dtype, b, d, checkpoint_group, block_sizes)
     return gpu_cluster.forward(
         xq, xk, xv, eta, ln_weight, ln_bias, init, eps=eps, checkpoint_group=checkpoint_group,
@@ -201,6 +200,23 @@ def stores_states(kind: str, dtype, b: int, d: int, checkpoint_group: int,
   P = block_sizes.cluster
   return (checkpoint_group == 1 and bool(P)
           and gpu_cluster_backward.supports(kind, dtype, b, d, P))
+
+
+def forward_cluster(kind: str, dtype, shape, checkpoint_group: int,
+                    block_sizes: BlockSizes) -> int:
+  """CTAs per head of the cluster forward for xq's shape [B, H, N, b, d] (0: the Triton
+  kernel): `block_sizes.forward_cluster` where its B x H x P CTAs fit one wave of
+  `block_sizes.sms` (clusters of P on whole multiples of P SMs; an estimate, as the GPCs' SM
+  counts may leave fewer) and the kernel takes it, else `block_sizes.cluster`. Not when the
+  forward saves the states the backward sweeps (`stores_states`): they are laid out for the
+  backward's split."""
+  B, H, _, b, d = shape
+  P, wide, sms = block_sizes.cluster, block_sizes.forward_cluster, block_sizes.sms
+  if (wide and not stores_states(kind, dtype, b, d, checkpoint_group, block_sizes)
+      and (not sms or B * H * wide <= sms // wide * wide)
+      and gpu_cluster.supports(kind, dtype, b, d, wide)):
+    return wide
+  return P if P and gpu_cluster.supports(kind, dtype, b, d, P) else 0
 
 
 def backward_fits_kernel(kind: str, d: int) -> bool:

@@ -6,11 +6,20 @@ idle at the 5B shape (48 heads on 132 SMs). Here the inner MLP's hidden width f 
 over a cluster of P CTAs: CTA c holds W1[:, c*f/P:(c+1)*f/P], b1's slice and W2's matching
 rows, and the P CTAs of a (batch, head) walk the mini-batches together, so the grid is
 B x H x P CTAs (P = 4: 192 at 48 heads) and each holds 1/P of the state. Each CTA's shared
-memory (170 KiB here, 220 KiB in the backward) leaves room for one CTA per SM, and each
-(batch, head) is one sequential chain, so 192 CTAs on an H100's 132 SMs run as two waves, the
-second 45% full: expect B x H = 48 chains to take as long as 66 would (an estimate, to be
-checked on a GPU). A cluster of 8 (three waves of half the work each: 1.5 instead of 2 chain
-times) needs W2's slice updated as a [d, f/8] tile, see `supports`.
+memory (170 KiB at P = 4, 134 KiB at 8, 212 KiB in the backward) leaves room for one CTA per
+SM, and each (batch, head) is one sequential chain, so 192 CTAs on an H100's 132 SMs run as
+two waves, the second 45% full: expect B x H = 48 chains to take as long as 66 would (an
+estimate, to be checked on a GPU). P = 8 (W2's slice, [32, 64], is held as W2^T's [64, 32]
+so that its update is a wgmma tile of 64 rows: `w2_transposed`; every operand tile then has a
+64-byte swizzle, as a wgmma's two operands share one, and each CTA computes 8 of the [b, d]
+rows) takes 1,585 clocks a mini-batch on the timeline below instead of 2,376: two thirds of
+the time for half the work, as the cluster sums, the row statistics and the loop's fixed costs
+do not halve. So three waves at 8 tie with two at 4 (48 heads), and 8 wins where its grid
+fits one wave (B x H <= 16, as the 12 heads a device at tensor = 4: 96 CTAs instead of 48 on
+the 132 SMs): `gpu.forward_cluster` picks it there. The backward stays on 4 (its scratch
+reuses [b, d] slots as the state cotangent's staging, b = d = 4d / P), and so does a forward
+that stores the states the backward reads; it recomputes from the forward's f32 checkpoints,
+which are laid out whole in HBM whatever the split.
 
 The split is exact because the hidden width only meets the rest of the mini-batch through sums
 over it. With X2 = gelu(XK W1 + b1), everything per hidden slice stays local (Z1, X2, G1, the
@@ -55,7 +64,7 @@ work during each matmul) and packed bf16x2 math are the ways up. Checkpoints are
 the inner loop over a group's mini-batches.
 
 Scope (`supports`): TTT-MLP, bf16 inputs, b = 64 (a wgmma tile is 64 rows), d = 64 with
-cluster = 4 (the scratch must fit 227 KiB of shared memory: `smem_bytes`); checkpoints as
+cluster = 4 or 8 (the scratch must fit 227 KiB of shared memory: `smem_bytes`); checkpoints as
 `gpu.forward` returns them (or W1, W2 in bf16: `weights_dtype`, the backward's stack of
 states). Mini-batch n + 1's inputs are loaded (TMA) while n is computed. The backward on the
 same split is `gpu_cluster_backward.py` (`gpu.backward` recomputes each group with this kernel,
@@ -80,7 +89,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW_BLOCK_ROWS,
+from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW_LAYOUTS,
                                                 SMEM_LIMIT_BYTES, WGMMA, Cluster,
                                                 cluster_kernel, cols, fetch, load_col,
                                                 load_rows, mini_batch, normalize,
@@ -98,32 +107,44 @@ def smem_bytes(b: int, d: int, cluster: int, interpret: bool = False) -> int:
 def supports(kind: str, dtype, b: int, d: int, cluster: int) -> bool:
   """Whether this kernel handles the shape; otherwise `gpu.forward` (Triton) does.
 
-  TTT-MLP with bf16 inputs and b = 64 (a wgmma tile has 64 rows), a hidden slice of 64 units or
-  a multiple (the W2 slice's update is a wgmma tile too), and the scratch within one SM's shared
-  memory: at d = 64 that is cluster = 4 (170 KiB; cluster = 2 needs 242 KiB), which is also
-  the row split's shape (b = 16 x cluster, d = 64). d = 128 does not fit yet (cluster = 8:
-  315 KiB), nor does d < 64 (its W1 update tile has d < 64 rows).
+  TTT-MLP with bf16 inputs and b = 64 (a wgmma tile has 64 rows), d = 64 with cluster = 4
+  (hidden slices of 64: 170 KiB of scratch) or 8 (slices of 32, W2 held transposed: see
+  `w2_transposed`; 134 KiB), the row split's shapes (`gpu_cluster_lib.ROW_LAYOUTS`), and the
+  scratch within one SM's shared memory (cluster = 2 needs 242 KiB). d = 128 does not fit yet
+  (cluster = 8: 315 KiB), nor does d < 64 (its W1 update tile has d < 64 rows).
   """
   f = 4 * d
   return (kind == "ttt_mlp" and jnp.dtype(dtype) == jnp.bfloat16 and b == 64 and d == 64
-          and b == ROW_BLOCK_ROWS * cluster and f % cluster == 0 and (f // cluster) % 64 == 0
+          and b % cluster == 0 and b // cluster in ROW_LAYOUTS and f % cluster == 0
+          and (f // cluster) % 32 == 0
           and smem_bytes(b, d, cluster) + MOSAIC_RESERVE_BYTES <= SMEM_LIMIT_BYTES)
+
+
+def w2_transposed(d: int, cluster: int) -> bool:
+  """Whether the CTAs hold W2^T's slice [d, f/P] instead of W2's [f/P, d]: when the slice is
+  narrower than a wgmma tile's 64 rows (cluster = 8 at d = 64), W2's step is then taken as
+  -(eta G2)^T X2, a [d, f/P] tile. The kernel's W2 input and checkpoints are W2^T in HBM too
+  (`forward` transposes them)."""
+  return 4 * d // cluster < 64
 
 
 def _scratch(b, d, cluster, dtype, interpret):
   """The CTA's scratch, in `_kernel`'s order: shared-memory buffers, then barriers."""
   fp, f32, bf16 = 4 * d // cluster, jnp.float32, jnp.bfloat16
+  w2 = (d, fp) if w2_transposed(d, cluster) else (fp, d)
+  # 64-byte swizzles when the slice's tiles have 32 columns: a wgmma's operands share one.
+  t = lambda shape, dt=bf16: swizzled(shape, dt, swizzle=64 if fp < 64 else None)
   return (
-      swizzled((2, b, d), dtype), swizzled((2, b, d), dtype),  # XQ, XK (2 buffers)
-      swizzled((2, b, d), dtype), plgpu.SMEM((2, b), f32),  # XV, eta
-      swizzled((b, d), dtype),  # out
-      swizzled((d, fp), bf16), swizzled((fp, d), bf16),  # W1, W2 operands
-      swizzled((b, fp), bf16), swizzled((b, fp), bf16),  # X2, X2_bar
-      swizzled((b, fp), bf16),  # -eta * G1
-      swizzled((b, d), bf16),  # -eta * G2
+      t((2, b, d), dtype), t((2, b, d), dtype),  # XQ, XK (2 buffers)
+      t((2, b, d), dtype), plgpu.SMEM((2, b), f32),  # XV, eta
+      t((b, d), dtype),  # out
+      t((d, fp)), t(w2),  # W1, W2 (or W2^T) operands
+      t((b, fp)), t((b, fp)),  # X2, X2_bar
+      t((b, fp)),  # -eta * G1
+      t((b, d)),  # -eta * G2
       plgpu.SMEM((2, b, d), f32), plgpu.SMEM((d,), f32),  # this CTA's partial sums, of db2
       plgpu.SMEM((b, d) if interpret else (8,), f32),  # a peer's, received (interpret only)
-      plgpu.SMEM((d, fp), f32), plgpu.SMEM((fp,), f32), plgpu.SMEM((fp, d), f32),
+      plgpu.SMEM((d, fp), f32), plgpu.SMEM((fp,), f32), plgpu.SMEM(w2, f32),
       plgpu.SMEM((d,), f32), plgpu.SMEM((2, d), f32),  # state stage, gamma/beta
       plgpu.Barrier(num_arrivals=6), plgpu.Barrier(num_arrivals=4, num_barriers=2),
       plgpu.Barrier(num_arrivals=1),
@@ -148,6 +169,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   fp = w1b_s.shape[1]
   hid = pl.ds(c * fp, fp)  # this CTA's slice of the hidden width
   bf16_weights = ck_w1.dtype == jnp.bfloat16  # the backward's state stack: W1, W2 as operands
+  tr = w2_transposed(d, cluster)  # W2 in and out as W2^T [.., d, f]: its slice is [:, hid]
+  w2_slice = lambda ref: ref.at[:, hid] if tr else ref.at[hid, :]
   block = row_block(c, b, d, cluster)  # the CTA's rows of the [b, d] work
   vec = lambda k: k == "db2"
   cl = Cluster(c, cluster, interpret, cbar, recv_bar,
@@ -166,7 +189,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   head = (lambda r: r.at[i, h]) if per_example_init else (lambda r: r.at[h])
   fetch([(gamma_g.at[h], vec_s.at[0]), (beta_g.at[h], vec_s.at[1]),
          (head(w1_g).at[:, hid], st_w1), (head(b1_g).at[0, hid], st_b1),
-         (head(w2_g).at[hid, :], st_w2), (head(b2_g).at[0], st_b2)], init_bar)
+         (w2_slice(head(w2_g)), st_w2), (head(b2_g).at[0], st_b2)], init_bar)
   state = (plgpu.load(st_w1, layout=WGMMA), load_col(st_b1),
            plgpu.load(st_w2, layout=WGMMA), load_col(st_b2, block.col))
 
@@ -182,7 +205,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(w1b_s if bf16_weights else st_w1, ck_w1.at[i, h, k, :, hid])
     plgpu.copy_smem_to_gmem(st_b1, ck_b1.at[i, h, k, 0, hid])
-    plgpu.copy_smem_to_gmem(w2b_s if bf16_weights else st_w2, ck_w2.at[i, h, k, hid, :])
+    plgpu.copy_smem_to_gmem(w2b_s if bf16_weights else st_w2, w2_slice(ck_w2.at[i, h, k]))
 
     @pl.when(c == 0)
     def _():
@@ -206,7 +229,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
       pl.when(n + 1 < num_mini_batches)(lambda: prefetch(n + 1))
     r = mini_batch(bufs, b1, b2, eps, cl, block, state=(W1, W2), interpret=interpret,
                    before_stage=wait if bf16_weights else None, during_z1=prefetch_next,
-                   output=output)
+                   output=output, w2_transposed=tr)
     if output:  # the CTA's rows of the output: XQ + gamma * LN(Z2_bar) + beta
       x_hat, _ = normalize(r.Z2_bar, eps)
       ln = lambda k: cols(load_col(vec_s.at[k], block.col), x_hat.shape)
@@ -262,14 +285,16 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
   if not supports("ttt_mlp", xq.dtype, b, d, cluster):
     raise ValueError(f"gpu_cluster.forward: b={b}, d={d}, dtype {xq.dtype}, cluster={cluster} "
                      "is not supported (see gpu_cluster.supports: bf16, b = 64, d = 64 with "
-                     "cluster = 4); use gpu.forward.")
+                     "cluster = 4 or 8); use gpu.forward.")
   stack = jnp.dtype(weights_dtype) == jnp.bfloat16  # the backward's stack of states
   if stack and checkpoint_group != 1:
     raise ValueError(f"gpu_cluster.forward: weights_dtype=bfloat16 (the backward's stack of "
                      f"states) needs checkpoint_group=1, not {checkpoint_group}.")
   G = num_groups(N, checkpoint_group) + stack
   f32 = jnp.float32
-  state_types = (((d, f), weights_dtype), ((1, f), f32), ((f, d), weights_dtype), ((1, d), f32))
+  tr = w2_transposed(d, cluster)  # then W2 goes in and comes out as W2^T
+  state_types = (((d, f), weights_dtype), ((1, f), f32),
+                 ((d, f) if tr else (f, d), weights_dtype), ((1, d), f32))
   out_type = (jax.ShapeDtypeStruct(xq.shape if output else (1,), xq.dtype),
               *(jax.ShapeDtypeStruct((B, H, G, *s), t) for s, t in state_types),
               jax.ShapeDtypeStruct((B, H, cluster, 3, b, d) if interpret else (1,), f32),
@@ -281,6 +306,9 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
   kernel = cluster_kernel(body, "ttt_mlp_forward_cluster", out_type=out_type,
                           scratch=_scratch(b, d, cluster, xq.dtype, bool(interpret)),
                           grid=(B, H), cluster=cluster, interpret=interpret, debug=debug)
-  out, *ckpts, _, _ = kernel(xq, xk, xv, eta.astype(f32), ln_weight.astype(f32),
-                          ln_bias.astype(f32), *(w.astype(f32) for w in init))
-  return out if output else None, tuple(ckpts)
+  W1, b1, W2, b2 = (w.astype(f32) for w in init)
+  swap = lambda w: jnp.swapaxes(w, -1, -2) if tr else w
+  out, ck_w1, ck_b1, ck_w2, ck_b2, _, _ = kernel(
+      xq, xk, xv, eta.astype(f32), ln_weight.astype(f32), ln_bias.astype(f32), W1, b1,
+      swap(W2), b2)
+  return out if output else None, (ck_w1, ck_b1, swap(ck_w2), ck_b2)

@@ -30,10 +30,12 @@ SMEM_LIMIT_BYTES = 227 << 10
 MOSAIC_RESERVE_BYTES = 12 << 10
 
 
-def swizzled(shape, dtype):
-  """A shared-memory tile laid out for wgmma operands (128-byte swizzle)."""
+def swizzled(shape, dtype, swizzle=None):
+  """A shared-memory tile laid out for wgmma operands: `swizzle` bytes (default: the widest its
+  rows allow, 128 at 64 bf16 columns). A wgmma's two operands need the same swizzle, so a
+  kernel with [., 32] bf16 operands (the hidden slice at cluster = 8) uses 64 for all."""
   itemsize = jnp.dtype(dtype).itemsize
-  swizzle = plgpu.find_swizzle(shape[-1] * itemsize * 8)
+  swizzle = swizzle or plgpu.find_swizzle(shape[-1] * itemsize * 8)
   transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
   return plgpu.SMEM(shape, dtype, transforms=transforms)
 
@@ -114,11 +116,11 @@ class Rows(NamedTuple):
   """The rows of a mini-batch's [b, d] work (LayerNorms, the LayerNorm-L2 gradient, the
   output) that one CTA computes, and their register layouts (`row_block`).
 
-  CTA c computes rows c*b/P .. (c+1)*b/P - 1 only, in `ROW_BLOCK`, which spreads those 16 rows
-  over the CTA's 128 threads (8 values a thread), so the cluster does each row once and shares
-  the results through distributed shared memory (`Cluster.sum`, `Cluster.share`). Done
-  redundantly by every CTA in the WGMMA layout (32 values a thread at b = d = 64), this work
-  took a quarter of the forward's loop instructions and a third of the backward's.
+  CTA c computes rows c*b/P .. (c+1)*b/P - 1 only (16 at P = 4, 8 at P = 8), spread over the
+  CTA's 128 threads (8 or 4 values a thread: `ROW_LAYOUTS`), so the cluster does each row once
+  and shares the results through distributed shared memory (`Cluster.sum`, `Cluster.share`).
+  Done redundantly by every CTA in the WGMMA layout (32 values a thread at b = d = 64), this
+  work took a quarter of the forward's loop instructions and a third of the backward's.
   """
   ds: pl.Slice  # the rows, a slice of [b]
   layout: plgpu.SomeLayout  # [rows, d]
@@ -126,22 +128,28 @@ class Rows(NamedTuple):
   col: plgpu.SomeLayout  # [d]: a value per column
 
 
-# 16 rows x 64 columns over a warpgroup: warp w takes rows 4w .. 4w+3, 8 lanes a row, and each
-# lane two vectors of 4 columns, 32 apart (4 f32 = one 16-byte shared-memory access; 8 lanes
-# cover 128 contiguous bytes of a row: conflict-free). Row sums: two in-thread adds and three
-# shuffles; column sums cross the warps through shared memory.
-ROW_BLOCK_ROWS = 16
-ROW_BLOCK = plgpu.Layout.TILED(mgpu_fa.Tiling(((16, 64), (4, 64), (4, 32), (4,))),
-                               warp_dims=(-7,), lane_dims=(-3, -2), vector_dim=-1)
+# Rows per CTA -> their layout over a warpgroup at d = 64, lanes in vectors of 4 columns, each
+# vector inside one 32-column half (the tiles' swizzle atoms: 64-byte rows at a 64-byte swizzle).
+# 16 rows: warp w takes rows 4w .. 4w+3, 8 lanes a row, and each lane two vectors 32 apart (4
+# f32 = one 16-byte shared-memory access; 8 lanes cover 128 contiguous bytes of a row:
+# conflict-free). 8 rows: warp w takes rows 2w, 2w + 1, 16 lanes a row, one vector a lane. Row
+# sums: in-thread adds and shuffles; column sums cross the warps through shared memory.
+ROW_LAYOUTS = {
+    16: plgpu.Layout.TILED(mgpu_fa.Tiling(((16, 64), (4, 64), (4, 32), (4,))),
+                           warp_dims=(-7,), lane_dims=(-3, -2), vector_dim=-1),
+    8: plgpu.Layout.TILED(mgpu_fa.Tiling(((8, 64), (2, 64), (2, 32), (4,))),
+                          warp_dims=(-7,), lane_dims=(-4, -3, -2), vector_dim=-1),
+}
 
 
 def row_block(c, b: int, d: int, cluster: int) -> Rows:
-  """CTA c's block of rows (b = 16 x cluster, d = 64: `ROW_BLOCK`'s shape)."""
-  if b != ROW_BLOCK_ROWS * cluster or d != 64:
-    raise ValueError(f"row_block: b={b}, d={d}, cluster={cluster}; needs b = 16 * cluster, "
-                     "d = 64")
-  return Rows(pl.ds(pl.multiple_of(c * ROW_BLOCK_ROWS, ROW_BLOCK_ROWS), ROW_BLOCK_ROWS),
-              ROW_BLOCK, ROW_BLOCK.reduce(1), ROW_BLOCK.reduce(0))
+  """CTA c's block of b / cluster rows (d = 64; 16 or 8 rows: `ROW_LAYOUTS`)."""
+  n = b // cluster
+  if b % cluster or n not in ROW_LAYOUTS or d != 64:
+    raise ValueError(f"row_block: b={b}, d={d}, cluster={cluster}; needs d = 64 and b / "
+                     f"cluster in {sorted(ROW_LAYOUTS)}")
+  layout = ROW_LAYOUTS[n]
+  return Rows(pl.ds(pl.multiple_of(c * n, n), n), layout, layout.reduce(1), layout.reduce(0))
 
 
 def load_rows(ref, rows: Rows):
@@ -303,7 +311,7 @@ class Recompute(NamedTuple):
 
 
 def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=False,
-               before_stage=None, during_z1=lambda: None, output=True):
+               before_stage=None, during_z1=lambda: None, output=True, w2_transposed=False):
   """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see
   `gpu_cluster.py`'s docstring), on the CTA's hidden slice and `block`, its rows of the [b, d]
   work (`Rows`). Z1_bar and Z2_bar are f(XQ; W') with the stepped state W' (the primal form:
@@ -320,9 +328,11 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
   `plgpu.InterpretGPUParams` or False.
 
   The forward passes state, its (W1, W2), f32 [d, fp], [fp, d] in registers (WGMMA), whose
-  bf16 copies s.w1, s.w2 hold: the gradient step is taken on them (Recompute's W1, W2) and the
-  new ones staged over s.w1, s.w2 (after before_stage(), if given). during_z1(): work that
-  needs none of this, run while Z1's matmul is (the forward's loads of the next mini-batch).
+  bf16 copies s.w1, s.w2 hold (w2_transposed: W2^T [d, fp] in both, so that W2's step is a
+  wgmma tile of d = 64 rows when fp = 32, at cluster = 8; the forward's only): the gradient
+  step is taken on them (Recompute's W1, W2) and the new ones staged over s.w1, s.w2 (after
+  before_stage(), if given). during_z1(): work that needs none of this, run while Z1's matmul
+  is (the forward's loads of the next mini-batch).
   output=False: the state's step alone, for the backward's recompute, without Z1_bar and
   Z2_bar (two of the seven matmuls, gelu(Z1_bar), the [b, d] sum; db2 is summed alone, so the
   cluster barriers stay the same).
@@ -335,9 +345,15 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
   backward = state is None
   assert backward == (stepped is not None), "the forward passes state, the backward stepped"
   assert output or not backward, "the backward recomputes the output"
+  assert not (backward and w2_transposed), "the backward holds W2 as [fp, d]"
   b, d = s.xq.shape
   fp = s.w1.shape[1]
   bf, bd, rd = (b, fp), (b, d), (block.ds.size, d)
+  T = lambda ref: ref.transpose((1, 0))
+  # W2 [fp, d] and W2^T [d, fp] as wgmma operands, and W2's step -X2^T eG2 (its transpose
+  # -eG2^T X2 when the state holds W2^T).
+  w2, w2_t = (T(s.w2), s.w2) if w2_transposed else (s.w2, T(s.w2))
+  w2_step = (T(s.neg_eg2), s.x2) if w2_transposed else (T(s.x2), s.neg_eg2)
 
   # Z1 = XK W1 + b1; X2 = gelu(Z1); Z2 = X2 W2 + b2 (summed over the cluster).
   def gelu(Z1):
@@ -362,7 +378,7 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
     ln = lambda k: load_col(s.ln.at[k], block.col)
     return (load_rows(s.xv, block) - load_rows(s.xk, block),
             plgpu.load(s.eta.at[block.ds], layout=block.row), ln(0), ln(1), done(0))
-  (target, eta, gamma, beta, part), _ = matmul_during([(bd, [(s.x2, s.w2)])], loss_inputs)
+  (target, eta, gamma, beta, part), _ = matmul_during([(bd, [(s.x2, w2)])], loss_inputs)
   Z2, = cl.sum((0, part, block))
   Z2 = Z2 + cols(b2, rd)  # [rows, d]
 
@@ -381,7 +397,7 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
       s.g1[...] = G1
       stage((s.neg_eg1, -(rows(plgpu.load(s.eta, layout=ROW), bf) * G1)))
     # Z2_bar = X2_bar W2' + b2', with G2 W2^T
-    _, (_, part) = matmul_during([(bf, [(s.g2, s.w2.transpose((1, 0)))]),
+    _, (_, part) = matmul_during([(bf, [(s.g2, w2_t)]),
                                   (bd, [(s.x2_bar, s.w2_new)])], g1, interpret)
     Z2_bar, = cl.sum((1, part, block))
     return Recompute(Z2, G2, Z2_bar + cols(stepped[1], rd), None, None, None, None)
@@ -395,8 +411,7 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
       stage((s.neg_eg1, neg_eG1))
       return neg_eG1, eG2.sum(axis=0)  # and db2 [d] on the CTA's rows
     (neg_eG1, db2), (_, W2) = matmul_during(
-        [(bf, [(s.neg_eg2, s.w2.transpose((1, 0)))]),
-         (W2, [(s.x2.transpose((1, 0)), s.neg_eg2)])], g1, interpret)
+        [(bf, [(s.neg_eg2, w2_t)]), (W2, [w2_step])], g1, interpret)
     def w2_new(done):
       if before_stage:
         before_stage()
@@ -407,7 +422,7 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
     stage((s.w1, W1))
     db2, = cl.sum(("db2", db2, block.col))
     return Recompute(Z2, G2, None, db1, db2, W1, W2)
-  neg_eG1 = matmul(bf, (s.neg_eg2, s.w2.transpose((1, 0)))) * dX2
+  neg_eG1 = matmul(bf, (s.neg_eg2, w2_t)) * dX2
   stage((s.neg_eg1, neg_eG1))
 
   # W1' = W1 - XK^T eG1, b1' = b1 - colsum(eG1) (db1, summed while W1' is computed), and
@@ -421,10 +436,10 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
   def gelu_bar(done):
     stage((s.x2_bar, gelu_tanh_and_grad(done(0))[0]))
   _, (_, W2) = matmul_during([(cols(b1 - db1, bf), [(s.xq, s.w1)]),
-                              (W2, [(s.x2.transpose((1, 0)), s.neg_eg2)])], gelu_bar, interpret)
+                              (W2, [w2_step])], gelu_bar, interpret)
   stage((s.w2, W2))
   # (db2 [d], over the CTA's rows, is summed while Z2_bar's product is computed.)
-  db2, (part,) = matmul_during([(bd, [(s.x2_bar, s.w2)])], lambda done: eG2.sum(axis=0),
+  db2, (part,) = matmul_during([(bd, [(s.x2_bar, w2)])], lambda done: eG2.sum(axis=0),
                                interpret)
   Z2_bar, db2 = cl.sum((1, part, block), ("db2", db2, block.col))
   return Recompute(Z2, G2, Z2_bar + cols(b2 - db2, rd), db1, db2, W1, W2)

@@ -1,16 +1,16 @@
 """The GPU TTT kernels, compiled for this machine, against the pure op: run it first on a GPU.
 
 For each kernel path (`cluster`: the Mosaic GPU forward and backward; `cluster-g1`: the same
-at checkpoint_group 1, every state stored and no recompute; `cluster8`: the forward on 8 CTAs
-a head, W2 held transposed, and the backward on 4 recomputing from its checkpoints; `triton`:
-the Triton forward with the XLA reverse sweep, as at d = 64; `triton-d32`: Triton forward and
-backward) it draws fresh random inputs, runs the op's output and its gradients, and compares them with
-`ttt_jax.ops.ttt_mlp` (the XLA scan) in float32 at the highest matmul precision on the same
-bf16-rounded inputs, by ||x - ref|| / ||ref||. Each path runs on two independent input sets,
-and the first set twice: the kernels are deterministic, so a result that moves between
-identical runs points at a race (a missing barrier or fence), not rounding. NaN never passes.
-One JSON line per (path, input set, quantity) on stdout, a table on stderr; exit status 1 if
-any check fails. On a CPU the kernels run interpreted (use small --heads / --num_mini_batches).
+at checkpoint_group 1, every state stored and no recompute; `cluster8`: both on 8 CTAs a
+head, W2 held transposed; `triton`: the Triton forward with the XLA reverse sweep, as at
+d = 64; `triton-d32`: Triton forward and backward) it draws fresh random inputs, runs the op's
+output and its gradients, and compares them with `ttt_jax.ops.ttt_mlp` (the XLA scan) in
+float32 at the highest matmul precision on the same bf16-rounded inputs, by ||x - ref|| /
+||ref||. Each path runs on two independent input sets, and the first set twice: the kernels
+are deterministic, so a result that moves between identical runs points at a race (a missing
+barrier or fence), not rounding. NaN never passes. One JSON line per (path, input set,
+quantity) on stdout, a table on stderr; exit status 1 if any check fails. On a CPU the
+kernels run interpreted (use small --heads / --num_mini_batches).
 
   python benchmarks/gpu_check.py                        # 5B per-GPU shapes (12 heads, B = 2)
   python benchmarks/gpu_check.py --heads=1 --num_mini_batches=3 --batch=1 --paths=triton-d32
@@ -34,7 +34,7 @@ from ttt_jax import ops
 # path: (head_dim, block sizes, checkpoint group or None for --checkpoint_group)
 PATHS = {"cluster": (64, BlockSizes(cluster=4), None),
          "cluster-g1": (64, BlockSizes(cluster=4), 1),
-         "cluster8": (64, BlockSizes(cluster=4, forward_cluster=8), None),
+         "cluster8": (64, BlockSizes(cluster=8), None),
          "triton": (64, BlockSizes(num_warps=8), None),
          "triton-d32": (32, BlockSizes(num_warps=4), None)}
 TOL = 2e-2  # bf16 operands against an f32 reference (measured 3e-3 to 8e-3 in the interpreter)

@@ -28,7 +28,7 @@ the better estimate; work placed between a matmul's issue and its wait
 (`gpu_cluster_lib.matmul_during`) hides it. Neither models the cluster barriers,
 distributed shared memory latency or spills' memory traffic: on a GPU the loop is slower.
 
-  python benchmarks/kernel_resources.py                      # the cluster kernels, 5B shapes
+  python benchmarks/kernel_resources.py                      # the cluster kernels on 4 and 8
   python benchmarks/kernel_resources.py --out=benchmarks/results/h100-resources.jsonl
 """
 
@@ -46,11 +46,9 @@ import time
 
 # The forward (checkpoints every g mini-batches), the backward's recompute of one group (the
 # forward kernel saving every state, W1 and W2 in bf16, without the output), the backward of
-# one group, the forward at checkpoint_group 1, which saves every state as the recompute
-# does so that the backward recomputes nothing (`gpu.stores_states`), and the forward on 8
-# CTAs a head whatever --cluster says (`gpu.forward_cluster`: where the grid fits one wave).
-KERNELS = ("cluster_forward", "cluster_recompute", "cluster_backward", "cluster_forward_g1",
-           "cluster_forward_p8")
+# one group, and the forward at checkpoint_group 1, which saves every state as the recompute
+# does so that the backward recomputes nothing (`gpu.stores_states`); each on every --cluster.
+KERNELS = ("cluster_forward", "cluster_recompute", "cluster_backward", "cluster_forward_g1")
 
 
 def parse_dump(text: str) -> dict:
@@ -151,11 +149,9 @@ def _compile(kernel: str, args) -> dict:
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(
       shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
   B, H, b, d, P = 1, args.heads, 64, 64, args.cluster
-  if kernel == "cluster_forward_p8":
-    kernel, P = "cluster_forward", 8
   f, bf16, f32 = 4 * d, jnp.bfloat16, jnp.float32
-  state = lambda lead, w_dtype: (spec((*lead, d, f), w_dtype), spec((*lead, 1, f), f32),
-                                 spec((*lead, f, d), w_dtype), spec((*lead, 1, d), f32))
+  state = lambda lead, w_dtype, w2=(f, d): (spec((*lead, d, f), w_dtype), spec((*lead, 1, f), f32),
+                                            spec((*lead, *w2), w_dtype), spec((*lead, 1, d), f32))
   ln = spec((H, d), f32)
   if kernel == "cluster_forward":
     N, module = args.num_mini_batches, gpu_cluster
@@ -175,7 +171,8 @@ def _compile(kernel: str, args) -> dict:
     N, module = args.checkpoint_group, gpu_cluster_backward
     fn = lambda *a: gpu_cluster_backward.backward_group(*a, eps=1e-6, cluster=P)
     xs = (*[spec((B, H, N, b, d), bf16)] * 3, spec((B, H, N, b), f32))
-    shapes = (xs, ln, ln, state((B, H, N + 1), bf16), spec((B, H, N, b, d), bf16),
+    stack_w2 = (d, f) if gpu_cluster.w2_transposed(d, P) else (f, d)  # as the recompute saves
+    shapes = (xs, ln, ln, state((B, H, N + 1), bf16, stack_w2), spec((B, H, N, b, d), bf16),
               state((B, H), f32))
   t0 = time.perf_counter()
   with use_abstract_mesh(mesh.abstract_mesh):
@@ -186,8 +183,8 @@ def _compile(kernel: str, args) -> dict:
               compile_s=round(time.perf_counter() - t0, 1))
 
 
-def measure(kernel: str, args) -> dict:
-  """Runs the child for `kernel` with the dumps on and returns its row."""
+def measure(kernel: str, cluster: int, args) -> dict:
+  """Runs the child for `kernel` on `cluster` CTAs a head with the dumps on; its row."""
   dump_dir = tempfile.mkdtemp(prefix="kernel_resources_")
   env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_RESOURCES="1",
              MOSAIC_GPU_DUMP_TO=dump_dir)
@@ -198,7 +195,7 @@ def measure(kernel: str, args) -> dict:
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
   cmd = [sys.executable, os.path.abspath(__file__), f"--child={kernel}",
-         f"--topology={args.topology}", f"--heads={args.heads}", f"--cluster={args.cluster}",
+         f"--topology={args.topology}", f"--heads={args.heads}", f"--cluster={cluster}",
          f"--num_mini_batches={args.num_mini_batches}",
          f"--checkpoint_group={args.checkpoint_group}"]
   try:
@@ -224,23 +221,26 @@ def main(argv=None):
   p.add_argument("--topology", default="h100-1",
                  help="h100-1 / h200-1 (compile-only, jax's CUDA plugin) or local (this GPU)")
   p.add_argument("--heads", type=int, default=12, help="heads per device (5B: 48 / tensor)")
-  p.add_argument("--cluster", type=int, default=4)
+  p.add_argument("--cluster", default="4,8", help="CTAs per head, comma-separated: a row each")
   p.add_argument("--num_mini_batches", type=int, default=32)
   p.add_argument("--checkpoint_group", type=int, default=16)
   p.add_argument("--out", default=None, help="append the JSON lines to this file too")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
+    args.cluster = int(args.cluster)
     print(json.dumps(_compile(args.child, args)))
     return
+  kernels = args.kernels.split(",")
+  if unknown := [k for k in kernels if k not in KERNELS]:
+    raise SystemExit(f"--kernels: {unknown} not in {KERNELS}")
   out = open(args.out, "a") if args.out else None
-  for kernel in args.kernels.split(","):
-    if kernel not in KERNELS:
-      raise SystemExit(f"--kernels: {kernel!r} is not one of {KERNELS}")
-    line = json.dumps(measure(kernel, args))
-    print(line, flush=True)
-    if out:
-      out.write(line + "\n")
+  for cluster in (int(c) for c in args.cluster.split(",")):
+    for kernel in kernels:
+      line = json.dumps(measure(kernel, cluster, args))
+      print(line, flush=True)
+      if out:
+        out.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Reads JSON-lines files (one per device run, e.g. benchmarks/results/*.jsonl), keeps the
 `ttt_kernels` rows and prints one table row per (device, seconds, heads, dtype, mode, impl,
-checkpoint group), with the cluster forward's CTAs per head where it ran: median ms, achieved
+checkpoint group), with the cluster kernels' CTAs per head where they ran: median ms, achieved
 TFLOP/s, % of that device's measured matmul rate and the kernel's speed-up over the XLA scan.
 `--svg` also draws % of the matmul rate against the sequence length, one line per (device,
 heads, mode, impl, group), so kernels on different accelerators compare on one axis.
@@ -18,7 +18,7 @@ import pathlib
 import sys
 
 COLUMNS = ("device", "seconds", "tokens", "heads", "dtype", "mode", "impl", "checkpoint_group",
-           "forward_cluster", "median_ms", "tflops_per_s", "pct_of_matmul_rate", "speedup_vs_xla")
+           "gpu_cluster", "median_ms", "tflops_per_s", "pct_of_matmul_rate", "speedup_vs_xla")
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf")
 

@@ -12,7 +12,7 @@ METHOD.md) and commit the JSON under benchmarks/results/.
 
   python benchmarks/ttt_kernels.py --seconds=3,9,18,63 --out=benchmarks/results/h100.jsonl
   python benchmarks/ttt_kernels.py --backend=gpu --gpu_cluster=4,0   # cluster vs Triton kernels
-  python benchmarks/ttt_kernels.py --heads=12 --gpu_cluster=4,8 --modes=fwd  # one wave each
+  python benchmarks/ttt_kernels.py --heads=12 --gpu_cluster=4,8     # one wave either way
   python benchmarks/ttt_kernels.py --tpu_mini_batches_per_step=8,1   # TPU forward grid steps
   python benchmarks/ttt_kernels.py --checkpoint_group=16,1 --impls=xla,pallas  # + stored states
   python benchmarks/ttt_kernels.py --heads=2 --seconds=3 --repeats=1      # CPU smoke run
@@ -54,33 +54,26 @@ def variants(impls, gpu_cluster, tpu_steps, dtype, d):
   """(impl label, block sizes or None) to time: "pallas" expands to one row per --gpu_cluster
   value ("pallas-cluster4", "pallas-cluster8", "pallas-triton") and per
   --tpu_mini_batches_per_step value ("pallas-k8") when given, else it is the tuning table's
-  choice. A --gpu_cluster value is the forward's split, whatever the grid; the backward keeps
-  the table's (4: the one it supports), and so does a forward that stores states for it."""
+  choice. A --gpu_cluster value is the split of forward and backward, whatever the grid."""
   for impl in impls:
     if impl != "pallas" or not (gpu_cluster or tpu_steps):
       yield impl, None
       continue
     table = get_block_sizes(sharding.target_device()[1], jnp.dtype(dtype), d)
     for P in gpu_cluster or ():
-      # (off the table's devices, e.g. interpreted on CPU: the backward on 4, or on P if less)
-      backward = table.cluster or min(P, 4)
-      sizes = dataclasses.replace(table, cluster=backward, forward_cluster=P, sms=0)
-      yield ((f"pallas-cluster{P}", sizes) if P else
-             ("pallas-triton", dataclasses.replace(table, cluster=0, forward_cluster=0)))
+      yield ((f"pallas-cluster{P}" if P else "pallas-triton"),
+             dataclasses.replace(table, cluster=P, wave_cluster=0))
     for k in tpu_steps or ():
       yield f"pallas-k{k}", dataclasses.replace(table, mini_batches_per_step=k)
 
 
-def forward_cluster(impl, backend, mode, group, inputs, sizes, N):
-  """CTAs per head of the GPU cluster forward this row ran (0: Triton; None: not on a GPU
-  kernel): `gpu.forward_cluster` for the table's or the row's block sizes, at the checkpoint
-  group the op passes it (the whole sequence when not differentiated)."""
+def cluster_size(impl, backend, xq, sizes):
+  """CTAs per head of the GPU cluster kernels this row ran (0: Triton; None: not on a GPU
+  kernel): `gpu.cluster_size` for the table's or the row's block sizes."""
   if impl == "xla" or backend != "gpu":
     return None
-  xq = inputs[0]
   sizes = sizes or get_block_sizes(sharding.target_device()[1], xq.dtype, xq.shape[-1])
-  return gpu.forward_cluster("ttt_mlp", xq.dtype, xq.shape, N if mode == "fwd" else group,
-                             sizes)
+  return gpu.cluster_size("ttt_mlp", xq.dtype, xq.shape, sizes)
 
 
 def main(argv=None):
@@ -139,9 +132,7 @@ def main(argv=None):
                      batch=args.batch, heads=args.heads, num_mini_batches=N, mini_batch=b,
                      head_dim=d, checkpoint_group=group, dtype=dtype, mode=mode,
                      impl=impl, kernel_backend=None if impl == "xla" else kernel_backend,
-                     gpu_cluster=None if sizes is None else sizes.cluster,
-                     forward_cluster=forward_cluster(impl, family, mode, group, inputs, sizes,
-                                                     N),
+                     gpu_cluster=cluster_size(impl, family, inputs[0], sizes),
                      mini_batches_per_step=None if sizes is None else sizes.mini_batches_per_step,
                      median_ms=round(ms, 3), flops=flops,
                      tflops_per_s=round(tflops, 4),

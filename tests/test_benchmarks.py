@@ -77,9 +77,9 @@ def test_ttt_kernels_benchmark_smoke(tmp_path):
 
 
 def test_ttt_kernels_benchmark_gpu_cluster_variants(tmp_path):
-  """--gpu_cluster: one pallas row per forward split (here the Mosaic GPU cluster forward on 4
-  and on 8 CTAs a head and the Triton forward, interpreted on CPU), each timed against the same
-  xla row; the rows say which split ran and the backward's."""
+  """--gpu_cluster: one pallas row per split (here the Mosaic GPU cluster forward on 4 and on
+  8 CTAs a head and the Triton forward, interpreted on CPU), each timed against the same xla
+  row; the rows say which split ran."""
   out = tmp_path / "r.jsonl"
   subprocess.run(
       [sys.executable, str(ROOT / "benchmarks" / "ttt_kernels.py"), "--seconds=3", "--heads=1",
@@ -87,9 +87,8 @@ def test_ttt_kernels_benchmark_gpu_cluster_variants(tmp_path):
        "--matmul_size=64", "--backend=gpu", "--gpu_cluster=4,8,0", f"--out={out}"],
       capture_output=True, text=True, check=True, timeout=600)
   rows = [json.loads(line) for line in out.read_text().splitlines()]
-  assert [(r["impl"], r["gpu_cluster"], r["forward_cluster"]) for r in rows] == [
-      ("xla", None, None), ("pallas-cluster4", 4, 4), ("pallas-cluster8", 4, 8),
-      ("pallas-triton", 0, 0)]
+  assert [(r["impl"], r["gpu_cluster"]) for r in rows] == [
+      ("xla", None), ("pallas-cluster4", 4), ("pallas-cluster8", 8), ("pallas-triton", 0)]
   assert rows[1]["kernel_backend"] == "gpu (interpret)" and rows[2]["speedup_vs_xla"] > 0
 
 
@@ -136,28 +135,32 @@ def test_kernel_resources_compiles_for_h100(tmp_path):
        "--num_mini_batches=4", "--checkpoint_group=3", f"--out={out}"],
       capture_output=True, text=True, check=True, timeout=900)
   rows = [json.loads(line) for line in proc.stdout.splitlines()]
-  assert [r["kernel"] for r in rows] == ["cluster_forward", "cluster_recompute",
-                                         "cluster_backward", "cluster_forward_g1",
-                                         "cluster_forward_p8"]
-  assert [r["cluster"] for r in rows] == [4, 4, 4, 4, 8]
+  kernels = ["cluster_forward", "cluster_recompute", "cluster_backward", "cluster_forward_g1"]
+  assert [(r["kernel"], r["cluster"]) for r in rows] == [(k, P) for P in (4, 8) for k in kernels]
   for r in rows:
     assert r["smem_bytes"] <= 227 << 10 and r["registers"] <= 255
     assert r["smem_estimate_bytes"] <= r["smem_bytes"]
     if kernel_resources.find_nvdisasm():  # the loop's SASS: its matmuls (4 HGMMA each)
+      # (the recompute leaves the output out; the backward takes W1', W2' from the next state
+      # instead of stepping). HGMMA.64xNx16: a [64, 64] x [64, 64] product is 4 of them; on 8
+      # CTAs the products over the hidden slice (K = 32: 2 of the forward's 7, 7 of the
+      # backward's 21) 2.
       matmuls = dict(cluster_forward=7, cluster_recompute=5, cluster_backward=21,
-                     cluster_forward_g1=7, cluster_forward_p8=7)  # (the recompute leaves
-      # the output out; the backward takes W1', W2' from the next state instead of stepping)
-      # HGMMA.64xNx16: a [64, 64] x [64, 64] product is 4; on 8 CTAs, the 4 with N = 64 (Z2,
-      # Z2_bar: K = 32) 2, the others (N = 32) 4.
-      hgmma = 2 * 2 + 4 * 5 if r["cluster"] == 8 else 4 * matmuls[r["kernel"]]
+                     cluster_forward_g1=7)
+      p8 = dict(cluster_forward=24, cluster_recompute=18, cluster_backward=70,
+                cluster_forward_g1=24)
+      hgmma = p8[r["kernel"]] if r["cluster"] == 8 else 4 * matmuls[r["kernel"]]
       assert r["loop_hgmma"] == hgmma
       assert r["loop_instructions"] > r["loop_hgmma"] and 0 < r["tensor_bound_pct"] < 100
       # A mini-batch on the loop's timeline (a static count, not a timing): 2,378, 1,758,
-      # 6,270, 2,446 and (on 8 CTAs) 1,585 clocks with jax 0.12.0.1, against 4,607 + stalls,
-      # 4,504 + stalls and 12,249 + stalls instructions when every CTA did all [b, d] rows in
-      # the dual form.
+      # 6,270 and 2,446 clocks with jax 0.12.0.1 (on 8 CTAs 1,585, 1,209, 3,931 and 1,673),
+      # against 4,607 + stalls, 4,504 + stalls and 12,249 + stalls instructions when every
+      # CTA did all [b, d] rows in the dual form.
       limit = dict(cluster_forward=2500, cluster_recompute=1950, cluster_backward=6700,
-                   cluster_forward_g1=2650, cluster_forward_p8=1700)
+                   cluster_forward_g1=2650)
+      if r["cluster"] == 8:
+        limit = dict(cluster_forward=1700, cluster_recompute=1300, cluster_backward=4200,
+                     cluster_forward_g1=1800)
       assert r["loop_clocks"] < limit[r["kernel"]]
 
 

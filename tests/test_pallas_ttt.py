@@ -234,21 +234,19 @@ def test_cluster_forward_matches_pure_op(shape, P):
   _check_group_start_states(ckpts, args, groups=(shape[2] + 1) // 2, tol=1e-2)
 
 
-@pytest.mark.parametrize("group,wide", [(2, 0), (2, 8), (1, 8)],
-                         ids=["g2-recompute", "g2-forward8", "g1-stored_states"])
-def test_cluster_op_gradients(group, wide):
+@pytest.mark.parametrize("group,P", [(2, 4), (1, 4), (2, 8), (1, 8)],
+                         ids=["g2-recompute", "g1-stored_states", "g2-P8", "g1-P8"])
+def test_cluster_op_gradients(group, P):
   """The op on the cluster kernels against the pure op's gradients within bf16 tolerance
   (measured 3e-3 to 6e-3). g = 2: `gpu.backward` recomputes each group with the cluster forward
-  and sweeps it in reverse with the cluster backward (N = 3: a padded group); with
-  forward_cluster = 8 the forward runs on 8 CTAs a head and the backward on 4 from its f32
-  checkpoints. g = 1: the forward saves every state in bf16 and one backward call sweeps them,
-  with no recompute (the forward kernel appears once in the jaxpr), on the backward's 4 CTAs
-  whatever forward_cluster says; the forward alone writes one checkpoint."""
+  and sweeps it in reverse with the cluster backward (N = 3: a padded group). g = 1: the
+  forward saves every state in bf16 and one backward call sweeps them, with no recompute (the
+  forward kernel appears once in the jaxpr); the forward alone writes one checkpoint. On 8
+  CTAs a head the kernels hold W2^T's slices (the stored states too)."""
   B, H, N, b, d = shape = (1, 2, 3, 64, 64)
   args = _inputs(shape, jnp.bfloat16, seed=5)
   cot = jnp.asarray(np.random.default_rng(6).normal(size=shape), jnp.float32)
-  sizes = pk.BlockSizes(cluster=4, forward_cluster=wide)
-  kw = dict(checkpoint_group=group, backend="gpu", block_sizes=sizes)
+  kw = dict(checkpoint_group=group, backend="gpu", block_sizes=pk.BlockSizes(cluster=P))
 
   def grads(op, **kw):
     loss = lambda *a: jnp.sum(op(*a, **kw).astype(jnp.float32) * cot)
@@ -264,21 +262,19 @@ def test_cluster_op_gradients(group, wide):
   assert jaxpr.count("ttt_mlp_forward_cluster") == (1 if group == 1 else 2)
   assert jaxpr.count("ttt_mlp_backward_cluster") == 1
   assert (f"bf16[{B},{H},{N + 1},{d},{4 * d}]" in jaxpr) == (group == 1)  # the stored W1s
-  # The kernels' clusters: forward (on 8 where asked, unless it stores states), recompute and
-  # backward on 4.
-  assert jaxpr.count("cluster=(8,)") == (1 if group == 2 and wide else 0)
-  assert jaxpr.count("cluster=(4,)") == (2 if group == 1 else 3) - jaxpr.count("cluster=(8,)")
+  assert jaxpr.count(f"cluster=({P},)") == (2 if group == 1 else 3)  # every kernel on P
   primal = str(jax.make_jaxpr(functools.partial(pk.ttt_mlp, **kw))(*args))
   assert f"f32[{B},{H},1,{d},{4 * d}]" in primal  # W1's one checkpoint
-  assert ("cluster=(8,)" in primal) == bool(wide)  # not differentiated: no states stored
 
 
-def test_cluster_backward_group_matches_autodiff():
+@pytest.mark.parametrize("P", [4, 8], ids=["P4", "P8"])
+def test_cluster_backward_group_matches_autodiff(P):
   """One group's reverse sweep on the cluster split (hand-written VJP, GPU interpreter) against
   the XLA sweep of `tile.step_vjp` (jax.vjp of the tile math, f32) from the same checkpoint and
-  cotangents; the kernel runs on the bf16 operand copies of the recomputed states. Measured 2e-3
-  to 6e-3 (relative norm) on every cotangent. The recompute without the output (as
-  `gpu.backward` runs it) gives exactly the states the forward with its output saves."""
+  cotangents; the kernel runs on the bf16 operand copies of the recomputed states (on 8 CTAs a
+  head, W2's as W2^T). Measured 2e-3 to 6e-3 (relative norm) on every cotangent. The recompute
+  without the output (as `gpu.backward` runs it) gives exactly the states the forward with its
+  output saves."""
   B, H, g, b, d = 2, 2, 2, 64, 64  # two batch elements: per-example states and outputs
   rng = np.random.default_rng(7)
   r = lambda *s, sc=1.0: jnp.asarray(rng.normal(size=s) * sc, jnp.float32)
@@ -292,7 +288,7 @@ def test_cluster_backward_group_matches_autodiff():
   ct_final = tuple(r(*c.shape, sc=0.1) for c in ckpt)
   # detect_races: the interpreter checks the kernels' barriers and proxy fences (its model
   # covers one CTA's threads and TMA; the exchange goes through global memory there).
-  mosaic = dict(eps=1e-6, cluster=4, interpret=plgpu.InterpretGPUParams(detect_races=True))
+  mosaic = dict(eps=1e-6, cluster=P, interpret=plgpu.InterpretGPUParams(detect_races=True))
   recompute = functools.partial(gpu_cluster.forward, xq, xk, xv, eta, lw, lb, ckpt,
                                 checkpoint_group=1, per_example_init=True,
                                 weights_dtype=jnp.bfloat16, **mosaic)
@@ -325,7 +321,8 @@ def test_cluster_supports():
   assert gpu_cluster.supports("ttt_mlp", jnp.bfloat16, 64, 64, 8)  # 32 hidden units, W2^T held
   assert gpu_cluster.w2_transposed(64, 8) and not gpu_cluster.w2_transposed(64, 4)
   assert gpu_cluster.smem_bytes(64, 64, 8) < gpu_cluster.smem_bytes(64, 64, 4)
-  assert not gpu_cluster_backward.supports("ttt_mlp", jnp.bfloat16, 64, 64, 8)
+  assert gpu_cluster_backward.supports("ttt_mlp", jnp.bfloat16, 64, 64, 8)
+  assert gpu_cluster_backward.smem_bytes(64, 64, 8) < 212 << 10  # as at 4, own tiles instead
   assert not gpu_cluster.supports("ttt_linear", jnp.bfloat16, 64, 64, 1)
   # Shared memory: the estimate came within 1.3% of Mosaic GPU's count when compiling d = 128,
   # P = 8 for an H100 (an earlier scratch list: 329,728 B estimated, 333,856 B asked for).
@@ -357,21 +354,22 @@ def test_cluster_supports():
     gpu_cluster_lib.row_block(0, 64, 32, 4)
 
 
-def test_forward_cluster_choice():
-  """The cluster forward's split (`gpu.forward_cluster`): the table's forward_cluster where
-  B x H x 8 CTAs fit one wave of the H100's 132 SMs (128 in clusters of 8), else 4; 4 when the
-  forward stores the backward's states; 0 (Triton) where no cluster kernel takes the shape."""
+def test_cluster_size_choice():
+  """The cluster kernels' split (`gpu.cluster_size`, forward and backward alike): the table's
+  wave_cluster where B x H x 8 CTAs fit one wave of the H100's 132 SMs (128 in clusters of
+  8), else 4; 0 (Triton) where no cluster kernel takes the shape."""
   h100 = pk.get_block_sizes("NVIDIA H100 80GB HBM3", jnp.bfloat16, 64)
-  choose = lambda B, H, g=16, d=64, sizes=h100: gpu.forward_cluster(
-      "ttt_mlp", jnp.bfloat16, (B, H, 100, 64, d), g, sizes)
-  assert (h100.cluster, h100.forward_cluster, h100.sms) == (4, 8, 132)
+  choose = lambda B, H, d=64, sizes=h100: gpu.cluster_size(
+      "ttt_mlp", jnp.bfloat16, (B, H, 100, 64, d), sizes)
+  assert (h100.cluster, h100.wave_cluster, h100.sms) == (4, 8, 132)
   assert choose(1, 12) == 8 and choose(1, 16) == 8 and choose(2, 8) == 8
   assert choose(1, 17) == 4 and choose(1, 48) == 4  # 48: two waves at 4, three at 8
-  assert choose(1, 12, g=1) == 4  # the stored states are read on the backward's split
   assert choose(1, 12, d=32) == 0
   pcie = pk.get_block_sizes("NVIDIA H100 PCIe", jnp.bfloat16, 64)
   assert pcie.sms == 114 and choose(1, 14, sizes=pcie) == 8 and choose(1, 15, sizes=pcie) == 4
-  assert choose(1, 48, sizes=pk.BlockSizes(cluster=4, forward_cluster=8)) == 8  # sms=0: always
+  assert choose(1, 48, sizes=pk.BlockSizes(cluster=4, wave_cluster=8)) == 8  # sms=0: always
+  assert gpu.stores_states("ttt_mlp", jnp.bfloat16, (1, 12, 100, 64, 64), 1, h100)
+  assert not gpu.stores_states("ttt_mlp", jnp.bfloat16, (1, 12, 100, 64, 64), 16, h100)
 
 
 def test_block_sizes_table():
@@ -429,9 +427,9 @@ def _cuda_plugin():
     pytest.skip(f"needs jax's CUDA plugin (not installed by .[test]): {e}")
 
 
-@pytest.mark.parametrize("group,wide", [(16, 0), (16, 8), (1, 0)],
-                         ids=["g16", "g16-forward8", "g1-stored_states"])
-def test_cluster_kernel_compiles_for_h100(group, wide, d=64, P=4):
+@pytest.mark.parametrize("group,P", [(16, 4), (1, 4), (16, 8), (1, 8)],
+                         ids=["g16", "g1-stored_states", "g16-P8", "g1-P8"])
+def test_cluster_kernel_compiles_for_h100(group, P, d=64):
   """The cluster kernel (distributed shared memory, not the interpreter's global-memory path)
   and the op's gradient compile for an H100 at the 5B layer's shape per GPU (compile-only
   devices: jax's CUDA plugin, no GPU), with the backward's recompute (g = 16) and without
@@ -440,8 +438,7 @@ def test_cluster_kernel_compiles_for_h100(group, wide, d=64, P=4):
   mesh = Mesh(np.array(_cuda_plugin()[:1]), ("x",))
   shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
             for s in _abstract_shapes(jnp.bfloat16, H=6, N=23, d=d)]
-  op = functools.partial(pk.ttt_mlp, checkpoint_group=group,
-                         block_sizes=pk.BlockSizes(cluster=P, forward_cluster=wide))
+  op = functools.partial(pk.ttt_mlp, checkpoint_group=group, block_sizes=pk.BlockSizes(cluster=P))
   loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
   for f in (op, jax.grad(loss, range(len(shapes)))):
     with use_abstract_mesh(mesh.abstract_mesh):  # the op's target: the H100, not this CPU

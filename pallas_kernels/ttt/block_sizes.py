@@ -2,11 +2,11 @@
 
 GPU: `cluster` > 0 runs TTT-MLP's forward and backward as the Mosaic GPU kernels of
 `gpu_cluster.py` and `gpu_cluster_backward.py`, the state split over `cluster` CTAs per head
-(where their `supports` take the shape: bf16, b = d = 64, cluster = 4; the forward also 8),
-and `forward_cluster` the forward's split where its grid then fits one wave of the chip's
-SMs (`gpu.forward_cluster`: 8 when B x H <= 16 on an H100, whose 132 SMs take 48 CTAs at 4
-and 128 at 8: a mini-batch costs two thirds of the time at 8 with half the state a CTA, so
-one wave at 8 beats one at 4, while two at 4 tie with three at 8); otherwise the Triton
+(where their `supports` take the shape: bf16, b = d = 64, cluster = 4 or 8), and
+`wave_cluster` the split instead where its grid then fits one wave of the chip's SMs
+(`gpu.cluster_size`: 8 when B x H <= 16 on an H100, whose 132 SMs take 48 CTAs at 4 and 128
+at 8: a mini-batch costs about two thirds of the time at 8 with half the state a CTA, so one
+wave at 8 beats one at 4, while two at 4 about tie with three at 8); otherwise the Triton
 kernels of `gpu.py`, one program per (batch, head), whose tunables are Triton's `num_warps`
 and `num_stages`. TPU (Mosaic, `tpu.py`):
 `heads_per_step` heads and, in the forward, `mini_batches_per_step` consecutive mini-batches
@@ -36,11 +36,10 @@ class BlockSizes:
   num_warps: int = 4
   num_stages: int = 1  # the mini-batch loop carries the state: nothing to software-pipeline
   cluster: int = 0  # GPU: CTAs per head for the Mosaic GPU TTT-MLP kernels (0: Triton)
-  # GPU: the cluster forward's CTAs per head instead, where B x H x forward_cluster CTAs fit
-  # one wave of `sms` SMs (0: `cluster`; the backward and the states it reads stay on
-  # `cluster`); sms = 0: always.
-  forward_cluster: int = 0
-  sms: int = 0  # GPU: the device's SMs, for forward_cluster's wave count
+  # GPU: CTAs per head instead, forward and backward, where B x H x wave_cluster CTAs fit one
+  # wave of `sms` SMs (0: never; sms = 0: always)
+  wave_cluster: int = 0
+  sms: int = 0  # GPU: the device's SMs, for wave_cluster's count
   heads_per_step: int = 1  # TPU: heads per grid step (rounded down to a divisor of H)
   # TPU forward: mini-batches per grid step (`tpu.mini_batches_per_step` rounds it to fit g)
   mini_batches_per_step: int = 8
@@ -51,16 +50,16 @@ DEFAULT = BlockSizes()
 
 
 def _cluster(sms: int) -> BlockSizes:  # the cluster kernels' entry on an SXM-class Hopper
-  return BlockSizes(num_warps=8, cluster=4, forward_cluster=8, sms=sms)
+  return BlockSizes(num_warps=8, cluster=4, wave_cluster=8, sms=sms)
 
 # (device kind prefix, input dtype name or None for any, head_dim or None for any) -> sizes.
 # The first matching entry wins; device kinds are matched case-insensitively by prefix.
 TABLE: tuple[tuple[tuple[str, str | None, int | None], BlockSizes], ...] = (
-    # 4 CTAs per head (the backward's one cluster size at d = 64, `gpu_cluster_backward.supports`):
-    # 192 CTAs at the 5B shape (48 heads) over 132 SMs, 32 KiB of f32 state each, forward and
-    # backward; one CTA per SM (shared memory), so two waves at B = 1 (`gpu_cluster` docstring).
-    # The forward on 8 where B x H <= 16 (12 heads a device at tensor = 4): one wave either
-    # way, each mini-batch about 1,585 clocks instead of 2,376 (kernel_resources' timeline).
+    # 4 CTAs per head: 192 CTAs at the 5B shape (48 heads) over 132 SMs, 32 KiB of f32 state
+    # each; one CTA per SM (shared memory), so two waves at B = 1 (`gpu_cluster` docstring).
+    # 8 where B x H <= 16 (12 heads a device at tensor = 4): one wave either way, and a
+    # mini-batch on the kernel_resources timeline takes 1,585 clocks instead of 2,376 in the
+    # forward, 3,931 instead of 6,270 in the backward.
     # num_warps is for the Triton kernels, should a shape fall back to them.
     (("NVIDIA H100 PCIe", "bfloat16", 64), _cluster(sms=114)),  # untuned
     (("NVIDIA H100", "bfloat16", 64), _cluster(sms=132)),  # untuned

@@ -6,8 +6,8 @@ matmuls, which Triton expresses directly (`lax.fori_loop` over refs) for every k
 mini-batch size and dtype, and Pallas Triton lowers on a CPU-only host for an abstract H100, so
 CI checks that it stays lowerable (jax 0.11/0.12's Mosaic GPU lowering is registered only with
 the CUDA plugin). TTT-MLP's bf16 forward at b = d = 64, the training shape, has a Mosaic GPU
-kernel with the state split over a cluster of CTAs (`gpu_cluster.py`; 4 a head, or 8 for the
-forward where that grid fits one wave: `forward_cluster`), chosen by the block-size table;
+kernel with the state split over a cluster of CTAs (`gpu_cluster.py`; 4 a head, or 8 where
+that grid fits one wave: `cluster_size`), chosen by the block-size table;
 Pallas marks its Triton backend as deprecated, so the rest follows once a GPU is at hand to
 measure both.
 
@@ -104,12 +104,12 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
   [B, H, ceil(N/g), ...] in the state dtype, the state at the start of each group of g).
 
   Runs the Mosaic GPU cluster kernel (`gpu_cluster.forward`) instead where the block sizes
-  ask for it and `gpu_cluster.supports` the shape (`forward_cluster`), so the backward's
+  ask for it and `gpu_cluster.supports` the shape (`cluster_size`), so the backward's
   recompute uses the same kernel as the forward.
   """
   B, H, N, b, d = xq.shape
-  if P := forward_cluster(kind, xq.dtype, xq.shape, checkpoint_group, block_sizes):
-    stored = stores_states(kind, xq.dtype, b, d, checkpoint_group, block_sizes)
+  if P := cluster_size(kind, xq.dtype, xq.shape, block_sizes):
+    stored = stores_states(kind, xq.dtype, xq.shape, checkpoint_group, block_sizes)
     return gpu_cluster.forward(
         xq, xk, xv, eta, ln_weight, ln_bias, init, eps=eps, checkpoint_group=checkpoint_group,
         cluster=P, interpret=_mosaic_interpret(interpret), debug=debug,
@@ -190,7 +190,7 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
 _KERNEL_STATE_BYTES = 64 << 10
 
 
-def stores_states(kind: str, dtype, b: int, d: int, checkpoint_group: int,
+def stores_states(kind: str, dtype, shape, checkpoint_group: int,
                   block_sizes: BlockSizes) -> bool:
   """Whether `forward` saves every state as the cluster backward reads it (W1, W2 as their
   bf16 operands, b1, b2 in f32; N + 1, the final state too) and `backward` sweeps them without
@@ -198,25 +198,23 @@ def stores_states(kind: str, dtype, b: int, d: int, checkpoint_group: int,
   the backward's recompute would (65 KiB a head per mini-batch at d = 64, held until the
   backward: 16.4 GiB per batch element at 63 s with 48 heads), and the backward is one kernel
   call."""
-  P = block_sizes.cluster
+  P = cluster_size(kind, dtype, shape, block_sizes)
   return (checkpoint_group == 1 and bool(P)
-          and gpu_cluster_backward.supports(kind, dtype, b, d, P))
+          and gpu_cluster_backward.supports(kind, dtype, shape[3], shape[4], P))
 
 
-def forward_cluster(kind: str, dtype, shape, checkpoint_group: int,
-                    block_sizes: BlockSizes) -> int:
-  """CTAs per head of the cluster forward for xq's shape [B, H, N, b, d] (0: the Triton
-  kernel): `block_sizes.forward_cluster` where its B x H x P CTAs fit one wave of
-  `block_sizes.sms` (clusters of P on whole multiples of P SMs; an estimate, as the GPCs' SM
-  counts may leave fewer) and the kernel takes it, else `block_sizes.cluster`. Not when the
-  forward saves the states the backward sweeps (`stores_states`): they are laid out for the
-  backward's split."""
+def cluster_size(kind: str, dtype, shape, block_sizes: BlockSizes) -> int:
+  """CTAs per head of the cluster kernels, forward and backward, for xq's shape
+  [B, H, N, b, d] (0: the Triton kernels): `block_sizes.wave_cluster` where its B x H x P CTAs
+  fit one wave of `block_sizes.sms` (clusters of P on whole multiples of P SMs; an estimate,
+  as the GPCs' SM counts may leave fewer) and the kernels take it, else
+  `block_sizes.cluster` where they take it."""
   B, H, _, b, d = shape
-  P, wide, sms = block_sizes.cluster, block_sizes.forward_cluster, block_sizes.sms
-  if (wide and not stores_states(kind, dtype, b, d, checkpoint_group, block_sizes)
-      and (not sms or B * H * wide <= sms // wide * wide)
-      and gpu_cluster.supports(kind, dtype, b, d, wide)):
-    return wide
+  wave, sms = block_sizes.wave_cluster, block_sizes.sms
+  if wave and (not sms or B * H * wave <= sms // wave * wave):
+    if gpu_cluster.supports(kind, dtype, b, d, wave):
+      return wave
+  P = block_sizes.cluster
   return P if P and gpu_cluster.supports(kind, dtype, b, d, P) else 0
 
 
@@ -292,11 +290,11 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
   kw = dict(interpret=interpret, debug=debug, block_sizes=block_sizes)
 
   in_kernel = backward_fits_kernel(kind, d)
-  P = block_sizes.cluster
+  P = cluster_size(kind, xq.dtype, xq.shape, block_sizes)  # as the forward's
   on_cluster = bool(P) and gpu_cluster_backward.supports(kind, xq.dtype, b, d, P)
-  if stores_states(kind, xq.dtype, b, d, g, block_sizes):  # every state saved: no recompute
-    f32 = jnp.float32
-    ct_final = tuple(jnp.zeros(c.shape[:2] + c.shape[3:], f32) for c in checkpoints)
+  if stores_states(kind, xq.dtype, xq.shape, g, block_sizes):  # every state saved: no recompute
+    f32 = jnp.float32  # (the stack's W2 may be W2^T: the state's own shapes)
+    ct_final = tuple(jnp.zeros((B, H, *shape), f32) for shape in state_shapes(kind, d))
     *ct_xs, ct_gamma, ct_beta, ct_init = gpu_cluster_backward.backward_group(
         (xq, xk, xv, eta), ln_weight, ln_bias, checkpoints, ct_out, ct_final, eps=eps,
         cluster=P, interpret=_mosaic_interpret(interpret), debug=debug)

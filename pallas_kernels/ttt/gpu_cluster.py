@@ -16,10 +16,8 @@ rows) takes 1,585 clocks a mini-batch on the timeline below instead of 2,376: tw
 the time for half the work, as the cluster sums, the row statistics and the loop's fixed costs
 do not halve. So three waves at 8 tie with two at 4 (48 heads), and 8 wins where its grid
 fits one wave (B x H <= 16, as the 12 heads a device at tensor = 4: 96 CTAs instead of 48 on
-the 132 SMs): `gpu.forward_cluster` picks it there. The backward stays on 4 (its scratch
-reuses [b, d] slots as the state cotangent's staging, b = d = 4d / P), and so does a forward
-that stores the states the backward reads; it recomputes from the forward's f32 checkpoints,
-which are laid out whole in HBM whatever the split.
+the 132 SMs): `gpu.cluster_size` picks it there, for the backward too
+(`gpu_cluster_backward`: 3,931 clocks a mini-batch instead of 6,270).
 
 The split is exact because the hidden width only meets the rest of the mini-batch through sums
 over it. With X2 = gelu(XK W1 + b1), everything per hidden slice stays local (Z1, X2, G1, the
@@ -275,8 +273,9 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
   `weights_dtype`: of the W1 and W2 checkpoints (b1, b2 stay f32); bf16 for the backward's
   stack of states (`gpu_cluster_backward`), which are exactly the operands the kernel's
   matmuls used, at checkpoint_group = 1: N + 1 of them, the state after the last mini-batch
-  too. `output`: False for the states alone (the backward's recompute, which
-  recomputes each mini-batch's output itself): the returned output is then None.
+  too; W2's as W2^T [B, H, N + 1, d, 4d] where `w2_transposed`. `output`: False for the
+  states alone (the backward's recompute, which recomputes each mini-batch's output itself):
+  the returned output is then None.
   `interpret`: False, or a `plgpu.InterpretGPUParams` to run on the CPU; `debug`: print the
   kernel's jaxpr and lowered code.
   """
@@ -311,4 +310,6 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
   out, ck_w1, ck_b1, ck_w2, ck_b2, _, _ = kernel(
       xq, xk, xv, eta.astype(f32), ln_weight.astype(f32), ln_bias.astype(f32), W1, b1,
       swap(W2), b2)
-  return out if output else None, (ck_w1, ck_b1, swap(ck_w2), ck_b2)
+  # The backward's stack keeps W2^T as the kernels on this split read it (no transpose of
+  # g + 1 states); f32 checkpoints, one a group, are returned as W2.
+  return out if output else None, (ck_w1, ck_b1, ck_w2 if stack else swap(ck_w2), ck_b2)

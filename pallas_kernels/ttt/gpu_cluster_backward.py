@@ -71,16 +71,23 @@ dual form P = G2 W2^T recomputed instead of keeping G1 and Q. Next: warp special
 second warpgroup holding the state cotangents and their matmuls would take 64 registers a thread
 off this one; every warp must then join the cluster barriers, or they become mbarrier based).
 
-Scope (`supports`): as the forward's at b = d = 64, cluster = 4 (the partial-sum slots double as
-the f32 staging of the state cotangent at the start and end, so b = d = 4d / cluster). Shared
-memory: 20 bf16 tiles and 3 f32 ones, 212 KiB (`smem_bytes`; Mosaic GPU asks for 225 KiB of the
-227). There is no room for a second set of input tiles, so mini-batch t - 1's inputs are loaded
+Scope (`supports`): as the forward's, b = d = 64 and cluster = 4 or 8. Shared memory at 4: 20
+bf16 tiles and 3 f32 ones, 212 KiB (`smem_bytes`; Mosaic GPU asks for 225 KiB of the 227).
+There is no room for a second set of input tiles, so mini-batch t - 1's inputs are loaded
 once t has read what they replace (after the rows' work, about the last third of the step): XQ,
 XV, ct_out, eta, b1 and b2 into their own buffers, and XK, W1 and W2, whose own tiles t reads
 until its end, into three operand tiles dead by then, copied over at t - 1's start (d XQ, d XK
-and d XV leave through the tiles of X2_bar, XK and W2'). On the loop's timeline, which has no
-memory latency, that cost 113 instructions a step when measured (8,276 clocks instead of 8,115);
-it takes a 49 KiB round trip to HBM off the start of every step."""
+and d XV leave through the tiles of X2_bar, XK and W2'; the partial-sum slots double as G1's
+parking and the f32 staging of the state cotangent at the start and end). On the loop's
+timeline, which has no memory latency, that cost 113 instructions a step when measured (8,276
+clocks instead of 8,115); it takes a 49 KiB round trip to HBM off the start of every step.
+At 8 (hidden slices of 32) the W2-shaped tiles and the state stack hold W2^T, as the forward
+does (`gpu_cluster.w2_transposed`: every product with W2, W2' or their cotangent is taken on
+the transpose, CW2 += A^T B as CW2^T += B^T A), every tile has a 64-byte swizzle, and the
+slice's [., 32] tiles cannot stand in for [b, d] or f32 [d, 64] buffers, so those five have
+their own (211 KiB in all; Mosaic GPU asks for 225 KiB). A mini-batch then takes 3,931 clocks
+on the loop's timeline (3,854 instructions, 70 HGMMA), the recompute's 1,209: 0.63 and 0.69
+of the times on 4 for half the work."""
 from __future__ import annotations
 
 import functools
@@ -109,22 +116,30 @@ def smem_bytes(b: int, d: int, cluster: int, interpret: bool = False) -> int:
 
 def supports(kind: str, dtype, b: int, d: int, cluster: int) -> bool:
   """Whether this kernel runs the backward; otherwise `gpu.backward`'s reverse sweep does."""
-  return (gpu_cluster.supports(kind, dtype, b, d, cluster) and b == d == 4 * d // cluster
-          and smem_bytes(b, d, cluster) + MOSAIC_RESERVE_BYTES
-          <= SMEM_LIMIT_BYTES)
+  return (gpu_cluster.supports(kind, dtype, b, d, cluster) and b == d
+          and (4 * d // cluster == d or gpu_cluster.w2_transposed(d, cluster))
+          and smem_bytes(b, d, cluster) + MOSAIC_RESERVE_BYTES <= SMEM_LIMIT_BYTES)
 
 
 def _scratch(b, d, cluster, interpret):
   """The CTA's scratch, in `_kernel`'s order: shared-memory buffers, then barriers."""
   fp, f32, bf16 = 4 * d // cluster, jnp.float32, jnp.bfloat16
-  t = lambda *shape: swizzled(shape, bf16)
+  tr = gpu_cluster.w2_transposed(d, cluster)
+  w2 = (d, fp) if tr else (fp, d)  # W2-shaped tiles (W2, W2', its cotangent): W2^T at tr
+  t = lambda *shape: swizzled(shape, bf16, swizzle=64 if fp < 64 else None)
+  # Where the hidden slice is narrower than d (tr), the tiles that double as [b, d] or f32
+  # [d, fp] buffers at fp = d (see `_kernel`) cannot: these take their place.
+  own = (t(b, d), t(b, d), t(b, d), plgpu.SMEM((b, fp), f32),
+         plgpu.SMEM((2, d, fp), f32)) if tr else ()
   # Swizzled tiles first, vectors last: each tile is aligned to 1 KiB.
   return (
-      t(b, d), t(b, d), t(b, d), t(b, d), t(d, fp), t(fp, d),  # XQ XK XV ct_out, W1 W2 at t
-      t(b, fp), t(b, fp), t(b, fp), t(b, d), t(b, d), t(d, fp), t(fp, d), t(b, b),  # recompute's
+      t(b, d), t(b, d), t(b, d), t(b, d), t(d, fp), t(*w2),  # XQ XK XV ct_out, W1 W2 at t
+      t(b, fp), t(b, fp), t(b, fp), t(b, d), t(b, d), t(d, fp), t(*w2), t(b, b),  # recompute's
       t(b, fp),  # gelu'(Z1), parked
-      t(b, d), t(d, fp), t(fp, d), t(b, fp), t(b, fp),  # backward operands
+      t(b, d), t(d, fp), t(*w2), t(b, fp), t(b, fp),  # backward operands
+      *own[:3],  # (tr) XK ahead, ct_out's rows then d XQ's, d XV's
       plgpu.SMEM((3, b, d), f32),  # partial sums: 3 slots
+      *own[3:],  # (tr) G1, f32; the state cotangent's staging, f32
       plgpu.SMEM((b, d) if interpret else (8,), f32),  # a peer's, received (interpret only)
       plgpu.SMEM((b,), f32), plgpu.SMEM((fp,), f32), plgpu.SMEM((d,), f32),  # eta, b1, b2 at t
       plgpu.SMEM((b,), f32),  # d eta's rows, out
@@ -172,13 +187,22 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   and [B, H, P, 2, 16, d] bf16."""
   (xq_s, xk_s, xv_s, cto_s, w1_s, w2_s,
    x2_s, x2bar_s, neg_eg1_s, g2_s, neg_eg2_s, w1p_s, w2p_s, attn_s, dx2_s,
-   d2_s, cw1_s, cw2_s, d1_s, ctp_s,
-   part_s, recv_s, eta_s, b1_s, b2_s, deta_s, parte_s, recve_s, vb1_s, vb2_s, partv_s, recvv_s,
-   vec_s, ctln_s, b1n_s, b2n_s, init_bar, load_bar, recv_bar, cbar) = scratch
+   d2_s, cw1_s, cw2_s, d1_s, ctp_s, *rest) = scratch
   i, h, c = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("cluster")
   b, d = xq_s.shape
   fp = w1_s.shape[1]
   hid = pl.ds(c * fp, fp)  # this CTA's slice of the hidden width
+  # W2-shaped refs (W2, W2', their cotangent, in shared memory and HBM) hold W2^T at tr.
+  tr = gpu_cluster.w2_transposed(d, cluster)
+  w2_slice = lambda ref: ref.at[:, hid] if tr else ref.at[hid, :]
+  if tr:
+    xkn_s, ctq_s, dxv_s, part_s, g1_s, cws_s, *rest = rest
+  else:  # fp = d: tiles dead by then hold these (see `load`, `rows_work` and `xk_sum`)
+    part_s, *rest = rest
+    xkn_s, ctq_s, dxv_s, g1_s = w1p_s, x2bar_s, w2p_s, part_s.at[2]
+    cws_s = part_s  # slots 0, 1: the state cotangent's staging at the start and the end
+  (recv_s, eta_s, b1_s, b2_s, deta_s, parte_s, recve_s, vb1_s, vb2_s, partv_s, recvv_s,
+   vec_s, ctln_s, b1n_s, b2n_s, init_bar, load_bar, recv_bar, cbar) = rest
   f32 = jnp.float32
   bd, bf = (b, d), (b, fp)
   block = row_block(c, b, d, cluster)  # the CTA's rows of the [b, d] work
@@ -196,12 +220,12 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   # through the partial-sum slots, free until the first mini-batch).
   # And W' of the last mini-batch (the group's final state) into W''s tiles: see `step`.
   fetch([(gamma_g.at[h], vec_s.at[0]), (beta_g.at[h], vec_s.at[1]),
-         (cw1_g.at[i, h, :, hid], part_s.at[0]), (cb1_g.at[i, h, 0, hid], vb1_s),
-         (cw2_g.at[i, h, hid, :], part_s.at[1]), (cb2_g.at[i, h, 0], vb2_s),
+         (cw1_g.at[i, h, :, hid], cws_s.at[0]), (cb1_g.at[i, h, 0, hid], vb1_s),
+         (w2_slice(cw2_g.at[i, h]), cws_s.at[1]), (cb2_g.at[i, h, 0], vb2_s),
          (w1_g.at[i, h, g, :, hid], w1p_s), (b1_g.at[i, h, g, 0, hid], b1n_s),
-         (w2_g.at[i, h, g, hid, :], w2p_s), (b2_g.at[i, h, g, 0], b2n_s)], init_bar)
+         (w2_slice(w2_g.at[i, h, g]), w2p_s), (b2_g.at[i, h, g, 0], b2n_s)], init_bar)
   ctln_s[...] = jnp.zeros((2, d), f32)  # (a warpgroup barrier comes before its first use)
-  carry = (plgpu.load(part_s.at[0], layout=WGMMA), plgpu.load(part_s.at[1], layout=WGMMA))
+  carry = (plgpu.load(cws_s.at[0], layout=WGMMA), plgpu.load(cws_s.at[1], layout=WGMMA))
   # Only dW1 and dW2 are carried in registers. The vector cotangents (b1, b2, gamma, beta)
   # accumulate in shared memory and gamma, beta are loaded where used: a [n] vector in a
   # WGMMA column layout takes n / 4 registers per thread, and carried through the step the six
@@ -214,11 +238,11 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     its cotangent, ct_P's) and are copied into their own at t's start, since their own
     are read until t + 1's end (the three pairs as alternating slots cost 315 more
     instructions a step in dynamic wgmma descriptors; the copies about 60)."""
-    tiles = (w1p_s, cw1_s, ctp_s) if ahead else (xk_s, w1_s, w2_s)
+    tiles = (xkn_s, cw1_s, ctp_s) if ahead else (xk_s, w1_s, w2_s)
     fetch([(xq_g.at[i, h, t], xq_s), (xv_g.at[i, h, t], xv_s), (cto_g.at[i, h, t], cto_s),
            (eta_g.at[i, h, t], eta_s), (b1_g.at[i, h, t, 0, hid], b1_s),
            (b2_g.at[i, h, t, 0], b2_s), *zip((xk_g.at[i, h, t], w1_g.at[i, h, t, :, hid],
-                                              w2_g.at[i, h, t, hid, :]), tiles)],
+                                              w2_slice(w2_g.at[i, h, t])), tiles)],
           load_bar, wait=False)
 
   def step(k, carry, first=False):
@@ -231,17 +255,22 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     b1, b2 = load_col(b1_s), load_col(b2_s, block.col)
     if not first:  # W' is the state after t, which t + 1 read as W (in w1_s, w2_s)
       stage(*((dst, plgpu.load(src, layout=WGMMA)) for src, dst in
-              ((w1p_s, xk_s), (w1_s, w1p_s), (cw1_s, w1_s), (w2_s, w2p_s), (ctp_s, w2_s))))
+              ((xkn_s, xk_s), (w1_s, w1p_s), (cw1_s, w1_s), (w2_s, w2p_s), (ctp_s, w2_s))))
     stepped = (load_col(b1n_s), load_col(b2n_s, block.col))  # b1', b2'
     bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
                                  x2_bar=x2bar_s, neg_eg1=neg_eg1_s, neg_eg2=neg_eg2_s,
                                  g2=g2_s, w1_new=w1p_s, w2_new=w2p_s, attn=attn_s, dx2=dx2_s,
-                                 q=ctp_s, g1=part_s.at[2], ln=vec_s, eta=eta_s, d1=d1_s)
-    r = mini_batch(bufs, b1, b2, eps, cl, block, interpret=interpret, stepped=stepped)
+                                 q=ctp_s, g1=g1_s, ln=vec_s, eta=eta_s, d1=d1_s)
+    r = mini_batch(bufs, b1, b2, eps, cl, block, interpret=interpret, stepped=stepped,
+                   w2_transposed=tr)
     # b1, b2 at t for t - 1 (its b1', b2'), past mini_batch's warpgroup barriers: every
     # thread has read b1n_s, b2n_s, and the next step reads them past more.
     b1n_s[...], b2n_s[...] = b1, b2
     T = lambda ref: ref.transpose((1, 0))
+    # A W2-shaped tile as the [fp, d] and the [d, fp] operand; a step of W2's cotangent,
+    # CW2 += A^T B (A [b, fp], B [b, d]), as CW2^T += B^T A at tr.
+    fd, df = ((T, lambda ref: ref) if tr else (lambda ref: ref, T))
+    cw2_step = lambda a, b_: (T(b_), a) if tr else (T(a), b_)
     dX2 = lambda: plgpu.load(dx2_s, layout=WGMMA).astype(f32)  # gelu'(Z1), loaded where used
     rd = r.Z2.shape  # [rows, d]: the CTA's rows of the [b, d] work
     col = lambda ref: cols(load_col(ref, block.col), rd)  # a [d] vector, broadcast
@@ -269,7 +298,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       stage((cw2_s, done(2)))
       return Cb1
     Cb1, (_, ct_eG1, CW2) = matmul_during(
-        [(bf, [(d2_s, T(w2p_s))]), (bf, [(xk_s, cw1_s)]), (CW2, [(T(x2bar_s), d2_s)])], d1,
+        [(bf, [(d2_s, df(w2p_s))]), (bf, [(xk_s, cw1_s)]), (CW2, [cw2_step(x2bar_s, d2_s)])], d1,
         interpret)
 
     # W1' = W1 - XK^T eG1, b1' = b1 - colsum(eG1): ct_eG1 = -(XK ct_W1' + ct_b1'), with
@@ -284,15 +313,16 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       ct_Z1 = ct_G1 * Q.astype(f32)
       stage((ctp_s, ct_G1 * dx2.astype(f32)))  # ct of P = G2 W2^T
       # ct_eta: [b], this slice's part; ct_Z1: X2's share is added below.
-      return (ct_eG1 * plgpu.load(part_s.at[2], layout=WGMMA)).sum(axis=1), ct_Z1
+      return (ct_eG1 * plgpu.load(g1_s, layout=WGMMA)).sum(axis=1), ct_Z1
     (ct_eta, ct_Z1), (_, neg_ct_eG2, CW1) = matmul_during(
-        [(ct_eG1, [(T(attn_s), d1_s)]), (bd, [(x2_s, cw2_s)]), (CW1, [(T(xq_s), d1_s)])], g1,
+        [(ct_eG1, [(T(attn_s), d1_s)]), (bd, [(x2_s, fd(cw2_s))]), (CW1, [(T(xq_s), d1_s)])],
+        g1,
         interpret)
 
     def publish(done):  # -ct_eG2 and ct_P summed while ct_P is computed; ct_W1' staged
       stage((cw1_s, CW1))  # (ct_XQ waits for ct_XK's sum: only d XQ needs it)
       return cl.sum((0, neg_ct_eG2, block), (2, lambda: done(0), block), ("v", dD2, block.col))
-    (ct_eG2, ct_P, dD2), _ = matmul_during([(bd, [(ctp_s, w2_s)])], publish)
+    (ct_eG2, ct_P, dD2), _ = matmul_during([(bd, [(ctp_s, fd(w2_s))])], publish)
     # b2's cotangent before its update is -(ct of colsum(eG2)), in Z2_bar and in b2's update.
     vb2 = load_col(vb2_s, block.col) + dD2
     vb2_s[...] = vb2
@@ -305,7 +335,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       ct_eta_rows = (ct_eG2_ * r.G2).sum(axis=1)  # [rows]: eG2's share of ct_eta
       # d XQ = ct_out + ct_XQ's sum: ct_out's rows wait in X2_bar's tile (dead now; the
       # next mini-batch's ct_out is loaded over cto_s before the sum).
-      x2bar_s.at[block.ds][...] = plgpu.load(cto_s.at[block.ds], layout=block.layout)
+      ctq_s.at[block.ds][...] = plgpu.load(cto_s.at[block.ds], layout=block.layout)
       # G2 = LN-L2 gradient of Z2 = X2 W2 + b2 at target XV - XK; X2 = gelu(Z1 = XK W1 + b1).
       ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(
           r.Z2, load_rows(xv_s, block) - load_rows(xk_s, block),
@@ -319,8 +349,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     # (-eG1 ct_W1'^T). The terms without ct_Z2 or ct_Z1 are computed during the rows' work,
     # with W2's cotangent step ct_P^T G2 and this slice's part of ct_XQ = D1 W1'^T.
     (ct_eta_rows, ct_T, dZ2), (ct_X2, ct_XK, CW2, ct_XQ) = matmul_during(
-        [(bf, [(neg_eg2_s, T(cw2_s))]), (bd, [(neg_eg1_s, T(cw1_s))]),
-         (CW2, [(T(ctp_s), g2_s)]), (bd, [(d1_s, T(w1p_s))])], rows_work, interpret)
+        [(bf, [(neg_eg2_s, df(cw2_s))]), (bd, [(neg_eg1_s, T(cw1_s))]),
+         (CW2, [cw2_step(ctp_s, g2_s)]), (bd, [(d1_s, T(w1p_s))])], rows_work, interpret)
 
     def d1(done):  # ct_Z1, D1's tile, while W2's cotangent is accumulated
       # XQ, XV, ct_out, eta, b1, b2 and the three tiles `load` uses are dead here (their last
@@ -332,10 +362,10 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       stage((d1_s, ct_Z1_))
       return ct_Z1_
     ct_Z1, (_, CW2) = matmul_during(
-        [(ct_X2, [(d2_s, T(w2_s))]), (CW2, [(T(x2_s), d2_s)])], d1, interpret)
+        [(ct_X2, [(d2_s, df(w2_s))]), (CW2, [cw2_step(x2_s, d2_s)])], d1, interpret)
     def xk_sum(done):  # while W1's cotangent is accumulated (it reads xk_s: written after)
       vb1_s[...] = load_col(vb1_s) + ct_Z1.sum(axis=0)
-      w2p_s.at[block.ds][...] = ct_T.astype(w2p_s.dtype)  # d XV's rows, out below
+      dxv_s.at[block.ds][...] = ct_T.astype(dxv_s.dtype)  # d XV's rows, out below
       ct_eta_, dZ2_, ct_XQ_, ct_XK_ = cl.sum(
           ("eta", ct_eta, eta_block), ("v", dZ2, block.col), (1, None, block),
           (2, lambda: done(0), block))
@@ -346,11 +376,11 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
 
     # The CTA's rows of d XQ, d XK, d XV and d eta, out through tiles free now (those of
     # X2_bar, XK and W2'; the next mini-batch writes them after these leave).
-    x2bar_s.at[block.ds][...] = (load_rows(x2bar_s, block) + ct_XQ).astype(x2bar_s.dtype)
+    ctq_s.at[block.ds][...] = (load_rows(ctq_s, block) + ct_XQ).astype(ctq_s.dtype)
     xk_s.at[block.ds][...] = (ct_XK - ct_T).astype(xk_s.dtype)
     deta_s.at[block.ds][...] = ct_eta + ct_eta_rows
     plgpu.commit_smem()
-    for src, dst in ((x2bar_s, dxq_g), (xk_s, dxk_g), (w2p_s, dxv_g), (deta_s, deta_g)):
+    for src, dst in ((ctq_s, dxq_g), (xk_s, dxk_g), (dxv_s, dxv_g), (deta_s, deta_g)):
       plgpu.copy_smem_to_gmem(src.at[block.ds], dst.at[i, h, t, block.ds])
 
     return CW1, CW2  # (no barrier needed here: see the module docstring)
@@ -361,11 +391,11 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   CW1, CW2 = lax.fori_loop(1, g, step, carry)
   cl.sync()  # no CTA exits or reuses slots 0, 1 while a peer may still read them
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-  part_s.at[0][...], part_s.at[1][...] = CW1, CW2  # the last barrier freed the slots
+  cws_s.at[0][...], cws_s.at[1][...] = CW1, CW2  # (fp = d: the last barrier freed the slots)
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(part_s.at[0], dw1_g.at[i, h, :, hid])
+  plgpu.copy_smem_to_gmem(cws_s.at[0], dw1_g.at[i, h, :, hid])
   plgpu.copy_smem_to_gmem(vb1_s, db1_g.at[i, h, 0, hid])
-  plgpu.copy_smem_to_gmem(part_s.at[1], dw2_g.at[i, h, hid, :])
+  plgpu.copy_smem_to_gmem(cws_s.at[1], w2_slice(dw2_g.at[i, h]))
 
   plgpu.copy_smem_to_gmem(ctln_s, dln_g.at[i, h, c])
 
@@ -383,8 +413,9 @@ def backward_group(xs, ln_weight, ln_bias, states, ct_out, ct_final, *, eps: flo
 
   xs: (xq, xk, xv [B, H, g, 64, d] bf16, eta [B, H, g, 64]); ln_weight, ln_bias: [H, d];
   states: the states before each of the g mini-batches and after the last, W1
-  [B, H, g + 1, d, 4d] and W2 in bf16,
-  b1, b2 in f32 (`gpu_cluster.forward` with checkpoint_group=1, weights_dtype=bf16); ct_out
+  [B, H, g + 1, d, 4d] and W2 in bf16 (W2^T [B, H, g + 1, d, 4d] where
+  `gpu_cluster.w2_transposed`), b1, b2 in f32 (`gpu_cluster.forward` on the same cluster with
+  checkpoint_group=1, weights_dtype=bf16); ct_out
   [B, H, g, 64, d]; ct_final: the cotangent of the group's final state, f32 [B, H, ...].
   `interpret`: False or a `plgpu.InterpretGPUParams`.
 
@@ -395,12 +426,21 @@ def backward_group(xs, ln_weight, ln_bias, states, ct_out, ct_final, *, eps: flo
   B, H, g, b, d = xq.shape
   if not supports("ttt_mlp", xq.dtype, b, d, cluster):
     raise ValueError(f"gpu_cluster_backward: b={b}, d={d}, dtype {xq.dtype}, cluster={cluster}"
-                     " is not supported (bf16, b = d = 64, cluster = 4); use gpu.backward.")
+                     " is not supported (bf16, b = d = 64, cluster = 4 or 8); use "
+                     "gpu.backward.")
   if any(w.shape[2] != g + 1 for w in states):
     raise ValueError(f"gpu_cluster_backward: states hold {[w.shape[2] for w in states]} "
                      f"states for g = {g} mini-batches; pass g + 1 = {g + 1}, the states "
                      "before each and after the last (gpu_cluster.forward with "
                      "checkpoint_group=1, weights_dtype=bfloat16).")
+  tr = gpu_cluster.w2_transposed(d, cluster)
+  if states[2].shape[3:] != ((d, 4 * d) if tr else (4 * d, d)):
+    raise ValueError(f"gpu_cluster_backward: W2's states have shape {states[2].shape[3:]}; "
+                     f"on {cluster} CTAs a head they are "
+                     f"{'W2^T [d, 4d]' if tr else 'W2 [4d, d]'}, as gpu_cluster.forward "
+                     "saves them on that split.")
+  swap = lambda w: jnp.swapaxes(w, -1, -2) if tr else w  # W2's cotangent as the kernel holds it
+  ct_final = (*ct_final[:2], swap(ct_final[2]), ct_final[3])
   f32 = jnp.float32
   out_type = (*(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (xq, xk, xv)),
               jax.ShapeDtypeStruct(eta.shape, f32),
@@ -419,4 +459,5 @@ def backward_group(xs, ln_weight, ln_bias, states, ct_out, ct_final, *, eps: flo
                 W2.astype(jnp.bfloat16), b2.astype(f32), *(c.astype(f32) for c in ct_final))
   ct_xq, ct_xk, ct_xv, ct_eta, ct_ln, *ct_init = outs[:9]
   ct_ln = ct_ln.sum(axis=2)  # over the CTAs' rows
-  return ct_xq, ct_xk, ct_xv, ct_eta, ct_ln[:, :, 0], ct_ln[:, :, 1], tuple(ct_init)
+  ct_init = (*ct_init[:2], swap(ct_init[2]), ct_init[3])
+  return ct_xq, ct_xk, ct_xv, ct_eta, ct_ln[:, :, 0], ct_ln[:, :, 1], ct_init

@@ -25,9 +25,9 @@ COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column: [n]
 # Shared memory per block on Hopper (H100, H200): 227 KiB with the opt-in.
 SMEM_LIMIT_BYTES = 227 << 10
 # Mosaic GPU's own shared memory beside the scratch list (cross-warp reductions), measured by
-# compiling for an H100 at d = 64, cluster = 4: 6.2 KiB in the forward, 11.2 KiB in the
-# backward (180,224 and 227,328 B asked for).
-MOSAIC_RESERVE_BYTES = 12 << 10
+# compiling for an H100 at d = 64: 6.2 KiB in the forward, 11.2 KiB in the backward on 4 CTAs
+# a head, 13.8 KiB on 8 (180,224, 227,328 and 230,400 B asked for).
+MOSAIC_RESERVE_BYTES = 14 << 10
 
 
 def swizzled(shape, dtype, swizzle=None):
@@ -329,7 +329,7 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
 
   The forward passes state, its (W1, W2), f32 [d, fp], [fp, d] in registers (WGMMA), whose
   bf16 copies s.w1, s.w2 hold (w2_transposed: W2^T [d, fp] in both, so that W2's step is a
-  wgmma tile of d = 64 rows when fp = 32, at cluster = 8; the forward's only): the gradient
+  wgmma tile of d = 64 rows when fp = 32, at cluster = 8; s.w2_new too): the gradient
   step is taken on them (Recompute's W1, W2) and the new ones staged over s.w1, s.w2 (after
   before_stage(), if given). during_z1(): work that needs none of this, run while Z1's matmul
   is (the forward's loads of the next mini-batch).
@@ -345,7 +345,6 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
   backward = state is None
   assert backward == (stepped is not None), "the forward passes state, the backward stepped"
   assert output or not backward, "the backward recomputes the output"
-  assert not (backward and w2_transposed), "the backward holds W2 as [fp, d]"
   b, d = s.xq.shape
   fp = s.w1.shape[1]
   bf, bd, rd = (b, fp), (b, d), (block.ds.size, d)
@@ -397,8 +396,9 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
       s.g1[...] = G1
       stage((s.neg_eg1, -(rows(plgpu.load(s.eta, layout=ROW), bf) * G1)))
     # Z2_bar = X2_bar W2' + b2', with G2 W2^T
-    _, (_, part) = matmul_during([(bf, [(s.g2, w2_t)]),
-                                  (bd, [(s.x2_bar, s.w2_new)])], g1, interpret)
+    w2_new = T(s.w2_new) if w2_transposed else s.w2_new
+    _, (_, part) = matmul_during([(bf, [(s.g2, w2_t)]), (bd, [(s.x2_bar, w2_new)])], g1,
+                                 interpret)
     Z2_bar, = cl.sum((1, part, block))
     return Recompute(Z2, G2, Z2_bar + cols(stepped[1], rd), None, None, None, None)
 

@@ -184,7 +184,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   cotangent [B, H, ...] f32; outputs the cotangents of x and eta (like them), each CTA's part
   of (gamma, beta)'s [B, H, P, 2, d] (its rows'), of the group's initial state [B, H, ...] and
   (interpret only) the exchange scratch [B, H, P, 3, b, d], [B, H, P, b], [B, H, P, d] f32
-  and [B, H, P, 2, 16, d] bf16."""
+  and [B, H, P, 2, b / P, d] bf16."""
   (xq_s, xk_s, xv_s, cto_s, w1_s, w2_s,
    x2_s, x2bar_s, neg_eg1_s, g2_s, neg_eg2_s, w1p_s, w2p_s, attn_s, dx2_s,
    d2_s, cw1_s, cw2_s, d1_s, ctp_s, *rest) = scratch
@@ -217,7 +217,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
                xch_rows=lambda j, p: xchr_g.at[i, h, p, j])
 
   # LayerNorm parameters and the cotangent of the group's final state (f32; W1's and W2's
-  # through the partial-sum slots, free until the first mini-batch).
+  # through cws_s: the partial-sum slots, free until the first mini-batch, where fp = d).
   # And W' of the last mini-batch (the group's final state) into W''s tiles: see `step`.
   fetch([(gamma_g.at[h], vec_s.at[0]), (beta_g.at[h], vec_s.at[1]),
          (cw1_g.at[i, h, :, hid], cws_s.at[0]), (cb1_g.at[i, h, 0, hid], vb1_s),
@@ -235,7 +235,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   def load(t, ahead):
     """Mini-batch t's inputs, TMA, arriving on load_bar. Ahead (issued during mini-batch
     t + 1, once it has read them): XK, W1 and W2 go to tiles dead by then (those of W1' and
-    its cotangent, ct_P's) and are copied into their own at t's start, since their own
+    its cotangent, ct_P's; XK to its own where fp < d) and are copied into their own at t's
+    start, since their own
     are read until t + 1's end (the three pairs as alternating slots cost 315 more
     instructions a step in dynamic wgmma descriptors; the copies about 60)."""
     tiles = (xkn_s, cw1_s, ctp_s) if ahead else (xk_s, w1_s, w2_s)
@@ -316,8 +317,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       return (ct_eG1 * plgpu.load(g1_s, layout=WGMMA)).sum(axis=1), ct_Z1
     (ct_eta, ct_Z1), (_, neg_ct_eG2, CW1) = matmul_during(
         [(ct_eG1, [(T(attn_s), d1_s)]), (bd, [(x2_s, fd(cw2_s))]), (CW1, [(T(xq_s), d1_s)])],
-        g1,
-        interpret)
+        g1, interpret)
 
     def publish(done):  # -ct_eG2 and ct_P summed while ct_P is computed; ct_W1' staged
       stage((cw1_s, CW1))  # (ct_XQ waits for ct_XK's sum: only d XQ needs it)
@@ -333,8 +333,8 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       eta_rows = plgpu.load(eta_s.at[block.ds], layout=block.row)
       ct_G2 = rows(eta_rows, rd) * ct_eG2_ + ct_P
       ct_eta_rows = (ct_eG2_ * r.G2).sum(axis=1)  # [rows]: eG2's share of ct_eta
-      # d XQ = ct_out + ct_XQ's sum: ct_out's rows wait in X2_bar's tile (dead now; the
-      # next mini-batch's ct_out is loaded over cto_s before the sum).
+      # d XQ = ct_out + ct_XQ's sum: ct_out's rows wait in ctq_s (X2_bar's tile, dead now, where
+      # fp = d; the next mini-batch's ct_out is loaded over cto_s before the sum).
       ctq_s.at[block.ds][...] = plgpu.load(cto_s.at[block.ds], layout=block.layout)
       # G2 = LN-L2 gradient of Z2 = X2 W2 + b2 at target XV - XK; X2 = gelu(Z1 = XK W1 + b1).
       ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(
@@ -374,8 +374,9 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     (ct_XK, ct_XQ, ct_eta), (_, CW1) = matmul_during(
         [(ct_XK, [(d1_s, T(w1_s))]), (CW1, [(T(xk_s), d1_s)])], xk_sum, interpret)
 
-    # The CTA's rows of d XQ, d XK, d XV and d eta, out through tiles free now (those of
-    # X2_bar, XK and W2'; the next mini-batch writes them after these leave).
+    # The CTA's rows of d XQ, d XK, d XV and d eta, out through tiles free now (ctq_s, XK's
+    # and dxv_s: X2_bar's and W2''s where fp = d; the next mini-batch writes them after these
+    # leave).
     ctq_s.at[block.ds][...] = (load_rows(ctq_s, block) + ct_XQ).astype(ctq_s.dtype)
     xk_s.at[block.ds][...] = (ct_XK - ct_T).astype(xk_s.dtype)
     deta_s.at[block.ds][...] = ct_eta + ct_eta_rows

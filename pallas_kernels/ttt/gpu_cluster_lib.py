@@ -25,8 +25,9 @@ COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column: [n]
 # Shared memory per block on Hopper (H100, H200): 227 KiB with the opt-in.
 SMEM_LIMIT_BYTES = 227 << 10
 # Mosaic GPU's own shared memory beside the scratch list (cross-warp reductions), measured by
-# compiling for an H100 at d = 64: 6.2 KiB in the forward, 11.2 KiB in the backward on 4 CTAs
-# a head, 13.8 KiB on 8 (180,224, 227,328 and 230,400 B asked for).
+# compiling for an H100 at d = 64 (benchmarks/results/h100-compile-only-resources.jsonl): 6.2
+# KiB in the forward, 13.4 and 13.8 KiB in the backward on 4 and 8 CTAs a head (180,224 and
+# 230,400 B asked for).
 MOSAIC_RESERVE_BYTES = 14 << 10
 
 

@@ -171,7 +171,7 @@ def _compile(kernel: str, args) -> dict:
     N, module = args.checkpoint_group, gpu_cluster_backward
     fn = lambda *a: gpu_cluster_backward.backward_group(*a, eps=1e-6, cluster=P)
     xs = (*[spec((B, H, N, b, d), bf16)] * 3, spec((B, H, N, b), f32))
-    stack_w2 = (d, f) if gpu_cluster.w2_transposed(d, P) else (f, d)  # as the recompute saves
+    stack_w2 = gpu_cluster.w2_shape(d, P, f)  # as the recompute saves them
     shapes = (xs, ln, ln, state((B, H, N + 1), bf16, stack_w2), spec((B, H, N, b, d), bf16),
               state((B, H), f32))
   t0 = time.perf_counter()

@@ -7,9 +7,8 @@ mini-batch size and dtype, and Pallas Triton lowers on a CPU-only host for an ab
 CI checks that it stays lowerable (jax 0.11/0.12's Mosaic GPU lowering is registered only with
 the CUDA plugin). TTT-MLP's bf16 forward at b = d = 64, the training shape, has a Mosaic GPU
 kernel with the state split over a cluster of CTAs (`gpu_cluster.py`; 4 a head, or 8 where
-that grid fits one wave: `cluster_size`), chosen by the block-size table;
-Pallas marks its Triton backend as deprecated, so the rest follows once a GPU is at hand to
-measure both.
+that grid fits one wave: `cluster_size`), chosen by the block-size table; Pallas marks its
+Triton backend as deprecated, so the rest follows once a GPU is at hand to measure both.
 
 Design: one program per (batch element, head), grid (B, H). Each program loads its initial
 state W1 [d, 4d], b1 [1, 4d], W2 [4d, d], b2 [1, d] once, then runs a `lax.fori_loop` over the

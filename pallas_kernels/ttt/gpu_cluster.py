@@ -126,10 +126,28 @@ def w2_transposed(d: int, cluster: int) -> bool:
   return 4 * d // cluster < 64
 
 
+# W2-shaped arrays (W2, W2', their cotangent: in shared memory, the state stack, the kernels'
+# HBM inputs and outputs) as the CTAs of a `cluster`-CTA split hold them: W2^T where
+# `w2_transposed`. The layout is decided by these three alone.
+def w2_shape(d: int, cluster: int, width: int) -> tuple[int, int]:
+  """The [., .] shape of a W2-shaped array over `width` hidden units ([width, d] or W2^T's)."""
+  return (d, width) if w2_transposed(d, cluster) else (width, d)
+
+
+def w2_slice(ref, hid, d: int, cluster: int):
+  """The hidden slice `hid` of a W2-shaped ref (its last two dims in `w2_shape`'s layout)."""
+  return ref.at[:, hid] if w2_transposed(d, cluster) else ref.at[hid, :]
+
+
+def swap_w2(w, d: int, cluster: int):
+  """W2 [..., 4d, d] into the split's layout and back (a transpose where `w2_transposed`)."""
+  return jnp.swapaxes(w, -1, -2) if w2_transposed(d, cluster) else w
+
+
 def _scratch(b, d, cluster, dtype, interpret):
   """The CTA's scratch, in `_kernel`'s order: shared-memory buffers, then barriers."""
   fp, f32, bf16 = 4 * d // cluster, jnp.float32, jnp.bfloat16
-  w2 = (d, fp) if w2_transposed(d, cluster) else (fp, d)
+  w2 = w2_shape(d, cluster, fp)
   # 64-byte swizzles when the slice's tiles have 32 columns: a wgmma's operands share one.
   t = lambda shape, dt=bf16: swizzled(shape, dt, swizzle=64 if fp < 64 else None)
   return (
@@ -167,8 +185,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   fp = w1b_s.shape[1]
   hid = pl.ds(c * fp, fp)  # this CTA's slice of the hidden width
   bf16_weights = ck_w1.dtype == jnp.bfloat16  # the backward's state stack: W1, W2 as operands
-  tr = w2_transposed(d, cluster)  # W2 in and out as W2^T [.., d, f]: its slice is [:, hid]
-  w2_slice = lambda ref: ref.at[:, hid] if tr else ref.at[hid, :]
+  w2_hid = lambda ref: w2_slice(ref, hid, d, cluster)  # (W2^T's where `w2_transposed`)
   block = row_block(c, b, d, cluster)  # the CTA's rows of the [b, d] work
   vec = lambda k: k == "db2"
   cl = Cluster(c, cluster, interpret, cbar, recv_bar,
@@ -187,7 +204,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   head = (lambda r: r.at[i, h]) if per_example_init else (lambda r: r.at[h])
   fetch([(gamma_g.at[h], vec_s.at[0]), (beta_g.at[h], vec_s.at[1]),
          (head(w1_g).at[:, hid], st_w1), (head(b1_g).at[0, hid], st_b1),
-         (w2_slice(head(w2_g)), st_w2), (head(b2_g).at[0], st_b2)], init_bar)
+         (w2_hid(head(w2_g)), st_w2), (head(b2_g).at[0], st_b2)], init_bar)
   state = (plgpu.load(st_w1, layout=WGMMA), load_col(st_b1),
            plgpu.load(st_w2, layout=WGMMA), load_col(st_b2, block.col))
 
@@ -203,7 +220,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(w1b_s if bf16_weights else st_w1, ck_w1.at[i, h, k, :, hid])
     plgpu.copy_smem_to_gmem(st_b1, ck_b1.at[i, h, k, 0, hid])
-    plgpu.copy_smem_to_gmem(w2b_s if bf16_weights else st_w2, w2_slice(ck_w2.at[i, h, k]))
+    plgpu.copy_smem_to_gmem(w2b_s if bf16_weights else st_w2, w2_hid(ck_w2.at[i, h, k]))
 
     @pl.when(c == 0)
     def _():
@@ -227,7 +244,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
       pl.when(n + 1 < num_mini_batches)(lambda: prefetch(n + 1))
     r = mini_batch(bufs, b1, b2, eps, cl, block, state=(W1, W2), interpret=interpret,
                    before_stage=wait if bf16_weights else None, during_z1=prefetch_next,
-                   output=output, w2_transposed=tr)
+                   output=output, w2_transposed=w2_transposed(d, cluster))
     if output:  # the CTA's rows of the output: XQ + gamma * LN(Z2_bar) + beta
       x_hat, _ = normalize(r.Z2_bar, eps)
       ln = lambda k: cols(load_col(vec_s.at[k], block.col), x_hat.shape)
@@ -291,9 +308,8 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
                      f"states) needs checkpoint_group=1, not {checkpoint_group}.")
   G = num_groups(N, checkpoint_group) + stack
   f32 = jnp.float32
-  tr = w2_transposed(d, cluster)  # then W2 goes in and comes out as W2^T
-  state_types = (((d, f), weights_dtype), ((1, f), f32),
-                 ((d, f) if tr else (f, d), weights_dtype), ((1, d), f32))
+  state_types = (((d, f), weights_dtype), ((1, f), f32), (w2_shape(d, cluster, f), weights_dtype),
+                 ((1, d), f32))
   out_type = (jax.ShapeDtypeStruct(xq.shape if output else (1,), xq.dtype),
               *(jax.ShapeDtypeStruct((B, H, G, *s), t) for s, t in state_types),
               jax.ShapeDtypeStruct((B, H, cluster, 3, b, d) if interpret else (1,), f32),
@@ -306,7 +322,7 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
                           scratch=_scratch(b, d, cluster, xq.dtype, bool(interpret)),
                           grid=(B, H), cluster=cluster, interpret=interpret, debug=debug)
   W1, b1, W2, b2 = (w.astype(f32) for w in init)
-  swap = lambda w: jnp.swapaxes(w, -1, -2) if tr else w
+  swap = lambda w: swap_w2(w, d, cluster)
   out, ck_w1, ck_b1, ck_w2, ck_b2, _, _ = kernel(
       xq, xk, xv, eta.astype(f32), ln_weight.astype(f32), ln_bias.astype(f32), W1, b1,
       swap(W2), b2)

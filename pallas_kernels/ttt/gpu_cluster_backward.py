@@ -125,7 +125,7 @@ def _scratch(b, d, cluster, interpret):
   """The CTA's scratch, in `_kernel`'s order: shared-memory buffers, then barriers."""
   fp, f32, bf16 = 4 * d // cluster, jnp.float32, jnp.bfloat16
   tr = gpu_cluster.w2_transposed(d, cluster)
-  w2 = (d, fp) if tr else (fp, d)  # W2-shaped tiles (W2, W2', its cotangent): W2^T at tr
+  w2 = gpu_cluster.w2_shape(d, cluster, fp)  # W2-shaped tiles (W2, W2', its cotangent)
   t = lambda *shape: swizzled(shape, bf16, swizzle=64 if fp < 64 else None)
   # Where the hidden slice is narrower than d (tr), the tiles that double as [b, d] or f32
   # [d, fp] buffers at fp = d (see `_kernel`) cannot: these take their place.
@@ -194,7 +194,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   hid = pl.ds(c * fp, fp)  # this CTA's slice of the hidden width
   # W2-shaped refs (W2, W2', their cotangent, in shared memory and HBM) hold W2^T at tr.
   tr = gpu_cluster.w2_transposed(d, cluster)
-  w2_slice = lambda ref: ref.at[:, hid] if tr else ref.at[hid, :]
+  w2_hid = lambda ref: gpu_cluster.w2_slice(ref, hid, d, cluster)
   if tr:
     xkn_s, ctq_s, dxv_s, part_s, g1_s, cws_s, *rest = rest
   else:  # fp = d: tiles dead by then hold these (see `load`, `rows_work` and `xk_sum`)
@@ -221,9 +221,9 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   # And W' of the last mini-batch (the group's final state) into W''s tiles: see `step`.
   fetch([(gamma_g.at[h], vec_s.at[0]), (beta_g.at[h], vec_s.at[1]),
          (cw1_g.at[i, h, :, hid], cws_s.at[0]), (cb1_g.at[i, h, 0, hid], vb1_s),
-         (w2_slice(cw2_g.at[i, h]), cws_s.at[1]), (cb2_g.at[i, h, 0], vb2_s),
+         (w2_hid(cw2_g.at[i, h]), cws_s.at[1]), (cb2_g.at[i, h, 0], vb2_s),
          (w1_g.at[i, h, g, :, hid], w1p_s), (b1_g.at[i, h, g, 0, hid], b1n_s),
-         (w2_slice(w2_g.at[i, h, g]), w2p_s), (b2_g.at[i, h, g, 0], b2n_s)], init_bar)
+         (w2_hid(w2_g.at[i, h, g]), w2p_s), (b2_g.at[i, h, g, 0], b2n_s)], init_bar)
   ctln_s[...] = jnp.zeros((2, d), f32)  # (a warpgroup barrier comes before its first use)
   carry = (plgpu.load(cws_s.at[0], layout=WGMMA), plgpu.load(cws_s.at[1], layout=WGMMA))
   # Only dW1 and dW2 are carried in registers. The vector cotangents (b1, b2, gamma, beta)
@@ -243,7 +243,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
     fetch([(xq_g.at[i, h, t], xq_s), (xv_g.at[i, h, t], xv_s), (cto_g.at[i, h, t], cto_s),
            (eta_g.at[i, h, t], eta_s), (b1_g.at[i, h, t, 0, hid], b1_s),
            (b2_g.at[i, h, t, 0], b2_s), *zip((xk_g.at[i, h, t], w1_g.at[i, h, t, :, hid],
-                                              w2_slice(w2_g.at[i, h, t])), tiles)],
+                                              w2_hid(w2_g.at[i, h, t])), tiles)],
           load_bar, wait=False)
 
   def step(k, carry, first=False):
@@ -396,7 +396,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(cws_s.at[0], dw1_g.at[i, h, :, hid])
   plgpu.copy_smem_to_gmem(vb1_s, db1_g.at[i, h, 0, hid])
-  plgpu.copy_smem_to_gmem(cws_s.at[1], w2_slice(dw2_g.at[i, h]))
+  plgpu.copy_smem_to_gmem(cws_s.at[1], w2_hid(dw2_g.at[i, h]))
 
   plgpu.copy_smem_to_gmem(ctln_s, dln_g.at[i, h, c])
 
@@ -434,13 +434,12 @@ def backward_group(xs, ln_weight, ln_bias, states, ct_out, ct_final, *, eps: flo
                      f"states for g = {g} mini-batches; pass g + 1 = {g + 1}, the states "
                      "before each and after the last (gpu_cluster.forward with "
                      "checkpoint_group=1, weights_dtype=bfloat16).")
-  tr = gpu_cluster.w2_transposed(d, cluster)
-  if states[2].shape[3:] != ((d, 4 * d) if tr else (4 * d, d)):
+  if states[2].shape[3:] != (want := gpu_cluster.w2_shape(d, cluster, 4 * d)):
     raise ValueError(f"gpu_cluster_backward: W2's states have shape {states[2].shape[3:]}; "
-                     f"on {cluster} CTAs a head they are "
-                     f"{'W2^T [d, 4d]' if tr else 'W2 [4d, d]'}, as gpu_cluster.forward "
-                     "saves them on that split.")
-  swap = lambda w: jnp.swapaxes(w, -1, -2) if tr else w  # W2's cotangent as the kernel holds it
+                     f"on {cluster} CTAs a head they are {want} "
+                     f"({'W2^T' if gpu_cluster.w2_transposed(d, cluster) else 'W2'}), as "
+                     "gpu_cluster.forward saves them on that split.")
+  swap = lambda w: gpu_cluster.swap_w2(w, d, cluster)  # W2's cotangent as the kernel holds it
   ct_final = (*ct_final[:2], swap(ct_final[2]), ct_final[3])
   f32 = jnp.float32
   out_type = (*(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (xq, xk, xv)),

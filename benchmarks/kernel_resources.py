@@ -65,14 +65,56 @@ def parse_dump(text: str) -> dict:
   return out
 
 
-def _exposed_tensor_clocks(body) -> int:
-  """Clocks a loop body, (opcode, line) pairs, stalls on its wgmmas, on a simple timeline: one
-  instruction issued a clock; the tensor cores run the HGMMAs in order, each from when both it
-  is issued and the previous one is done, for N / 2 clocks (HGMMA.64xNx16); an HGMMA marked
+# What the latency timeline (`_timeline(..., latency=True)`) assumes, in clocks: when a
+# variable-latency instruction's result (its write scoreboard) is ready, by opcode; when its
+# source registers are free again (its read scoreboard); and a cluster barrier's round trip
+# (arrive, release fence, wait). Assumptions, not measurements: a load from a peer's shared
+# memory (LD through a generic address) is an SM-to-SM round trip, about 200 clocks on an H100
+# in published microbenchmarks; shared memory, shuffles and the special-function unit take
+# tens. Only a GPU run calibrates them (`gpu_session.sh`).
+LATENCY = dict(LD=200, LDL=30, LDS=30, LDSM=30, SHFL=25, MUFU=20, S2R=20)
+OTHER_LATENCY, READ_LATENCY, CLUSTER_BARRIER_CLOCKS = 20, 10, 300
+
+
+def _control(line: str) -> tuple[set[str], str | None, str | None, int]:
+  """A `.sass_ctrl` line's control code, `wait:read:write:yield:stall` before the address
+  (waits: one scoreboard, `a&b`, or a hex mask): (scoreboards waited on, read scoreboard, write
+  scoreboard, stall clocks before the warp's next issue); a line without one: nothing, 1."""
+  m = re.match(r"\s*([0-9a-fx&-]+):([0-9-]+):([0-9-]+):[Y-]:(\d+)\s+/\*", line)
+  if not m:
+    return set(), None, None, 1
+  wait, read, write, stall = m.groups()
+  if wait.startswith("0x"):
+    waits = {str(k) for k in range(6) if int(wait, 16) >> k & 1}
+  else:
+    waits = set(wait.split("&")) - {"-"}
+  return waits, None if read == "-" else read, None if write == "-" else write, int(stall)
+
+
+def _timeline(body, issue: bool = False, latency: bool = False) -> tuple[int, dict]:
+  """Clocks a loop body, (opcode, line) pairs, takes on a timeline of one warp (the kernels
+  run one warpgroup: one warp a scheduler, so nothing else issues in its gaps), and the clocks
+  it waits, by what it waits on. The tensor cores run the HGMMAs in order, each from when both
+  it is issued and the previous one is done, for N / 2 clocks (HGMMA.64xNx16); an HGMMA marked
   gsb0 closes a group, and `WARPGROUP.DEPBAR.LE gsb0, k` stalls issue until all but the last k
-  groups are done."""
-  clock, busy_until, exposed, open_end, done_at = 0, 0, 0, None, []
+  groups are done. Issue: one instruction a clock, or with `issue` the stall clocks ptxas put
+  in each control code (the dependent fixed-latency chains). With `latency` also the waits on
+  variable-latency results (scoreboards, `LATENCY`) and cluster barriers
+  (`CLUSTER_BARRIER_CLOCKS`)."""
+  clock, busy_until, open_end, done_at = 0, 0, None, []
+  ready, producer, waited = {}, {}, {}
+
+  def wait_until(t, what):
+    nonlocal clock
+    if t > clock:
+      waited[what] = waited.get(what, 0) + t - clock
+      clock = t
+
   for op, line in body:
+    waits, read, write, stall = _control(line)
+    if latency and waits:
+      last = max(waits, key=lambda k: ready.get(k, 0))
+      wait_until(ready.get(last, 0), producer.get(last, "?"))
     if m := re.match(r"HGMMA\.64x(\d+)x16", op):
       busy_until = max(clock, busy_until) + int(m.group(1)) // 2
       open_end = busy_until
@@ -81,20 +123,35 @@ def _exposed_tensor_clocks(body) -> int:
         open_end = None
     elif op.startswith("WARPGROUP.DEPBAR") and (m := re.search(r"gsb0,\s*0x([0-9a-f]+)", line)):
       keep = int(m.group(1), 16)
-      waited, done_at = done_at[:max(0, len(done_at) - keep)], done_at[len(done_at) - keep:]
-      if waited and waited[-1] > clock:
-        exposed += waited[-1] - clock
-        clock = waited[-1]
-    clock += 1
-  return exposed
+      done, done_at = done_at[:max(0, len(done_at) - keep)], done_at[len(done_at) - keep:]
+      if done:
+        wait_until(done[-1], "HGMMA")
+    elif latency and op.startswith("UCGABAR_WAIT"):
+      wait_until(clock + CLUSTER_BARRIER_CLOCKS, "cluster barrier")
+    if latency:
+      name = op.split(".")[0]
+      if write:
+        ready[write], producer[write] = clock + LATENCY.get(name, OTHER_LATENCY), name
+      if read:
+        ready[read], producer[read] = clock + READ_LATENCY, name + " (operands)"
+    step = max(1, stall) if issue else 1
+    if step > 1:
+      waited["stall counts"] = waited.get("stall counts", 0) + step - 1
+    clock += step
+  return clock, waited
+
+
+def _exposed_tensor_clocks(body) -> int:
+  """Clocks a loop body stalls on its wgmmas at one instruction a clock (`_timeline`)."""
+  return _timeline(body)[1].get("HGMMA", 0)
 
 
 def loop_profile(sass: str) -> dict:
   """The SASS loop whose body holds the most HGMMA instructions (a backward branch to an
   earlier label: the kernel's mini-batch loop; not the branches back from the out-of-line
   barrier-wait retries that ptxas puts after EXIT): instruction and HGMMA counts, tensor clocks,
-  the clocks it stalls on them and the bounds they imply (see the module docstring); {} if
-  there is no such loop."""
+  the clocks it stalls on them and the bounds they imply, and the two fuller timelines with
+  what they wait on (see the module docstring); {} if there is no such loop."""
   labels, ops, targets = {}, [], []
   for line in sass.splitlines():
     if m := re.match(r"\s*(\.L_x_\d+):", line):
@@ -117,10 +174,15 @@ def loop_profile(sass: str) -> dict:
   body, hgmma = best
   tensor = sum(int(m.group(1)) // 2 for o in hgmma if (m := re.match(r"HGMMA\.64x(\d+)x16", o)))
   exposed = _exposed_tensor_clocks(body)
+  issue_clocks, _ = _timeline(body, issue=True)
+  latency_clocks, waited = _timeline(body, issue=True, latency=True)
   return dict(loop_instructions=len(body), loop_hgmma=len(hgmma), loop_tensor_clocks=tensor,
               tensor_bound_pct=round(100 * tensor / max(tensor, len(body)), 1),
               loop_exposed_tensor_clocks=exposed, loop_clocks=len(body) + exposed,
-              serial_bound_pct=round(100 * tensor / (len(body) + exposed), 1))
+              serial_bound_pct=round(100 * tensor / (len(body) + exposed), 1),
+              loop_issue_clocks=issue_clocks, loop_latency_clocks=latency_clocks,
+              latency_bound_pct=round(100 * tensor / latency_clocks, 1),
+              loop_waits=dict(sorted(waited.items(), key=lambda kv: -kv[1])))
 
 
 def find_nvdisasm() -> str | None:

@@ -162,6 +162,17 @@ def test_kernel_resources_compiles_for_h100(tmp_path):
         limit = dict(cluster_forward=1700, cluster_recompute=1300, cluster_backward=4200,
                      cluster_forward_g1=1800)
       assert r["loop_clocks"] < limit[r["kernel"]]
+      # The fuller timeline (ptxas's stall clocks, assumed load and cluster barrier latencies)
+      # at 12 heads: 6,355, 5,147, 18,790 and 6,705 clocks (on 8: 5,040, 4,132, 13,708 and
+      # 5,041); a peer's rows copied one round trip after another (as before they were all
+      # loaded first) cost 3 or 7 round trips more an exchange.
+      latency = dict(cluster_forward=6600, cluster_recompute=5400, cluster_backward=19600,
+                     cluster_forward_g1=7000)
+      if r["cluster"] == 8:
+        latency = dict(cluster_forward=5300, cluster_recompute=4350, cluster_backward=14400,
+                       cluster_forward_g1=5300)
+      assert r["loop_latency_clocks"] < latency[r["kernel"]], r["loop_waits"]
+      assert r["loop_instructions"] <= r["loop_issue_clocks"] <= r["loop_latency_clocks"]
 
 
 def test_kernel_resources_loop_profile():
@@ -193,7 +204,10 @@ def test_kernel_resources_loop_profile():
   # The wait is issued at clock 4; the HGMMAs, issued at clocks 1 and 2, are done at 49.
   assert kernel_resources.loop_profile(sass) == dict(
       loop_instructions=6, loop_hgmma=2, loop_tensor_clocks=48, tensor_bound_pct=100.0,
-      loop_exposed_tensor_clocks=45, loop_clocks=51, serial_bound_pct=round(100 * 48 / 51, 1))
+      loop_exposed_tensor_clocks=45, loop_clocks=51, serial_bound_pct=round(100 * 48 / 51, 1),
+      # (no control codes: a clock an instruction, no scoreboards)
+      loop_issue_clocks=51, loop_latency_clocks=51, latency_bound_pct=round(100 * 48 / 51, 1),
+      loop_waits=dict(HGMMA=45))
   assert kernel_resources.loop_profile("no sass") == {}
   # Two groups: waiting for all but the last stalls until the first is done (clock 32), the
   # final wait until the second is (64).
@@ -202,6 +216,31 @@ def test_kernel_resources_loop_profile():
           ("WARPGROUP.DEPBAR.LE", "WARPGROUP.DEPBAR.LE gsb0, 0x1"), ("FADD", "FADD R3, R3, R4"),
           ("WARPGROUP.DEPBAR.LE", "WARPGROUP.DEPBAR.LE gsb0, 0x0")]
   assert kernel_resources._exposed_tensor_clocks(body) == (32 - 2) + (64 - 34)
+
+
+def test_kernel_resources_latency_timeline():
+  """`.sass_ctrl` control codes (wait:read:write:yield:stall): stall clocks, waits on the
+  scoreboard a load set (one, `a&b`, a hex mask) after its assumed latency, cluster barriers."""
+  kr = _kernel_resources()
+  line = lambda ctrl, text: (text.split()[0], f"   {ctrl}        /*0010*/     {text} ")
+  body = [line("-:-:2:Y:01", "LD.E.64 R26, [R26]"),  # a peer's shared memory: SB 2
+          line("-:-:-:Y:04", "FADD R3, R3, R4"),  # 4 clocks to the next issue
+          line("-:-:3:Y:01", "SHFL.BFLY PT, R5, R3, 0x1, 0x1f"),  # SB 3
+          line("2&3:1:-:Y:01", "STS.64 [R231], R26"),  # waits on both, reads through SB 1
+          line("-:-:-:Y:01", "UCGABAR_WAIT"),
+          line("0x2:-:-:Y:01", "MOV R26, R31")]  # mask 0x2: SB 1, the store's operands
+  assert kr._control(body[3][1]) == ({"2", "3"}, "1", None, 1)
+  assert kr._control(body[5][1]) == ({"1"}, None, None, 1)
+  assert kr._timeline(body) == (6, {})
+  assert kr._timeline(body, issue=True) == (9, {"stall counts": 3})
+  ld, barrier = kr.LATENCY["LD"], kr.CLUSTER_BARRIER_CLOCKS
+  # The store issues when the load is done (clock 200), the barrier waits, and the MOV waits
+  # for the store to have read its operands.
+  clocks, waited = kr._timeline(body, issue=True, latency=True)
+  store = ld  # the LD issued at 0
+  mov = max(store + 1 + barrier + 1, store + kr.READ_LATENCY)
+  assert clocks == mov + 1
+  assert waited == {"stall counts": 3, "LD": ld - 6, "cluster barrier": barrier}
 
 
 def test_gpu_check_smoke(tmp_path):

@@ -25,8 +25,19 @@ in order on the tensor cores, each wait on the wgmma groups stalling until they 
 100 x tensor clocks / `loop_clocks` (instructions + stalled clocks, the timeline's estimate of
 a mini-batch). Most matmuls are waited on right after they are issued, so this tighter bound is
 the better estimate; work placed between a matmul's issue and its wait
-(`gpu_cluster_lib.matmul_during`) hides it. Neither models the cluster barriers,
-distributed shared memory latency or spills' memory traffic: on a GPU the loop is slower.
+(`gpu_cluster_lib.matmul_during`) hides it.
+
+An instruction a clock is optimistic: with one warp a scheduler nothing fills the clocks that
+warp waits. The `.sass_ctrl` dump's control codes say how long: `loop_issue_clocks` issues
+each instruction after the stall clocks ptxas put in the previous one's code (its dependent
+fixed-latency chains, the MUFU pipe), and `loop_latency_clocks` also waits, on the
+scoreboards those codes name, for variable-latency results (loads from a peer's shared memory,
+shared memory, shuffles, MUFU) and for cluster barriers, at the latencies `LATENCY` and
+`CLUSTER_BARRIER_CLOCKS` assume (published microbenchmark figures, not measured here);
+`latency_bound_pct` is 100 x tensor clocks / `loop_latency_clocks`, and `loop_waits` the clocks
+waited, by what (`stall counts`, `HGMMA`, `cluster barrier`, an opcode: its result, or with
+`(operands)` its source registers being free). It is the estimate to compare with a GPU run,
+which calibrates the assumed latencies; spills' memory traffic is still unmodelled.
 
   python benchmarks/kernel_resources.py                      # the cluster kernels on 4 and 8
   python benchmarks/kernel_resources.py --out=benchmarks/results/h100-resources.jsonl

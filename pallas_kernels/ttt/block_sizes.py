@@ -58,8 +58,9 @@ TABLE: tuple[tuple[tuple[str, str | None, int | None], BlockSizes], ...] = (
     # 4 CTAs per head: 192 CTAs at the 5B shape (48 heads) over 132 SMs, 32 KiB of f32 state
     # each; one CTA per SM (shared memory), so two waves at B = 1 (`gpu_cluster` docstring).
     # 8 where B x H <= 16 (12 heads a device at tensor = 4): one wave either way, and a
-    # mini-batch on the kernel_resources timeline takes 1,585 clocks instead of 2,376 in the
-    # forward, 3,931 instead of 6,270 in the backward.
+    # mini-batch on the kernel_resources latency timeline takes 5,040 clocks instead of 6,355
+    # in the forward, 13,708 instead of 18,790 in the backward. At 48 heads 4 wins there (two
+    # waves of 6,355 against three of 5,040).
     # num_warps is for the Triton kernels, should a shape fall back to them.
     (("NVIDIA H100 PCIe", "bfloat16", 64), _cluster(sms=114)),  # untuned
     (("NVIDIA H100", "bfloat16", 64), _cluster(sms=132)),  # untuned

@@ -12,12 +12,12 @@ two waves, the second 45% full: expect B x H = 48 chains to take as long as 66 w
 estimate, to be checked on a GPU). P = 8 (W2's slice, [32, 64], is held as W2^T's [64, 32]
 so that its update is a wgmma tile of 64 rows: `w2_transposed`; every operand tile then has a
 64-byte swizzle, as a wgmma's two operands share one, and each CTA computes 8 of the [b, d]
-rows) takes 1,585 clocks a mini-batch on the timeline below instead of 2,376: two thirds of
-the time for half the work, as the cluster sums, the row statistics and the loop's fixed costs
-do not halve. So three waves at 8 tie with two at 4 (48 heads), and 8 wins where its grid
-fits one wave (B x H <= 16, as the 12 heads a device at tensor = 4: 96 CTAs instead of 48 on
-the 132 SMs): `gpu.cluster_size` picks it there, for the backward too
-(`gpu_cluster_backward`: 3,931 clocks a mini-batch instead of 6,270).
+rows) takes 5,040 clocks a mini-batch on the latency timeline below instead of 6,355: four
+fifths of the time for half the work, as the cluster exchanges, the row statistics and the
+loop's fixed costs do not halve. So three waves at 8 lose to two at 4 (48 heads), and 8 wins
+where its grid fits one wave (B x H <= 16, as the 12 heads a device at tensor = 4: 96 CTAs
+instead of 48 on the 132 SMs): `gpu.cluster_size` picks it there, for the backward too
+(`gpu_cluster_backward`: 13,708 clocks a mini-batch instead of 18,790).
 
 The split is exact because the hidden width only meets the rest of the mini-batch through sums
 over it. With X2 = gelu(XK W1 + b1), everything per hidden slice stays local (Z1, X2, G1, the
@@ -48,18 +48,21 @@ rounding; the interpreter computes it exactly), and gelu and gelu' share one. Th
 computed in registers are staged through shared memory (jax's interpreter takes only
 shared-memory wgmma operands, and one code path serves both).
 
-An estimate from the compiled code (`benchmarks/kernel_resources.py`, H100, jax 0.12.0.1): one
-warpgroup per SM issues at most one instruction per clock, and the loop's 2,096 instructions
-per mini-batch, with 280 clocks stalled on matmuls (of 896 tensor clocks, 28 HGMMA.64x64x16;
-the next mini-batch's loads are issued during Z1's matmul, the rows' loss inputs loaded during
-X2 W2's, W1's step runs during db1's column sum, W2's and XQ W1' during gelu(Z1_bar), db2's
-column sum during X2_bar W2': `gpu_cluster_lib.matmul_during`), make a mini-batch about 2,376
-clocks: 51% of the matmul peak in the benchmarks' `ttt_flops` count (the dual form's 1,215
-clocks a CTA; the kernel does that work with 896 in the primal form), before the cluster
-barriers' and distributed shared memory's latency. At d = 64 the elementwise work, not the
-matmuls, sets the pace; hiding the remaining waits (warp specialisation: a second warpgroup's
-work during each matmul) and packed bf16x2 math are the ways up. Checkpoints are saved outside
-the inner loop over a group's mini-batches.
+An estimate from the compiled code (`benchmarks/kernel_resources.py`, H100, jax 0.12.0.1): the
+loop has 2,094 instructions per mini-batch and 28 HGMMA.64x64x16 (896 tensor clocks; the next
+mini-batch's loads are issued during Z1's matmul, the rows' loss inputs loaded during X2 W2's,
+W1's step runs during db1's column sum, W2's and XQ W1' during gelu(Z1_bar), db2's column sum
+during X2_bar W2': `gpu_cluster_lib.matmul_during`). At one instruction a clock with the
+matmul waits that is 2,385 clocks; but one warpgroup is one warp per scheduler, so nothing
+fills its gaps: with the stall clocks ptxas scheduled (dependent chains, the MUFU tanh pipe:
+4,104) and the assumed latencies of the waits (three cluster barriers at 300 clocks, one
+SM-to-SM round trip of ~200 after each, row-statistic shuffles) a mini-batch takes about 6,355
+clocks: 19% of the matmul peak in the benchmarks' `ttt_flops` count (the dual form's 1,215
+clocks a CTA; the kernel does that work with 896 in the primal form). A third of it is the
+exchange and reduction latency, a third issue stalls, a third instructions: hiding latency
+(a second warpgroup per CTA, or the next mini-batch's product XK W1 started before this one's
+step lands, corrected in the dual form) is the way up, more than fewer instructions.
+Checkpoints are saved outside the inner loop over a group's mini-batches.
 
 Scope (`supports`): TTT-MLP, bf16 inputs, b = 64 (a wgmma tile is 64 rows), d = 64 with
 cluster = 4 or 8 (the scratch must fit 227 KiB of shared memory: `smem_bytes`); checkpoints as
@@ -69,8 +72,8 @@ same split is `gpu_cluster_backward.py` (`gpu.backward` recomputes each group wi
 then sweeps it in reverse there); both run `gpu_cluster_lib.mini_batch`, the forward half of
 a mini-batch. The recompute leaves out the output (`output=False`: XQ W1', gelu(Z1_bar),
 X2_bar W2', the [b, d] sum and LayerNorm; W2's step runs during (eta G2) W2^T instead), which
-the backward recomputes for its VJP anyway: 1,758 clocks a mini-batch instead of 2,502. Not
-yet done: warp specialisation.
+the backward recomputes for its VJP anyway: 5,147 clocks a mini-batch on the latency timeline
+(1,757 at an instruction a clock). Not yet done: warp specialisation.
 In interpret mode (CPU) jax's Mosaic GPU interpreter has no distributed shared memory, so there
 the partials go through a global-memory scratch instead; the compiled path is checked by
 lowering and compiling for an H100 (compile-only devices) and has not yet run on a GPU.

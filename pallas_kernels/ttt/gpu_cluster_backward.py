@@ -62,9 +62,11 @@ VJP: ct_X2's and ct_XK's terms from the steps, W2's cotangent step ct_P^T G2 and
 sum then waits for ct_XK's exchange). The loop holds 255 registers a thread and spills; what the
 VJP uses only much later waits in shared memory instead (gelu'(Z1) and Q in bf16, G1 in f32 in
 the third partial-sum slot): a 2.4 KiB stack frame, 6,135 instructions and 135 clocks stalled,
-so a mini-batch takes about 6,270 clocks on the loop's timeline (the group's prologue and first
-step 8,122), 38.8% in the benchmarks' `ttt_flops` count (twice the forward's dual-form 1,215
-clocks a CTA). Tried and slower on the timeline (before W' came from the next state): ct_Z1 or
+so a mini-batch takes about 6,270 clocks on the loop's timeline at an instruction a clock
+(the group's prologue and first step 8,122) but 18,790 on the latency timeline, with ptxas's
+stall clocks (6,305), seven cluster barriers (2,100 at an assumed 300) and the row statistics'
+shuffles (1,504) (prologue and first step: 21,697), 12.9% in the benchmarks' `ttt_flops` count
+(twice the forward's dual-form 1,215 clocks a CTA). Tried and slower on the timeline (before W' came from the next state): ct_Z1 or
 gelu'(Z1_bar) parked too (fewer instructions, more stalls), ct_W1' staged before ct_eG1 (the
 pure primal chain: 7,283), ct_out's rows kept in registers through the rows' work, and in the
 dual form P = G2 W2^T recomputed instead of keeping G1 and Q. Next: warp specialisation (a
@@ -85,9 +87,9 @@ At 8 (hidden slices of 32) the W2-shaped tiles and the state stack hold W2^T, as
 does (`gpu_cluster.w2_transposed`: every product with W2, W2' or their cotangent is taken on
 the transpose, CW2 += A^T B as CW2^T += B^T A), every tile has a 64-byte swizzle, and the
 slice's [., 32] tiles cannot stand in for [b, d] or f32 [d, 64] buffers, so those five have
-their own (211 KiB in all; Mosaic GPU asks for 225 KiB). A mini-batch then takes 3,931 clocks
-on the loop's timeline (3,854 instructions, 70 HGMMA), the recompute's 1,209: 0.63 and 0.69
-of the times on 4 for half the work."""
+their own (211 KiB in all; Mosaic GPU asks for 225 KiB). A mini-batch then takes 13,708 clocks
+on the latency timeline (3,853 instructions, 70 HGMMA; 3,930 at an instruction a clock), the
+recompute's 4,132: 0.73 and 0.80 of the times on 4 for half the work."""
 from __future__ import annotations
 
 import functools

@@ -7,11 +7,13 @@
 #      forward+backward, at 63 s (the issue's target shape) and 3 s; then the cluster kernels'
 #      forward+backward at 63 s with every state stored (checkpoint_group 1, no recompute);
 #      then the kernels on 4 and on 8 CTAs a head at 12 heads (a device's at tensor = 4), one
-#      wave each: whether 8 takes the two thirds of 4's time the static estimate says, and so
+#      wave each: whether 8 takes the four fifths of 4's time the static estimate says, and so
 #      whether the tuning table's wave_cluster holds;
 #   3. kernel_resources.py --topology=local: registers, spills, shared memory and the mini-batch
 #      loop's SASS instruction mix (nvidia-cuda-nvdisasm's wheel in .whl brings nvdisasm).
-# JSON lines and logs go to $OUT (the device tool brings them back); a summary is printed last.
+# JSON lines and logs go to $OUT (the device tool brings them back); a summary is printed last,
+# with the measured forward against the static estimates (summarize.py --model: how far the
+# latencies kernel_resources assumes are off).
 #
 # From the dev machine (the GPU image lacks ml-collections: bring its wheel, see README):
 #   pip download --no-deps ml-collections nvidia-cuda-nvdisasm -d .whl
@@ -56,6 +58,10 @@ stage kernel_resources 30 "$PY" kernel_resources.py --topology=local --cluster=4
 cat "$OUT/gpu.txt" "$OUT/summary.txt"
 grep -E "FAILED|all passed" "$OUT/gpu_check.log"
 grep -h '"passed": false' "$OUT/gpu_check.jsonl" 2>/dev/null | head -5
-[ -s "$OUT/ttt_kernels.jsonl" ] && "$PY" summarize.py "$OUT/ttt_kernels.jsonl"
+CLOCK=$(nvidia-smi --query-gpu=clocks.max.sm --format=csv,noheader,nounits 2>/dev/null | head -1)
+case $CLOCK in ''|*[!0-9]*) CLOCK=1980 ;; esac  # (H100 / H200 SXM)
+[ -s "$OUT/ttt_kernels.jsonl" ] && "$PY" summarize.py "$OUT/ttt_kernels.jsonl" \
+  --model "$ROOT/benchmarks/results/h100-compile-only-resources.jsonl" \
+  $(ls "$OUT/kernel_resources.jsonl" 2>/dev/null) --clock_mhz="$CLOCK"
 tail -3 "$OUT/ttt_kernels.log"
 cat "$OUT/kernel_resources.jsonl" 2>/dev/null

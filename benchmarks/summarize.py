@@ -7,7 +7,18 @@ TFLOP/s, % of that device's measured matmul rate and the kernel's speed-up over 
 `--svg` also draws % of the matmul rate against the sequence length, one line per (device,
 heads, mode, impl, group), so kernels on different accelerators compare on one axis.
 
+`--model` (`kernel_resources.py` rows: the static estimates) adds a table that checks them
+against the cluster kernels' measured forward: the clocks a mini-batch took, from the median
+time, the SM clock (`--clock_mhz`, as `nvidia-smi --query-gpu=clocks.max.sm` gives it: if the
+clock under load was lower, the measured clocks are an overestimate) and the waves the grid needs (B x H x P CTAs, one an SM, in clusters of P: sms // P * P a wave,
+`--sms`), next to kernel_resources' three timelines of the same kernel on the same split
+(`loop_clocks`, `loop_issue_clocks`, `loop_latency_clocks`) and measured / latency timeline:
+how far the assumed latencies (`kernel_resources.LATENCY`) are off. Forward only: the
+forward + backward adds the backward's group prologue, which kernel_resources does not time.
+
   python benchmarks/summarize.py benchmarks/results/*.jsonl --svg=benchmarks/results/summary.svg
+  python benchmarks/summarize.py $OUT/ttt_kernels.jsonl --model=$OUT/kernel_resources.jsonl \
+      --clock_mhz=1980
 """
 
 from __future__ import annotations
@@ -51,6 +62,42 @@ def table(rows: list[dict]) -> str:
   for r in sorted(rows, key=key):
     lines.append("| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in COLUMNS)
                  + " |")
+  return "\n".join(lines)
+
+
+MODEL_COLUMNS = ("device", "seconds", "heads", "checkpoint_group", "gpu_cluster", "waves",
+                 "measured_clocks", "loop_clocks", "loop_issue_clocks", "loop_latency_clocks",
+                 "measured_over_latency")
+
+
+def model_check(rows: list[dict], resources: list[dict], clock_mhz: float, sms: int) -> list[dict]:
+  """The cluster kernels' measured forward rows against kernel_resources' estimates of the same
+  kernel (the forward, or the forward storing every state at checkpoint_group 1) on the same
+  split: clocks a mini-batch, per CTA (each CTA runs its chain's mini-batches in order, a wave
+  after another)."""
+  model = {(r["kernel"], r["cluster"]): r for r in resources
+           if r.get("bench") == "kernel_resources" and "loop_latency_clocks" in r}
+  out = []
+  for r in rows:
+    P = r.get("gpu_cluster")
+    if r["mode"] != "fwd" or not P or r["impl"] == "xla" or "(interpret)" in r["device"]:
+      continue
+    kernel = "cluster_forward_g1" if r.get("checkpoint_group") == 1 else "cluster_forward"
+    if (m := model.get((kernel, P))) is None:
+      continue
+    per_wave = sms // P * P
+    waves = -(-r["batch"] * r["heads"] * P // per_wave)
+    measured = r["median_ms"] * 1e-3 * clock_mhz * 1e6 / (r["num_mini_batches"] * waves)
+    out.append(dict({c: r.get(c) for c in MODEL_COLUMNS[:5]}, waves=waves,
+                    measured_clocks=round(measured),
+                    **{c: m[c] for c in MODEL_COLUMNS[7:10]},
+                    measured_over_latency=round(measured / m["loop_latency_clocks"], 2)))
+  return out
+
+
+def model_table(checks: list[dict]) -> str:
+  lines = ["| " + " | ".join(MODEL_COLUMNS) + " |", "|" + " --- |" * len(MODEL_COLUMNS)]
+  lines += ["| " + " | ".join(str(c[k]) for k in MODEL_COLUMNS) + " |" for c in checks]
   return "\n".join(lines)
 
 
@@ -99,11 +146,23 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("files", nargs="+", help="JSON-lines files written by ttt_kernels.py --out")
   p.add_argument("--svg", default=None, help="also write the plot here")
+  p.add_argument("--model", nargs="*", default=(),
+                 help="kernel_resources.py JSON-lines files: check their estimates")
+  p.add_argument("--clock_mhz", type=float, default=1980.0,
+                 help="the SM clock the kernels ran at (nvidia-smi clocks.max.sm; H100 SXM: 1980)")
+  p.add_argument("--sms", type=int, default=132, help="SMs of the device (H100 PCIe: 114)")
   args = p.parse_args(argv)
   rows = load(args.files)
   if not rows:
     raise SystemExit(f"no ttt_kernels rows in {args.files}.")
   print(table(rows))
+  if args.model:
+    resources = [json.loads(line) for path in args.model
+                 for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+    checks = model_check(rows, resources, args.clock_mhz, args.sms)
+    print("\nThe static estimates (kernel_resources.py) against the measured forward, clocks a "
+          "mini-batch:\n")
+    print(model_table(checks) if checks else "(no cluster forward row with a matching estimate)")
   if args.svg:
     pathlib.Path(args.svg).write_text(svg(rows))
     print(f"wrote {args.svg}", file=sys.stderr)

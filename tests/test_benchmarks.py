@@ -76,6 +76,33 @@ def test_ttt_kernels_benchmark_smoke(tmp_path):
   assert (tmp_path / "s.svg").read_text().count("<polyline") == 6  # mode x impl
 
 
+def test_summarize_model_check(tmp_path):
+  """--model: a measured cluster forward against kernel_resources' estimates of the same kernel
+  on the same split, in clocks a mini-batch per wave (48 heads on 4 CTAs: 192 CTAs, two waves
+  of 132); rows without a matching estimate, XLA's and interpreted ones are left out."""
+  gpu = dict(bench="ttt_kernels", device_kind="NVIDIA H100 80GB HBM3", platform="gpu",
+             seconds=63, tokens=64000, batch=1, heads=48, num_mini_batches=1000, mode="fwd",
+             dtype="bfloat16", checkpoint_group=16, tflops_per_s=1.0, pct_of_matmul_rate=1.0)
+  rows = [dict(gpu, impl="xla", gpu_cluster=None, median_ms=50.0),
+          dict(gpu, impl="pallas-cluster4", gpu_cluster=4, median_ms=12.0),
+          dict(gpu, impl="pallas-cluster8", gpu_cluster=8, median_ms=9.0),  # no estimate
+          dict(gpu, impl="pallas-cluster4", gpu_cluster=4, median_ms=1.0, platform="cpu")]
+  model = dict(bench="kernel_resources", kernel="cluster_forward", cluster=4, loop_clocks=2400,
+               loop_issue_clocks=4000, loop_latency_clocks=6000)
+  files = [tmp_path / "t.jsonl", tmp_path / "m.jsonl"]
+  files[0].write_text("".join(json.dumps(r) + "\n" for r in rows))
+  files[1].write_text(json.dumps(model) + "\n")
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "summarize.py"), str(files[0]),
+       f"--model={files[1]}", "--clock_mhz=2000"], capture_output=True, text=True, check=True,
+      timeout=120)
+  tail = result.stdout.split("clocks a mini-batch:")[1]
+  checks = [line for line in tail.splitlines() if line.startswith("| ")][2:]
+  # 12 ms at 2 GHz over 1000 mini-batches and 2 waves: 12,000 clocks, twice the estimate.
+  assert checks == ["| NVIDIA H100 80GB HBM3 | 63 | 48 | 16 | 4 | 2 | 12000 | 2400 | 4000 | "
+                    "6000 | 2.0 |"]
+
+
 def test_ttt_kernels_benchmark_gpu_cluster_variants(tmp_path):
   """--gpu_cluster: one pallas row per split (here the Mosaic GPU cluster forward on 4 and on
   8 CTAs a head and the Triton forward, interpreted on CPU), each timed against the same xla

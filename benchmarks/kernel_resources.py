@@ -36,8 +36,10 @@ shared memory, shuffles, MUFU) and for cluster barriers, at the latencies `LATEN
 `CLUSTER_BARRIER_CLOCKS` assume (published microbenchmark figures, not measured here);
 `latency_bound_pct` is 100 x tensor clocks / `loop_latency_clocks`, and `loop_waits` the clocks
 waited, by what (`stall counts`, `HGMMA`, `cluster barrier`, an opcode: its result, or with
-`(operands)` its source registers being free). It is the estimate to compare with a GPU run,
-which calibrates the assumed latencies; spills' memory traffic is still unmodelled.
+`(operands)` its source registers being free); `prologue_latency_clocks` times what comes
+before the loop the same way (in the backward, a group's prologue and first step). It is the
+estimate to compare with a GPU run (`summarize.py --model`), which calibrates the assumed
+latencies; spills' memory traffic is still unmodelled.
 
   python benchmarks/kernel_resources.py                      # the cluster kernels on 4 and 8
   python benchmarks/kernel_resources.py --out=benchmarks/results/h100-resources.jsonl
@@ -179,10 +181,10 @@ def loop_profile(sass: str) -> dict:
         continue
       hgmma = [o for o, _ in body if o.startswith("HGMMA")]
       if best is None or len(hgmma) > len(best[1]):
-        best = (body, hgmma)
+        best = (body, hgmma, labels[target])
   if not best or not best[1]:
     return {}
-  body, hgmma = best
+  body, hgmma, start = best
   tensor = sum(int(m.group(1)) // 2 for o in hgmma if (m := re.match(r"HGMMA\.64x(\d+)x16", o)))
   exposed = _exposed_tensor_clocks(body)
   issue_clocks, _ = _timeline(body, issue=True)
@@ -193,7 +195,11 @@ def loop_profile(sass: str) -> dict:
               serial_bound_pct=round(100 * tensor / (len(body) + exposed), 1),
               loop_issue_clocks=issue_clocks, loop_latency_clocks=latency_clocks,
               latency_bound_pct=round(100 * tensor / latency_clocks, 1),
-              loop_waits=dict(sorted(waited.items(), key=lambda kv: -kv[1])))
+              loop_waits=dict(sorted(waited.items(), key=lambda kv: -kv[1])),
+              # Everything before the loop on timeline (c): the backward's group prologue
+              # and first step (the forward's has the initial loads, whose latency the
+              # timeline does not know).
+              prologue_latency_clocks=_timeline(ops[:start], issue=True, latency=True)[0])
 
 
 def find_nvdisasm() -> str | None:

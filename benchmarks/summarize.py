@@ -13,8 +13,10 @@ time, the SM clock (`--clock_mhz`, as `nvidia-smi --query-gpu=clocks.max.sm` giv
 clock under load was lower, the measured clocks are an overestimate) and the waves the grid needs (B x H x P CTAs, one an SM, in clusters of P: sms // P * P a wave,
 `--sms`), next to kernel_resources' three timelines of the same kernel on the same split
 (`loop_clocks`, `loop_issue_clocks`, `loop_latency_clocks`) and measured / latency timeline:
-how far the assumed latencies (`kernel_resources.LATENCY`) are off. Forward only: the
-forward + backward adds the backward's group prologue, which kernel_resources does not time.
+how far the assumed latencies (`kernel_resources.LATENCY`) are off. Forward + backward (at
+checkpoint group g) is estimated as the forward, the recompute and the backward (its group
+prologue and first step, `prologue_latency_clocks`, once a group) a mini-batch; at g = 1 the
+forward storing every state and the backward, whose prologue comes once.
 
   python benchmarks/summarize.py benchmarks/results/*.jsonl --svg=benchmarks/results/summary.svg
   python benchmarks/summarize.py $OUT/ttt_kernels.jsonl --model=$OUT/kernel_resources.jsonl \
@@ -65,33 +67,46 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-MODEL_COLUMNS = ("device", "seconds", "heads", "checkpoint_group", "gpu_cluster", "waves",
-                 "measured_clocks", "loop_clocks", "loop_issue_clocks", "loop_latency_clocks",
-                 "measured_over_latency")
+MODEL_COLUMNS = ("device", "seconds", "heads", "checkpoint_group", "gpu_cluster", "mode",
+                 "waves", "measured_clocks", "loop_clocks", "loop_issue_clocks",
+                 "loop_latency_clocks", "measured_over_latency")
 
 
 def model_check(rows: list[dict], resources: list[dict], clock_mhz: float, sms: int) -> list[dict]:
-  """The cluster kernels' measured forward rows against kernel_resources' estimates of the same
-  kernel (the forward, or the forward storing every state at checkpoint_group 1) on the same
-  split: clocks a mini-batch, per CTA (each CTA runs its chain's mini-batches in order, a wave
-  after another)."""
+  """The cluster kernels' measured rows against kernel_resources' estimates of the same kernels
+  (`module docstring`) on the same split: clocks a mini-batch, per CTA (each CTA runs its
+  chain's mini-batches in order, a wave after another)."""
   model = {(r["kernel"], r["cluster"]): r for r in resources
            if r.get("bench") == "kernel_resources" and "loop_latency_clocks" in r}
   out = []
   for r in rows:
-    P = r.get("gpu_cluster")
-    if r["mode"] != "fwd" or not P or r["impl"] == "xla" or "(interpret)" in r["device"]:
+    P, g, N = r.get("gpu_cluster"), r.get("checkpoint_group") or 1, r["num_mini_batches"]
+    if not P or r["impl"] == "xla" or "(interpret)" in r["device"]:
       continue
-    kernel = "cluster_forward_g1" if r.get("checkpoint_group") == 1 else "cluster_forward"
-    if (m := model.get((kernel, P))) is None:
+    # (kernel, weight a mini-batch): the backward's loop runs all but the first step of a
+    # group (of the whole sequence at g = 1), which its prologue does.
+    first = 1 / (N if g == 1 else g)
+    if r["mode"] == "fwd":
+      parts = [("cluster_forward_g1" if g == 1 else "cluster_forward", 1)]
+    elif g == 1:
+      parts = [("cluster_forward_g1", 1), ("cluster_backward", 1 - first)]
+    else:
+      parts = [("cluster_forward", 1), ("cluster_recompute", 1), ("cluster_backward", 1 - first)]
+    if any((k, P) not in model for k, _ in parts):
       continue
+    fields = MODEL_COLUMNS[8:11]
+    estimate = {c: sum(w * model[k, P][c] for k, w in parts) for c in fields}
+    if r["mode"] == "fwd_bwd":  # the prologue on timeline (c); (a), (b) count a loop step
+      m = model["cluster_backward", P]
+      for c in fields:
+        estimate[c] += first * m.get("prologue_latency_clocks" if c == fields[2] else c, m[c])
     per_wave = sms // P * P
     waves = -(-r["batch"] * r["heads"] * P // per_wave)
-    measured = r["median_ms"] * 1e-3 * clock_mhz * 1e6 / (r["num_mini_batches"] * waves)
-    out.append(dict({c: r.get(c) for c in MODEL_COLUMNS[:5]}, waves=waves,
+    measured = r["median_ms"] * 1e-3 * clock_mhz * 1e6 / (N * waves)
+    out.append(dict({c: r.get(c) for c in MODEL_COLUMNS[:6]}, waves=waves,
                     measured_clocks=round(measured),
-                    **{c: m[c] for c in MODEL_COLUMNS[7:10]},
-                    measured_over_latency=round(measured / m["loop_latency_clocks"], 2)))
+                    **{c: round(v) for c, v in estimate.items()},
+                    measured_over_latency=round(measured / estimate["loop_latency_clocks"], 2)))
   return out
 
 

@@ -87,11 +87,17 @@ def test_summarize_model_check(tmp_path):
           dict(gpu, impl="pallas-cluster4", gpu_cluster=4, median_ms=12.0),
           dict(gpu, impl="pallas-cluster8", gpu_cluster=8, median_ms=9.0),  # no estimate
           dict(gpu, impl="pallas-cluster4", gpu_cluster=4, median_ms=1.0, platform="cpu")]
-  model = dict(bench="kernel_resources", kernel="cluster_forward", cluster=4, loop_clocks=2400,
-               loop_issue_clocks=4000, loop_latency_clocks=6000)
+  rows.append(dict(rows[1], mode="fwd_bwd", median_ms=60.0))
+  rows.append(dict(rows[1], mode="fwd_bwd", median_ms=30.0, checkpoint_group=1))
+  model = dict(bench="kernel_resources", cluster=4, loop_clocks=2400, loop_issue_clocks=4000,
+               loop_latency_clocks=6000)
+  models = [dict(model, kernel="cluster_forward"), dict(model, kernel="cluster_forward_g1"),
+            dict(model, kernel="cluster_recompute", loop_latency_clocks=5000),
+            dict(model, kernel="cluster_backward", loop_latency_clocks=16000,
+                 prologue_latency_clocks=32000)]
   files = [tmp_path / "t.jsonl", tmp_path / "m.jsonl"]
   files[0].write_text("".join(json.dumps(r) + "\n" for r in rows))
-  files[1].write_text(json.dumps(model) + "\n")
+  files[1].write_text("".join(json.dumps(m) + "\n" for m in models))
   result = subprocess.run(
       [sys.executable, str(ROOT / "benchmarks" / "summarize.py"), str(files[0]),
        f"--model={files[1]}", "--clock_mhz=2000"], capture_output=True, text=True, check=True,
@@ -99,8 +105,15 @@ def test_summarize_model_check(tmp_path):
   tail = result.stdout.split("clocks a mini-batch:")[1]
   checks = [line for line in tail.splitlines() if line.startswith("| ")][2:]
   # 12 ms at 2 GHz over 1000 mini-batches and 2 waves: 12,000 clocks, twice the estimate.
-  assert checks == ["| NVIDIA H100 80GB HBM3 | 63 | 48 | 16 | 4 | 2 | 12000 | 2400 | 4000 | "
-                    "6000 | 2.0 |"]
+  # Forward + backward at g = 16: forward, recompute and 15 of 16 backward steps a loop's,
+  # one the prologue's: 6,000 + 5,000 + 15 / 16 x 16,000 + 32,000 / 16 = 28,000 on (c); at
+  # g = 1 the stored-states forward and 999 / 1000 x 16,000 + 32 = 22,016.
+  assert checks == [
+      "| NVIDIA H100 80GB HBM3 | 63 | 48 | 16 | 4 | fwd | 2 | 12000 | 2400 | 4000 | 6000 | 2.0 |",
+      "| NVIDIA H100 80GB HBM3 | 63 | 48 | 16 | 4 | fwd_bwd | 2 | 60000 | 7200 | 12000 | 28000 "
+      "| 2.14 |",
+      "| NVIDIA H100 80GB HBM3 | 63 | 48 | 1 | 4 | fwd_bwd | 2 | 30000 | 4800 | 8000 | 22016 "
+      "| 1.36 |"]
 
 
 def test_ttt_kernels_benchmark_gpu_cluster_variants(tmp_path):
@@ -235,7 +248,7 @@ def test_kernel_resources_loop_profile():
       loop_exposed_tensor_clocks=45, loop_clocks=51, serial_bound_pct=round(100 * 48 / 51, 1),
       # (no control codes: a clock an instruction, no scoreboards)
       loop_issue_clocks=51, loop_latency_clocks=51, latency_bound_pct=round(100 * 48 / 51, 1),
-      loop_waits=dict(HGMMA=45))
+      loop_waits=dict(HGMMA=45), prologue_latency_clocks=3)  # (the 3 lines before .L_x_2)
   assert kernel_resources.loop_profile("no sass") == {}
   # Two groups: waiting for all but the last stalls until the first is done (clock 32), the
   # final wait until the second is (64).

@@ -12,7 +12,7 @@
 #   3. kernel_resources.py --topology=local: registers, spills, shared memory and the mini-batch
 #      loop's SASS instruction mix (nvidia-cuda-nvdisasm's wheel in .whl brings nvdisasm).
 # JSON lines and logs go to $OUT (the device tool brings them back); a summary is printed last,
-# with the measured forward against the static estimates (summarize.py --model: how far the
+# with the measured cluster kernels against the static estimates (summarize.py --model: how far the
 # latencies kernel_resources assumes are off).
 #
 # From the dev machine (the GPU image lacks ml-collections: bring its wheel, see README):

@@ -64,8 +64,8 @@ VJP uses only much later waits in shared memory instead (gelu'(Z1) and Q in bf16
 the third partial-sum slot): a 2.4 KiB stack frame, 6,135 instructions and 135 clocks stalled,
 so a mini-batch takes about 6,270 clocks on the loop's timeline at an instruction a clock
 (the group's prologue and first step 8,122) but 18,790 on the latency timeline, with ptxas's
-stall clocks (6,305), seven cluster barriers (2,100 at an assumed 300) and the row statistics'
-shuffles (1,504) (prologue and first step: 21,676), 12.9% in the benchmarks' `ttt_flops` count
+stall clocks (6,257), seven cluster barriers (2,100 at an assumed 300) and the row statistics'
+shuffles (1,514) (prologue and first step: 21,676), 12.9% in the benchmarks' `ttt_flops` count
 (twice the forward's dual-form 1,215 clocks a CTA). Tried and slower on the timeline (before W' came from the next state): ct_Z1 or
 gelu'(Z1_bar) parked too (fewer instructions, more stalls), ct_W1' staged before ct_eG1 (the
 pure primal chain: 7,283), ct_out's rows kept in registers through the rows' work, and in the

@@ -66,8 +66,8 @@ so a mini-batch takes about 6,270 clocks on the loop's timeline at an instructio
 (the group's prologue and first step 8,122) but 18,790 on the latency timeline, with ptxas's
 stall clocks (6,257), seven cluster barriers (2,100 at an assumed 300) and the row statistics'
 shuffles (1,514) (prologue and first step: 21,676), 12.9% in the benchmarks' `ttt_flops` count
-(twice the forward's dual-form 1,215 clocks a CTA). Tried and slower on the timeline (before W' came from the next state): ct_Z1 or
-gelu'(Z1_bar) parked too (fewer instructions, more stalls), ct_W1' staged before ct_eG1 (the
+(twice the forward's dual-form 1,215 clocks a CTA). Tried and slower on the timeline (before
+W' came from the next state): ct_Z1 or gelu'(Z1_bar) parked too (fewer instructions, more stalls), ct_W1' staged before ct_eG1 (the
 pure primal chain: 7,283), ct_out's rows kept in registers through the rows' work, and in the
 dual form P = G2 W2^T recomputed instead of keeping G1 and Q. Next: warp specialisation (a
 second warpgroup holding the state cotangents and their matmuls would take 64 registers a thread

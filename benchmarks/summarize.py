@@ -7,16 +7,17 @@ TFLOP/s, % of that device's measured matmul rate and the kernel's speed-up over 
 `--svg` also draws % of the matmul rate against the sequence length, one line per (device,
 heads, mode, impl, group), so kernels on different accelerators compare on one axis.
 
-`--model` (`kernel_resources.py` rows: the static estimates) adds a table that checks them
-against the cluster kernels' measured forward: the clocks a mini-batch took, from the median
-time, the SM clock (`--clock_mhz`, as `nvidia-smi --query-gpu=clocks.max.sm` gives it: if the
-clock under load was lower, the measured clocks are an overestimate) and the waves the grid needs (B x H x P CTAs, one an SM, in clusters of P: sms // P * P a wave,
-`--sms`), next to kernel_resources' three timelines of the same kernel on the same split
-(`loop_clocks`, `loop_issue_clocks`, `loop_latency_clocks`) and measured / latency timeline:
-how far the assumed latencies (`kernel_resources.LATENCY`) are off. Forward + backward (at
-checkpoint group g) is estimated as the forward, the recompute and the backward (its group
-prologue and first step, `prologue_latency_clocks`, once a group) a mini-batch; at g = 1 the
-forward storing every state and the backward, whose prologue comes once.
+`--model` (`kernel_resources.py` rows: the static estimates) adds a table that checks them against
+the cluster kernels' measured forward: the clocks a mini-batch took, from the median time, the SM
+clock (`--clock_mhz`, as `nvidia-smi --query-gpu=clocks.max.sm` gives it: if the clock under load
+was lower, the measured clocks are an overestimate) and the waves the grid needs (B x H x P CTAs,
+one an SM, in clusters of P: sms // P * P a wave, `--sms`), next to kernel_resources' three
+timelines of the same kernel on the same split (`loop_clocks`, `loop_issue_clocks`,
+`loop_latency_clocks`) and measured / latency timeline: how far the assumed latencies
+(`kernel_resources.LATENCY`) are off. Forward + backward (at checkpoint group g) is estimated as
+the forward, the recompute and the backward (its group prologue and first step,
+`prologue_latency_clocks`, once a group) a mini-batch; at g = 1 the forward storing every state and
+the backward, whose prologue comes once.
 
   python benchmarks/summarize.py benchmarks/results/*.jsonl --svg=benchmarks/results/summary.svg
   python benchmarks/summarize.py $OUT/ttt_kernels.jsonl --model=$OUT/kernel_resources.jsonl \

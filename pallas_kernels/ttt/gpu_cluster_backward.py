@@ -62,16 +62,17 @@ VJP: ct_X2's and ct_XK's terms from the steps, W2's cotangent step ct_P^T G2 and
 sum then waits for ct_XK's exchange). The loop holds 255 registers a thread and spills; what the
 VJP uses only much later waits in shared memory instead (gelu'(Z1) and Q in bf16, G1 in f32 in
 the third partial-sum slot): a 2.4 KiB stack frame, 6,135 instructions and 135 clocks stalled,
-so a mini-batch takes about 6,270 clocks on the loop's timeline at an instruction a clock
-(the group's prologue and first step 8,122) but 18,790 on the latency timeline, with ptxas's
-stall clocks (6,257), seven cluster barriers (2,100 at an assumed 300) and the row statistics'
-shuffles (1,514) (prologue and first step: 21,676), 12.9% in the benchmarks' `ttt_flops` count
-(twice the forward's dual-form 1,215 clocks a CTA). Tried and slower on the timeline (before
-W' came from the next state): ct_Z1 or gelu'(Z1_bar) parked too (fewer instructions, more stalls), ct_W1' staged before ct_eG1 (the
-pure primal chain: 7,283), ct_out's rows kept in registers through the rows' work, and in the
-dual form P = G2 W2^T recomputed instead of keeping G1 and Q. Next: warp specialisation (a
-second warpgroup holding the state cotangents and their matmuls would take 64 registers a thread
-off this one; every warp must then join the cluster barriers, or they become mbarrier based).
+so a mini-batch takes about 6,270 clocks on the loop's timeline at an instruction a clock (the
+group's prologue and first step 8,122) but 18,790 on the latency timeline, with ptxas's stall
+clocks (6,257), seven cluster barriers (2,100 at an assumed 300) and the row statistics' shuffles
+(1,514) (prologue and first step: 21,676), 12.9% in the benchmarks' `ttt_flops` count (twice the
+forward's dual-form 1,215 clocks a CTA). Tried and slower on the timeline (before W' came from the
+next state): ct_Z1 or gelu'(Z1_bar) parked too (fewer instructions, more stalls), ct_W1' staged
+before ct_eG1 (the pure primal chain: 7,283), ct_out's rows kept in registers through the rows'
+work, and in the dual form P = G2 W2^T recomputed instead of keeping G1 and Q. Next: warp
+specialisation (a second warpgroup holding the state cotangents and their matmuls would take 64
+registers a thread off this one; every warp must then join the cluster barriers, or they become
+mbarrier based).
 
 Scope (`supports`): as the forward's, b = d = 64 and cluster = 4 or 8. Shared memory at 4: 20
 bf16 tiles and 3 f32 ones, 212 KiB (`smem_bytes`; Mosaic GPU asks for 225 KiB of the 227).

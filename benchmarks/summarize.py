@@ -8,7 +8,7 @@ TFLOP/s, % of that device's measured matmul rate and the kernel's speed-up over 
 heads, mode, impl, group), so kernels on different accelerators compare on one axis.
 
 `--model` (`kernel_resources.py` rows: the static estimates) adds a table that checks them against
-the cluster kernels' measured forward: the clocks a mini-batch took, from the median time, the SM
+the cluster kernels' measured rows: the clocks a mini-batch took, from the median time, the SM
 clock (`--clock_mhz`, as `nvidia-smi --query-gpu=clocks.max.sm` gives it: if the clock under load
 was lower, the measured clocks are an overestimate) and the waves the grid needs (B x H x P CTAs,
 one an SM, in clusters of P: sms // P * P a wave, `--sms`), next to kernel_resources' three

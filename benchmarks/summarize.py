@@ -75,7 +75,7 @@ MODEL_COLUMNS = ("device", "seconds", "heads", "checkpoint_group", "gpu_cluster"
 
 def model_check(rows: list[dict], resources: list[dict], clock_mhz: float, sms: int) -> list[dict]:
   """The cluster kernels' measured rows against kernel_resources' estimates of the same kernels
-  (`module docstring`) on the same split: clocks a mini-batch, per CTA (each CTA runs its
+  (see the module docstring) on the same split: clocks a mini-batch, per CTA (each CTA runs its
   chain's mini-batches in order, a wave after another)."""
   model = {(r["kernel"], r["cluster"]): r for r in resources
            if r.get("bench") == "kernel_resources" and "loop_latency_clocks" in r}
@@ -176,9 +176,9 @@ def main(argv=None):
     resources = [json.loads(line) for path in args.model
                  for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
     checks = model_check(rows, resources, args.clock_mhz, args.sms)
-    print("\nThe static estimates (kernel_resources.py) against the measured forward, clocks a "
-          "mini-batch:\n")
-    print(model_table(checks) if checks else "(no cluster forward row with a matching estimate)")
+    print("\nThe static estimates (kernel_resources.py) against the measured cluster kernels, "
+          "clocks a mini-batch:\n")
+    print(model_table(checks) if checks else "(no cluster kernel row with a matching estimate)")
   if args.svg:
     pathlib.Path(args.svg).write_text(svg(rows))
     print(f"wrote {args.svg}", file=sys.stderr)

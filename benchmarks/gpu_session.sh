@@ -61,7 +61,7 @@ grep -h '"passed": false' "$OUT/gpu_check.jsonl" 2>/dev/null | head -5
 CLOCK=$(nvidia-smi --query-gpu=clocks.max.sm --format=csv,noheader,nounits 2>/dev/null | head -1)
 case $CLOCK in ''|*[!0-9]*) CLOCK=1980 ;; esac  # (H100 / H200 SXM)
 [ -s "$OUT/ttt_kernels.jsonl" ] && "$PY" summarize.py "$OUT/ttt_kernels.jsonl" \
-  --model "$ROOT/benchmarks/results/h100-compile-only-resources.jsonl" \
+  --model "$ROOT/benchmarks/results/h100-compile-only-resources-jax0.11.2.jsonl" \
   $(ls "$OUT/kernel_resources.jsonl" 2>/dev/null) --clock_mhz="$CLOCK"
 tail -3 "$OUT/ttt_kernels.log"
 cat "$OUT/kernel_resources.jsonl" 2>/dev/null

@@ -545,3 +545,14 @@ def test_kernel_runs_per_shard_under_a_mesh(mesh_shape):
   assert rel_err(got[0], want[0]) <= 1e-5
   for name, g, w in zip(NAMES, got[1], want[1]):
     assert rel_err(g, w) <= 1e-5, name
+
+
+def test_mosaic_compat_applies_only_without_the_fix():
+  """The get_cluster_ref backport replaces jax's only where it drops a peer ref's offset (jax
+  before 0.12: no `to_memref_descriptor`), once; the H100 compile tests above lower every
+  cluster kernel with it on jax 0.11.2 (the lent GPU image's) and without it on 0.12."""
+  from jax.experimental.mosaic.gpu import utils
+  from pallas_kernels.ttt import mosaic_compat
+  fixed = hasattr(utils, "to_memref_descriptor")
+  assert (utils.get_cluster_ref is mosaic_compat.get_cluster_ref) == (not fixed)
+  assert not mosaic_compat.apply()  # (gpu_cluster_lib applied it at import, if at all)

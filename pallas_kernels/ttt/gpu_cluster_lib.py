@@ -16,7 +16,10 @@ from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.ttt import mosaic_compat
 from ttt_jax.ops.ttt import gelu_tanh_and_grad, gelu_tanh_grad2
+
+mosaic_compat.apply()  # peer refs with offsets on jax 0.11 (the lent GPU image's)
 
 WGMMA = plgpu.Layout.WGMMA
 ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA tile: [b]

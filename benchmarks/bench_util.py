@@ -7,11 +7,38 @@ a human table on stderr.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import jax
+
+
+def compile_in_child(script: str, argv: list[str], dump_env, what: str, keep):
+  """Runs benchmark `script` again as a child (`argv`: its --child mode) with this repository
+  on its PYTHONPATH and `dump_env(dump_dir)` added to its environment, dump_dir a fresh
+  temporary folder (compilers read their dump settings once, at start-up: one process per
+  kernel). Returns the child's last stdout line as JSON, its stdout + stderr, and the text of
+  the dump files whose names `keep` accepts, by name. The folder goes either way; a failed
+  child is a SystemExit naming `what`."""
+  dump_dir = tempfile.mkdtemp(prefix=os.path.basename(script).removesuffix(".py") + "_")
+  env = dict(os.environ, **dump_env(dump_dir))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+  try:
+    proc = subprocess.run([sys.executable, os.path.abspath(script), *argv], capture_output=True,
+                          text=True, env=env, errors="replace")
+    if proc.returncode:
+      raise SystemExit(f"{what} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    dumps = {name: open(os.path.join(dump_dir, name), errors="replace").read()
+             for name in os.listdir(dump_dir) if keep(name)}
+  finally:
+    shutil.rmtree(dump_dir, ignore_errors=True)
+  return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout + proc.stderr, dumps
 
 
 def time_fn(fn, args, repeats):

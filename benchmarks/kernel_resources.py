@@ -52,10 +52,10 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
+
+from bench_util import compile_in_child
 
 # The forward (checkpoints every g mini-batches), the backward's recompute of one group (the
 # forward kernel saving every state, W1 and W2 in bf16, without the output), the backward of
@@ -264,34 +264,25 @@ def _compile(kernel: str, args) -> dict:
 
 def measure(kernel: str, cluster: int, args) -> dict:
   """Runs the child for `kernel` on `cluster` CTAs a head with the dumps on; its row."""
-  dump_dir = tempfile.mkdtemp(prefix="kernel_resources_")
-  env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_RESOURCES="1",
-             MOSAIC_GPU_DUMP_TO=dump_dir)
-  if nvdisasm := find_nvdisasm():  # Mosaic GPU runs it from PATH for the SASS dump
-    env.update(MOSAIC_GPU_DUMP_SASS="1",
-               PATH=os.pathsep.join([os.path.dirname(nvdisasm), env.get("PATH", "")]))
-  env.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # compile-only: no CUDA runtime needed
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-  cmd = [sys.executable, os.path.abspath(__file__), f"--child={kernel}",
-         f"--topology={args.topology}", f"--heads={args.heads}", f"--cluster={cluster}",
-         f"--num_mini_batches={args.num_mini_batches}",
-         f"--checkpoint_group={args.checkpoint_group}"]
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, errors="replace")
-    if proc.returncode:
-      raise SystemExit(f"compiling {kernel} failed (rc {proc.returncode}):\n"
-                       f"{proc.stderr[-4000:]}")
-    dumps = {name: open(os.path.join(dump_dir, name), errors="replace").read()
-             for name in os.listdir(dump_dir) if name.endswith((".ptxas", ".resources.txt",
-                                                                ".sass", ".sass_ctrl"))}
-  finally:
-    shutil.rmtree(dump_dir, ignore_errors=True)
-  row = json.loads(proc.stdout.strip().splitlines()[-1])
+  def dump_env(dump_dir):
+    env = dict(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_RESOURCES="1",
+               MOSAIC_GPU_DUMP_TO=dump_dir,  # compile-only: no CUDA runtime needed
+               JAX_SKIP_CUDA_CONSTRAINTS_CHECK=os.environ.get("JAX_SKIP_CUDA_CONSTRAINTS_CHECK",
+                                                              "1"))
+    if nvdisasm := find_nvdisasm():  # Mosaic GPU runs it from PATH for the SASS dump
+      env.update(MOSAIC_GPU_DUMP_SASS="1", PATH=os.pathsep.join(
+          [os.path.dirname(nvdisasm), os.environ.get("PATH", "")]))
+    return env
+
+  argv = [f"--child={kernel}", f"--topology={args.topology}", f"--heads={args.heads}",
+          f"--cluster={cluster}", f"--num_mini_batches={args.num_mini_batches}",
+          f"--checkpoint_group={args.checkpoint_group}"]
+  row, log, dumps = compile_in_child(
+      __file__, argv, dump_env, f"compiling {kernel}",
+      lambda name: name.endswith((".ptxas", ".resources.txt", ".sass", ".sass_ctrl")))
   sass = "".join(t for n, t in dumps.items() if n.endswith((".sass", ".sass_ctrl")))
   return dict(bench="kernel_resources", kernel=kernel, topology=args.topology, **row,
-              **parse_dump(proc.stdout + proc.stderr + "".join(dumps.values())),
-              **loop_profile(sass))
+              **parse_dump(log + "".join(dumps.values())), **loop_profile(sass))
 
 
 def main(argv=None):

@@ -159,6 +159,82 @@ def test_kernel_resources_parses_mosaic_and_ptxas_dumps():
   assert kernel_resources.parse_dump("no dumps") == {}
 
 
+def _tpu_schedule():
+  """benchmarks/tpu_schedule.py as a module."""
+  _kernel_resources()  # (puts benchmarks/ on sys.path)
+  import tpu_schedule
+  return tpu_schedule
+
+
+# libtpu's final bundles, abridged: a grid loop holding two mini-batch loops (one per head),
+# the second one's branch back placed one loop level out, a forward branch inside the first.
+_BUNDLES = """= control target key start
+LB: loop body
+= control target key end
+
+     0   :  { %s1 = sld [smem:[#allocation0]] }
+   0x1 LB: > { %s2 = sadd.s32 1, %s3 } /* Start region 9 :: Start region 4 */
+   0x2   : > { %4 = sbr.rel (%p1) target = $region4 }
+   0x3 LB: >> { %v5 = vadd.f32 %v1, %v2 } /* Start region 20 :: Start region 21 */
+   0x4   : >> { %6 = sbr.rel (%p2) target = $region22 }
+   0x5   : >> { %7 = vmatmul.bf16.gmra.mxu0 %v5  ;;  %v8 = vmul.f32 %v5, %v5 }
+   0x6   : >> { %9 = sbr.rel (!%p3) target = $region20 }
+   0x7 LB: >> { %v10 = vadd.f32 %v1, %v2 } /* Start region 30 */
+   0x8   : >> { %v11 = vpop.f32.mrf.mxu0 }
+   0x9   :  {}
+   0xa   : > { %12 = sbr.rel (!%p4) target = $region30 }
+   0xb   : > { %13 = sbr.rel (!%p5) target = $region9 }
+   0xc   :  { %14 = shalt }
+"""
+_UTILIZATION = """== CAPACTIY:
+MXU, XLU, VALU, VPOP
+    4     3     4     2
+== UTILIZATION:
+""" + "\n".join(["0 0 0 0", "0 0 0 0", "0 0 0 0", "0 0 1 0", "0 0 0 0", "1 0 1 0", "0 0 0 0",
+                 "0 0 1 0", "0 0 0 1", "0 0 0 0", "0 0 0 0", "0 0 0 0", "0 0 0 0"]) + "\n"
+
+
+def test_tpu_schedule_reads_libtpu_bundles():
+  """Loops run from their first bundle to the branch back to their region (wherever libtpu
+  puts it); the grid step's bundles outside them are shared out per mini-batch."""
+  ts = _tpu_schedule()
+  bundles = ts.parse_bundles(_BUNDLES)
+  assert len(bundles) == 13 and bundles[1] == (1, "9", None) and bundles[6] == (6, None, "20")
+  assert ts.loops(bundles) == [
+      dict(start=1, end=11, bundles=11, innermost=False),
+      dict(start=3, end=6, bundles=4, innermost=True),
+      dict(start=7, end=10, bundles=4, innermost=True)]
+  assert ts.unit_use(_UTILIZATION, [(3, 6), (7, 10)]) == dict(mxu=0.125, xlu=0.0, valu=0.375,
+                                                              vpop=0.125)
+  row = dict(device_kind="TPU v5", heads_per_step=2, mini_batches_per_step=1,
+             flops_per_mini_batch=131072 * 10)
+  fields = ts.summarize("forward", _BUNDLES, _UTILIZATION, row)
+  # 11 - 8 bundles of the grid step outside the loops, shared by 1 x 2 mini-batches.
+  assert fields["step_bundles"] == 4 and fields["step_overhead_bundles"] == 3
+  assert fields["bundles_per_mini_batch"] == 5.5 and fields["pct_of_mxu_peak"] == 181.82
+  assert fields["clock_ghz"] == 1.751  # 459 TFLOP/s over 2 TensorCores of 4 MXUs 128 x 128
+  with pytest.raises(SystemExit, match="expected 2 head"):
+    ts.summarize("backward", _BUNDLES, _UTILIZATION, dict(row, checkpoint_group=2))
+
+
+def test_tpu_schedule_compiles_with_libtpu(tmp_path):
+  """Both TPU kernels compile for a compile-only v5p (libtpu, no TPU; not installed by
+  .[test]) and their mini-batch loops stay within the bundles measured (jax 0.12.0.1, libtpu
+  0.0.50.1, 12 heads: 939 forward, 705 + 3,005 backward at the default precision; 2,688 and
+  1,609 + 8,011 at HIGHEST)."""
+  pytest.importorskip("libtpu")
+  out = tmp_path / "r.jsonl"
+  subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tpu_schedule.py"),
+                  "--topologies=v5p-2", "--heads=4", "--num_mini_batches=32", f"--out={out}"],
+                 capture_output=True, text=True, check=True, timeout=900)
+  forward, backward = [json.loads(line) for line in out.read_text().splitlines()]
+  assert forward["kernel"] == "forward" and forward["device_kind"] == "TPU v5"
+  assert 500 < forward["step_bundles"] < 1000 and 300 < backward["recompute_bundles"] < 750
+  assert 1500 < backward["reverse_bundles"] < 3200
+  assert 0 < forward["unit_ops_per_bundle"]["mxu"] <= 4
+  assert forward["pct_of_mxu_peak"] > 12 and backward["pct_of_mxu_peak"] > 7
+
+
 def test_kernel_resources_compiles_for_h100(tmp_path):
   """The cluster kernels compile for a compile-only H100 and report their resources (needs
   jax's CUDA plugin, which .[test] does not install)."""

@@ -16,8 +16,6 @@ import jax.numpy as jnp
 
 from ttt_jax.ops.ttt import gelu_tanh, gelu_tanh_grad, layer_norm, ln_l2_grad
 
-_HIGHEST = jax.lax.Precision.HIGHEST  # f32 state math: no TF32 / one-pass bf16
-
 
 def num_groups(num_mini_batches: int, checkpoint_group: int) -> int:
   """How many state checkpoints the forward saves: one per group of g mini-batches."""
@@ -26,9 +24,15 @@ def num_groups(num_mini_batches: int, checkpoint_group: int) -> int:
 
 def _dot(a, b, contract=(1, 0)):
   """2-D matmul contracting a's axis contract[0] with b's axis contract[1], accumulated in
-  a's dtype (the state dtype, f32)."""
+  a's dtype (the state dtype, f32).
+
+  At jax's default matmul precision, as the pure op's einsums: one bf16 pass on the TPU MXU
+  and TF32 on GPU tensor cores unless `jax.default_matmul_precision` (read when the kernel is
+  traced) asks for more: kernel and pure op round at one precision on every platform. HIGHEST costs
+  the TPU forward 2.9x the bundles of its mini-batch loop on a v5p (2,688 vs 939 a head,
+  benchmarks/tpu_schedule.py)."""
   return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                             precision=_HIGHEST, preferred_element_type=a.dtype)
+                             preferred_element_type=a.dtype)
 
 
 def _mm(a, b):  # a @ b

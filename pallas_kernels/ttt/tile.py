@@ -28,9 +28,9 @@ def _dot(a, b, contract=(1, 0)):
 
   At jax's default matmul precision, as the pure op's einsums: one bf16 pass on the TPU MXU
   and TF32 on GPU tensor cores unless `jax.default_matmul_precision` (read when the kernel is
-  traced) asks for more: kernel and pure op round at one precision on every platform. HIGHEST costs
-  the TPU forward 2.9x the bundles of its mini-batch loop on a v5p (2,688 vs 939 a head,
-  benchmarks/tpu_schedule.py)."""
+  traced) asks for more, so kernel and pure op round at one precision on every platform.
+  HIGHEST costs the TPU forward 2.9x the bundles of its mini-batch loop on a v5p (2,688 vs 939
+  a head, benchmarks/tpu_schedule.py)."""
   return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
                              preferred_element_type=a.dtype)
 

@@ -18,11 +18,13 @@ and matmuls, VALU, XLU, result pops, EUP, vector loads/stores and spills, from l
 per-bundle utilization dump). `pct_of_mxu_peak` is the dual-form matmul FLOPs of a mini-batch
 (`ttt_jax.ops.ttt_flops`; the backward counts 2x the forward's, as fwd+bwd = 3x fwd in
 ttt_kernels.py) over bundles x the TensorCore's MXU FLOPs a clock (`CHIPS`, from published
-peaks: an assumption, not a reading). `--precision=highest` compiles at f32 matmul precision
-(six bf16 passes), the kernels' default before they followed jax's default precision.
+peaks: an assumption, not a reading). Inputs are bf16 (the kernels' matmul operands then too)
+unless `--dtype=float32` (f32 operands at jax's default precision: one bf16 pass on the MXU);
+`--precision=highest` traces under `jax.default_matmul_precision("highest")`, which makes the
+f32 products six passes, as all of them were before the kernels followed jax's default.
 
   python benchmarks/tpu_schedule.py                                   # v5p, v5e, v6e
-  python benchmarks/tpu_schedule.py --topologies=v5p-2 --precision=highest
+  python benchmarks/tpu_schedule.py --topologies=v5p-2 --dtype=float32 --precision=highest
 """
 
 from __future__ import annotations
@@ -143,12 +145,12 @@ def _compile(kernel: str, args) -> dict:
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(
       shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
   B, H, N, b, d, g = 1, args.heads, args.num_mini_batches, 64, 64, args.checkpoint_group
-  bf16, f32 = jnp.bfloat16, jnp.float32
-  sizes = get_block_sizes(devices[0].device_kind, bf16, d)
+  x_dtype, f32 = jnp.dtype(args.dtype), jnp.float32
+  sizes = get_block_sizes(devices[0].device_kind, x_dtype, d)
   hb = max(h for h in range(1, sizes.heads_per_step + 1) if H % h == 0)
   kw = dict(kind="ttt_mlp", eps=1e-6, checkpoint_group=g, heads_per_step=hb, block_sizes=sizes)
-  xs = [spec((B, H, N, b, d), bf16)] * 3 + [spec((B, H, N, b), f32), spec((H, d), f32),
-                                            spec((H, d), f32)]
+  xs = [spec((B, H, N, b, d), x_dtype)] * 3 + [spec((B, H, N, b), f32), spec((H, d), f32),
+                                               spec((H, d), f32)]
   if kernel == "forward":
     fn = lambda *a: tpu.forward(*a[:6], a[6:], **kw)
     shapes = (*xs, *[spec((H, *s), f32) for s in state_shapes("ttt_mlp", d)])
@@ -156,7 +158,7 @@ def _compile(kernel: str, args) -> dict:
     G = num_groups(N, g)
     fn = lambda *a: tpu.backward(*a[:6], a[6:-1], a[-1], **kw)
     shapes = (*xs, *[spec((B, H, G, *s), f32) for s in state_shapes("ttt_mlp", d)],
-              spec((B, H, N, b, d), bf16))
+              spec((B, H, N, b, d), x_dtype))
   precision = (jax.default_matmul_precision(args.precision) if args.precision != "default"
                else contextlib.nullcontext())
   t0 = time.perf_counter()
@@ -166,7 +168,7 @@ def _compile(kernel: str, args) -> dict:
   return dict(device_kind=devices[0].device_kind, jax=jax.__version__, batch=B, heads=H,
               mini_batches=N, mini_batch=b, head_dim=d, checkpoint_group=g, heads_per_step=hb,
               mini_batches_per_step=tpu.mini_batches_per_step(sizes.mini_batches_per_step, g),
-              precision=args.precision, flops_per_mini_batch=flops,
+              dtype=args.dtype, precision=args.precision, flops_per_mini_batch=flops,
               compile_s=round(time.perf_counter() - t0, 1))
 
 
@@ -178,7 +180,8 @@ def measure(kernel: str, topology: str, args) -> dict:
                                               f"--xla_jf_dump_to={dump_dir}",
                                               "--xla_jf_dump_llo_text=true"])))
   argv = [f"--child={kernel}", f"--topologies={topology}", f"--heads={args.heads}",
-          f"--precision={args.precision}", f"--num_mini_batches={args.num_mini_batches}",
+          f"--dtype={args.dtype}", f"--precision={args.precision}",
+          f"--num_mini_batches={args.num_mini_batches}",
           f"--checkpoint_group={args.checkpoint_group}"]
   name = f"ttt_mlp_{kernel}_tpu"
   # The two dumps read: the final bundles and the per-bundle unit use of the final schedule.
@@ -202,6 +205,8 @@ def main(argv=None):
   p.add_argument("--heads", type=int, default=12, help="heads a device (5B: 48 / tensor 4)")
   p.add_argument("--num_mini_batches", type=int, default=64)
   p.add_argument("--checkpoint_group", type=int, default=16)
+  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                 help="the inputs' dtype (the state is float32 either way)")
   p.add_argument("--precision", default="default", choices=("default", "high", "highest"),
                  help="jax.default_matmul_precision while the kernels are traced")
   p.add_argument("--out", default=None, help="append the JSON lines to this file too")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.extend import core as jex_core
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 from tests.oracles import random_ttt_inputs, rel_err
@@ -485,24 +486,44 @@ def test_compiles_for_tpu_with_libtpu():
         lowered.compile()
 
 
+def _dots(jaxpr):
+  """Every dot_general in a jaxpr and the jaxprs inside it (kernel bodies, loops, custom
+  VJPs): (its operand dtypes, its precision)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield tuple(v.aval.dtype for v in eqn.invars), eqn.params["precision"]
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (tuple, list)) else [param]):
+        if isinstance(sub, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):  # (one class in jax 0.12)
+          yield from _dots(getattr(sub, "jaxpr", sub))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kernel_matmuls_take_the_default_precision(backend):
   """The kernels' matmuls (forward, recompute and reverse) run at jax's default matmul
   precision, as the pure op's einsums (one bf16 pass on a TPU: 2.9x fewer bundles in the v5p
   forward than f32 precision, benchmarks/tpu_schedule.py), unless
-  `jax.default_matmul_precision` asks for more while they are traced."""
-  args = _inputs(SHAPES["tiny"], jnp.bfloat16)
-  op = functools.partial(pk.ttt_mlp, backend=backend, interpret=True, checkpoint_group=2)
-  loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
-
-  def precisions(precision):
+  `jax.default_matmul_precision` asks for more while they are traced. On bf16 inputs the TPU
+  kernels round every matmul operand to bf16 (the reference kernel's recipe), backward too."""
+  def dots(dtype, precision=None):
+    args = _inputs(SHAPES["tiny"], dtype)
+    op = functools.partial(pk.ttt_mlp, backend=backend, interpret=True, checkpoint_group=2)
+    loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
     with jax.default_matmul_precision(precision):
-      text = str(jax.make_jaxpr(jax.grad(loss, range(len(args))))(*args))
-    assert "pallas_call" in text and "dot_general" in text
-    return set(re.findall(r"precision=(\([^)]*\))", text))  # (only dot_general has one)
+      jaxpr = jax.make_jaxpr(jax.grad(loss, range(len(args))))(*args)
+    found = list(_dots(jaxpr.jaxpr))
+    assert len(found) > 20  # the forward's 11 and the reverse's
+    return {operands for operands, _ in found}, {p for _, p in found}
 
-  assert precisions(None) == set()  # precision=None: the platform's default
-  assert precisions("highest") == {"(Precision.HIGHEST, Precision.HIGHEST)"}
+  f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
+  assert dots(jnp.float32) == ({(f32, f32)}, {None})  # None: the platform's default
+  highest = (jax.lax.Precision.HIGHEST,) * 2
+  assert dots(jnp.float32, "highest") == ({(f32, f32)}, {highest})
+  if backend == "tpu":  # bf16 operands: one pass, said so (Mosaic refuses them at HIGHEST)
+    default = (jax.lax.Precision.DEFAULT,) * 2
+    assert dots(jnp.bfloat16) == dots(jnp.bfloat16, "highest") == ({(bf16, bf16)}, {default})
+  else:
+    assert dots(jnp.bfloat16)[0] == {(f32, f32)}
 
 
 def test_ops_dispatch_by_impl():

@@ -9,6 +9,7 @@ kernel body (`step_vjp`), so there is no hand-written gradient to drift from the
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -22,32 +23,62 @@ def num_groups(num_mini_batches: int, checkpoint_group: int) -> int:
   return math.ceil(num_mini_batches / checkpoint_group)
 
 
-def _dot(a, b, contract=(1, 0)):
+def _dot(a, b, contract=(1, 0), operands=None):
   """2-D matmul contracting a's axis contract[0] with b's axis contract[1], accumulated in
-  a's dtype (the state dtype, f32).
+  a's dtype (the state dtype, f32), on operands rounded to `operands` (None: a's dtype).
 
   At jax's default matmul precision, as the pure op's einsums: one bf16 pass on the TPU MXU
   and TF32 on GPU tensor cores unless `jax.default_matmul_precision` (read when the kernel is
   traced) asks for more, so kernel and pure op round at one precision on every platform.
-  HIGHEST costs the TPU forward 2.9x the bundles of its mini-batch loop on a v5p (2,688 vs 939
-  a head, benchmarks/tpu_schedule.py)."""
+  HIGHEST costs the TPU forward 2.9x the bundles of its mini-batch loop on a v5p (2,690 vs 943
+  a head on f32 inputs; 870 on bf16 operands: benchmarks/tpu_schedule.py)."""
+  if operands is None or jnp.dtype(operands) == a.dtype:
+    return _general(a, b, contract, a.dtype)
+  return _narrow_dot(a, b, contract, jnp.dtype(operands))
+
+
+def _general(a, b, contract, out_dtype, precision=None):
   return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                             preferred_element_type=a.dtype)
+                             precision=precision, preferred_element_type=out_dtype)
 
 
-def _mm(a, b):  # a @ b
-  return _dot(a, b, (1, 0))
+# bf16 operands take one MXU pass whatever jax's default precision: said explicitly, as Mosaic
+# TPU refuses bf16 operands with an f32 precision ("Bad lhs type").
+_NARROW = jax.lax.Precision.DEFAULT
 
 
-def _mm_t(a, b):  # a @ b^T
-  return _dot(a, b, (1, 1))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _narrow_dot(a, b, contract, operands):
+  """`_dot` of a and b (one dtype) rounded to the narrower `operands` (bf16), accumulated in
+  their dtype. Its VJP's two products take the same operands, the cotangent rounded too
+  (autodiff would pair an f32 cotangent with a bf16 operand)."""
+  return _general(a.astype(operands), b.astype(operands), contract, a.dtype, _NARROW)
 
 
-def _tm(a, b):  # a^T @ b
-  return _dot(a, b, (0, 0))
+def _narrow_dot_fwd(a, b, contract, operands):
+  return _narrow_dot(a, b, contract, operands), (a.astype(operands), b.astype(operands))
 
 
-def mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta):
+def _narrow_dot_bwd(contract, operands, res, ct):
+  a, b = res  # a [m, k] (contract[0] = 1) or [k, m]; b [k, n] (contract[1] = 0) or [n, k]
+  (ca, cb), out, ct = contract, ct.dtype, ct.astype(operands)  # ct [m, n]
+  dot = functools.partial(_general, out_dtype=out, precision=_NARROW)
+  ct_a = dot(ct, b, (1, 1 - cb)) if ca else dot(b, ct, (1 - cb, 1))
+  ct_b = dot(a, ct, (1 - ca, 0)) if cb == 0 else dot(ct, a, (0, 1 - ca))
+  return ct_a, ct_b  # sums over n and over m
+
+
+_narrow_dot.defvjp(_narrow_dot_fwd, _narrow_dot_bwd)
+
+
+def _products(operands):
+  """a @ b, a @ b^T and a^T @ b on `operands` (see `_dot`)."""
+  return (functools.partial(_dot, contract=(1, 0), operands=operands),
+          functools.partial(_dot, contract=(1, 1), operands=operands),
+          functools.partial(_dot, contract=(0, 0), operands=operands))
+
+
+def mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta, operands=None):
   """One TTT-MLP mini-batch on one (batch, head).
 
   Args:
@@ -55,38 +86,43 @@ def mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta):
     eps: LayerNorm epsilon.
     state: (W1 [d, f], b1 [1, f], W2 [f, d], b2 [1, d]).
     XQ, XK, XV: [b, d]; eta: [b, 1] (a column: it scales the rows of the gradients).
+    operands: the dtype the matmul operands are rounded to (None: the state's). The TPU
+      kernels pass bf16 for bf16 inputs: the reference's recipe (bf16 operands, f32
+      accumulation, spec 3.10), the MXU's one pass either way, in half the vregs.
 
   Returns:
     (new state, out [b, d]), all in the state's dtype.
   """
   W1, b1, W2, b2 = state
-  Z1 = _mm(XK, W1) + b1  # [b, f]
+  mm, mm_t, tm = _products(operands)
+  Z1 = mm(XK, W1) + b1  # [b, f]
   X2 = gelu_tanh(Z1)
-  Z2 = _mm(X2, W2) + b2  # [b, d]
+  Z2 = mm(X2, W2) + b2  # [b, d]
   G2 = ln_l2_grad(Z2, XV - XK, gamma, beta, eps)  # [b, d]
-  G1 = _mm_t(G2, W2) * gelu_tanh_grad(Z1)  # [b, f]
+  G1 = mm_t(G2, W2) * gelu_tanh_grad(Z1)  # [b, f]
   eG1, eG2 = eta * G1, eta * G2
 
   # Dual form, as in the pure op: (E o Attn) G = Attn (eta * G).
-  Z1_bar = _mm(XQ, W1) - _mm(_mm_t(XQ, XK), eG1) + b1 - eG1.sum(0, keepdims=True)  # [b, f]
+  Z1_bar = mm(XQ, W1) - mm(mm_t(XQ, XK), eG1) + b1 - eG1.sum(0, keepdims=True)  # [b, f]
   X2_bar = gelu_tanh(Z1_bar)
-  Z2_bar = _mm(X2_bar, W2) - _mm(_mm_t(X2_bar, X2), eG2) + b2 - eG2.sum(0, keepdims=True)
+  Z2_bar = mm(X2_bar, W2) - mm(mm_t(X2_bar, X2), eG2) + b2 - eG2.sum(0, keepdims=True)
   out = XQ + layer_norm(Z2_bar, gamma, beta, eps)  # [b, d]
 
-  new_state = (W1 - _tm(XK, eG1), b1 - eG1.sum(0, keepdims=True),
-               W2 - _tm(X2, eG2), b2 - eG2.sum(0, keepdims=True))
+  new_state = (W1 - tm(XK, eG1), b1 - eG1.sum(0, keepdims=True),
+               W2 - tm(X2, eG2), b2 - eG2.sum(0, keepdims=True))
   return new_state, out
 
 
-def linear_mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta):
+def linear_mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta, operands=None):
   """One TTT-Linear mini-batch on one (batch, head): as `mini_batch` with state
   (W1 [d, d], b1 [1, d])."""
   W1, b1 = state
-  Z1 = _mm(XK, W1) + b1  # [b, d]
+  mm, mm_t, tm = _products(operands)
+  Z1 = mm(XK, W1) + b1  # [b, d]
   eG1 = eta * ln_l2_grad(Z1, XV - XK, gamma, beta, eps)
-  Z1_bar = _mm(XQ, W1) - _mm(_mm_t(XQ, XK), eG1) + b1 - eG1.sum(0, keepdims=True)
+  Z1_bar = mm(XQ, W1) - mm(mm_t(XQ, XK), eG1) + b1 - eG1.sum(0, keepdims=True)
   out = XQ + layer_norm(Z1_bar, gamma, beta, eps)
-  return (W1 - _tm(XK, eG1), b1 - eG1.sum(0, keepdims=True)), out
+  return (W1 - tm(XK, eG1), b1 - eG1.sum(0, keepdims=True)), out
 
 
 STEPS = {"ttt_mlp": mini_batch, "ttt_linear": linear_mini_batch}
@@ -135,15 +171,16 @@ def pad_to_groups(x, groups: int, group_size: int):
   return jnp.pad(x, [(0, 0), (0, 0), (0, groups * group_size - N)] + [(0, 0)] * (x.ndim - 3))
 
 
-def step_vjp(kind, gamma, beta, eps, state, XQ, XK, XV, eta, ct_state, ct_out):
-  """Recomputes one mini-batch of `kind` and pulls (ct_state, ct_out) back to its inputs.
+def step_vjp(kind, gamma, beta, eps, state, XQ, XK, XV, eta, ct_state, ct_out, operands=None):
+  """Recomputes one mini-batch of `kind` (matmul `operands` as in `mini_batch`) and pulls
+  (ct_state, ct_out) back to its inputs.
 
   Returns (ct of the incoming state, ct_XQ, ct_XK, ct_XV, ct_eta, ct_gamma, ct_beta).
   """
   step = STEPS[kind]
 
   def f(state, XQ, XK, XV, eta, gamma, beta):
-    return step(gamma, beta, eps, state, XQ, XK, XV, eta)
+    return step(gamma, beta, eps, state, XQ, XK, XV, eta, operands)
 
   _, vjp = jax.vjp(f, state, XQ, XK, XV, eta, gamma, beta)
   return vjp((ct_state, ct_out))

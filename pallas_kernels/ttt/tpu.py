@@ -8,15 +8,18 @@ the others 'parallel' (split over a megacore's TensorCores). The state of the gr
 heads lives in VMEM scratch (f32: 129 KiB per head at d = 64) for the whole sweep: it is loaded
 from the initial weights at the first step and never goes back to HBM except as a checkpoint at
 the start of every group of g mini-batches ([B, H, ceil(N/g), ...], what the backward
-recomputes from). A grid step runs k consecutive mini-batches (`BlockSizes.mini_batches_per_step`,
-8 by default) in a loop: one mini-batch of one head at d = 64 is about 20 MFLOP, 0.09 us at a
-v5p TensorCore's MXU peak and 939 bundles (0.54 us) as libtpu schedules it
-(`benchmarks/tpu_schedule.py`), against the ~0.35 us a Pallas TPU grid step costs, so one
-mini-batch per step would spend about a quarter of the time on step overhead. Mini-batches n0 .. n0 + k - 1 of XQ, XK, XV
-are one BlockSpec block, so Pallas double-buffers them: the DMA of the next k overlaps the math.
-eta comes as rows, max(8, k) mini-batches to a block (whole (8, 128) tiles, where a [b, 1]
-column per mini-batch would pad each token to 128 lanes in HBM and VMEM), turned into the column
-the math wants by `tile.row_to_column`. The math runs one head at a time.
+recomputes from). A grid step runs k consecutive mini-batches
+(`BlockSizes.mini_batches_per_step`, 8 by default) in a loop: one mini-batch of one head at
+d = 64 is about 20 MFLOP, 0.09 us at a v5p TensorCore's MXU peak and 870 bundles (0.50 us) as
+libtpu schedules it (`benchmarks/tpu_schedule.py`), against the ~0.35 us a Pallas TPU grid step
+costs, so one mini-batch per step would spend about a quarter of the time on step overhead.
+Mini-batches n0 .. n0 + k - 1 of XQ, XK, XV are one BlockSpec block, so Pallas double-buffers
+them: the DMA of the next k overlaps the math. eta comes as rows, max(8, k) mini-batches to a
+block (whole (8, 128) tiles, where a [b, 1] column per mini-batch would pad each token to 128
+lanes in HBM and VMEM), turned into the column the math wants by `tile.row_to_column`. The
+math runs one head at a time, its matmuls on operands of the inputs' dtype
+(`tile.mini_batch`'s `operands`: bf16 inputs make bf16 operands with f32 accumulation, as the
+reference's kernel; the state stays f32).
 
 Backward, grid (B, H / hb, G) with the group axis 'arbitrary' and walked last group first. Each
 step recomputes its group from the saved state, keeping the g states in a VMEM stack
@@ -102,7 +105,7 @@ def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs,
         state = tuple(s[h] for s in state_refs)
         xs = [r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)]
         eta = row_to_column(eta_ref[h, pl.ds(jax.lax.rem(n0, E) + t, 1), :])  # [b, 1]
-        state, out = STEPS[kind](gamma, beta, eps, state, *xs, eta)
+        state, out = STEPS[kind](gamma, beta, eps, state, *xs, eta, operands=xq_ref.dtype)
         for s, w in zip(state_refs, state):
           s[h] = w
         out_ref[h, t] = out.astype(out_ref.dtype)
@@ -189,7 +192,7 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
     def recompute(t, state, gamma=gamma, beta=beta, inputs=inputs):
       for s, w in zip(stack, state):
         s[t] = w  # the state before mini-batch t
-      return STEPS[kind](gamma, beta, eps, state, *inputs(t))[0]
+      return STEPS[kind](gamma, beta, eps, state, *inputs(t), operands=xq_ref.dtype)[0]
 
     jax.lax.fori_loop(0, g, recompute, tuple(c[h] for c in ckpt))
 
@@ -198,7 +201,8 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
       t = g - 1 - i
       state = tuple(s[t] for s in stack)
       ct_state, *ct_x, ct_g, ct_b = step_vjp(kind, gamma, beta, eps, state, *inputs(t),
-                                             ct_state, ct_ref[h, t].astype(dtype))
+                                             ct_state, ct_ref[h, t].astype(dtype),
+                                             operands=xq_ref.dtype)
       for r, c in zip(dx_refs[:3], ct_x):
         r[h, t] = c.astype(r.dtype)
       dx_refs[3][h, pl.ds(t, 1), :] = column_to_row(ct_x[3])  # d eta, a row

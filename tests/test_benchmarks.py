@@ -220,8 +220,8 @@ def test_tpu_schedule_reads_libtpu_bundles():
 def test_tpu_schedule_compiles_with_libtpu(tmp_path):
   """Both TPU kernels compile for a compile-only v5p (libtpu, no TPU; not installed by
   .[test]) and their mini-batch loops stay within the bundles measured (jax 0.12.0.1, libtpu
-  0.0.50.1, 12 heads, bf16 inputs: 870 forward, 626 + 2,429 backward; f32 inputs: 943 and
-  711 + 3,017, under jax.default_matmul_precision("highest") 2,690 and 1,600 + 7,995)."""
+  0.0.50.1, 12 heads, bf16 inputs: 837 forward, 626 + 2,273 backward; f32 inputs: 897 and
+  708 + 2,884, under jax.default_matmul_precision("highest") 2,087 and 1,602 + 6,538)."""
   pytest.importorskip("libtpu")
   out = tmp_path / "r.jsonl"
   subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tpu_schedule.py"),

@@ -32,9 +32,9 @@ SHAPES = {  # name: (B, H, N, b, d)
     "wide_head": (1, 1, 2, 16, 128),
     "paper_head": (1, 2, 4, 64, 64),  # the released model's b = d = 64
 }
-# Relative, on out - xq (the residual would hide errors in the LayerNorm branch). Kernel and
-# pure op do the same f32 arithmetic in the same order, so f32 agrees to rounding; bf16 inputs
-# only round the output.
+# Relative, on out - xq (the residual would hide errors in the LayerNorm branch). Kernel (primal
+# form) and pure op (dual form) are the same function, so f32 agrees to rounding; bf16 inputs
+# make the TPU kernels' matmul operands bf16 too (the Triton kernels only round the output).
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 NAMES = ("xq", "xk", "xv", "eta", "ln_weight", "ln_bias", "W1", "b1", "W2", "b2")
 BACKENDS = ("tpu", "gpu")
@@ -501,7 +501,7 @@ def _dots(jaxpr):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kernel_matmuls_take_the_default_precision(backend):
   """The kernels' matmuls (forward, recompute and reverse) run at jax's default matmul
-  precision, as the pure op's einsums (one bf16 pass on a TPU: 2.9x fewer bundles in the v5p
+  precision, as the pure op's einsums (one bf16 pass on a TPU: 2.3x fewer bundles in the v5p
   forward than f32 precision, benchmarks/tpu_schedule.py), unless
   `jax.default_matmul_precision` asks for more while they are traced. On bf16 inputs the TPU
   kernels round every matmul operand to bf16 (the reference kernel's recipe), backward too."""

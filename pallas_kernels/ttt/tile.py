@@ -1,10 +1,15 @@
 """One TTT mini-batch on 2-D tiles: the math every TTT kernel runs, in one place.
 
-`mini_batch` (TTT-MLP) and `linear_mini_batch` (TTT-Linear) are `ttt_jax.ops.ttt`'s
-`_mlp_mini_batch` / `_linear_mini_batch` for one (batch element, head), built from the same
-helpers (`layer_norm`, `ln_l2_grad`, `gelu_tanh`, `gelu_tanh_grad`), with 2-D matmuls that both
-Triton and Mosaic TPU lower. The backward kernels differentiate them with `jax.vjp` inside the
-kernel body (`step_vjp`), so there is no hand-written gradient to drift from the forward.
+`mini_batch` (TTT-MLP) and `linear_mini_batch` (TTT-Linear) are one (batch element, head) of
+`ttt_jax.ops.ttt`'s `_mlp_mini_batch` / `_linear_mini_batch`, built from the same helpers
+(`layer_norm`, `ln_l2_grad`, `gelu_tanh`, `gelu_tanh_grad`), with 2-D matmuls that both Triton
+and Mosaic TPU lower, in the primal form of the spec's steps 1-8 (3.6), as the reference's
+kernel: the state is updated first and the output taken with the updated weights
+(Z1_bar = XQ W1' + b1'), where the pure op uses the dual form (XQ W1 - Attn (eta G1) + ...).
+With one eta row for the whole mini-batch the two are the same function; the primal form skips
+the two b x b attention matrices and their products (26% fewer FLOPs), and the tests compare
+the kernels with the pure op. The backward kernels differentiate the step with `jax.vjp`
+inside the kernel body (`step_vjp`), so there is no hand-written gradient to drift from it.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ def _dot(a, b, contract=(1, 0), operands=None):
   At jax's default matmul precision, as the pure op's einsums: one bf16 pass on the TPU MXU
   and TF32 on GPU tensor cores unless `jax.default_matmul_precision` (read when the kernel is
   traced) asks for more, so kernel and pure op round at one precision on every platform.
-  HIGHEST costs the TPU forward 2.9x the bundles of its mini-batch loop on a v5p (2,690 vs 943
-  a head on f32 inputs; 870 on bf16 operands: benchmarks/tpu_schedule.py)."""
+  HIGHEST costs the TPU forward 2.3x the bundles of its mini-batch loop on a v5p (2,087 vs 897
+  a head on f32 inputs; 837 on bf16 operands: benchmarks/tpu_schedule.py)."""
   if operands is None or jnp.dtype(operands) == a.dtype:
     return _general(a, b, contract, a.dtype)
   return _narrow_dot(a, b, contract, jnp.dtype(operands))
@@ -102,14 +107,12 @@ def mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta, operands=None):
   G1 = mm_t(G2, W2) * gelu_tanh_grad(Z1)  # [b, f]
   eG1, eG2 = eta * G1, eta * G2
 
-  # Dual form, as in the pure op: (E o Attn) G = Attn (eta * G).
-  Z1_bar = mm(XQ, W1) - mm(mm_t(XQ, XK), eG1) + b1 - eG1.sum(0, keepdims=True)  # [b, f]
-  X2_bar = gelu_tanh(Z1_bar)
-  Z2_bar = mm(X2_bar, W2) - mm(mm_t(X2_bar, X2), eG2) + b2 - eG2.sum(0, keepdims=True)
-  out = XQ + layer_norm(Z2_bar, gamma, beta, eps)  # [b, d]
-
   new_state = (W1 - tm(XK, eG1), b1 - eG1.sum(0, keepdims=True),
                W2 - tm(X2, eG2), b2 - eG2.sum(0, keepdims=True))
+  W1, b1, W2, b2 = new_state
+  # The output of the updated inner model (primal form, see the module docstring).
+  X2_bar = gelu_tanh(mm(XQ, W1) + b1)  # [b, f]
+  out = XQ + layer_norm(mm(X2_bar, W2) + b2, gamma, beta, eps)  # [b, d]
   return new_state, out
 
 
@@ -117,12 +120,11 @@ def linear_mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta, operands=None):
   """One TTT-Linear mini-batch on one (batch, head): as `mini_batch` with state
   (W1 [d, d], b1 [1, d])."""
   W1, b1 = state
-  mm, mm_t, tm = _products(operands)
+  mm, _, tm = _products(operands)
   Z1 = mm(XK, W1) + b1  # [b, d]
   eG1 = eta * ln_l2_grad(Z1, XV - XK, gamma, beta, eps)
-  Z1_bar = mm(XQ, W1) - mm(mm_t(XQ, XK), eG1) + b1 - eG1.sum(0, keepdims=True)
-  out = XQ + layer_norm(Z1_bar, gamma, beta, eps)
-  return (W1 - tm(XK, eG1), b1 - eG1.sum(0, keepdims=True)), out
+  W1, b1 = W1 - tm(XK, eG1), b1 - eG1.sum(0, keepdims=True)
+  return (W1, b1), XQ + layer_norm(mm(XQ, W1) + b1, gamma, beta, eps)
 
 
 STEPS = {"ttt_mlp": mini_batch, "ttt_linear": linear_mini_batch}

@@ -10,7 +10,7 @@ from the initial weights at the first step and never goes back to HBM except as 
 the start of every group of g mini-batches ([B, H, ceil(N/g), ...], what the backward
 recomputes from). A grid step runs k consecutive mini-batches
 (`BlockSizes.mini_batches_per_step`, 8 by default) in a loop: one mini-batch of one head at
-d = 64 is about 20 MFLOP, 0.09 us at a v5p TensorCore's MXU peak and 870 bundles (0.50 us) as
+d = 64 is about 20 MFLOP, 0.09 us at a v5p TensorCore's MXU peak and 837 bundles (0.48 us) as
 libtpu schedules it (`benchmarks/tpu_schedule.py`), against the ~0.35 us a Pallas TPU grid step
 costs, so one mini-batch per step would spend about a quarter of the time on step overhead.
 Mini-batches n0 .. n0 + k - 1 of XQ, XK, XV are one BlockSpec block, so Pallas double-buffers

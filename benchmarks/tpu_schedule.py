@@ -30,7 +30,6 @@ f32 products six passes, as all of them were before the kernels followed jax's d
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -117,7 +116,7 @@ def summarize(kernel: str, bundles_text: str, util_text: str, row: dict) -> dict
   flops = row["flops_per_mini_batch"]
   chip = CHIPS.get(row["device_kind"])
   fields.update(step_overhead_bundles=overhead, bundles_per_mini_batch=round(per_mini_batch, 1),
-                kernel_bundles=bundles[-1][0] + 1 if bundles else 0,
+                kernel_bundles=bundles[-1][0] + 1,
                 unit_ops_per_bundle=unit_use(util_text, [(l["start"], l["end"]) for l in inner]))
   if chip:
     tflops, cores, per_clock = chip
@@ -147,7 +146,7 @@ def _compile(kernel: str, args) -> dict:
   B, H, N, b, d, g = 1, args.heads, args.num_mini_batches, 64, 64, args.checkpoint_group
   x_dtype, f32 = jnp.dtype(args.dtype), jnp.float32
   sizes = get_block_sizes(devices[0].device_kind, x_dtype, d)
-  hb = max(h for h in range(1, sizes.heads_per_step + 1) if H % h == 0)
+  hb = tpu.heads_per_step(sizes.heads_per_step, H)
   kw = dict(kind="ttt_mlp", eps=1e-6, checkpoint_group=g, heads_per_step=hb, block_sizes=sizes)
   xs = [spec((B, H, N, b, d), x_dtype)] * 3 + [spec((B, H, N, b), f32), spec((H, d), f32),
                                                spec((H, d), f32)]
@@ -159,10 +158,9 @@ def _compile(kernel: str, args) -> dict:
     fn = lambda *a: tpu.backward(*a[:6], a[6:-1], a[-1], **kw)
     shapes = (*xs, *[spec((B, H, G, *s), f32) for s in state_shapes("ttt_mlp", d)],
               spec((B, H, N, b, d), x_dtype))
-  precision = (jax.default_matmul_precision(args.precision) if args.precision != "default"
-               else contextlib.nullcontext())
+  precision = None if args.precision == "default" else args.precision  # None: jax's default
   t0 = time.perf_counter()
-  with use_abstract_mesh(mesh.abstract_mesh), precision:
+  with use_abstract_mesh(mesh.abstract_mesh), jax.default_matmul_precision(precision):
     jax.jit(fn).trace(*shapes).lower().compile()
   flops = ttt_flops("ttt_mlp", 1, 1, 1, b, d) * (1 if kernel == "forward" else 2)
   return dict(device_kind=devices[0].device_kind, jax=jax.__version__, batch=B, heads=H,

@@ -112,7 +112,7 @@ def _call(kind, xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps, checkpoint_gr
                      f"{interpret!r}.")
   g = min(checkpoint_group, N) if checkpoint_group and checkpoint_group > 0 else N
   sizes = block_sizes or get_block_sizes(device_kind, xq.dtype, d)
-  hb = max(k for k in range(1, min(sizes.heads_per_step, H) + 1) if H % k == 0)
+  hb = tpu.heads_per_step(sizes.heads_per_step, H)
   cfg = _Config(kind, float(eps), g, backend, hb, interpret, bool(debug), sizes)
   return _ttt(cfg, xq, xk, xv, eta, ln_weight, ln_bias, tuple(init))
 

@@ -61,7 +61,9 @@ def _narrow_dot(a, b, contract, operands):
 
 
 def _narrow_dot_fwd(a, b, contract, operands):
-  return _narrow_dot(a, b, contract, operands), (a.astype(operands), b.astype(operands))
+  out = a.dtype
+  a, b = a.astype(operands), b.astype(operands)
+  return _general(a, b, contract, out, _NARROW), (a, b)
 
 
 def _narrow_dot_bwd(contract, operands, res, ct):

@@ -65,6 +65,11 @@ def _params(block_sizes: BlockSizes):
 # ----------------------------------------------------------------------------- forward
 
 
+def heads_per_step(requested: int, H: int) -> int:
+  """Heads per grid step: the largest divisor of H up to `requested`."""
+  return max(k for k in range(1, min(requested, H) + 1) if H % k == 0)
+
+
 def mini_batches_per_step(requested: int, g: int) -> int:
   """Mini-batches per forward grid step: the largest k <= requested that divides g (so a
   checkpoint group starts only at a step's first mini-batch) and divides 8 or is a multiple

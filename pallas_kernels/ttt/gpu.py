@@ -1,5 +1,5 @@
 """TTT forward and backward as Pallas Triton kernels (GPU; interpret mode on CPU), TTT-MLP or
-TTT-Linear (`kind`; the mini-batch math is `tile.STEPS[kind]`, sizes below are TTT-MLP's).
+TTT-Linear (`kind`; the mini-batch math is `tile.step`, sizes below are TTT-MLP's).
 
 Why Triton here: the kernel is a sequential loop with a large loop-carried state and small
 matmuls, which Triton expresses directly (`lax.fori_loop` over refs) for every kind, head dim,
@@ -14,7 +14,7 @@ Design: one program per (batch element, head), grid (B, H). Each program loads i
 state W1 [d, 4d], b1 [1, 4d], W2 [4d, d], b2 [1, d] once, then runs a `lax.fori_loop` over the
 N mini-batches with the state carried as float32 loop values, reading mini-batch n of XQ, XK, XV
 and eta by a dynamic index into the refs and writing that mini-batch's output. The mini-batch
-math is `tile.STEPS[kind]`. The state is written to memory only every `checkpoint_group`
+math is `tile.step`. The state is written to memory only every `checkpoint_group`
 mini-batches (the state at the start of each group, [B, H, ceil(N/g), ...]), which is what the
 backward pass recomputes from.
 
@@ -52,10 +52,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.ttt import gpu_cluster, gpu_cluster_backward
+from pallas_kernels.ttt import gpu_cluster, gpu_cluster_backward, tile
 from pallas_kernels.ttt.block_sizes import BlockSizes
-from pallas_kernels.ttt.tile import (STEPS, num_groups, pad_to_groups, state_bytes,
-                                     state_shapes, step_vjp)
+from pallas_kernels.ttt.tile import (num_groups, pad_to_groups, state_bytes, state_shapes,
+                                     step_vjp)
 
 
 def _mosaic_interpret(interpret: bool):
@@ -83,7 +83,7 @@ def _kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, e
 
     XQ, XK, XV = (ref[pl.ds(n, 1)][0].astype(dtype) for ref in (xq_ref, xk_ref, xv_ref))
     eta = eta_ref[pl.ds(n, 1)][0].astype(dtype)  # [b, 1]
-    state, out = STEPS[kind](gamma, beta, eps, state, XQ, XK, XV, eta)
+    state, out = tile.step(kind, gamma, beta, eps, state, XQ, XK, XV, eta)
     out_ref[pl.ds(n, 1)] = out.astype(out_ref.dtype)[None]
     return state
 

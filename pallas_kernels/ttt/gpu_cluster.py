@@ -44,7 +44,7 @@ operands and f32 accumulation; the state stays f32 in registers (its step accumu
 so the output differs from the f32 pure op by bf16 rounding (measured 4e-3 to 8e-3 relative).
 tanh is the hardware approximation (`approx_math`, relative error about 2^-11, well under that
 rounding; the interpreter computes it exactly), and gelu and gelu' share one. The math is
-`tile.mini_batch` rearranged for the split; the tests compare it with the pure op. Operands
+`tile.step` rearranged for the split; the tests compare it with the pure op. Operands
 computed in registers are staged through shared memory (jax's interpreter takes only
 shared-memory wgmma operands, and one code path serves both).
 

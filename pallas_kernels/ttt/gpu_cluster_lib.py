@@ -322,7 +322,7 @@ class Recompute(NamedTuple):
 
 def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=False,
                before_stage=None, during_z1=lambda: None, output=True, w2_transposed=False):
-  """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.mini_batch` rearranged, see
+  """One mini-batch of the split TTT-MLP up to Z2_bar (`tile.step` rearranged, see
   `gpu_cluster.py`'s docstring), on the CTA's hidden slice and `block`, its rows of the [b, d]
   work (`Rows`). Z1_bar and Z2_bar are f(XQ; W') with the stepped state W' (the primal form:
   with no causal mask inside the mini-batch the pure op's dual form computes the same with two

@@ -1,15 +1,18 @@
 """One TTT mini-batch on 2-D tiles: the math every TTT kernel runs, in one place.
 
-`mini_batch` (TTT-MLP) and `linear_mini_batch` (TTT-Linear) are one (batch element, head) of
-`ttt_jax.ops.ttt`'s `_mlp_mini_batch` / `_linear_mini_batch`, built from the same helpers
+`step` is one mini-batch of one (batch element, head) of `ttt_jax.ops.ttt`'s `_mlp_mini_batch`
+(TTT-MLP: `mlp_update`, then `mlp_output`) or `_linear_mini_batch` (TTT-Linear: `linear_update`,
+`linear_output`), built from the same helpers
 (`layer_norm`, `ln_l2_grad`, `gelu_tanh`, `gelu_tanh_grad`), with 2-D matmuls that both Triton
 and Mosaic TPU lower, in the primal form of the spec's steps 1-8 (3.6), as the reference's
 kernel: the state is updated first and the output taken with the updated weights
 (Z1_bar = XQ W1' + b1'), where the pure op uses the dual form (XQ W1 - Attn (eta G1) + ...).
 With one eta row for the whole mini-batch the two are the same function; the primal form skips
 the two b x b attention matrices and their products (26% fewer FLOPs), and the tests compare
-the kernels with the pure op. The backward kernels differentiate the step with `jax.vjp`
-inside the kernel body (`step_vjp`), so there is no hand-written gradient to drift from it.
+the kernels with the pure op. The backward kernels differentiate the two halves with `jax.vjp`
+inside the kernel body (`step_vjp`), so there is no hand-written gradient to drift from them;
+the split lets a kernel that holds the state after a mini-batch start the output's half from
+it instead of stepping the state again.
 """
 
 from __future__ import annotations
@@ -85,20 +88,20 @@ def _products(operands):
           functools.partial(_dot, contract=(0, 0), operands=operands))
 
 
-def mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta, operands=None):
-  """One TTT-MLP mini-batch on one (batch, head).
+def mlp_update(gamma, beta, eps, state, XK, XV, eta, operands=None):
+  """The TTT-MLP state after one mini-batch on one (batch, head): spec 3.6 steps 1-6.
 
   Args:
     gamma, beta: [1, d] inner LayerNorm parameters.
     eps: LayerNorm epsilon.
     state: (W1 [d, f], b1 [1, f], W2 [f, d], b2 [1, d]).
-    XQ, XK, XV: [b, d]; eta: [b, 1] (a column: it scales the rows of the gradients).
+    XK, XV: [b, d]; eta: [b, 1] (a column: it scales the rows of the gradients).
     operands: the dtype the matmul operands are rounded to (None: the state's). The TPU
       kernels pass bf16 for bf16 inputs: the reference's recipe (bf16 operands, f32
       accumulation, spec 3.10), the MXU's one pass either way, in half the vregs.
 
   Returns:
-    (new state, out [b, d]), all in the state's dtype.
+    The new state, in the state's dtype.
   """
   W1, b1, W2, b2 = state
   mm, mm_t, tm = _products(operands)
@@ -108,28 +111,54 @@ def mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta, operands=None):
   G2 = ln_l2_grad(Z2, XV - XK, gamma, beta, eps)  # [b, d]
   G1 = mm_t(G2, W2) * gelu_tanh_grad(Z1)  # [b, f]
   eG1, eG2 = eta * G1, eta * G2
+  return (W1 - tm(XK, eG1), b1 - eG1.sum(0, keepdims=True),
+          W2 - tm(X2, eG2), b2 - eG2.sum(0, keepdims=True))
 
-  new_state = (W1 - tm(XK, eG1), b1 - eG1.sum(0, keepdims=True),
-               W2 - tm(X2, eG2), b2 - eG2.sum(0, keepdims=True))
-  W1, b1, W2, b2 = new_state
-  # The output of the updated inner model (primal form, see the module docstring).
+
+def mlp_output(gamma, beta, eps, state, XQ, operands=None):
+  """The output [b, d] of the updated inner model (spec 3.6 steps 7-8; primal form, see the
+  module docstring): `state` is `mlp_update`'s result, XQ [b, d]."""
+  W1, b1, W2, b2 = state
+  mm, _, _ = _products(operands)
   X2_bar = gelu_tanh(mm(XQ, W1) + b1)  # [b, f]
-  out = XQ + layer_norm(mm(X2_bar, W2) + b2, gamma, beta, eps)  # [b, d]
-  return new_state, out
+  return XQ + layer_norm(mm(X2_bar, W2) + b2, gamma, beta, eps)  # [b, d]
 
 
-def linear_mini_batch(gamma, beta, eps, state, XQ, XK, XV, eta, operands=None):
-  """One TTT-Linear mini-batch on one (batch, head): as `mini_batch` with state
-  (W1 [d, d], b1 [1, d])."""
+def linear_update(gamma, beta, eps, state, XK, XV, eta, operands=None):
+  """The TTT-Linear state after one mini-batch: as `mlp_update` with state (W1 [d, d],
+  b1 [1, d])."""
   W1, b1 = state
   mm, _, tm = _products(operands)
   Z1 = mm(XK, W1) + b1  # [b, d]
   eG1 = eta * ln_l2_grad(Z1, XV - XK, gamma, beta, eps)
-  W1, b1 = W1 - tm(XK, eG1), b1 - eG1.sum(0, keepdims=True)
-  return (W1, b1), XQ + layer_norm(mm(XQ, W1) + b1, gamma, beta, eps)
+  return W1 - tm(XK, eG1), b1 - eG1.sum(0, keepdims=True)
 
 
-STEPS = {"ttt_mlp": mini_batch, "ttt_linear": linear_mini_batch}
+def linear_output(gamma, beta, eps, state, XQ, operands=None):
+  """The TTT-Linear output of the updated state, as `mlp_output`."""
+  W1, b1 = state
+  mm, _, _ = _products(operands)
+  return XQ + layer_norm(mm(XQ, W1) + b1, gamma, beta, eps)
+
+
+# kind: (update, output), the two halves of one mini-batch.
+_HALVES = {"ttt_mlp": (mlp_update, mlp_output), "ttt_linear": (linear_update, linear_output)}
+
+
+def update(kind, gamma, beta, eps, state, XK, XV, eta, operands=None):
+  """The state after one mini-batch of `kind` (`mlp_update` or `linear_update`)."""
+  return _HALVES[kind][0](gamma, beta, eps, state, XK, XV, eta, operands)
+
+
+def step(kind, gamma, beta, eps, state, XQ, XK, XV, eta, operands=None):
+  """One mini-batch of `kind` on one (batch, head): (new state, out [b, d]), both in the
+  state's dtype. Arguments as `mlp_update`'s, XQ [b, d]."""
+  update, output = _HALVES[kind]
+  state = update(gamma, beta, eps, state, XK, XV, eta, operands)
+  return state, output(gamma, beta, eps, state, XQ, operands)
+
+
+
 
 
 def _diagonal_sum(v, n: int, axis: int):
@@ -175,16 +204,30 @@ def pad_to_groups(x, groups: int, group_size: int):
   return jnp.pad(x, [(0, 0), (0, 0), (0, groups * group_size - N)] + [(0, 0)] * (x.ndim - 3))
 
 
-def step_vjp(kind, gamma, beta, eps, state, XQ, XK, XV, eta, ct_state, ct_out, operands=None):
-  """Recomputes one mini-batch of `kind` (matmul `operands` as in `mini_batch`) and pulls
-  (ct_state, ct_out) back to its inputs.
+def step_vjp(kind, gamma, beta, eps, state, XQ, XK, XV, eta, ct_state, ct_out, operands=None,
+             next_state=None):
+  """Recomputes one mini-batch of `kind` (matmul `operands` as in `mlp_update`) and pulls
+  (ct_state, ct_out) back to its inputs, one half at a time: the output's VJP at the new
+  state, then the update's with the new state's cotangent.
+
+  `next_state`, when given, is the state after this mini-batch as a kernel already holds it
+  (the state before the next one, in its stack): the output's half then starts from it, and
+  the update's recomputed new state goes unused (two [d, b] x [b, f] products and their
+  subtractions the compiler drops). Without it the update recomputes it.
 
   Returns (ct of the incoming state, ct_XQ, ct_XK, ct_XV, ct_eta, ct_gamma, ct_beta).
   """
-  step = STEPS[kind]
+  update, output = _HALVES[kind]
 
-  def f(state, XQ, XK, XV, eta, gamma, beta):
-    return step(gamma, beta, eps, state, XQ, XK, XV, eta, operands)
+  def upd(state, XK, XV, eta, gamma, beta):
+    return update(gamma, beta, eps, state, XK, XV, eta, operands)
 
-  _, vjp = jax.vjp(f, state, XQ, XK, XV, eta, gamma, beta)
-  return vjp((ct_state, ct_out))
+  def out(state, XQ, gamma, beta):
+    return output(gamma, beta, eps, state, XQ, operands)
+
+  new_state, upd_vjp = jax.vjp(upd, state, XK, XV, eta, gamma, beta)
+  _, out_vjp = jax.vjp(out, new_state if next_state is None else next_state, XQ, gamma, beta)
+  ct_new, ct_XQ, ct_gamma, ct_beta = out_vjp(ct_out)
+  ct_new = jax.tree.map(jnp.add, tuple(ct_state), tuple(ct_new))
+  ct_state, ct_XK, ct_XV, ct_eta, ct_g, ct_b = upd_vjp(ct_new)
+  return ct_state, ct_XQ, ct_XK, ct_XV, ct_eta, ct_gamma + ct_g, ct_beta + ct_b

@@ -1,7 +1,7 @@
 """TTT forward and backward as Mosaic TPU Pallas kernels (interpret mode on CPU).
 
 One kernel pair for both inner models (`kind`: "ttt_mlp", state W1, b1, W2, b2; "ttt_linear",
-state W1, b1): the mini-batch math is `tile.STEPS[kind]`. Sizes below are TTT-MLP's.
+state W1, b1): the mini-batch math is `tile.step(kind, ...)`. Sizes below are TTT-MLP's.
 
 Forward, grid (B, H / hb, ceil(N / k)) with the mini-batch axis 'arbitrary' (sequential) and
 the others 'parallel' (split over a megacore's TensorCores). The state of the grid step's hb
@@ -18,13 +18,14 @@ them: the DMA of the next k overlaps the math. eta comes as rows, max(8, k) mini
 block (whole (8, 128) tiles, where a [b, 1] column per mini-batch would pad each token to 128
 lanes in HBM and VMEM), turned into the column the math wants by `tile.row_to_column`. The
 math runs one head at a time, its matmuls on operands of the inputs' dtype
-(`tile.mini_batch`'s `operands`: bf16 inputs make bf16 operands with f32 accumulation, as the
+(`tile.mlp_update`'s `operands`: bf16 inputs make bf16 operands with f32 accumulation, as the
 reference's kernel; the state stays f32).
 
 Backward, grid (B, H / hb, G) with the group axis 'arbitrary' and walked last group first. Each
-step recomputes its group from the saved state, keeping the g states in a VMEM stack
-[g, ...] (about 2 MiB per head at g = 16, d = 64), then runs the g mini-batches in reverse with
-`tile.step_vjp`. The cotangent of the state flows from group to group in the resident
+step recomputes its group's states from the saved one (`tile.update`: no outputs), keeping the
+g + 1 states it passes through in a VMEM stack [g + 1, ...] (about 2.1 MiB per head at g = 16,
+d = 64), then runs the g mini-batches in reverse with `tile.step_vjp`, which takes the state
+after mini-batch t from the stack (t + 1) instead of stepping state t again. The cotangent of the state flows from group to group in the resident
 output blocks of dW1, db1, dW2, db2 (their block index does not depend on the group), and the
 gradients of the LayerNorm parameters accumulate the same way. Stored state is O(N / g) per
 (batch, head), as in the pure op's remat; the sequence is padded to G * g mini-batches with
@@ -41,8 +42,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.ttt.block_sizes import BlockSizes
-from pallas_kernels.ttt.tile import (STEPS, column_to_row, num_groups, pad_to_groups,
-                                     row_to_column, state_bytes, state_shapes, step_vjp)
+from pallas_kernels.ttt.tile import (column_to_row, num_groups, pad_to_groups,
+                                     row_to_column, state_bytes, state_shapes, step,
+                                     step_vjp, update)
 
 _SEMANTICS = ("parallel", "parallel", "arbitrary")
 
@@ -54,7 +56,7 @@ def vmem_estimate(hb: int, g: int, b: int, d: int, in_bytes: int = 4,
   its cotangent as [g, b] rows padded to 128 lanes."""
   state = state_bytes(kind, d)
   blocks = 2 * hb * g * (7 * b * d * in_bytes + 2 * max(b, 128) * 4)  # xq xk xv ct dx*, eta
-  return g * state + blocks + 2 * hb * (state + 2 * d * 4) + 2 * 2 * hb * state  # + ckpt in
+  return (g + 1) * state + blocks + 2 * hb * (state + 2 * d * 4) + 2 * 2 * hb * state  # + ckpt in
 
 
 def _params(block_sizes: BlockSizes):
@@ -110,7 +112,7 @@ def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs,
         state = tuple(s[h] for s in state_refs)
         xs = [r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)]
         eta = row_to_column(eta_ref[h, pl.ds(jax.lax.rem(n0, E) + t, 1), :])  # [b, 1]
-        state, out = STEPS[kind](gamma, beta, eps, state, *xs, eta, operands=xq_ref.dtype)
+        state, out = step(kind, gamma, beta, eps, state, *xs, eta, operands=xq_ref.dtype)
         for s, w in zip(state_refs, state):
           s[h] = w
         out_ref[h, t] = out.astype(out_ref.dtype)
@@ -175,7 +177,8 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
   """Refs: x [hb, g, b, d] (group G-1-k), eta [hb, g, b] (rows), gamma/beta [hb, 1, d], the group's
   checkpoint [hb, ...], ct_out [hb, g, b, d]; outputs the input cotangents (blocks like the
   inputs), d gamma / d beta [hb, 1, d] and the state cotangent [hb, ...] (both resident: summed
-  over groups); scratch: the group's states [g, ...] of one head."""
+  over groups); scratch: the states [g + 1, ...] of one head before each of the group's
+  mini-batches and after its last."""
   k = (len(refs) - 7) // 3  # refs: k checkpoints, ct_out, 4 + 2 + k cotangents, k scratch
   ckpt, ct_ref = refs[:k], refs[k]
   dx_refs, (dgamma, dbeta), dstate = refs[k + 1:k + 5], refs[k + 5:k + 7], refs[k + 7:2 * k + 7]
@@ -194,30 +197,37 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
       eta = row_to_column(eta_ref[h, pl.ds(t, 1), :])  # [b, 1]
       return (*(r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)), eta)
 
-    def recompute(t, state, gamma=gamma, beta=beta, inputs=inputs):
-      for s, w in zip(stack, state):
-        s[t] = w  # the state before mini-batch t
-      return STEPS[kind](gamma, beta, eps, state, *inputs(t), operands=xq_ref.dtype)[0]
+    for s, c in zip(stack, ckpt):
+      s[0] = c[h]
 
-    jax.lax.fori_loop(0, g, recompute, tuple(c[h] for c in ckpt))
+    # The states and their cotangents go through VMEM each mini-batch, as the forward's: as
+    # loop values they would not fit the vector registers (spilled to VMEM anyway).
+    def recompute(t, carry, gamma=gamma, beta=beta, inputs=inputs):
+      XQ, *rest = inputs(t)
+      state = update(kind, gamma, beta, eps, tuple(s[t] for s in stack), *rest,
+                     operands=xq_ref.dtype)
+      for s, w in zip(stack, state):
+        s[t + 1] = w
+      return carry
+
+    jax.lax.fori_loop(0, g, recompute, 0)
 
     def reverse(i, carry, h=h, gamma=gamma, beta=beta, inputs=inputs):
-      ct_gamma, ct_beta, ct_state = carry
+      ct_gamma, ct_beta = carry
       t = g - 1 - i
-      state = tuple(s[t] for s in stack)
+      state, next_state = (tuple(s[u] for s in stack) for u in (t, t + 1))
       ct_state, *ct_x, ct_g, ct_b = step_vjp(kind, gamma, beta, eps, state, *inputs(t),
-                                             ct_state, ct_ref[h, t].astype(dtype),
-                                             operands=xq_ref.dtype)
+                                             tuple(r[h] for r in dstate),
+                                             ct_ref[h, t].astype(dtype),
+                                             operands=xq_ref.dtype, next_state=next_state)
+      for r, c in zip(dstate, ct_state):
+        r[h] = c
       for r, c in zip(dx_refs[:3], ct_x):
         r[h, t] = c.astype(r.dtype)
       dx_refs[3][h, pl.ds(t, 1), :] = column_to_row(ct_x[3])  # d eta, a row
-      return ct_gamma + ct_g, ct_beta + ct_b, ct_state
+      return ct_gamma + ct_g, ct_beta + ct_b
 
-    carry = (dgamma[h], dbeta[h], tuple(r[h] for r in dstate))
-    ct_gamma, ct_beta, ct_state = jax.lax.fori_loop(0, g, reverse, carry)
-    dgamma[h], dbeta[h] = ct_gamma, ct_beta
-    for r, c in zip(dstate, ct_state):
-      r[h] = c
+    dgamma[h], dbeta[h] = jax.lax.fori_loop(0, g, reverse, (dgamma[h], dbeta[h]))
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "eps", "checkpoint_group",
@@ -259,7 +269,7 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
       out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (xq, xk, xv, eta)]
       + [jax.ShapeDtypeStruct((B, H, 1, d), dtype)] * 2
       + [jax.ShapeDtypeStruct((B, H, *s), dtype) for s in shapes],
-      scratch_shapes=[pltpu.VMEM((g, *s), dtype) for s in shapes],
+      scratch_shapes=[pltpu.VMEM((g + 1, *s), dtype) for s in shapes],
       compiler_params=_params(block_sizes),
       interpret=interpret,
       debug=debug,

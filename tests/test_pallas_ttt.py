@@ -486,6 +486,30 @@ def test_compiles_for_tpu_with_libtpu():
         lowered.compile()
 
 
+@pytest.mark.parametrize("b", (16, 32, 64))
+@pytest.mark.parametrize("d", (16, 32, 64, 128))
+def test_tpu_kernels_compile_over_the_shape_grid(b, d):
+  """libtpu compiles the forward and backward kernels (bf16 inputs, TTT-MLP) for every
+  mini-batch size and head dim the kernels take, not only the 5B shape: Mosaic's (8, 128)
+  tiling treats 16-wide tiles apart from 64-wide ones."""
+  pytest.importorskip("libtpu")
+  from jax.experimental import topologies
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from ttt_jax import ops, sharding
+  devices = topologies.get_topology_desc("v5p:2x2x1", platform="tpu").devices[:1]
+  mesh = sharding.make_mesh((1, 1, 1), devices=devices)
+  shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+            for s in _abstract_shapes(jnp.bfloat16, H=4, N=6, b=b, d=d)]
+  op = functools.partial(ops.ttt_mlp, impl="pallas", checkpoint_group=4)  # per shard, on TPU
+  loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
+  with sharding.use_rules(mesh, (("batch", ("data", "fsdp")), ("heads", "tensor"))):
+    for f in (op, jax.grad(loss, range(len(shapes)))):
+      lowered = jax.jit(f).trace(*shapes).lower()
+      assert lowered.as_text().count("tpu_custom_call") == (1 if f is op else 2)  # + backward
+      lowered.compile()
+
+
 def _dots(jaxpr):
   """Every dot_general in a jaxpr and the jaxprs inside it (kernel bodies, loops, custom
   VJPs): (its operand dtypes, its precision)."""

@@ -25,8 +25,10 @@ Backward, grid (B, H / hb, G) with the group axis 'arbitrary' and walked last gr
 step recomputes its group's states from the saved one (`tile.update`: no outputs), keeping the
 g + 1 states it passes through in a VMEM stack [g + 1, ...] (about 2.1 MiB per head at g = 16,
 d = 64), then runs the g mini-batches in reverse with `tile.step_vjp`, which takes the state
-after mini-batch t from the stack (t + 1) instead of stepping state t again. The cotangent of the state flows from group to group in the resident
-output blocks of dW1, db1, dW2, db2 (their block index does not depend on the group), and the
+after mini-batch t from the stack (t + 1) instead of stepping state t again. The cotangent of
+the state flows from group to group in the resident output blocks of dW1, db1, dW2, db2 (their
+block index does not depend on the group), read and written each mini-batch rather than
+carried as loop values (it would not fit the vector registers, as the forward's state), and the
 gradients of the LayerNorm parameters accumulate the same way. Stored state is O(N / g) per
 (batch, head), as in the pure op's remat; the sequence is padded to G * g mini-batches with
 eta = 0 and a zero output cotangent, which leaves the state and its cotangent unchanged.

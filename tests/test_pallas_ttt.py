@@ -94,6 +94,34 @@ def test_tpu_kernels_under_mosaic_interpret(dtype):
     assert rel_err(np.asarray(g, np.float32), np.asarray(w, np.float32)) <= TOL[dtype], name
 
 
+@pytest.mark.parametrize("kind", ("ttt_mlp", "ttt_linear"))
+def test_step_vjp_matches_autodiff_of_the_step(kind):
+  """`tile.step_vjp` (the two halves' VJPs, as the backward kernels run it) against jax.vjp of
+  the whole `tile.step`, with the next state recomputed and with it given as a kernel's stack
+  holds it; f32 tiles."""
+  from pallas_kernels.ttt import tile
+  b, d = 16, 32
+  xq, xk, xv, eta, lw, lb, W = random_ttt_inputs(kind, 1, 1, 1, b, d, seed=3)
+  state = tuple(jnp.asarray(w[0], jnp.float32) for w in W)
+  XQ, XK, XV = (jnp.asarray(x[0, 0, 0], jnp.float32) for x in (xq, xk, xv))
+  eta = jnp.asarray(eta[0, 0, 0], jnp.float32)[:, None]  # [b, 1]
+  gamma, beta = jnp.asarray(lw[:1], jnp.float32), jnp.asarray(lb[:1], jnp.float32)
+  rng = np.random.default_rng(4)
+  ct_state = tuple(jnp.asarray(rng.normal(size=w.shape), jnp.float32) for w in state)
+  ct_out = jnp.asarray(rng.normal(size=(b, d)), jnp.float32)
+
+  f = lambda state, XQ, XK, XV, eta, gamma, beta: tile.step(kind, gamma, beta, 1e-6, state, XQ,
+                                                            XK, XV, eta)
+  next_state, vjp = jax.vjp(f, state, XQ, XK, XV, eta, gamma, beta)
+  want = jax.tree.leaves(vjp((ct_state, ct_out)))
+  for given in (None, next_state[0]):
+    got = jax.tree.leaves(tile.step_vjp(kind, gamma, beta, 1e-6, state, XQ, XK, XV, eta,
+                                        ct_state, ct_out, next_state=given))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+      assert g.shape == w.shape and rel_err(np.asarray(g), np.asarray(w)) <= 1e-5
+
+
 def test_tpu_mini_batches_per_step():
   """k mini-batches per forward grid step: k divides g and 8 divides k or k divides 8."""
   assert [tpu.mini_batches_per_step(k, 16) for k in (1, 3, 8, 12, 16, 64)] == [1, 2, 8, 8, 16, 16]

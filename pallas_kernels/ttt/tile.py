@@ -153,11 +153,9 @@ def update(kind, gamma, beta, eps, state, XK, XV, eta, operands=None):
 def step(kind, gamma, beta, eps, state, XQ, XK, XV, eta, operands=None):
   """One mini-batch of `kind` on one (batch, head): (new state, out [b, d]), both in the
   state's dtype. Arguments as `mlp_update`'s, XQ [b, d]."""
-  update, output = _HALVES[kind]
-  state = update(gamma, beta, eps, state, XK, XV, eta, operands)
-  return state, output(gamma, beta, eps, state, XQ, operands)
-
-
+  update_half, output_half = _HALVES[kind]
+  state = update_half(gamma, beta, eps, state, XK, XV, eta, operands)
+  return state, output_half(gamma, beta, eps, state, XQ, operands)
 
 
 
@@ -217,13 +215,13 @@ def step_vjp(kind, gamma, beta, eps, state, XQ, XK, XV, eta, ct_state, ct_out, o
 
   Returns (ct of the incoming state, ct_XQ, ct_XK, ct_XV, ct_eta, ct_gamma, ct_beta).
   """
-  update, output = _HALVES[kind]
+  update_half, output_half = _HALVES[kind]
 
   def upd(state, XK, XV, eta, gamma, beta):
-    return update(gamma, beta, eps, state, XK, XV, eta, operands)
+    return update_half(gamma, beta, eps, state, XK, XV, eta, operands)
 
   def out(state, XQ, gamma, beta):
-    return output(gamma, beta, eps, state, XQ, operands)
+    return output_half(gamma, beta, eps, state, XQ, operands)
 
   new_state, upd_vjp = jax.vjp(upd, state, XK, XV, eta, gamma, beta)
   _, out_vjp = jax.vjp(out, new_state if next_state is None else next_state, XQ, gamma, beta)

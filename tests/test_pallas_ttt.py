@@ -491,27 +491,34 @@ def test_lowers_to_mosaic_for_abstract_tpu(kind, dtype):
   assert f"{kind}_forward_tpu" in grad and f"{kind}_backward_tpu" in grad
 
 
-def test_compiles_for_tpu_with_libtpu():
-  """libtpu compiles both kernels for a v5p chip (compile-only devices, no TPU needed), under a
-  mesh with the heads over the tensor axis, through `ttt_jax.ops` (the model's entry point)."""
+def _compile_for_v5p(kind, num_devices, checkpoint_group, **shape_kw):
+  """libtpu compiles `ttt_jax.ops`' op of `kind` (impl "auto": the TPU kernels, per shard) and
+  its gradient for the first `num_devices` of a v5p chip (compile-only devices, no TPU
+  needed), bf16 inputs of `_abstract_shapes(**shape_kw)`, the heads over the tensor axis."""
   pytest.importorskip("libtpu")
   from jax.experimental import topologies
   from jax.sharding import NamedSharding, PartitionSpec
 
   from ttt_jax import ops, sharding
-  devices = topologies.get_topology_desc("v5p:2x2x1", platform="tpu").devices
+  devices = topologies.get_topology_desc("v5p:2x2x1", platform="tpu").devices[:num_devices]
   mesh = sharding.make_mesh((1, 1, len(devices)), devices=devices)
   replicated = NamedSharding(mesh, PartitionSpec())
+  shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated)
+            for s in _abstract_shapes(jnp.bfloat16, kind=kind, **shape_kw)]
+  op = functools.partial(getattr(ops, kind), impl="auto", checkpoint_group=checkpoint_group)
+  loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
+  with sharding.use_rules(mesh, (("batch", ("data", "fsdp")), ("heads", "tensor"))):
+    for f in (op, jax.grad(loss, range(len(shapes)))):
+      lowered = jax.jit(f).trace(*shapes).lower()
+      assert lowered.as_text().count("tpu_custom_call") == (1 if f is op else 2)  # + backward
+      lowered.compile()
+
+
+def test_compiles_for_tpu_with_libtpu():
+  """libtpu compiles both kernels for a v5p chip under a mesh with the heads over the tensor
+  axis, through `ttt_jax.ops` (the model's entry point)."""
   for kind in ("ttt_mlp", "ttt_linear"):
-    shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated)
-              for s in _abstract_shapes(jnp.bfloat16, H=8, N=32, kind=kind)]
-    op = functools.partial(getattr(ops, kind), impl="auto", checkpoint_group=16)
-    loss = lambda *a, op=op: jnp.sum(op(*a).astype(jnp.float32))
-    with sharding.use_rules(mesh, (("batch", ("data", "fsdp")), ("heads", "tensor"))):
-      for f in (op, jax.grad(loss, range(len(shapes)))):
-        lowered = jax.jit(f).trace(*shapes).lower()
-        assert "tpu_custom_call" in lowered.as_text()
-        lowered.compile()
+    _compile_for_v5p(kind, num_devices=4, checkpoint_group=16, H=8, N=32)
 
 
 @pytest.mark.parametrize("b", (16, 32, 64))
@@ -520,22 +527,7 @@ def test_tpu_kernels_compile_over_the_shape_grid(b, d):
   """libtpu compiles the forward and backward kernels (bf16 inputs, TTT-MLP) for every
   mini-batch size and head dim the kernels take, not only the 5B shape: Mosaic's (8, 128)
   tiling treats 16-wide tiles apart from 64-wide ones."""
-  pytest.importorskip("libtpu")
-  from jax.experimental import topologies
-  from jax.sharding import NamedSharding, PartitionSpec
-
-  from ttt_jax import ops, sharding
-  devices = topologies.get_topology_desc("v5p:2x2x1", platform="tpu").devices[:1]
-  mesh = sharding.make_mesh((1, 1, 1), devices=devices)
-  shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-            for s in _abstract_shapes(jnp.bfloat16, H=4, N=6, b=b, d=d)]
-  op = functools.partial(ops.ttt_mlp, impl="pallas", checkpoint_group=4)  # per shard, on TPU
-  loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
-  with sharding.use_rules(mesh, (("batch", ("data", "fsdp")), ("heads", "tensor"))):
-    for f in (op, jax.grad(loss, range(len(shapes)))):
-      lowered = jax.jit(f).trace(*shapes).lower()
-      assert lowered.as_text().count("tpu_custom_call") == (1 if f is op else 2)  # + backward
-      lowered.compile()
+  _compile_for_v5p("ttt_mlp", num_devices=1, checkpoint_group=4, H=4, N=6, b=b, d=d)
 
 
 def _dots(jaxpr):

@@ -158,7 +158,6 @@ def step(kind, gamma, beta, eps, state, XQ, XK, XV, eta, operands=None):
   return state, output_half(gamma, beta, eps, state, XQ, operands)
 
 
-
 def _diagonal_sum(v, n: int, axis: int):
   """v ([1, n] or [n, 1]) broadcast to [n, n], masked to the diagonal, summed along `axis`:
   a row <-> column move from lane/sublane reductions only (no transpose)."""

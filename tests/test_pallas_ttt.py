@@ -22,7 +22,7 @@ from tests.oracles import random_ttt_inputs, rel_err
 
 from pallas_kernels import ttt as pk
 from pallas_kernels.ttt import (gpu, gpu_cluster, gpu_cluster_backward, gpu_cluster_lib, reference,
-                                tpu)
+                                tile, tpu)
 from ttt_jax import aot
 
 SHAPES = {  # name: (B, H, N, b, d)
@@ -94,32 +94,59 @@ def test_tpu_kernels_under_mosaic_interpret(dtype):
     assert rel_err(np.asarray(g, np.float32), np.asarray(w, np.float32)) <= TOL[dtype], name
 
 
+def _tiles(kind, layout, b, d, seed):
+  """One mini-batch of one head as `tile` takes it in `layout`, f32: (gamma, beta, state, XQ,
+  XK, XV, eta), and the [1, 1, 1, ...] arrays the pure op takes."""
+  xq, xk, xv, eta, lw, lb, W = random_ttt_inputs(kind, 1, 1, 1, b, d, seed=seed)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  T = (lambda x: x.T) if layout == "db" else (lambda x: x)
+  state = tile.to_layout(kind, tuple(f32(w[0]) for w in W), layout)
+  XQ, XK, XV = (T(f32(x[0, 0, 0])) for x in (xq, xk, xv))
+  eta_col = f32(eta[0, 0, 0])[:, None]  # [b, 1]; "db" takes it as a row
+  return (T(f32(lw[:1])), T(f32(lb[:1])), state, XQ, XK, XV, T(eta_col)), (xq, xk, xv, eta,
+                                                                            lw, lb, *W)
+
+
+@pytest.mark.parametrize("layout", tile.LAYOUTS)
 @pytest.mark.parametrize("kind", ("ttt_mlp", "ttt_linear"))
-def test_step_vjp_matches_autodiff_of_the_step(kind):
+def test_step_matches_pure_op_in_each_layout(kind, layout):
+  """`tile.step` (primal form) in each layout against the pure op (dual form) over one
+  mini-batch: output and new state, f32."""
+  (gamma, beta, state, XQ, XK, XV, eta), args = _tiles(kind, layout, 16, 32, seed=2)
+  new_state, out = tile.step(kind, gamma, beta, 1e-6, state, XQ, XK, XV, eta, layout=layout)
+  want_out, want_state = getattr(reference, kind)(*args, return_state=True)
+  T = (lambda x: x.T) if layout == "db" else (lambda x: x)
+  assert rel_err(np.asarray(T(out)), np.asarray(want_out[0, 0, 0])) <= TOL[jnp.float32]
+  for name, w, ref in zip(NAMES[6:], tile.to_layout(kind, new_state, layout), want_state):
+    assert w.shape == ref.shape[2:] and rel_err(np.asarray(w), np.asarray(ref[0, 0])) <= 1e-5, name
+
+
+@pytest.mark.parametrize("layout", tile.LAYOUTS)
+@pytest.mark.parametrize("kind", ("ttt_mlp", "ttt_linear"))
+def test_step_vjp_matches_autodiff_of_the_step(kind, layout):
   """`tile.step_vjp` (the two halves' VJPs, as the backward kernels run it) against jax.vjp of
   the whole `tile.step`, with the next state recomputed and with it given as a kernel's stack
   holds it; f32 tiles."""
-  from pallas_kernels.ttt import tile
-  b, d = 16, 32
-  xq, xk, xv, eta, lw, lb, W = random_ttt_inputs(kind, 1, 1, 1, b, d, seed=3)
-  state = tuple(jnp.asarray(w[0], jnp.float32) for w in W)
-  XQ, XK, XV = (jnp.asarray(x[0, 0, 0], jnp.float32) for x in (xq, xk, xv))
-  eta = jnp.asarray(eta[0, 0, 0], jnp.float32)[:, None]  # [b, 1]
-  gamma, beta = jnp.asarray(lw[:1], jnp.float32), jnp.asarray(lb[:1], jnp.float32)
+  (gamma, beta, state, XQ, XK, XV, eta), _ = _tiles(kind, layout, 16, 32, seed=3)
   rng = np.random.default_rng(4)
   ct_state = tuple(jnp.asarray(rng.normal(size=w.shape), jnp.float32) for w in state)
-  ct_out = jnp.asarray(rng.normal(size=(b, d)), jnp.float32)
+  ct_out = jnp.asarray(rng.normal(size=XQ.shape), jnp.float32)
 
   f = lambda state, XQ, XK, XV, eta, gamma, beta: tile.step(kind, gamma, beta, 1e-6, state, XQ,
-                                                            XK, XV, eta)
+                                                            XK, XV, eta, layout=layout)
   next_state, vjp = jax.vjp(f, state, XQ, XK, XV, eta, gamma, beta)
   want = jax.tree.leaves(vjp((ct_state, ct_out)))
   for given in (None, next_state[0]):
     got = jax.tree.leaves(tile.step_vjp(kind, gamma, beta, 1e-6, state, XQ, XK, XV, eta,
-                                        ct_state, ct_out, next_state=given))
+                                        ct_state, ct_out, next_state=given, layout=layout))
     assert len(got) == len(want)
     for g, w in zip(got, want):
       assert g.shape == w.shape and rel_err(np.asarray(g), np.asarray(w)) <= 1e-5
+
+
+def test_tile_layout_is_checked():
+  with pytest.raises(ValueError, match="layout='dd'"):
+    tile.state_shapes("ttt_mlp", 16, "dd")
 
 
 def test_tpu_mini_batches_per_step():
@@ -150,8 +177,9 @@ def test_checkpoints_are_group_start_states(backend):
   """The forward saves the state before mini-batches 0, g, 2g, ...: N = 3, g = 2 gives 2."""
   args = _inputs((2, 2, 3, 16, 16), seed=1)
   kw = dict(kind="ttt_mlp", eps=1e-6, checkpoint_group=2, interpret=True)
-  if backend == "tpu":
+  if backend == "tpu":  # in the kernels' layout: back to the pure op's
     _, ckpts = tpu.forward(*args[:6], args[6:], heads_per_step=2, **kw)
+    ckpts = tile.to_layout("ttt_mlp", ckpts, tpu.LAYOUT)
   else:
     _, ckpts = gpu.forward(*args[:6], args[6:], **kw)
   _check_group_start_states(ckpts, args, groups=2, tol=1e-6)

@@ -12,7 +12,9 @@ the two b x b attention matrices and their products (26% fewer FLOPs), and the t
 the kernels with the pure op. The backward kernels differentiate the two halves with `jax.vjp`
 inside the kernel body (`step_vjp`), so there is no hand-written gradient to drift from them;
 the split lets a kernel that holds the state after a mini-batch start the output's half from
-it instead of stepping the state again.
+it instead of stepping the state again. Every function takes the mini-batch in one of two
+layouts (`LAYOUTS`): a token a row as the pure op (the GPU kernels) or a feature a row (the TPU
+kernels, whose LayerNorm statistics are then cheap sublane sums).
 """
 
 from __future__ import annotations
@@ -81,14 +83,31 @@ def _narrow_dot_bwd(contract, operands, res, ct):
 _narrow_dot.defvjp(_narrow_dot_fwd, _narrow_dot_bwd)
 
 
-def _products(operands):
-  """a @ b, a @ b^T and a^T @ b on `operands` (see `_dot`)."""
-  return (functools.partial(_dot, contract=(1, 0), operands=operands),
-          functools.partial(_dot, contract=(1, 1), operands=operands),
-          functools.partial(_dot, contract=(0, 0), operands=operands))
+# The two layouts of a mini-batch's d-wide tiles (XQ, XK, XV, the output, and the tiles the
+# inner LayerNorm normalizes: TTT-MLP's Z2 and G2, TTT-Linear's Z1): "bd", a token a row (the
+# pure op's), or "db", a feature a row. The LayerNorms reduce over the features: along the
+# rows in "bd", which on a TPU vector register is a cross-lane reduction (8 of them a [64, 64]
+# f32 tile), and down the columns in "db" (adds between registers, then one sublane
+# reduction). The TPU kernels run "db" (837 -> 632 bundles a forward mini-batch on a v5p),
+# the GPU kernels "bd". In "db": gamma, beta [d, 1]; eta [1, b] (a row: it scales columns);
+# TTT-MLP's W2 [d, f] (transposed) and b2 [d, 1]; TTT-Linear's b1 [d, 1]; the [b, f] tiles
+# (Z1, X2, G1 of TTT-MLP) and W1 as in "bd". `state_shapes` gives the state's shapes.
+LAYOUTS = ("bd", "db")
 
 
-def mlp_update(gamma, beta, eps, state, XK, XV, eta, operands=None):
+def _feature_axis(layout: str) -> int:
+  """The axis of the features in a d-wide tile of `layout`."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout={layout!r}: use one of {LAYOUTS}.")
+  return layout.index("d")
+
+
+def _to_features(dot, X, W, a):
+  """X [b, k] times W ([k, d] in "bd", [d, k] in "db"): [b, d] or [d, b] (a: feature axis)."""
+  return dot(X, W, (1, 0)) if a == 1 else dot(W, X, (1, 1))
+
+
+def mlp_update(gamma, beta, eps, state, XK, XV, eta, operands=None, layout="bd"):
   """The TTT-MLP state after one mini-batch on one (batch, head): spec 3.6 steps 1-6.
 
   Args:
@@ -99,90 +118,95 @@ def mlp_update(gamma, beta, eps, state, XK, XV, eta, operands=None):
     operands: the dtype the matmul operands are rounded to (None: the state's). The TPU
       kernels pass bf16 for bf16 inputs: the reference's recipe (bf16 operands, f32
       accumulation, spec 3.10), the MXU's one pass either way, in half the vregs.
+    layout: "bd" (the shapes above) or "db" (see `LAYOUTS`).
 
   Returns:
     The new state, in the state's dtype.
   """
   W1, b1, W2, b2 = state
-  mm, mm_t, tm = _products(operands)
-  Z1 = mm(XK, W1) + b1  # [b, f]
+  a = _feature_axis(layout)
+  dot = functools.partial(_dot, operands=operands)
+  Z1 = dot(XK, W1, (a, 0)) + b1  # [b, f]
   X2 = gelu_tanh(Z1)
-  Z2 = mm(X2, W2) + b2  # [b, d]
-  G2 = ln_l2_grad(Z2, XV - XK, gamma, beta, eps)  # [b, d]
-  G1 = mm_t(G2, W2) * gelu_tanh_grad(Z1)  # [b, f]
-  eG1, eG2 = eta * G1, eta * G2
-  return (W1 - tm(XK, eG1), b1 - eG1.sum(0, keepdims=True),
-          W2 - tm(X2, eG2), b2 - eG2.sum(0, keepdims=True))
+  Z2 = _to_features(dot, X2, W2, a) + b2  # [b, d] | [d, b]
+  G2 = ln_l2_grad(Z2, XV - XK, gamma, beta, eps, axis=a)  # as Z2
+  G1 = dot(G2, W2, (a, a)) * gelu_tanh_grad(Z1)  # [b, f]
+  eG2 = eta * G2
+  if a == 1:  # eta a column: it scales G1's rows
+    eG1 = eta * G1
+    W1, b1 = W1 - dot(XK, eG1, (0, 0)), b1 - eG1.sum(0, keepdims=True)
+    W2 = W2 - dot(X2, eG2, (0, 0))
+  else:  # eta a row: it scales XK's columns, and b1's sum over the tokens is a product
+    W1, b1 = W1 - dot(eta * XK, G1, (1, 0)), b1 - dot(eta, G1, (1, 0))
+    W2 = W2 - dot(eG2, X2, (1, 0))
+  return W1, b1, W2, b2 - eG2.sum(1 - a, keepdims=True)
 
 
-def mlp_output(gamma, beta, eps, state, XQ, operands=None):
-  """The output [b, d] of the updated inner model (spec 3.6 steps 7-8; primal form, see the
-  module docstring): `state` is `mlp_update`'s result, XQ [b, d]."""
+def mlp_output(gamma, beta, eps, state, XQ, operands=None, layout="bd"):
+  """The output (as XQ: [b, d] in "bd") of the updated inner model (spec 3.6 steps 7-8; primal
+  form, see the module docstring): `state` is `mlp_update`'s result."""
   W1, b1, W2, b2 = state
-  mm, _, _ = _products(operands)
-  X2_bar = gelu_tanh(mm(XQ, W1) + b1)  # [b, f]
-  return XQ + layer_norm(mm(X2_bar, W2) + b2, gamma, beta, eps)  # [b, d]
+  a = _feature_axis(layout)
+  dot = functools.partial(_dot, operands=operands)
+  X2_bar = gelu_tanh(dot(XQ, W1, (a, 0)) + b1)  # [b, f]
+  return XQ + layer_norm(_to_features(dot, X2_bar, W2, a) + b2, gamma, beta, eps, axis=a)
 
 
-def linear_update(gamma, beta, eps, state, XK, XV, eta, operands=None):
+def linear_update(gamma, beta, eps, state, XK, XV, eta, operands=None, layout="bd"):
   """The TTT-Linear state after one mini-batch: as `mlp_update` with state (W1 [d, d],
-  b1 [1, d])."""
+  b1 [1, d] in "bd", [d, 1] in "db")."""
   W1, b1 = state
-  mm, _, tm = _products(operands)
-  Z1 = mm(XK, W1) + b1  # [b, d]
-  eG1 = eta * ln_l2_grad(Z1, XV - XK, gamma, beta, eps)
-  return W1 - tm(XK, eG1), b1 - eG1.sum(0, keepdims=True)
+  a = _feature_axis(layout)
+  dot = functools.partial(_dot, operands=operands)
+  Z1 = (dot(XK, W1, (1, 0)) if a == 1 else dot(W1, XK, (0, 0))) + b1  # [b, d] | [d, b]
+  eG1 = eta * ln_l2_grad(Z1, XV - XK, gamma, beta, eps, axis=a)
+  return W1 - dot(XK, eG1, (1 - a, 1 - a)), b1 - eG1.sum(1 - a, keepdims=True)
 
 
-def linear_output(gamma, beta, eps, state, XQ, operands=None):
+def linear_output(gamma, beta, eps, state, XQ, operands=None, layout="bd"):
   """The TTT-Linear output of the updated state, as `mlp_output`."""
   W1, b1 = state
-  mm, _, _ = _products(operands)
-  return XQ + layer_norm(mm(XQ, W1) + b1, gamma, beta, eps)
+  a = _feature_axis(layout)
+  dot = functools.partial(_dot, operands=operands)
+  Z1 = dot(XQ, W1, (1, 0)) if a == 1 else dot(W1, XQ, (0, 0))
+  return XQ + layer_norm(Z1 + b1, gamma, beta, eps, axis=a)
 
 
 # kind: (update, output), the two halves of one mini-batch.
 _HALVES = {"ttt_mlp": (mlp_update, mlp_output), "ttt_linear": (linear_update, linear_output)}
 
 
-def update(kind, gamma, beta, eps, state, XK, XV, eta, operands=None):
+def update(kind, gamma, beta, eps, state, XK, XV, eta, operands=None, layout="bd"):
   """The state after one mini-batch of `kind` (`mlp_update` or `linear_update`)."""
-  return _HALVES[kind][0](gamma, beta, eps, state, XK, XV, eta, operands)
+  return _HALVES[kind][0](gamma, beta, eps, state, XK, XV, eta, operands, layout)
 
 
-def step(kind, gamma, beta, eps, state, XQ, XK, XV, eta, operands=None):
-  """One mini-batch of `kind` on one (batch, head): (new state, out [b, d]), both in the
-  state's dtype. Arguments as `mlp_update`'s, XQ [b, d]."""
+def step(kind, gamma, beta, eps, state, XQ, XK, XV, eta, operands=None, layout="bd"):
+  """One mini-batch of `kind` on one (batch, head): (new state, out as XQ), both in the
+  state's dtype. Arguments as `mlp_update`'s, XQ as XK."""
   update_half, output_half = _HALVES[kind]
-  state = update_half(gamma, beta, eps, state, XK, XV, eta, operands)
-  return state, output_half(gamma, beta, eps, state, XQ, operands)
+  state = update_half(gamma, beta, eps, state, XK, XV, eta, operands, layout)
+  return state, output_half(gamma, beta, eps, state, XQ, operands, layout)
 
 
-def _diagonal_sum(v, n: int, axis: int):
-  """v ([1, n] or [n, 1]) broadcast to [n, n], masked to the diagonal, summed along `axis`:
-  a row <-> column move from lane/sublane reductions only (no transpose)."""
-  eye = (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
-         == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1))
-  return jnp.sum(jnp.where(eye, jnp.broadcast_to(v, (n, n)), 0), axis=axis, keepdims=True)
+def state_shapes(kind: str, d: int, layout: str = "bd") -> tuple[tuple[int, int], ...]:
+  """Per-head shapes of the inner model's state in `layout`: (W1, b1, W2, b2) or (W1, b1)."""
+  shapes = ((d, 4 * d), (1, 4 * d), (4 * d, d), (1, d)) if kind == "ttt_mlp" else ((d, d), (1, d))
+  return tuple(s[::-1] if t else s for s, t in zip(shapes, _transposed(kind, layout)))
 
 
-def row_to_column(v):
-  """[1, n] -> [n, 1] without a transpose (Mosaic TPU lays out a [1, n] row in one sublane and
-  an [n, 1] column across sublanes): the diagonal of the broadcast row, summed along lanes."""
-  return _diagonal_sum(v, v.shape[1], axis=1)
+def _transposed(kind: str, layout: str) -> tuple[bool, ...]:
+  """Which of the state's arrays `layout` holds transposed (those with a d-wide axis that the
+  output's features come out of: TTT-MLP's W2 and b2, TTT-Linear's b1)."""
+  flip = _feature_axis(layout) == 0
+  return (False, False, flip, flip) if kind == "ttt_mlp" else (False, flip)
 
 
-def column_to_row(v):
-  """[n, 1] -> [1, n], as `row_to_column`."""
-  return _diagonal_sum(v, v.shape[0], axis=0)
-
-
-def state_shapes(kind: str, d: int) -> tuple[tuple[int, int], ...]:
-  """Per-head shapes of the inner model's state: (W1, b1, W2, b2) or (W1, b1)."""
-  if kind == "ttt_mlp":
-    f = 4 * d
-    return ((d, f), (1, f), (f, d), (1, d))
-  return ((d, d), (1, d))
+def to_layout(kind: str, state, layout: str):
+  """A state ([..., *state_shapes(kind, d)] each) from "bd" to `layout`, or back: the arrays
+  `layout` holds transposed swap their last two axes (a transpose is its own inverse)."""
+  return tuple(jnp.swapaxes(w, -1, -2) if t else w
+               for w, t in zip(state, _transposed(kind, layout)))
 
 
 def state_bytes(kind: str, d: int, itemsize: int = 4) -> int:
@@ -202,10 +226,10 @@ def pad_to_groups(x, groups: int, group_size: int):
 
 
 def step_vjp(kind, gamma, beta, eps, state, XQ, XK, XV, eta, ct_state, ct_out, operands=None,
-             next_state=None):
-  """Recomputes one mini-batch of `kind` (matmul `operands` as in `mlp_update`) and pulls
-  (ct_state, ct_out) back to its inputs, one half at a time: the output's VJP at the new
-  state, then the update's with the new state's cotangent.
+             next_state=None, layout="bd"):
+  """Recomputes one mini-batch of `kind` (matmul `operands` and `layout` as in `mlp_update`)
+  and pulls (ct_state, ct_out) back to its inputs, one half at a time: the output's VJP at the
+  new state, then the update's with the new state's cotangent.
 
   `next_state`, when given, is the state after this mini-batch as a kernel already holds it
   (the state before the next one, in its stack): the output's half then starts from it, and
@@ -217,10 +241,10 @@ def step_vjp(kind, gamma, beta, eps, state, XQ, XK, XV, eta, ct_state, ct_out, o
   update_half, output_half = _HALVES[kind]
 
   def upd(state, XK, XV, eta, gamma, beta):
-    return update_half(gamma, beta, eps, state, XK, XV, eta, operands)
+    return update_half(gamma, beta, eps, state, XK, XV, eta, operands, layout)
 
   def out(state, XQ, gamma, beta):
-    return output_half(gamma, beta, eps, state, XQ, operands)
+    return output_half(gamma, beta, eps, state, XQ, operands, layout)
 
   new_state, upd_vjp = jax.vjp(upd, state, XK, XV, eta, gamma, beta)
   _, out_vjp = jax.vjp(out, new_state if next_state is None else next_state, XQ, gamma, beta)

@@ -14,10 +14,15 @@ d = 64 is about 20 MFLOP, 0.09 us at a v5p TensorCore's MXU peak and 837 bundles
 libtpu schedules it (`benchmarks/tpu_schedule.py`), against the ~0.35 us a Pallas TPU grid step
 costs, so one mini-batch per step would spend about a quarter of the time on step overhead.
 Mini-batches n0 .. n0 + k - 1 of XQ, XK, XV are one BlockSpec block, so Pallas double-buffers
-them: the DMA of the next k overlaps the math. eta comes as rows, max(8, k) mini-batches to a
-block (whole (8, 128) tiles, where a [b, 1] column per mini-batch would pad each token to 128
-lanes in HBM and VMEM), turned into the column the math wants by `tile.row_to_column`. The
-math runs one head at a time, its matmuls on operands of the inputs' dtype
+them: the DMA of the next k overlaps the math. The kernels' tiles are [d, b], a feature a row
+(`LAYOUT`, `tile.LAYOUTS`): the inner LayerNorms' statistics are then sums over sublanes, where
+over [b, d] tiles they were cross-lane reductions, 56 a mini-batch through the XLU with VMEM
+round trips, and two stretches of ~150 bundles without MXU work (837 -> 632 bundles a forward
+mini-batch on a v5p, bf16). The wrappers transpose XQ, XK, XV, the output (and the cotangents)
+and W2 (held [d, f]); under jit XLA can fold the transposes into the producers' layouts. eta
+comes as rows, max(8, k) mini-batches to a block (whole (8, 128) tiles, where a [b, 1] column
+per mini-batch would pad each token to 128 lanes in HBM and VMEM): the row is what the "db"
+math takes. The math runs one head at a time, its matmuls on operands of the inputs' dtype
 (`tile.mlp_update`'s `operands`: bf16 inputs make bf16 operands with f32 accumulation, as the
 reference's kernel; the state stays f32).
 
@@ -37,6 +42,7 @@ eta = 0 and a zero output cotangent, which leaves the state and its cotangent un
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -44,21 +50,37 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.ttt.block_sizes import BlockSizes
-from pallas_kernels.ttt.tile import (column_to_row, num_groups, pad_to_groups,
-                                     row_to_column, state_bytes, state_shapes, step,
-                                     step_vjp, update)
+from pallas_kernels.ttt.tile import (num_groups, pad_to_groups, state_shapes, step, step_vjp,
+                                     to_layout, update)
 
 _SEMANTICS = ("parallel", "parallel", "arbitrary")
+LAYOUT = "db"  # the kernels' tiles: a feature a row (`tile.LAYOUTS`)
+
+
+def _vmem_bytes(shape, itemsize: int = 4) -> int:
+  """Bytes of an array in VMEM: its last two axes padded to whole (8, 128) tiles."""
+  *lead, r, c = shape
+  return math.prod(lead) * -(-r // 8) * 8 * -(-c // 128) * 128 * itemsize
 
 
 def vmem_estimate(hb: int, g: int, b: int, d: int, in_bytes: int = 4,
                   kind: str = "ttt_mlp") -> int:
-  """Bytes of VMEM the backward kernel needs (the forward needs less): the g-state stack, the
-  double-buffered input/output blocks and the resident state cotangents, f32 state, eta and
-  its cotangent as [g, b] rows padded to 128 lanes."""
-  state = state_bytes(kind, d)
-  blocks = 2 * hb * g * (7 * b * d * in_bytes + 2 * max(b, 128) * 4)  # xq xk xv ct dx*, eta
-  return (g + 1) * state + blocks + 2 * hb * (state + 2 * d * 4) + 2 * 2 * hb * state  # + ckpt in
+  """Bytes of VMEM the backward kernel needs (the forward needs less): the (g + 1)-state stack,
+  the double-buffered input/output blocks (xq, xk, xv, ct_out, their cotangents: [g, d, b];
+  eta and its cotangent: [g, b]), the resident state and LayerNorm cotangents, the checkpoint
+  in; f32 state in the kernels' layout, every tile padded to (8, 128) (b2 [d, 1] takes 128
+  lanes)."""
+  state = sum(_vmem_bytes(s) for s in state_shapes(kind, d, LAYOUT))
+  blocks = 2 * hb * (7 * _vmem_bytes((g, d, b), in_bytes) + 2 * _vmem_bytes((g, b)))
+  ln = 2 * _vmem_bytes((d, 1))
+  return (g + 1) * state + blocks + 4 * hb * (state + ln)  # double-buffered: in and out
+
+
+def _ln_tiles(ln_weight, ln_bias, b: int):
+  """The inner LayerNorm's gamma and beta [H, d] as [H, d, b] tiles, broadcast along the
+  tokens: loaded whole inside the loops, where a [d, 1] column is broadcast across the lanes
+  at each use (forward 643.5 -> 627.5 bundles a mini-batch on a v5p)."""
+  return (jnp.broadcast_to(w[..., None], (*w.shape, b)) for w in (ln_weight, ln_bias))
 
 
 def _params(block_sizes: BlockSizes):
@@ -84,10 +106,10 @@ def mini_batches_per_step(requested: int, g: int) -> int:
 
 def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, eps, hb,
                     g, k, num_mini_batches):
-  """Refs: x [hb, k, b, d] (mini-batches n0 = step * k to n0 + k - 1), eta [hb, E, b]
-  (E = max(8, k) mini-batches from n0 - n0 % E, one per row), gamma/beta [hb, 1, d], initial
-  state [hb, ...]; outputs out [hb, k, b, d] and the checkpoint blocks [hb, ...] of group
-  n0 // g; scratch: the running state [hb, ...]. The last step's block may run past the
+  """Refs (tiles in `LAYOUT`): x [hb, k, d, b] (mini-batches n0 = step * k to n0 + k - 1), eta
+  [hb, E, b] (E = max(8, k) mini-batches from n0 - n0 % E, one per row), gamma/beta [hb, d, b],
+  initial state [hb, ...]; outputs out [hb, k, d, b] and the checkpoint blocks [hb, ...] of
+  group n0 // g; scratch: the running state [hb, ...]. The last step's block may run past the
   sequence: those mini-batches are skipped (their inputs are padding, their outputs dropped)."""
   ns = len(refs) // 2 - 1  # refs: ns initial states, out, (ns checkpoints), ns scratch states
   init, out_ref, ckpt_refs, state_refs = refs[:ns], refs[ns], refs[ns + 1], refs[ns + 2:]
@@ -106,15 +128,15 @@ def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs,
 
   dtype = state_refs[0].dtype
   for h in range(hb):
-    gamma, beta = gamma_ref[h].astype(dtype), beta_ref[h].astype(dtype)
-
-    def body(t, carry, h=h, gamma=gamma, beta=beta):
+    def body(t, carry, h=h):
       @pl.when(n0 + t < num_mini_batches)
       def _():  # the state goes through VMEM each mini-batch (too large to carry in vregs)
+        gamma, beta = gamma_ref[h].astype(dtype), beta_ref[h].astype(dtype)
         state = tuple(s[h] for s in state_refs)
         xs = [r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)]
-        eta = row_to_column(eta_ref[h, pl.ds(jax.lax.rem(n0, E) + t, 1), :])  # [b, 1]
-        state, out = step(kind, gamma, beta, eps, state, *xs, eta, operands=xq_ref.dtype)
+        eta = eta_ref[h, pl.ds(jax.lax.rem(n0, E) + t, 1), :]  # [1, b]
+        state, out = step(kind, gamma, beta, eps, state, *xs, eta, operands=xq_ref.dtype,
+                          layout=LAYOUT)
         for s, w in zip(state_refs, state):
           s[h] = w
         out_ref[h, t] = out.astype(out_ref.dtype)
@@ -135,16 +157,21 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
   (see `mini_batches_per_step`).
 
   Returns (out [B, H, N, b, d] in xq's dtype, checkpoints: each state array
-  [B, H, ceil(N/g), ...] in the state dtype, the state at the start of each group of g).
+  [B, H, ceil(N/g), ...] of `tile.state_shapes(kind, d, LAYOUT)` in the state dtype, the state
+  at the start of each group of g, in the layout `backward` takes).
+
+  The kernel's tiles are [d, b] (`LAYOUT`): the inputs and the output are transposed here, which
+  under jit XLA can fold into the layouts of their producer and consumer.
   """
   B, H, N, b, d = xq.shape
   dtype, hb, g = init[0].dtype, heads_per_step, checkpoint_group
   G = num_groups(N, g)
   k = mini_batches_per_step(block_sizes.mini_batches_per_step, g)
   E = max(8, k)
-  shapes = state_shapes(kind, d)
+  shapes = state_shapes(kind, d, LAYOUT)
+  xq, xk, xv = (jnp.swapaxes(x, -1, -2) for x in (xq, xk, xv))  # [B, H, N, d, b]
 
-  x_spec = pl.BlockSpec((None, hb, k, b, d), lambda i, j, s: (i, j, s, 0, 0))
+  x_spec = pl.BlockSpec((None, hb, k, d, b), lambda i, j, s: (i, j, s, 0, 0))
   # eta as rows, E = max(8, k) mini-batches per block (whole (8, 128) tiles): a [b, 1] column
   # per mini-batch would take 128 lanes per token in HBM and VMEM.
   eta = jnp.pad(eta.astype(dtype), [(0, 0), (0, 0), (0, -N % E), (0, 0)])
@@ -154,11 +181,11 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
   ckpt_spec = lambda shape: pl.BlockSpec((None, hb, None, *shape),
                                          lambda i, j, s: (i, j, s * k // g, 0, 0))
 
-  return pl.pallas_call(
+  out, checkpoints = pl.pallas_call(
       functools.partial(_forward_kernel, kind=kind, eps=eps, hb=hb, g=g, k=k,
                         num_mini_batches=N),
       grid=(B, H // hb, pl.cdiv(N, k)),
-      in_specs=[x_spec] * 3 + [eta_spec, per_head((1, d)), per_head((1, d))]
+      in_specs=[x_spec] * 3 + [eta_spec, per_head((d, b)), per_head((d, b))]
       + [per_head(s) for s in shapes],
       out_specs=(x_spec, tuple(ckpt_spec(s) for s in shapes)),
       out_shape=(jax.ShapeDtypeStruct(xq.shape, xq.dtype),
@@ -168,7 +195,8 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
       interpret=interpret,
       debug=debug,
       name=f"{kind}_forward_tpu",
-  )(xq, xk, xv, eta, ln_weight[:, None], ln_bias[:, None], *init)
+  )(xq, xk, xv, eta, *_ln_tiles(ln_weight, ln_bias, b), *to_layout(kind, init, LAYOUT))
+  return jnp.swapaxes(out, -1, -2), checkpoints
 
 
 # ----------------------------------------------------------------------------- backward
@@ -176,11 +204,12 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
 
 def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, eps, hb,
                      g):
-  """Refs: x [hb, g, b, d] (group G-1-k), eta [hb, g, b] (rows), gamma/beta [hb, 1, d], the group's
-  checkpoint [hb, ...], ct_out [hb, g, b, d]; outputs the input cotangents (blocks like the
-  inputs), d gamma / d beta [hb, 1, d] and the state cotangent [hb, ...] (both resident: summed
-  over groups); scratch: the states [g + 1, ...] of one head before each of the group's
-  mini-batches and after its last."""
+  """Refs (tiles in `LAYOUT`): x [hb, g, d, b] (group G-1-k), eta [hb, g, b] (rows),
+  gamma/beta [hb, d, b] (`_ln_tiles`), the group's checkpoint [hb, ...], ct_out [hb, g, d, b];
+  outputs the input cotangents (blocks like the inputs), d gamma / d beta [hb, d, b] (per token
+  position: the wrapper sums them) and the state cotangent [hb, ...] (all three resident: summed
+  over mini-batches and groups); scratch: the states [g + 1, ...] of
+  one head before each of the group's mini-batches and after its last."""
   k = (len(refs) - 7) // 3  # refs: k checkpoints, ct_out, 4 + 2 + k cotangents, k scratch
   ckpt, ct_ref = refs[:k], refs[k]
   dx_refs, (dgamma, dbeta), dstate = refs[k + 1:k + 5], refs[k + 5:k + 7], refs[k + 7:2 * k + 7]
@@ -193,10 +222,10 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
       r[...] = jnp.zeros(r.shape, r.dtype)
 
   for h in range(hb):
-    gamma, beta = gamma_ref[h].astype(dtype), beta_ref[h].astype(dtype)
+    ln = lambda h=h: (gamma_ref[h].astype(dtype), beta_ref[h].astype(dtype))  # in the loops
 
     def inputs(t, h=h):
-      eta = row_to_column(eta_ref[h, pl.ds(t, 1), :])  # [b, 1]
+      eta = eta_ref[h, pl.ds(t, 1), :]  # [1, b]
       return (*(r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)), eta)
 
     for s, c in zip(stack, ckpt):
@@ -204,32 +233,34 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
 
     # The states and their cotangents go through VMEM each mini-batch, as the forward's: as
     # loop values they would not fit the vector registers (spilled to VMEM anyway).
-    def recompute(t, carry, gamma=gamma, beta=beta, inputs=inputs):
+    def recompute(t, carry, ln=ln, inputs=inputs):
       XQ, *rest = inputs(t)
-      state = update(kind, gamma, beta, eps, tuple(s[t] for s in stack), *rest,
-                     operands=xq_ref.dtype)
+      state = update(kind, *ln(), eps, tuple(s[t] for s in stack), *rest,
+                     operands=xq_ref.dtype, layout=LAYOUT)
       for s, w in zip(stack, state):
         s[t + 1] = w
       return carry
 
     jax.lax.fori_loop(0, g, recompute, 0)
 
-    def reverse(i, carry, h=h, gamma=gamma, beta=beta, inputs=inputs):
-      ct_gamma, ct_beta = carry
+    def reverse(i, carry, h=h, ln=ln, inputs=inputs):
       t = g - 1 - i
       state, next_state = (tuple(s[u] for s in stack) for u in (t, t + 1))
-      ct_state, *ct_x, ct_g, ct_b = step_vjp(kind, gamma, beta, eps, state, *inputs(t),
+      ct_state, *ct_x, ct_g, ct_b = step_vjp(kind, *ln(), eps, state, *inputs(t),
                                              tuple(r[h] for r in dstate),
                                              ct_ref[h, t].astype(dtype),
-                                             operands=xq_ref.dtype, next_state=next_state)
+                                             operands=xq_ref.dtype, next_state=next_state,
+                                             layout=LAYOUT)
       for r, c in zip(dstate, ct_state):
         r[h] = c
       for r, c in zip(dx_refs[:3], ct_x):
         r[h, t] = c.astype(r.dtype)
-      dx_refs[3][h, pl.ds(t, 1), :] = column_to_row(ct_x[3])  # d eta, a row
-      return ct_gamma + ct_g, ct_beta + ct_b
+      dx_refs[3][h, pl.ds(t, 1), :] = ct_x[3]  # d eta [1, b]
+      dgamma[h] += ct_g
+      dbeta[h] += ct_b
+      return carry
 
-    dgamma[h], dbeta[h] = jax.lax.fori_loop(0, g, reverse, (dgamma[h], dbeta[h]))
+    jax.lax.fori_loop(0, g, reverse, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "eps", "checkpoint_group",
@@ -241,23 +272,25 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
   """Cotangents of `forward`'s output from its checkpoints.
 
   xq, xk, xv, ct_out: [B, H, N, b, d]; eta: [B, H, N, b]; ln_weight, ln_bias: [H, d] in the
-  state dtype; checkpoints: the state arrays, each [B, H, G, ...] in the state dtype, G = ceil(N
-  / g) with g = checkpoint_group. Returns the cotangents of (xq, xk, xv, eta) in their
-  dtypes, of ln_weight and ln_bias [B, H, d] and of the initial state [B, H, ...] (state dtype),
-  per batch element (the caller sums what the batch shares).
+  state dtype; checkpoints: `forward`'s, each [B, H, G, ...] in the kernels' layout and the
+  state dtype, G = ceil(N / g) with g = checkpoint_group. Returns the cotangents of (xq, xk,
+  xv, eta) in their dtypes, of ln_weight and ln_bias [B, H, d] and of the initial state
+  [B, H, ...] (state dtype, `tile.state_shapes(kind, d)`), per batch element (the caller sums
+  what the batch shares).
   """
   B, H, N, b, d = xq.shape
   G, g = checkpoints[0].shape[2], checkpoint_group
   dtype, hb = checkpoints[0].dtype, heads_per_step
-  shapes = state_shapes(kind, d)
+  shapes = state_shapes(kind, d, LAYOUT)
   eta_dtype = eta.dtype
-  xq, xk, xv, ct_out = (pad_to_groups(x, G, g) for x in (xq, xk, xv, ct_out))
+  xq, xk, xv, ct_out = (jnp.swapaxes(pad_to_groups(x, G, g), -1, -2)  # [B, H, G g, d, b]
+                        for x in (xq, xk, xv, ct_out))
   eta = pad_to_groups(eta.astype(dtype), G, g).reshape(B, H, G, g, b)  # rows, as the forward
 
   rev = lambda i, j, k: (i, j, G - 1 - k, 0, 0)
-  x_spec = pl.BlockSpec((None, hb, g, b, d), rev)
+  x_spec = pl.BlockSpec((None, hb, g, d, b), rev)
   eta_spec = pl.BlockSpec((None, hb, None, g, b), rev)
-  per_head = pl.BlockSpec((hb, 1, d), lambda i, j, k: (j, 0, 0))
+  per_head = pl.BlockSpec((hb, d, b), lambda i, j, k: (j, 0, 0))
   ckpt_spec = lambda s: pl.BlockSpec((None, hb, None, *s), rev)
   resident = lambda s: pl.BlockSpec((None, hb, *s), lambda i, j, k: (i, j, 0, 0))
 
@@ -266,17 +299,18 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
       grid=(B, H // hb, G),
       in_specs=[x_spec] * 3 + [eta_spec, per_head, per_head] + [ckpt_spec(s) for s in shapes]
       + [x_spec],
-      out_specs=[x_spec] * 3 + [eta_spec, resident((1, d)), resident((1, d))]
+      out_specs=[x_spec] * 3 + [eta_spec, resident((d, b)), resident((d, b))]
       + [resident(s) for s in shapes],
       out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (xq, xk, xv, eta)]
-      + [jax.ShapeDtypeStruct((B, H, 1, d), dtype)] * 2
+      + [jax.ShapeDtypeStruct((B, H, d, b), dtype)] * 2
       + [jax.ShapeDtypeStruct((B, H, *s), dtype) for s in shapes],
       scratch_shapes=[pltpu.VMEM((g + 1, *s), dtype) for s in shapes],
       compiler_params=_params(block_sizes),
       interpret=interpret,
       debug=debug,
       name=f"{kind}_backward_tpu",
-  )(xq, xk, xv, eta, ln_weight[:, None], ln_bias[:, None], *checkpoints, ct_out)
-  ct_xs = tuple(o[:, :, :N] for o in outs[:3])
+  )(xq, xk, xv, eta, *_ln_tiles(ln_weight, ln_bias, b), *checkpoints, ct_out)
+  ct_xs = tuple(jnp.swapaxes(o[:, :, :N], -1, -2) for o in outs[:3])
   ct_eta = outs[3].reshape(B, H, G * g, b)[:, :, :N].astype(eta_dtype)
-  return (*ct_xs, ct_eta, outs[4][:, :, 0], outs[5][:, :, 0], tuple(outs[6:]))
+  return (*ct_xs, ct_eta, outs[4].sum(-1), outs[5].sum(-1),
+          to_layout(kind, tuple(outs[6:]), LAYOUT))

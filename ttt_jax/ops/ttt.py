@@ -51,22 +51,24 @@ class TTTLinearState(NamedTuple):
 # ----------------------------------------------------------------------------- inner math
 
 
-def layer_norm(x, gamma, beta, eps):
-  """LayerNorm over the last axis, biased variance, eps inside the sqrt."""
-  mu = x.mean(-1, keepdims=True)
-  var = jnp.square(x - mu).mean(-1, keepdims=True)
+def layer_norm(x, gamma, beta, eps, axis=-1):
+  """LayerNorm over `axis` (the features; gamma and beta broadcast along the others), biased
+  variance, eps inside the sqrt."""
+  mu = x.mean(axis, keepdims=True)
+  var = jnp.square(x - mu).mean(axis, keepdims=True)
   return gamma * (x - mu) * jax.lax.rsqrt(var + eps) + beta
 
 
-def ln_l2_grad(z, target, gamma, beta, eps):
-  """d/dz of 1/2 ||LN(z) - target||^2 per row (spec 3.6 step 3); no 1/b or 1/d scaling."""
-  d = z.shape[-1]
-  mu = z.mean(-1, keepdims=True)
-  rstd = jax.lax.rsqrt(jnp.square(z - mu).mean(-1, keepdims=True) + eps)
+def ln_l2_grad(z, target, gamma, beta, eps, axis=-1):
+  """d/dz of 1/2 ||LN(z) - target||^2 per token (spec 3.6 step 3), the features along `axis`;
+  no 1/b or 1/d scaling."""
+  d = z.shape[axis]
+  mu = z.mean(axis, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.square(z - mu).mean(axis, keepdims=True) + eps)
   x_hat = (z - mu) * rstd
   g = (gamma * x_hat + beta - target) * gamma  # dL/dx_hat
-  return (d * g - g.sum(-1, keepdims=True)
-          - x_hat * (g * x_hat).sum(-1, keepdims=True)) * (rstd / d)
+  return (d * g - g.sum(axis, keepdims=True)
+          - x_hat * (g * x_hat).sum(axis, keepdims=True)) * (rstd / d)
 
 
 def _gelu_tanh_parts(x):

@@ -220,8 +220,9 @@ def test_tpu_schedule_reads_libtpu_bundles():
 def test_tpu_schedule_compiles_with_libtpu(tmp_path):
   """Both TPU kernels compile for a compile-only v5p (libtpu, no TPU; not installed by
   .[test]) and their mini-batch loops stay within the bundles measured (jax 0.12.0.1, libtpu
-  0.0.50.1, 12 heads, bf16 inputs: 837 forward, 626 + 2,273 backward; f32 inputs: 897 and
-  708 + 2,884, under jax.default_matmul_precision("highest") 2,087 and 1,602 + 6,538)."""
+  0.0.50.1, 12 heads, bf16 inputs: 627.5 forward, 417.5 + 1,598.5 backward; f32 inputs: 685
+  and 481.5 + 2,347, under jax.default_matmul_precision("highest") 1,870 and 1,386.5 +
+  5,818.5)."""
   pytest.importorskip("libtpu")
   out = tmp_path / "r.jsonl"
   subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tpu_schedule.py"),
@@ -229,10 +230,10 @@ def test_tpu_schedule_compiles_with_libtpu(tmp_path):
                  capture_output=True, text=True, check=True, timeout=900)
   forward, backward = [json.loads(line) for line in out.read_text().splitlines()]
   assert forward["kernel"] == "forward" and forward["device_kind"] == "TPU v5"
-  assert 500 < forward["step_bundles"] < 920 and 300 < backward["recompute_bundles"] < 680
-  assert 1500 < backward["reverse_bundles"] < 2700
+  assert 500 < forward["step_bundles"] < 700 and 300 < backward["recompute_bundles"] < 480
+  assert 1200 < backward["reverse_bundles"] < 1800
   assert 0 < forward["unit_ops_per_bundle"]["mxu"] <= 4
-  assert forward["pct_of_mxu_peak"] > 15 and backward["pct_of_mxu_peak"] > 9
+  assert forward["pct_of_mxu_peak"] > 20 and backward["pct_of_mxu_peak"] > 13
   # f32 inputs: f32 operands, one pass at the default precision, six under "highest".
   for precision in ("default", "highest"):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tpu_schedule.py"),

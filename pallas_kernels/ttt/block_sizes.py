@@ -18,10 +18,11 @@ scoped VMEM limit for the backward's per-group state stack.
 No entry has been measured yet (no accelerator was available when they were written): 8 warps
 for d = 64 is a guess that gives the large loop-carried state (W1, W2: 2 x 64 KiB in f32) more
 registers; one stage because the loop carries the state, leaving little to software-pipeline;
-two heads per TPU step keeps the backward's VMEM (about 7 MiB a step of two heads at g = 16
-on bf16 inputs, 11 MiB on f32: `tpu.vmem_estimate`) under the limit. The TPU kernels compile
-with libtpu for v5p over the whole b x d grid (tests/test_pallas_ttt.py, where libtpu is
-installed). Replace the entries with measured values and say so beside each entry.
+two heads per TPU step keeps the backward's VMEM (about 12 MiB a step of two heads at g = 16
+on bf16 inputs, 19 MiB on f32, tiles padded to (8, 128): `tpu.vmem_estimate`) under the
+limit. The TPU kernels compile with libtpu for v5p over the whole b x d grid
+(tests/test_pallas_ttt.py, where libtpu is installed). Replace the entries with measured
+values and say so beside each entry.
 """
 
 from __future__ import annotations

@@ -10,16 +10,17 @@ from the initial weights at the first step and never goes back to HBM except as 
 the start of every group of g mini-batches ([B, H, ceil(N/g), ...], what the backward
 recomputes from). A grid step runs k consecutive mini-batches
 (`BlockSizes.mini_batches_per_step`, 8 by default) in a loop: one mini-batch of one head at
-d = 64 is about 20 MFLOP, 0.09 us at a v5p TensorCore's MXU peak and 837 bundles (0.48 us) as
+d = 64 is about 20 MFLOP, 0.09 us at a v5p TensorCore's MXU peak and 627.5 bundles (0.36 us) as
 libtpu schedules it (`benchmarks/tpu_schedule.py`), against the ~0.35 us a Pallas TPU grid step
-costs, so one mini-batch per step would spend about a quarter of the time on step overhead.
+costs, so one mini-batch per step would spend about half the time on step overhead.
 Mini-batches n0 .. n0 + k - 1 of XQ, XK, XV are one BlockSpec block, so Pallas double-buffers
 them: the DMA of the next k overlaps the math. The kernels' tiles are [d, b], a feature a row
 (`LAYOUT`, `tile.LAYOUTS`): the inner LayerNorms' statistics are then sums over sublanes, where
 over [b, d] tiles they were cross-lane reductions, 56 a mini-batch through the XLU with VMEM
-round trips, and two stretches of ~150 bundles without MXU work (837 -> 632 bundles a forward
-mini-batch on a v5p, bf16). The wrappers transpose XQ, XK, XV, the output (and the cotangents)
-and W2 (held [d, f]); under jit XLA can fold the transposes into the producers' layouts. eta
+round trips, and two stretches of ~150 bundles without MXU work (837 -> 627.5 bundles a forward
+mini-batch on a v5p, bf16; the backward's recompute 564 -> 417.5, its reverse 2,079 ->
+1,598.5). The wrappers transpose XQ, XK, XV, the output (and the cotangents) and W2 (held
+[d, f]); under jit XLA can fold the transposes into the producers' layouts. eta
 comes as rows, max(8, k) mini-batches to a block (whole (8, 128) tiles, where a [b, 1] column
 per mini-batch would pad each token to 128 lanes in HBM and VMEM): the row is what the "db"
 math takes. The math runs one head at a time, its matmuls on operands of the inputs' dtype

@@ -156,7 +156,7 @@ def _compile(kernel: str, args) -> dict:
   else:
     G = num_groups(N, g)
     fn = lambda *a: tpu.backward(*a[:6], a[6:-1], a[-1], **kw)
-    shapes = (*xs, *[spec((B, H, G, *s), f32) for s in state_shapes("ttt_mlp", d, tpu.LAYOUT)],
+    shapes = (*xs, *[spec((B, H, G, *s), f32) for s in tpu.state_shapes("ttt_mlp", d, b)],
               spec((B, H, N, b, d), x_dtype))
   precision = None if args.precision == "default" else args.precision  # None: jax's default
   t0 = time.perf_counter()

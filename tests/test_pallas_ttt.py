@@ -179,7 +179,7 @@ def test_checkpoints_are_group_start_states(backend):
   kw = dict(kind="ttt_mlp", eps=1e-6, checkpoint_group=2, interpret=True)
   if backend == "tpu":  # in the kernels' layout: back to the pure op's
     _, ckpts = tpu.forward(*args[:6], args[6:], heads_per_step=2, **kw)
-    ckpts = tile.to_layout("ttt_mlp", ckpts, tpu.LAYOUT)
+    ckpts = tpu.checkpoint_states("ttt_mlp", ckpts)
   else:
     _, ckpts = gpu.forward(*args[:6], args[6:], **kw)
   _check_group_start_states(ckpts, args, groups=2, tol=1e-6)

@@ -91,7 +91,11 @@ _narrow_dot.defvjp(_narrow_dot_fwd, _narrow_dot_bwd)
 # reduction). The TPU kernels run "db" (837 -> 627.5 bundles a forward mini-batch on a v5p),
 # the GPU kernels "bd". In "db": gamma, beta [d, 1]; eta [1, b] (a row: it scales columns);
 # TTT-MLP's W2 [d, f] (transposed) and b2 [d, 1]; TTT-Linear's b1 [d, 1]; the [b, f] tiles
-# (Z1, X2, G1 of TTT-MLP) and W1 as in "bd". `state_shapes` gives the state's shapes.
+# (Z1, X2, G1 of TTT-MLP) and W1 as in "bd". `state_shapes` gives the state's shapes. gamma,
+# beta and the bias added to the features (b2, TTT-Linear's b1) may also come broadcast along
+# the tokens, [d, b], as the TPU kernels hold them (a [d, 1] column is broadcast across the
+# lanes at each use): the bias's update is then broadcast too, and the cotangents of all
+# three come per token (the caller sums them).
 LAYOUTS = ("bd", "db")
 
 
@@ -100,6 +104,12 @@ def _feature_axis(layout: str) -> int:
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r}: use one of {LAYOUTS}.")
   return layout.index("d")
+
+
+def _token_sum(x, a, like):
+  """x summed over its tokens (axis 1 - a), broadcast to `like`'s shape (a bias: one row or
+  column, or broadcast along the tokens)."""
+  return jnp.broadcast_to(x.sum(1 - a, keepdims=True), like.shape)
 
 
 def _to_features(dot, X, W, a):
@@ -139,7 +149,7 @@ def mlp_update(gamma, beta, eps, state, XK, XV, eta, operands=None, layout="bd")
   else:  # eta a row: it scales XK's columns, and b1's sum over the tokens is a product
     W1, b1 = W1 - dot(eta * XK, G1, (1, 0)), b1 - dot(eta, G1, (1, 0))
     W2 = W2 - dot(eG2, X2, (1, 0))
-  return W1, b1, W2, b2 - eG2.sum(1 - a, keepdims=True)
+  return W1, b1, W2, b2 - _token_sum(eG2, a, b2)
 
 
 def mlp_output(gamma, beta, eps, state, XQ, operands=None, layout="bd"):
@@ -160,7 +170,7 @@ def linear_update(gamma, beta, eps, state, XK, XV, eta, operands=None, layout="b
   dot = functools.partial(_dot, operands=operands)
   Z1 = (dot(XK, W1, (1, 0)) if a == 1 else dot(W1, XK, (0, 0))) + b1  # [b, d] | [d, b]
   eG1 = eta * ln_l2_grad(Z1, XV - XK, gamma, beta, eps, axis=a)
-  return W1 - dot(XK, eG1, (1 - a, 1 - a)), b1 - eG1.sum(1 - a, keepdims=True)
+  return W1 - dot(XK, eG1, (1 - a, 1 - a)), b1 - _token_sum(eG1, a, b1)
 
 
 def linear_output(gamma, beta, eps, state, XQ, operands=None, layout="bd"):

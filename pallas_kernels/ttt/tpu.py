@@ -20,7 +20,9 @@ over [b, d] tiles they were cross-lane reductions, 56 a mini-batch through the X
 round trips, and two stretches of ~150 bundles without MXU work (837 -> 627.5 bundles a forward
 mini-batch on a v5p, bf16; the backward's recompute 564 -> 417.5, its reverse 2,079 ->
 1,598.5). The wrappers transpose XQ, XK, XV, the output (and the cotangents) and W2 (held
-[d, f]); under jit XLA can fold the transposes into the producers' layouts. eta
+[d, f]); under jit XLA can fold the transposes into the producers' layouts. gamma, beta and
+the bias added to the features (b2) are held broadcast along the tokens, [d, b] tiles, as a
+[d, 1] column would be broadcast across the lanes at each use (`state_shapes`). eta
 comes as rows, max(8, k) mini-batches to a block (whole (8, 128) tiles, where a [b, 1] column
 per mini-batch would pad each token to 128 lanes in HBM and VMEM): the row is what the "db"
 math takes. The math runs one head at a time, its matmuls on operands of the inputs' dtype
@@ -51,8 +53,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.ttt.block_sizes import BlockSizes
-from pallas_kernels.ttt.tile import (num_groups, pad_to_groups, state_shapes, step, step_vjp,
-                                     to_layout, update)
+from pallas_kernels.ttt import tile
+from pallas_kernels.ttt.tile import num_groups, pad_to_groups, step, step_vjp, update
 
 _SEMANTICS = ("parallel", "parallel", "arbitrary")
 LAYOUT = "db"  # the kernels' tiles: a feature a row (`tile.LAYOUTS`)
@@ -71,10 +73,47 @@ def vmem_estimate(hb: int, g: int, b: int, d: int, in_bytes: int = 4,
   eta and its cotangent: [g, b]), the resident state and LayerNorm cotangents, the checkpoint
   in; f32 state in the kernels' layout, every tile padded to (8, 128) (b2 [d, 1] takes 128
   lanes)."""
-  state = sum(_vmem_bytes(s) for s in state_shapes(kind, d, LAYOUT))
+  state = sum(_vmem_bytes(s) for s in state_shapes(kind, d, b))
   blocks = 2 * hb * (7 * _vmem_bytes((g, d, b), in_bytes) + 2 * _vmem_bytes((g, b)))
   ln = 2 * _vmem_bytes((d, 1))
   return (g + 1) * state + blocks + 4 * hb * (state + ln)  # double-buffered: in and out
+
+
+# The index in the state of the bias added to the features (`tile.LAYOUTS`): TTT-MLP's b2,
+# TTT-Linear's b1. The kernels hold it broadcast along the tokens, [d, b], as gamma and beta.
+_FEATURE_BIAS = {"ttt_mlp": 3, "ttt_linear": 1}
+
+
+def state_shapes(kind: str, d: int, b: int) -> tuple[tuple[int, int], ...]:
+  """Per-head shapes of the state as the kernels hold it (scratch, checkpoints, state
+  cotangents): `tile.state_shapes` in `LAYOUT`, the feature bias [d, b]. In VMEM and HBM a
+  [d, 1] column takes the (8, 128) tiles of [d, 128] anyway, so at b <= 128 this costs
+  nothing."""
+  shapes = list(tile.state_shapes(kind, d, LAYOUT))
+  shapes[_FEATURE_BIAS[kind]] = (d, b)
+  return tuple(shapes)
+
+
+def _to_kernel(kind: str, state, b: int):
+  """A state [..., *tile.state_shapes(kind, d)] as the kernels hold it (`state_shapes`)."""
+  state = list(tile.to_layout(kind, state, LAYOUT))
+  i = _FEATURE_BIAS[kind]
+  state[i] = jnp.broadcast_to(state[i], (*state[i].shape[:-1], b))
+  return tuple(state)
+
+
+def _from_kernel(kind: str, state, reduce):
+  """Back from the kernels' form, the feature bias's tokens reduced by `reduce`."""
+  state = list(state)
+  i = _FEATURE_BIAS[kind]
+  state[i] = reduce(state[i])
+  return tile.to_layout(kind, tuple(state), LAYOUT)
+
+
+def checkpoint_states(kind: str, checkpoints):
+  """`forward`'s checkpoints as `tile.state_shapes(kind, d)` arrays [B, H, G, ...] (the
+  bias's columns are equal: the first)."""
+  return _from_kernel(kind, checkpoints, lambda w: w[..., :1])
 
 
 def _ln_tiles(ln_weight, ln_bias, b: int):
@@ -158,8 +197,9 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
   (see `mini_batches_per_step`).
 
   Returns (out [B, H, N, b, d] in xq's dtype, checkpoints: each state array
-  [B, H, ceil(N/g), ...] of `tile.state_shapes(kind, d, LAYOUT)` in the state dtype, the state
-  at the start of each group of g, in the layout `backward` takes).
+  [B, H, ceil(N/g), ...] of `state_shapes(kind, d, b)` in the state dtype, the state
+  at the start of each group of g, in the form `backward` takes: `checkpoint_states` reads
+  them).
 
   The kernel's tiles are [d, b] (`LAYOUT`): the inputs and the output are transposed here, which
   under jit XLA can fold into the layouts of their producer and consumer.
@@ -169,7 +209,7 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
   G = num_groups(N, g)
   k = mini_batches_per_step(block_sizes.mini_batches_per_step, g)
   E = max(8, k)
-  shapes = state_shapes(kind, d, LAYOUT)
+  shapes = state_shapes(kind, d, b)
   xq, xk, xv = (jnp.swapaxes(x, -1, -2) for x in (xq, xk, xv))  # [B, H, N, d, b]
 
   x_spec = pl.BlockSpec((None, hb, k, d, b), lambda i, j, s: (i, j, s, 0, 0))
@@ -196,7 +236,7 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
       interpret=interpret,
       debug=debug,
       name=f"{kind}_forward_tpu",
-  )(xq, xk, xv, eta, *_ln_tiles(ln_weight, ln_bias, b), *to_layout(kind, init, LAYOUT))
+  )(xq, xk, xv, eta, *_ln_tiles(ln_weight, ln_bias, b), *_to_kernel(kind, init, b))
   return jnp.swapaxes(out, -1, -2), checkpoints
 
 
@@ -273,8 +313,8 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
   """Cotangents of `forward`'s output from its checkpoints.
 
   xq, xk, xv, ct_out: [B, H, N, b, d]; eta: [B, H, N, b]; ln_weight, ln_bias: [H, d] in the
-  state dtype; checkpoints: `forward`'s, each [B, H, G, ...] in the kernels' layout and the
-  state dtype, G = ceil(N / g) with g = checkpoint_group. Returns the cotangents of (xq, xk,
+  state dtype; checkpoints: `forward`'s, each [B, H, G, ...] of `state_shapes(kind, d, b)` in
+  the state dtype, G = ceil(N / g) with g = checkpoint_group. Returns the cotangents of (xq, xk,
   xv, eta) in their dtypes, of ln_weight and ln_bias [B, H, d] and of the initial state
   [B, H, ...] (state dtype, `tile.state_shapes(kind, d)`), per batch element (the caller sums
   what the batch shares).
@@ -282,7 +322,7 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
   B, H, N, b, d = xq.shape
   G, g = checkpoints[0].shape[2], checkpoint_group
   dtype, hb = checkpoints[0].dtype, heads_per_step
-  shapes = state_shapes(kind, d, LAYOUT)
+  shapes = state_shapes(kind, d, b)
   eta_dtype = eta.dtype
   xq, xk, xv, ct_out = (jnp.swapaxes(pad_to_groups(x, G, g), -1, -2)  # [B, H, G g, d, b]
                         for x in (xq, xk, xv, ct_out))
@@ -314,4 +354,4 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
   ct_xs = tuple(jnp.swapaxes(o[:, :, :N], -1, -2) for o in outs[:3])
   ct_eta = outs[3].reshape(B, H, G * g, b)[:, :, :N].astype(eta_dtype)
   return (*ct_xs, ct_eta, outs[4].sum(-1), outs[5].sum(-1),
-          to_layout(kind, tuple(outs[6:]), LAYOUT))
+          _from_kernel(kind, outs[6:], lambda w: w.sum(-1, keepdims=True)))

@@ -220,9 +220,9 @@ def test_tpu_schedule_reads_libtpu_bundles():
 def test_tpu_schedule_compiles_with_libtpu(tmp_path):
   """Both TPU kernels compile for a compile-only v5p (libtpu, no TPU; not installed by
   .[test]) and their mini-batch loops stay within the bundles measured (jax 0.12.0.1, libtpu
-  0.0.50.1, 12 heads, bf16 inputs: 627.5 forward, 417.5 + 1,598.5 backward; f32 inputs: 685
-  and 481.5 + 2,347, under jax.default_matmul_precision("highest") 1,870 and 1,386.5 +
-  5,818.5)."""
+  0.0.50.1, 12 heads, bf16 inputs: 620.5 forward, 410.5 + 1,534.5 backward; f32 inputs: 681
+  and 476.5 + 2,274, under jax.default_matmul_precision("highest") 1,888 and 1,391 +
+  5,835)."""
   pytest.importorskip("libtpu")
   out = tmp_path / "r.jsonl"
   subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tpu_schedule.py"),

@@ -40,8 +40,8 @@ def _dot(a, b, contract=(1, 0), operands=None):
   At jax's default matmul precision, as the pure op's einsums: one bf16 pass on the TPU MXU
   and TF32 on GPU tensor cores unless `jax.default_matmul_precision` (read when the kernel is
   traced) asks for more, so kernel and pure op round at one precision on every platform.
-  HIGHEST costs the TPU forward 2.7x the bundles of its mini-batch loop on a v5p (1,870 vs 685
-  a head on f32 inputs; 627.5 on bf16 operands: benchmarks/tpu_schedule.py)."""
+  HIGHEST costs the TPU forward 2.8x the bundles of its mini-batch loop on a v5p (1,888 vs 681
+  a head on f32 inputs; 620.5 on bf16 operands: benchmarks/tpu_schedule.py)."""
   if operands is None or jnp.dtype(operands) == a.dtype:
     return _general(a, b, contract, a.dtype)
   return _narrow_dot(a, b, contract, jnp.dtype(operands))
@@ -88,7 +88,7 @@ _narrow_dot.defvjp(_narrow_dot_fwd, _narrow_dot_bwd)
 # pure op's), or "db", a feature a row. The LayerNorms reduce over the features: along the
 # rows in "bd", which on a TPU vector register is a cross-lane reduction (8 of them a [64, 64]
 # f32 tile), and down the columns in "db" (adds between registers, then one sublane
-# reduction). The TPU kernels run "db" (837 -> 627.5 bundles a forward mini-batch on a v5p),
+# reduction). The TPU kernels run "db" (837 -> 620.5 bundles a forward mini-batch on a v5p),
 # the GPU kernels "bd". In "db": gamma, beta [d, 1]; eta [1, b] (a row: it scales columns);
 # TTT-MLP's W2 [d, f] (transposed) and b2 [d, 1]; TTT-Linear's b1 [d, 1]; the [b, f] tiles
 # (Z1, X2, G1 of TTT-MLP) and W1 as in "bd". `state_shapes` gives the state's shapes. gamma,

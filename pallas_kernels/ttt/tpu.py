@@ -10,16 +10,16 @@ from the initial weights at the first step and never goes back to HBM except as 
 the start of every group of g mini-batches ([B, H, ceil(N/g), ...], what the backward
 recomputes from). A grid step runs k consecutive mini-batches
 (`BlockSizes.mini_batches_per_step`, 8 by default) in a loop: one mini-batch of one head at
-d = 64 is about 20 MFLOP, 0.09 us at a v5p TensorCore's MXU peak and 627.5 bundles (0.36 us) as
+d = 64 is about 20 MFLOP, 0.09 us at a v5p TensorCore's MXU peak and 620.5 bundles (0.35 us) as
 libtpu schedules it (`benchmarks/tpu_schedule.py`), against the ~0.35 us a Pallas TPU grid step
 costs, so one mini-batch per step would spend about half the time on step overhead.
 Mini-batches n0 .. n0 + k - 1 of XQ, XK, XV are one BlockSpec block, so Pallas double-buffers
 them: the DMA of the next k overlaps the math. The kernels' tiles are [d, b], a feature a row
 (`LAYOUT`, `tile.LAYOUTS`): the inner LayerNorms' statistics are then sums over sublanes, where
 over [b, d] tiles they were cross-lane reductions, 56 a mini-batch through the XLU with VMEM
-round trips, and two stretches of ~150 bundles without MXU work (837 -> 627.5 bundles a forward
-mini-batch on a v5p, bf16; the backward's recompute 564 -> 417.5, its reverse 2,079 ->
-1,598.5). The wrappers transpose XQ, XK, XV, the output (and the cotangents) and W2 (held
+round trips, and two stretches of ~150 bundles without MXU work (837 -> 620.5 bundles a forward
+mini-batch on a v5p, bf16; the backward's recompute 564 -> 410.5, its reverse 2,079 ->
+1,534.5). The wrappers transpose XQ, XK, XV, the output (and the cotangents) and W2 (held
 [d, f]); under jit XLA can fold the transposes into the producers' layouts. gamma, beta and
 the bias added to the features (b2) are held broadcast along the tokens, [d, b] tiles, as a
 [d, 1] column would be broadcast across the lanes at each use (`state_shapes`). eta
@@ -119,7 +119,7 @@ def checkpoint_states(kind: str, checkpoints):
 def _ln_tiles(ln_weight, ln_bias, b: int):
   """The inner LayerNorm's gamma and beta [H, d] as [H, d, b] tiles, broadcast along the
   tokens: loaded whole inside the loops, where a [d, 1] column is broadcast across the lanes
-  at each use (forward 643.5 -> 627.5 bundles a mini-batch on a v5p)."""
+  at each use (forward 643.5 -> 627.5 bundles a mini-batch on a v5p; b2 likewise: -> 620.5)."""
   return (jnp.broadcast_to(w[..., None], (*w.shape, b)) for w in (ln_weight, ln_bias))
 
 

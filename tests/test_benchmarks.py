@@ -220,9 +220,9 @@ def test_tpu_schedule_reads_libtpu_bundles():
 def test_tpu_schedule_compiles_with_libtpu(tmp_path):
   """Both TPU kernels compile for a compile-only v5p (libtpu, no TPU; not installed by
   .[test]) and their mini-batch loops stay within the bundles measured (jax 0.12.0.1, libtpu
-  0.0.50.1, 12 heads, bf16 inputs: 620.5 forward, 410.5 + 1,534.5 backward; f32 inputs: 681
-  and 476.5 + 2,274, under jax.default_matmul_precision("highest") 1,888 and 1,391 +
-  5,835)."""
+  0.0.50.1, 12 heads, bf16 inputs: 620.5 forward, 410.5 + 1,340 backward; f32 inputs: 681
+  and 477 + 2,146.5, under jax.default_matmul_precision("highest") 1,888 and 1,391 +
+  5,813)."""
   pytest.importorskip("libtpu")
   out = tmp_path / "r.jsonl"
   subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tpu_schedule.py"),
@@ -231,9 +231,9 @@ def test_tpu_schedule_compiles_with_libtpu(tmp_path):
   forward, backward = [json.loads(line) for line in out.read_text().splitlines()]
   assert forward["kernel"] == "forward" and forward["device_kind"] == "TPU v5"
   assert 500 < forward["step_bundles"] < 700 and 300 < backward["recompute_bundles"] < 480
-  assert 1200 < backward["reverse_bundles"] < 1800
+  assert 1000 < backward["reverse_bundles"] < 1500
   assert 0 < forward["unit_ops_per_bundle"]["mxu"] <= 4
-  assert forward["pct_of_mxu_peak"] > 20 and backward["pct_of_mxu_peak"] > 13
+  assert forward["pct_of_mxu_peak"] > 20 and backward["pct_of_mxu_peak"] > 15
   # f32 inputs: f32 operands, one pass at the default precision, six under "highest".
   for precision in ("default", "highest"):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tpu_schedule.py"),

@@ -171,12 +171,14 @@ def test_flop_count():
 
 
 def test_gelu_derivatives_match_autodiff():
-  """`gelu_tanh_grad` and `gelu_tanh_grad2` (used by hand-written VJPs) against jax.grad in
-  float64."""
-  from ttt_jax.ops.ttt import gelu_tanh, gelu_tanh_grad, gelu_tanh_grad2
+  """`gelu_tanh_grad` and `gelu_tanh_grad2`, and the derivatives jax takes of `gelu_tanh` and
+  `gelu_tanh_grad` (their custom JVPs), against jax.grad of the plain formulas
+  (`gelu_tanh_and_grad`, which has no custom rule) in float64."""
+  from ttt_jax.ops.ttt import gelu_tanh, gelu_tanh_and_grad, gelu_tanh_grad, gelu_tanh_grad2
   with jax.enable_x64(True):
     x = jnp.linspace(-6.0, 6.0, 241, dtype=jnp.float64)
-    np.testing.assert_allclose(gelu_tanh_grad(x), jax.vmap(jax.grad(gelu_tanh))(x), rtol=1e-12,
-                               atol=1e-14)
-    np.testing.assert_allclose(gelu_tanh_grad2(x), jax.vmap(jax.grad(gelu_tanh_grad))(x),
-                               rtol=1e-12, atol=1e-14)
+    grad = lambda f: jax.vmap(jax.grad(f))(x)
+    want1, want2 = (grad(lambda x, i=i: gelu_tanh_and_grad(x)[i]) for i in (0, 1))
+    for got, want in ((gelu_tanh_grad(x), want1), (grad(gelu_tanh), want1),
+                      (gelu_tanh_grad2(x), want2), (grad(gelu_tanh_grad), want2)):
+      np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)

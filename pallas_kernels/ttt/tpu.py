@@ -9,10 +9,11 @@ heads lives in VMEM scratch (f32: 129 KiB per head at d = 64) for the whole swee
 from the initial weights at the first step and never goes back to HBM except as a checkpoint at
 the start of every group of g mini-batches ([B, H, ceil(N/g), ...], what the backward
 recomputes from). A grid step runs k consecutive mini-batches
-(`BlockSizes.mini_batches_per_step`, 8 by default) in a loop: one mini-batch of one head at
-d = 64 is about 20 MFLOP, 0.09 us at a v5p TensorCore's MXU peak and 620.5 bundles (0.35 us) as
-libtpu schedules it (`benchmarks/tpu_schedule.py`), against the ~0.35 us a Pallas TPU grid step
-costs, so one mini-batch per step would spend about half the time on step overhead.
+(`BlockSizes.mini_batches_per_step`: 8 by default, 16 in the table's TPU entries) in a loop:
+one mini-batch of one head at d = 64 is about 20 MFLOP, 0.09 us at a v5p TensorCore's MXU
+peak and 618.5 bundles (0.35 us) as libtpu schedules it (`benchmarks/tpu_schedule.py`),
+against the ~0.35 us a Pallas TPU grid step costs, so one mini-batch per step would spend
+about half the time on step overhead.
 Mini-batches n0 .. n0 + k - 1 of XQ, XK, XV are one BlockSpec block, so Pallas double-buffers
 them: the DMA of the next k overlaps the math. The kernels' tiles are [d, b], a feature a row
 (`LAYOUT`, `tile.LAYOUTS`): the inner LayerNorms' statistics are then sums over sublanes, where

@@ -5,34 +5,34 @@ state W1, b1): the mini-batch math is `tile.step(kind, ...)`. Sizes below are TT
 
 Forward, grid (B, H / hb, ceil(N / k)) with the mini-batch axis 'arbitrary' (sequential) and
 the others 'parallel' (split over a megacore's TensorCores). The state of the grid step's hb
-heads lives in VMEM scratch (f32: 129 KiB per head at d = 64) for the whole sweep: it is loaded
-from the initial weights at the first step and never goes back to HBM except as a checkpoint at
-the start of every group of g mini-batches ([B, H, ceil(N/g), ...], what the backward
-recomputes from). A grid step runs k consecutive mini-batches
+heads lives in VMEM scratch (f32: 168 KiB per head at d = 64, tiles padded) for the whole
+sweep: it is loaded from the initial weights at the first step and never goes back to HBM
+except as a checkpoint at the start of every group of g mini-batches ([B, H, ceil(N/g), ...],
+what the backward recomputes from). A grid step runs k consecutive mini-batches
 (`BlockSizes.mini_batches_per_step`: 8 by default, 16 in the table's TPU entries) in a loop:
-one mini-batch of one head at d = 64 is about 20 MFLOP, 0.09 us at a v5p TensorCore's MXU
-peak and 618.5 bundles (0.35 us) as libtpu schedules it (`benchmarks/tpu_schedule.py`),
-against the ~0.35 us a Pallas TPU grid step costs, so one mini-batch per step would spend
-about half the time on step overhead.
+one mini-batch of one head at d = 64 is about 20 MFLOP, 0.09 us at a v5p TensorCore's MXU peak
+and 618.5 bundles (0.35 us) as libtpu schedules it (`benchmarks/tpu_schedule.py`), against the
+~0.35 us a Pallas TPU grid step costs, so one mini-batch per step would spend about half the
+time on step overhead.
 Mini-batches n0 .. n0 + k - 1 of XQ, XK, XV are one BlockSpec block, so Pallas double-buffers
 them: the DMA of the next k overlaps the math. The kernels' tiles are [d, b], a feature a row
 (`LAYOUT`, `tile.LAYOUTS`): the inner LayerNorms' statistics are then sums over sublanes, where
 over [b, d] tiles they were cross-lane reductions, 56 a mini-batch through the XLU with VMEM
 round trips, and two stretches of ~150 bundles without MXU work (837 -> 620.5 bundles a forward
-mini-batch on a v5p, bf16; the backward's recompute 564 -> 410.5, its reverse 2,079 ->
-1,534.5; 1,340 with gelu's closed-form JVPs). The wrappers transpose XQ, XK, XV, the output (and the cotangents) and W2 (held
-[d, f]); under jit XLA can fold the transposes into the producers' layouts. gamma, beta and
-the bias added to the features (b2) are held broadcast along the tokens, [d, b] tiles, as a
-[d, 1] column would be broadcast across the lanes at each use (`state_shapes`). eta
-comes as rows, max(8, k) mini-batches to a block (whole (8, 128) tiles, where a [b, 1] column
-per mini-batch would pad each token to 128 lanes in HBM and VMEM): the row is what the "db"
-math takes. The math runs one head at a time, its matmuls on operands of the inputs' dtype
-(`tile.mlp_update`'s `operands`: bf16 inputs make bf16 operands with f32 accumulation, as the
-reference's kernel; the state stays f32).
+mini-batch on a v5p, bf16; the backward's recompute 564 -> 410.5, its reverse 2,079 -> 1,534.5;
+1,340 with gelu's closed-form JVPs). The wrappers transpose XQ, XK, XV, the output (and the
+cotangents) and W2 (held [d, f]); under jit XLA can fold the transposes into the producers'
+layouts. gamma, beta and the bias added to the features (b2) are held broadcast along the
+tokens, [d, b] tiles, as a [d, 1] column would be broadcast across the lanes at each use
+(`state_shapes`). eta comes as rows, max(8, k) mini-batches to a block (whole (8, 128) tiles,
+where a [b, 1] column per mini-batch would pad each token to 128 lanes in HBM and VMEM): the
+row is what the "db" math takes. The math runs one head at a time, its matmuls on operands of
+the inputs' dtype (`tile.mlp_update`'s `operands`: bf16 inputs make bf16 operands with f32
+accumulation, as the reference's kernel; the state stays f32).
 
 Backward, grid (B, H / hb, G) with the group axis 'arbitrary' and walked last group first. Each
 step recomputes its group's states from the saved one (`tile.update`: no outputs), keeping the
-g + 1 states it passes through in a VMEM stack [g + 1, ...] (about 2.1 MiB per head at g = 16,
+g + 1 states it passes through in a VMEM stack [g + 1, ...] (about 2.8 MiB per head at g = 16,
 d = 64), then runs the g mini-batches in reverse with `tile.step_vjp`, which takes the state
 after mini-batch t from the stack (t + 1) instead of stepping state t again. The cotangent of
 the state flows from group to group in the resident output blocks of dW1, db1, dW2, db2 (their
@@ -72,11 +72,11 @@ def vmem_estimate(hb: int, g: int, b: int, d: int, in_bytes: int = 4,
   """Bytes of VMEM the backward kernel needs (the forward needs less): the (g + 1)-state stack,
   the double-buffered input/output blocks (xq, xk, xv, ct_out, their cotangents: [g, d, b];
   eta and its cotangent: [g, b]), the resident state and LayerNorm cotangents, the checkpoint
-  in; f32 state in the kernels' layout, every tile padded to (8, 128) (b2 [d, 1] takes 128
-  lanes)."""
+  and gamma, beta in; f32 state as the kernels hold it (`state_shapes`), every tile padded to
+  (8, 128)."""
   state = sum(_vmem_bytes(s) for s in state_shapes(kind, d, b))
   blocks = 2 * hb * (7 * _vmem_bytes((g, d, b), in_bytes) + 2 * _vmem_bytes((g, b)))
-  ln = 2 * _vmem_bytes((d, 1))
+  ln = 2 * _vmem_bytes((d, b))
   return (g + 1) * state + blocks + 4 * hb * (state + ln)  # double-buffered: in and out
 
 
@@ -250,8 +250,8 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
   gamma/beta [hb, d, b] (`_ln_tiles`), the group's checkpoint [hb, ...], ct_out [hb, g, d, b];
   outputs the input cotangents (blocks like the inputs), d gamma / d beta [hb, d, b] (per token
   position: the wrapper sums them) and the state cotangent [hb, ...] (all three resident: summed
-  over mini-batches and groups); scratch: the states [g + 1, ...] of
-  one head before each of the group's mini-batches and after its last."""
+  over mini-batches and groups); scratch: the states [g + 1, ...] of one head before each of
+  the group's mini-batches and after its last."""
   k = (len(refs) - 7) // 3  # refs: k checkpoints, ct_out, 4 + 2 + k cotangents, k scratch
   ckpt, ct_ref = refs[:k], refs[k]
   dx_refs, (dgamma, dbeta), dstate = refs[k + 1:k + 5], refs[k + 5:k + 7], refs[k + 7:2 * k + 7]

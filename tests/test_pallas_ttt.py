@@ -94,12 +94,17 @@ def test_tpu_kernels_under_mosaic_interpret(dtype):
     assert rel_err(np.asarray(g, np.float32), np.asarray(w, np.float32)) <= TOL[dtype], name
 
 
+def _flip(layout):
+  """A [b, d] tile to `layout` and back (a transpose in "db")."""
+  return (lambda x: x.T) if layout == "db" else (lambda x: x)
+
+
 def _tiles(kind, layout, b, d, seed):
   """One mini-batch of one head as `tile` takes it in `layout`, f32: (gamma, beta, state, XQ,
   XK, XV, eta), and the [1, 1, 1, ...] arrays the pure op takes."""
   xq, xk, xv, eta, lw, lb, W = random_ttt_inputs(kind, 1, 1, 1, b, d, seed=seed)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
-  T = (lambda x: x.T) if layout == "db" else (lambda x: x)
+  T = _flip(layout)
   state = tile.to_layout(kind, tuple(f32(w[0]) for w in W), layout)
   XQ, XK, XV = (T(f32(x[0, 0, 0])) for x in (xq, xk, xv))
   eta_col = f32(eta[0, 0, 0])[:, None]  # [b, 1]; "db" takes it as a row
@@ -115,8 +120,7 @@ def test_step_matches_pure_op_in_each_layout(kind, layout):
   (gamma, beta, state, XQ, XK, XV, eta), args = _tiles(kind, layout, 16, 32, seed=2)
   new_state, out = tile.step(kind, gamma, beta, 1e-6, state, XQ, XK, XV, eta, layout=layout)
   want_out, want_state = getattr(reference, kind)(*args, return_state=True)
-  T = (lambda x: x.T) if layout == "db" else (lambda x: x)
-  assert rel_err(np.asarray(T(out)), np.asarray(want_out[0, 0, 0])) <= TOL[jnp.float32]
+  assert rel_err(np.asarray(_flip(layout)(out)), np.asarray(want_out[0, 0, 0])) <= TOL[jnp.float32]
   for name, w, ref in zip(NAMES[6:], tile.to_layout(kind, new_state, layout), want_state):
     assert w.shape == ref.shape[2:] and rel_err(np.asarray(w), np.asarray(ref[0, 0])) <= 1e-5, name
 

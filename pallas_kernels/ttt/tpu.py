@@ -80,35 +80,24 @@ def vmem_estimate(hb: int, g: int, b: int, d: int, in_bytes: int = 4,
   return (g + 1) * state + blocks + 4 * hb * (state + ln)  # double-buffered: in and out
 
 
-# The index in the state of the bias added to the features (`tile.LAYOUTS`): TTT-MLP's b2,
-# TTT-Linear's b1. The kernels hold it broadcast along the tokens, [d, b], as gamma and beta.
-_FEATURE_BIAS = {"ttt_mlp": 3, "ttt_linear": 1}
-
-
 def state_shapes(kind: str, d: int, b: int) -> tuple[tuple[int, int], ...]:
   """Per-head shapes of the state as the kernels hold it (scratch, checkpoints, state
-  cotangents): `tile.state_shapes` in `LAYOUT`, the feature bias [d, b]. In VMEM and HBM a
-  [d, 1] column takes the (8, 128) tiles of [d, 128] anyway, so at b <= 128 this costs
-  nothing."""
-  shapes = list(tile.state_shapes(kind, d, LAYOUT))
-  shapes[_FEATURE_BIAS[kind]] = (d, b)
-  return tuple(shapes)
+  cotangents): `tile.state_shapes` in `LAYOUT`, the bias added to the features (the state's
+  last array: TTT-MLP's b2, TTT-Linear's b1) broadcast along the tokens, [d, b], as gamma and
+  beta. In VMEM and HBM a [d, 1] column takes the (8, 128) tiles of [d, 128] anyway, so at
+  b <= 128 this costs nothing."""
+  return (*tile.state_shapes(kind, d, LAYOUT)[:-1], (d, b))
 
 
 def _to_kernel(kind: str, state, b: int):
   """A state [..., *tile.state_shapes(kind, d)] as the kernels hold it (`state_shapes`)."""
-  state = list(tile.to_layout(kind, state, LAYOUT))
-  i = _FEATURE_BIAS[kind]
-  state[i] = jnp.broadcast_to(state[i], (*state[i].shape[:-1], b))
-  return tuple(state)
+  *rest, bias = tile.to_layout(kind, state, LAYOUT)
+  return (*rest, jnp.broadcast_to(bias, (*bias.shape[:-1], b)))
 
 
 def _from_kernel(kind: str, state, reduce):
   """Back from the kernels' form, the feature bias's tokens reduced by `reduce`."""
-  state = list(state)
-  i = _FEATURE_BIAS[kind]
-  state[i] = reduce(state[i])
-  return tile.to_layout(kind, tuple(state), LAYOUT)
+  return tile.to_layout(kind, (*state[:-1], reduce(state[-1])), LAYOUT)
 
 
 def checkpoint_states(kind: str, checkpoints):

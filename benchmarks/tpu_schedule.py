@@ -25,6 +25,7 @@ f32 products six passes, as all of them were before the kernels followed jax's d
 
   python benchmarks/tpu_schedule.py                                   # v5p, v5e, v6e
   python benchmarks/tpu_schedule.py --topologies=v5p-2 --dtype=float32 --precision=highest
+  python benchmarks/tpu_schedule.py --topologies=v5p-2 --mini_batch=16 --head_dim=128
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def summarize(kernel: str, bundles_text: str, util_text: str, row: dict) -> dict
 
 
 def _compile(kernel: str, args) -> dict:
-  """In the child: compile one kernel at the 5B layer's per-device shapes; its row's fields."""
+  """In the child: compile one kernel (by default at the 5B layer's per-device shapes; the
+  flags give others); its row's fields."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -143,10 +145,13 @@ def _compile(kernel: str, args) -> dict:
   mesh = Mesh(np.array(devices[:1]), ("x",))
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(
       shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-  B, H, N, b, d, g = 1, args.heads, args.num_mini_batches, 64, 64, args.checkpoint_group
+  B, H, N, g = 1, args.heads, args.num_mini_batches, args.checkpoint_group
+  b, d = args.mini_batch, args.head_dim
   x_dtype, f32 = jnp.dtype(args.dtype), jnp.float32
   sizes = get_block_sizes(devices[0].device_kind, x_dtype, d)
   hb = tpu.heads_per_step(sizes.heads_per_step, H)
+  sizes = tpu.fit_vmem(sizes, devices[0].device_kind, kind="ttt_mlp", heads_per_step=hb,
+                       g=min(g, N), b=b, d=d, in_bytes=x_dtype.itemsize)  # as ttt_jax.ops does
   kw = dict(kind="ttt_mlp", eps=1e-6, checkpoint_group=g, heads_per_step=hb, block_sizes=sizes)
   xs = [spec((B, H, N, b, d), x_dtype)] * 3 + [spec((B, H, N, b), f32), spec((H, d), f32),
                                                spec((H, d), f32)]
@@ -180,7 +185,8 @@ def measure(kernel: str, topology: str, args) -> dict:
   argv = [f"--child={kernel}", f"--topologies={topology}", f"--heads={args.heads}",
           f"--dtype={args.dtype}", f"--precision={args.precision}",
           f"--num_mini_batches={args.num_mini_batches}",
-          f"--checkpoint_group={args.checkpoint_group}"]
+          f"--checkpoint_group={args.checkpoint_group}", f"--mini_batch={args.mini_batch}",
+          f"--head_dim={args.head_dim}"]
   name = f"ttt_mlp_{kernel}_tpu"
   # The two dumps read: the final bundles and the per-bundle unit use of the final schedule.
   suffixes = ("-final_bundles.txt", "final_hlo-static-per-bundle-utilization.txt")
@@ -203,6 +209,8 @@ def main(argv=None):
   p.add_argument("--heads", type=int, default=12, help="heads a device (5B: 48 / tensor 4)")
   p.add_argument("--num_mini_batches", type=int, default=64)
   p.add_argument("--checkpoint_group", type=int, default=16)
+  p.add_argument("--mini_batch", type=int, default=64, help="tokens a mini-batch (b)")
+  p.add_argument("--head_dim", type=int, default=64, help="d")
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                  help="the inputs' dtype (the state is float32 either way)")
   p.add_argument("--precision", default="default", choices=("default", "high", "highest"),

@@ -445,6 +445,37 @@ def test_block_sizes_table():
   assert tpu.vmem_estimate(sizes.heads_per_step, 16, 64, 64) < sizes.vmem_limit_bytes
 
 
+def test_tpu_backward_vmem_limit_fits_or_names_the_fix():
+  """`tpu.fit_vmem` leaves shapes within Mosaic's default scoped VMEM alone, raises the limit
+  for those past it (d = 128 at g = 16, which libtpu refuses at the default) up to the chip's
+  VMEM, and where even that cannot hold the backward names the largest checkpoint_group that
+  fits (or one head a step)."""
+  fit = lambda sizes, device_kind, g=16, hb=1, d=128, in_bytes=2: tpu.fit_vmem(
+      sizes, device_kind, kind="ttt_mlp", heads_per_step=hb, g=g, b=64, d=d, in_bytes=in_bytes)
+  default = pk.BlockSizes()
+  table = pk.get_block_sizes("TPU v5", jnp.bfloat16, 64)
+  assert fit(table, "TPU v5", hb=2, d=64) == table
+  assert fit(default, "TPU v5", d=64) == default
+  need = tpu.vmem_estimate(1, 16, 64, 128, 2)
+  raised = fit(default, "TPU v5").vmem_limit_bytes
+  assert need > 16 << 20 and 1.2 * need < raised <= pk.vmem_capacity("TPU v5") == 64 << 20
+  assert fit(pk.BlockSizes(vmem_limit_bytes=48 << 20), "TPU v5").vmem_limit_bytes == 48 << 20
+  assert fit(default, "cpu").vmem_limit_bytes == raised  # interpret mode: no capacity known
+  # A v4 TensorCore has 16 MiB: the message's checkpoint_group fits, one more does not.
+  with pytest.raises(ValueError, match=r"model\.ttt\.checkpoint_group") as e:
+    fit(default, "TPU v4")
+  g = int(re.search(r"checkpoint_group to (\d+)", str(e.value)).group(1))
+  assert (fit(default, "TPU v4", g=g).vmem_limit_bytes or 0) <= 16 << 20  # no error
+  with pytest.raises(ValueError):
+    fit(default, "TPU v4", g=g + 1)
+  with pytest.raises(ValueError, match=r"heads_per_step=1"):
+    fit(default, "TPU v5", g=32, hb=4)
+  # Through the op, before anything reaches XLA.
+  v4 = AbstractDevice(device_kind="TPU v4", num_cores=1, platform="tpu")
+  with pytest.raises(ValueError, match=r"more than the 'TPU v4''s 16 MiB"):
+    _lower(v4, "tpu", jnp.bfloat16, shape_kw=dict(N=32, d=128), checkpoint_group=16)
+
+
 def _abstract_shapes(dtype, B=1, H=2, N=5, b=64, d=64, kind="ttt_mlp"):
   from pallas_kernels.ttt.tile import state_shapes
   S = jax.ShapeDtypeStruct
@@ -452,12 +483,13 @@ def _abstract_shapes(dtype, B=1, H=2, N=5, b=64, d=64, kind="ttt_mlp"):
   return shapes + [S((H, *s), dtype) for s in state_shapes(kind, d)]
 
 
-def _lower(device, platform, dtype, kind="ttt_mlp", **op_kw):
+def _lower(device, platform, dtype, kind="ttt_mlp", shape_kw=(), **op_kw):
   """Lowered text of the forward and of the gradient for an abstract `device`."""
   mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
-  op = functools.partial(getattr(pk, kind), checkpoint_group=2, **op_kw)  # interpret: False
+  op_kw.setdefault("checkpoint_group", 2)
+  op = functools.partial(getattr(pk, kind), **op_kw)  # interpret: False
   loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
-  shapes = _abstract_shapes(dtype, kind=kind)
+  shapes = _abstract_shapes(dtype, kind=kind, **dict(shape_kw))
   with use_abstract_mesh(mesh):
     return [jax.jit(f).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
             for f in (op, jax.grad(loss, range(len(shapes))))]
@@ -551,6 +583,14 @@ def test_compiles_for_tpu_with_libtpu():
   axis, through `ttt_jax.ops` (the model's entry point)."""
   for kind in ("ttt_mlp", "ttt_linear"):
     _compile_for_v5p(kind, num_devices=4, checkpoint_group=16, H=8, N=32)
+
+
+@pytest.mark.parametrize("b", (16, 64))
+def test_tpu_backward_at_head_dim_128_gets_the_vmem_it_needs(b):
+  """At d = 128 and the configs' checkpoint_group = 16 the backward's state stack outgrows
+  Mosaic's default 16 MiB of scoped VMEM (libtpu refused it: "Scoped allocation with size
+  18.67M and limit 16.00M"); `tpu.fit_vmem` raises the limit and libtpu compiles it."""
+  _compile_for_v5p("ttt_mlp", num_devices=1, checkpoint_group=16, H=2, N=32, b=b, d=128)
 
 
 @pytest.mark.parametrize("b", (16, 32, 64))

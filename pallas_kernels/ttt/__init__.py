@@ -5,7 +5,7 @@ Mosaic GPU TTT-MLP forward and backward with the state split over a CTA cluster.
 `ttt_linear` (without `return_state`) plus `backend`, `interpret`, `debug` and `block_sizes`.
 """
 
-from pallas_kernels.ttt.block_sizes import BlockSizes, get_block_sizes
+from pallas_kernels.ttt.block_sizes import BlockSizes, get_block_sizes, vmem_capacity
 from pallas_kernels.ttt.op import ttt_linear, ttt_mlp
 
-__all__ = ["BlockSizes", "get_block_sizes", "ttt_linear", "ttt_mlp"]
+__all__ = ["BlockSizes", "get_block_sizes", "ttt_linear", "ttt_mlp", "vmem_capacity"]

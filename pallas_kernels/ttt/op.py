@@ -113,6 +113,9 @@ def _call(kind, xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps, checkpoint_gr
   g = min(checkpoint_group, N) if checkpoint_group and checkpoint_group > 0 else N
   sizes = block_sizes or get_block_sizes(device_kind, xq.dtype, d)
   hb = tpu.heads_per_step(sizes.heads_per_step, H)
+  if backend == "tpu":
+    sizes = tpu.fit_vmem(sizes, device_kind, kind=kind, heads_per_step=hb, g=g, b=xq.shape[3],
+                         d=d, in_bytes=xq.dtype.itemsize)
   cfg = _Config(kind, float(eps), g, backend, hb, interpret, bool(debug), sizes)
   return _ttt(cfg, xq, xk, xv, eta, ln_weight, ln_bias, tuple(init))
 

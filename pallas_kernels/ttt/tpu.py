@@ -45,6 +45,7 @@ eta = 0 and a zero output cotangent, which leaves the state and its cotangent un
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -53,12 +54,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ttt.block_sizes import BlockSizes
+from pallas_kernels.ttt.block_sizes import BlockSizes, vmem_capacity
 from pallas_kernels.ttt import tile
 from pallas_kernels.ttt.tile import num_groups, pad_to_groups, step, step_vjp, update
 
 _SEMANTICS = ("parallel", "parallel", "arbitrary")
 LAYOUT = "db"  # the kernels' tiles: a feature a row (`tile.LAYOUTS`)
+_SCOPED_VMEM_DEFAULT = 16 << 20  # Mosaic's scoped VMEM limit where none is given
+# libtpu's VMEM use of the backward over `vmem_estimate`: 0.95 (v5p, d = 128, b = 64) to 1.13
+# (v4, d = 128, b = 64; 1.06-1.10 at the other d = 128 shapes there), compile-only.
+_VMEM_HEADROOM = 1.25
 
 
 def _vmem_bytes(shape, itemsize: int = 4) -> int:
@@ -111,6 +116,37 @@ def _ln_tiles(ln_weight, ln_bias, b: int):
   tokens: loaded whole inside the loops, where a [d, 1] column is broadcast across the lanes
   at each use (forward 643.5 -> 627.5 bundles a mini-batch on a v5p; b2 likewise: -> 620.5)."""
   return (jnp.broadcast_to(w[..., None], (*w.shape, b)) for w in (ln_weight, ln_bias))
+
+
+def fit_vmem(sizes: BlockSizes, device_kind: str, *, kind: str, heads_per_step: int, g: int,
+             b: int, d: int, in_bytes: int) -> BlockSizes:
+  """`sizes` with a scoped VMEM limit the backward's step fits in, or a ValueError naming the
+  fix where the device's VMEM cannot hold it.
+
+  The need is `vmem_estimate` with `_VMEM_HEADROOM`; it becomes the limit (at least the table's
+  `vmem_limit_bytes`, at most the device's VMEM: `block_sizes.vmem_capacity`) where it passes
+  Mosaic's default scoped limit, which the backward outgrows at d = 128 and g = 16 (libtpu,
+  v5p, no limit: "Scoped allocation with size 18.67M and limit 16.00M"). Devices whose VMEM is unknown (interpret mode on
+  the CPU, new chips) get the need without the check.
+  """
+  need = int(_VMEM_HEADROOM * vmem_estimate(heads_per_step, g, b, d, in_bytes, kind))
+  capacity = vmem_capacity(device_kind)
+  if capacity and need > capacity:
+    fits = lambda hb, k: _VMEM_HEADROOM * vmem_estimate(hb, k, b, d, in_bytes, kind) <= capacity
+    largest_g = max((k for k in range(1, g) if fits(heads_per_step, k)), default=0)
+    fix = (f"lower checkpoint_group to {largest_g} or less (model.ttt.checkpoint_group)"
+           if largest_g else "use impl='xla' for this shape")
+    if heads_per_step > 1 and fits(1, g):
+      fix = f"use BlockSizes(heads_per_step=1) (block_sizes=...), or {fix}"
+    raise ValueError(
+        f"the TPU backward at head_dim={d}, mini_batch={b}, checkpoint_group={g}, "
+        f"heads_per_step={heads_per_step} ({in_bytes}-byte inputs) needs about {need / 2**20:.1f} "
+        f"MiB of VMEM (tpu.vmem_estimate x {_VMEM_HEADROOM}), more than the {device_kind!r}'s "
+        f"{capacity / 2**20:.0f} MiB: {fix}.")
+  limit = max(sizes.vmem_limit_bytes or 0, -(-need // 2**20) * 2**20)
+  if sizes.vmem_limit_bytes is None and limit <= _SCOPED_VMEM_DEFAULT:
+    return sizes
+  return dataclasses.replace(sizes, vmem_limit_bytes=min(limit, capacity or limit))
 
 
 def _params(block_sizes: BlockSizes):

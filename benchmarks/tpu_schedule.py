@@ -31,6 +31,7 @@ f32 products six passes, as all of them were before the kernels followed jax's d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -149,6 +150,9 @@ def _compile(kernel: str, args) -> dict:
   b, d = args.mini_batch, args.head_dim
   x_dtype, f32 = jnp.dtype(args.dtype), jnp.float32
   sizes = get_block_sizes(devices[0].device_kind, x_dtype, d)
+  for field in ("heads_per_step", "mini_batches_per_step"):  # trials of other table entries
+    if getattr(args, field):
+      sizes = dataclasses.replace(sizes, **{field: getattr(args, field)})
   hb = tpu.heads_per_step(sizes.heads_per_step, H)
   sizes = tpu.fit_vmem(sizes, devices[0].device_kind, kind="ttt_mlp", heads_per_step=hb,
                        g=min(g, N), b=b, d=d, in_bytes=x_dtype.itemsize)  # as ttt_jax.ops does
@@ -186,7 +190,8 @@ def measure(kernel: str, topology: str, args) -> dict:
           f"--dtype={args.dtype}", f"--precision={args.precision}",
           f"--num_mini_batches={args.num_mini_batches}",
           f"--checkpoint_group={args.checkpoint_group}", f"--mini_batch={args.mini_batch}",
-          f"--head_dim={args.head_dim}"]
+          f"--head_dim={args.head_dim}", f"--heads_per_step={args.heads_per_step}",
+          f"--mini_batches_per_step={args.mini_batches_per_step}"]
   name = f"ttt_mlp_{kernel}_tpu"
   # The two dumps read: the final bundles and the per-bundle unit use of the final schedule.
   suffixes = ("-final_bundles.txt", "final_hlo-static-per-bundle-utilization.txt")
@@ -211,6 +216,10 @@ def main(argv=None):
   p.add_argument("--checkpoint_group", type=int, default=16)
   p.add_argument("--mini_batch", type=int, default=64, help="tokens a mini-batch (b)")
   p.add_argument("--head_dim", type=int, default=64, help="d")
+  p.add_argument("--heads_per_step", type=int, default=0,
+                 help="BlockSizes.heads_per_step instead of the tuning table's (0: the table's)")
+  p.add_argument("--mini_batches_per_step", type=int, default=0,
+                 help="BlockSizes.mini_batches_per_step instead of the table's (0: the table's)")
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                  help="the inputs' dtype (the state is float32 either way)")
   p.add_argument("--precision", default="default", choices=("default", "high", "highest"),

@@ -439,6 +439,7 @@ def test_block_sizes_table():
   assert pk.get_block_sizes("NVIDIA H100 80GB HBM3", jnp.float32, 64) == pk.BlockSizes(
       num_warps=8, num_stages=1)
   assert pk.get_block_sizes("TPU v5", jnp.bfloat16, 64).heads_per_step == 2
+  assert pk.get_block_sizes("TPU v5 lite", jnp.bfloat16, 16).mini_batches_per_step == 16
   assert pk.get_block_sizes("cpu", jnp.float32, 64) == pk.BlockSizes()
   # The backward's VMEM (state stack, double-buffered blocks) fits the table's TPU limit.
   sizes = pk.get_block_sizes("TPU v5", jnp.float32, 64)

@@ -75,11 +75,16 @@ TABLE: tuple[tuple[tuple[str, str | None, int | None], BlockSizes], ...] = (
     (("NVIDIA H200", None, 64), BlockSizes(num_warps=8, num_stages=1)),  # untuned
     # 16 mini-batches a forward grid step (g = 16 allows it) share the step's bundles outside
     # the loop among twice as many: 652 -> 635 bundles a mini-batch on a v5p, 653 -> 637 on a
-    # v5e, 609 -> 599 on a v6e (benchmarks/tpu_schedule.py, compile-only).
-    (("TPU v5", None, 64), BlockSizes(heads_per_step=2, mini_batches_per_step=16,
-                                      vmem_limit_bytes=48 << 20)),  # untuned
-    (("TPU v6", None, 64), BlockSizes(heads_per_step=2, mini_batches_per_step=16,
-                                      vmem_limit_bytes=48 << 20)),  # untuned
+    # v5e, 609 -> 599 on a v6e (benchmarks/tpu_schedule.py, compile-only). At every d of the
+    # grid two heads and 16 mini-batches a step beat one and 8 (v5p, bf16, forward at b = 16
+    # / 64: d = 16 236.5 -> 210.6 / 403.1 -> 349.9, d = 32 304.0 -> 279.3 / 467.8 -> 417.1,
+    # d = 128 1,124.9 -> 1,090.4 / 1,365.2 -> 1,319.4; backward 0.3-2.5% fewer;
+    # benchmarks/results/tpu-compile-only-block-sizes.jsonl). Four heads save 1-3% more but
+    # leave 3 grid steps of 12 heads for a v5p's two TensorCores.
+    (("TPU v5", None, None), BlockSizes(heads_per_step=2, mini_batches_per_step=16,
+                                        vmem_limit_bytes=48 << 20)),  # untuned
+    (("TPU v6", None, None), BlockSizes(heads_per_step=2, mini_batches_per_step=16,
+                                        vmem_limit_bytes=48 << 20)),  # untuned
     # A v4 TensorCore has 16 MiB of VMEM (`VMEM_CAPACITY`): one head a step (the backward
     # needs about 7.2 MiB at g = 16 on bf16 inputs, 11.7 MiB at two heads).
     (("TPU v4", None, 64), BlockSizes(heads_per_step=1)),  # untuned

@@ -126,8 +126,8 @@ def fit_vmem(sizes: BlockSizes, device_kind: str, *, kind: str, heads_per_step: 
   The need is `vmem_estimate` with `_VMEM_HEADROOM`; it becomes the limit (at least the table's
   `vmem_limit_bytes`, at most the device's VMEM: `block_sizes.vmem_capacity`) where it passes
   Mosaic's default scoped limit, which the backward outgrows at d = 128 and g = 16 (libtpu,
-  v5p, no limit: "Scoped allocation with size 18.67M and limit 16.00M"). Devices whose VMEM is unknown (interpret mode on
-  the CPU, new chips) get the need without the check.
+  v5p, no limit: "Scoped allocation with size 18.67M and limit 16.00M"). Devices whose VMEM
+  is unknown (interpret mode on the CPU, new chips) get the need without the check.
   """
   need = int(_VMEM_HEADROOM * vmem_estimate(heads_per_step, g, b, d, in_bytes, kind))
   capacity = vmem_capacity(device_kind)

@@ -473,7 +473,7 @@ def test_tpu_backward_vmem_limit_fits_or_names_the_fix():
     fit(default, "TPU v5", g=32, hb=4)
   # Through the op, before anything reaches XLA.
   v4 = AbstractDevice(device_kind="TPU v4", num_cores=1, platform="tpu")
-  with pytest.raises(ValueError, match=r"more than the 'TPU v4''s 16 MiB"):
+  with pytest.raises(ValueError, match=r"more than the TPU v4's 16 MiB"):
     _lower(v4, "tpu", jnp.bfloat16, shape_kw=dict(N=32, d=128), checkpoint_group=16)
 
 

@@ -141,7 +141,7 @@ def fit_vmem(sizes: BlockSizes, device_kind: str, *, kind: str, heads_per_step: 
     raise ValueError(
         f"the TPU backward at head_dim={d}, mini_batch={b}, checkpoint_group={g}, "
         f"heads_per_step={heads_per_step} ({in_bytes}-byte inputs) needs about {need / 2**20:.1f} "
-        f"MiB of VMEM (tpu.vmem_estimate x {_VMEM_HEADROOM}), more than the {device_kind!r}'s "
+        f"MiB of VMEM (tpu.vmem_estimate x {_VMEM_HEADROOM}), more than the {device_kind}'s "
         f"{capacity / 2**20:.0f} MiB: {fix}.")
   limit = max(sizes.vmem_limit_bytes or 0, -(-need // 2**20) * 2**20)
   if sizes.vmem_limit_bytes is None and limit <= _SCOPED_VMEM_DEFAULT:

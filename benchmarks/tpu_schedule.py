@@ -150,7 +150,7 @@ def _compile(kernel: str, args) -> dict:
   b, d = args.mini_batch, args.head_dim
   x_dtype, f32 = jnp.dtype(args.dtype), jnp.float32
   sizes = get_block_sizes(devices[0].device_kind, x_dtype, d)
-  for field in ("heads_per_step", "mini_batches_per_step"):  # trials of other table entries
+  for field in ("heads_per_step", "mini_batches_per_step", "tpu_layout"):  # other entries
     if getattr(args, field):
       sizes = dataclasses.replace(sizes, **{field: getattr(args, field)})
   hb = tpu.heads_per_step(sizes.heads_per_step, H)
@@ -165,7 +165,8 @@ def _compile(kernel: str, args) -> dict:
   else:
     G = num_groups(N, g)
     fn = lambda *a: tpu.backward(*a[:6], a[6:-1], a[-1], **kw)
-    shapes = (*xs, *[spec((B, H, G, *s), f32) for s in tpu.state_shapes("ttt_mlp", d, b)],
+    shapes = (*xs, *[spec((B, H, G, *s), f32)
+                     for s in tpu.state_shapes("ttt_mlp", d, b, sizes.tpu_layout)],
               spec((B, H, N, b, d), x_dtype))
   precision = None if args.precision == "default" else args.precision  # None: jax's default
   t0 = time.perf_counter()
@@ -175,6 +176,7 @@ def _compile(kernel: str, args) -> dict:
   return dict(device_kind=devices[0].device_kind, jax=jax.__version__, batch=B, heads=H,
               mini_batches=N, mini_batch=b, head_dim=d, checkpoint_group=g, heads_per_step=hb,
               mini_batches_per_step=tpu.mini_batches_per_step(sizes.mini_batches_per_step, g),
+              tpu_layout=sizes.tpu_layout,
               dtype=args.dtype, precision=args.precision, flops_per_mini_batch=flops,
               compile_s=round(time.perf_counter() - t0, 1))
 
@@ -191,7 +193,8 @@ def measure(kernel: str, topology: str, args) -> dict:
           f"--num_mini_batches={args.num_mini_batches}",
           f"--checkpoint_group={args.checkpoint_group}", f"--mini_batch={args.mini_batch}",
           f"--head_dim={args.head_dim}", f"--heads_per_step={args.heads_per_step}",
-          f"--mini_batches_per_step={args.mini_batches_per_step}"]
+          f"--mini_batches_per_step={args.mini_batches_per_step}",
+          f"--tpu_layout={args.tpu_layout}"]
   name = f"ttt_mlp_{kernel}_tpu"
   # The two dumps read: the final bundles and the per-bundle unit use of the final schedule.
   suffixes = ("-final_bundles.txt", "final_hlo-static-per-bundle-utilization.txt")
@@ -220,6 +223,8 @@ def main(argv=None):
                  help="BlockSizes.heads_per_step instead of the tuning table's (0: the table's)")
   p.add_argument("--mini_batches_per_step", type=int, default=0,
                  help="BlockSizes.mini_batches_per_step instead of the table's (0: the table's)")
+  p.add_argument("--tpu_layout", default="", choices=("", "db", "bd"),
+                 help="BlockSizes.tpu_layout instead of the table's ('': the table's)")
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                  help="the inputs' dtype (the state is float32 either way)")
   p.add_argument("--precision", default="default", choices=("default", "high", "highest"),

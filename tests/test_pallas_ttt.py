@@ -75,15 +75,17 @@ def test_linear_forward_matches_pure_op(shape, dtype, backend):
   _check_out(got, reference.ttt_linear(*args), args[0], TOL[dtype])
 
 
+@pytest.mark.parametrize("layout", tile.LAYOUTS)
 @pytest.mark.parametrize("dtype", TOL, ids=lambda t: jnp.dtype(t).name)
-def test_tpu_kernels_under_mosaic_interpret(dtype):
+def test_tpu_kernels_under_mosaic_interpret(dtype, layout):
   """InterpretParams: Mosaic's memory semantics (uninitialised scratch, races, out-of-bounds
-  reads raise); two heads per grid step, N = 5 in groups of 2 (a padded last group)."""
+  reads raise); two heads per grid step, N = 5 in groups of 2 (a padded last group), on either
+  tile layout (`BlockSizes.tpu_layout`)."""
   shape = (1, 4, 5, 16, 16)
   args = _inputs(shape, dtype, seed=4)
   op = functools.partial(pk.ttt_mlp, checkpoint_group=2, backend="tpu",
                          interpret=pltpu.InterpretParams(),
-                         block_sizes=pk.BlockSizes(heads_per_step=2))
+                         block_sizes=pk.BlockSizes(heads_per_step=2, tpu_layout=layout))
   _check_out(jax.jit(op)(*args), reference.ttt_mlp(*args), args[0], TOL[dtype])
   cot = jnp.asarray(np.random.default_rng(5).normal(size=shape), dtype)
   loss = lambda fn: lambda *a: jnp.sum((fn(*a) * cot).astype(jnp.float32))
@@ -187,6 +189,29 @@ def test_checkpoints_are_group_start_states(backend):
   else:
     _, ckpts = gpu.forward(*args[:6], args[6:], **kw)
   _check_group_start_states(ckpts, args, groups=2, tol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ("ttt_mlp", "ttt_linear"))
+def test_tpu_token_row_tiles_match_pure_op(kind):
+  """The TPU kernels on [b, d] tiles (`tpu_layout="bd"`, the tuning table's pick at d = 128):
+  output, gradients and TTT-MLP's checkpoints against the pure op (f32; N = 5 in groups of 2,
+  two heads a grid step)."""
+  shape = SHAPES["batched"]
+  args = _inputs(shape, seed=10, kind=kind)
+  sizes = pk.BlockSizes(heads_per_step=2, tpu_layout="bd")
+  op = functools.partial(getattr(pk, kind), checkpoint_group=2, backend="tpu", block_sizes=sizes)
+  ref = getattr(reference, kind)
+  _check_out(jax.jit(op)(*args), ref(*args), args[0], TOL[jnp.float32])
+  cot = jnp.asarray(np.random.default_rng(11).normal(size=shape), jnp.float32)
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * cot)
+  got = jax.jit(jax.grad(loss(op), range(len(args))))(*args)
+  want = jax.grad(loss(ref), range(len(args)))(*args)
+  for name, g, w in zip(NAMES, got, want):
+    assert g.shape == w.shape and rel_err(g, w) <= 1e-5, name
+  if kind == "ttt_mlp":
+    _, ckpts = tpu.forward(*args[:6], args[6:], kind=kind, eps=1e-6, checkpoint_group=2,
+                           heads_per_step=2, interpret=True, block_sizes=sizes)
+    _check_group_start_states(tpu.checkpoint_states(kind, ckpts, "bd"), args, groups=3, tol=1e-6)
 
 
 def _check_group_start_states(ckpts, args, groups, tol):
@@ -440,6 +465,8 @@ def test_block_sizes_table():
       num_warps=8, num_stages=1)
   assert pk.get_block_sizes("TPU v5", jnp.bfloat16, 64).heads_per_step == 2
   assert pk.get_block_sizes("TPU v5 lite", jnp.bfloat16, 16).mini_batches_per_step == 16
+  assert pk.get_block_sizes("TPU v6 lite", jnp.float32, 128).tpu_layout == "bd"
+  assert pk.get_block_sizes("TPU v5", jnp.bfloat16, 64).tpu_layout == "db"
   assert pk.get_block_sizes("cpu", jnp.float32, 64) == pk.BlockSizes()
   # The backward's VMEM (state stack, double-buffered blocks) fits the table's TPU limit.
   sizes = pk.get_block_sizes("TPU v5", jnp.float32, 64)

@@ -15,7 +15,7 @@ of one head is tens of nanoseconds of MXU work at d = 64; and giving the pipelin
 the backward's step is already a whole checkpoint group), and `vmem_limit_bytes` raises Mosaic's
 scoped VMEM limit for the backward's per-group state stack (`tpu.fit_vmem` raises it further
 where a shape needs more, up to the chip's VMEM: `VMEM_CAPACITY`, and names the fix where even
-that is too little).
+that is too little), and `tpu_layout` picks the kernels' tiles: [d, b] ("db") or [b, d] ("bd").
 
 No entry has been measured yet (no accelerator was available when they were written): 8 warps
 for d = 64 is a guess that gives the large loop-carried state (W1, W2: 2 x 64 KiB in f32) more
@@ -50,6 +50,8 @@ class BlockSizes:
   # TPU: Mosaic's scoped VMEM limit, at least (None: its default); `tpu.fit_vmem` raises it
   # where the backward needs more
   vmem_limit_bytes: int | None = None
+  # TPU: the kernels' tiles (`tile.LAYOUTS`): "db" a feature a row, "bd" a token a row
+  tpu_layout: str = "db"
 
 
 DEFAULT = BlockSizes()
@@ -81,6 +83,14 @@ TABLE: tuple[tuple[tuple[str, str | None, int | None], BlockSizes], ...] = (
     # d = 128 1,124.9 -> 1,090.4 / 1,365.2 -> 1,319.4; backward 0.3-2.5% fewer;
     # benchmarks/results/tpu-compile-only-block-sizes.jsonl). Four heads save 1-3% more but
     # leave 3 grid steps of 12 heads for a v5p's two TensorCores.
+    # At d = 128 [b, d] tiles (a token a row) beat [d, b] ones: bundles a forward / backward
+    # mini-batch at b = 16 and 64, v5p bf16: 1,080 -> 754 / 3,226 -> 2,345 and 1,309 ->
+    # 1,244 / 4,052 -> 3,728; v5e and v6e alike (backward at b = 64 on a v6e: a tie); at
+    # d <= 64 "db" wins or ties (d = 64, b = 64: 635 / 1,773 against 862 / 2,508).
+    (("TPU v5", None, 128), BlockSizes(heads_per_step=2, mini_batches_per_step=16,
+                                       vmem_limit_bytes=48 << 20, tpu_layout="bd")),  # untuned
+    (("TPU v6", None, 128), BlockSizes(heads_per_step=2, mini_batches_per_step=16,
+                                       vmem_limit_bytes=48 << 20, tpu_layout="bd")),  # untuned
     (("TPU v5", None, None), BlockSizes(heads_per_step=2, mini_batches_per_step=16,
                                         vmem_limit_bytes=48 << 20)),  # untuned
     (("TPU v6", None, None), BlockSizes(heads_per_step=2, mini_batches_per_step=16,

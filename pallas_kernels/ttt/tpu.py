@@ -16,19 +16,21 @@ and 618.5 bundles (0.35 us) as libtpu schedules it (`benchmarks/tpu_schedule.py`
 time on step overhead.
 Mini-batches n0 .. n0 + k - 1 of XQ, XK, XV are one BlockSpec block, so Pallas double-buffers
 them: the DMA of the next k overlaps the math. The kernels' tiles are [d, b], a feature a row
-(`LAYOUT`, `tile.LAYOUTS`): the inner LayerNorms' statistics are then sums over sublanes, where
-over [b, d] tiles they were cross-lane reductions, 56 a mini-batch through the XLU with VMEM
-round trips, and two stretches of ~150 bundles without MXU work (837 -> 620.5 bundles a forward
-mini-batch on a v5p, bf16; the backward's recompute 564 -> 410.5, its reverse 2,079 -> 1,534.5;
-1,340 with gelu's closed-form JVPs). The wrappers transpose XQ, XK, XV, the output (and the
-cotangents) and W2 (held [d, f]); under jit XLA can fold the transposes into the producers'
-layouts. gamma, beta and the bias added to the features (b2) are held broadcast along the
-tokens, [d, b] tiles, as a [d, 1] column would be broadcast across the lanes at each use
+(`BlockSizes.tpu_layout` "db", `tile.LAYOUTS`): the inner LayerNorms' statistics are then sums
+over sublanes, where over [b, d] tiles they were cross-lane reductions, 56 a mini-batch through
+the XLU with VMEM round trips, and two stretches of ~150 bundles without MXU work (837 -> 620.5
+bundles a forward mini-batch on a v5p, bf16; the backward's recompute 564 -> 410.5, its reverse
+2,079 -> 1,534.5; 1,340 with gelu's closed-form JVPs). The wrappers transpose XQ, XK, XV, the
+output (and the cotangents) and W2 (held [d, f]); under jit XLA can fold the transposes into the
+producers' layouts. gamma, beta and the bias added to the features (b2) are held broadcast along
+the tokens, [d, b] tiles, as a [d, 1] column would be broadcast across the lanes at each use
 (`state_shapes`). eta comes as rows, max(8, k) mini-batches to a block (whole (8, 128) tiles,
-where a [b, 1] column per mini-batch would pad each token to 128 lanes in HBM and VMEM): the
-row is what the "db" math takes. The math runs one head at a time, its matmuls on operands of
-the inputs' dtype (`tile.mlp_update`'s `operands`: bf16 inputs make bf16 operands with f32
-accumulation, as the reference's kernel; the state stays f32).
+where a [b, 1] column per mini-batch would pad each token to 128 lanes in HBM and VMEM): the row
+is what the "db" math takes. At d = 128 the tuning table picks [b, d] tiles ("bd": no
+transposes, eta turned into the column that math takes by `_transpose_vector`), 5-30% fewer
+bundles there (the table's comment); at d <= 64 "db" wins. The math runs one head at a time, its
+matmuls on operands of the inputs' dtype (`tile.mlp_update`'s `operands`: bf16 inputs make bf16
+operands with f32 accumulation, as the reference's kernel; the state stays f32).
 
 Backward, grid (B, H / hb, G) with the group axis 'arbitrary' and walked last group first. Each
 step recomputes its group's states from the saved one (`tile.update`: no outputs), keeping the
@@ -59,7 +61,6 @@ from pallas_kernels.ttt import tile
 from pallas_kernels.ttt.tile import num_groups, pad_to_groups, step, step_vjp, update
 
 _SEMANTICS = ("parallel", "parallel", "arbitrary")
-LAYOUT = "db"  # the kernels' tiles: a feature a row (`tile.LAYOUTS`)
 _SCOPED_VMEM_DEFAULT = 16 << 20  # Mosaic's scoped VMEM limit where none is given
 # libtpu's VMEM use of the backward over `vmem_estimate`: 0.95 (v5p, d = 128, b = 64) to 1.13
 # (v4, d = 128, b = 64; 1.06-1.10 at the other d = 128 shapes there), compile-only.
@@ -73,49 +74,82 @@ def _vmem_bytes(shape, itemsize: int = 4) -> int:
 
 
 def vmem_estimate(hb: int, g: int, b: int, d: int, in_bytes: int = 4,
-                  kind: str = "ttt_mlp") -> int:
+                  kind: str = "ttt_mlp", layout: str = "db") -> int:
   """Bytes of VMEM the backward kernel needs (the forward needs less): the (g + 1)-state stack,
-  the double-buffered input/output blocks (xq, xk, xv, ct_out, their cotangents: [g, d, b];
+  the double-buffered input/output blocks (xq, xk, xv, ct_out, their cotangents: [g, *tile];
   eta and its cotangent: [g, b]), the resident state and LayerNorm cotangents, the checkpoint
   and gamma, beta in; f32 state as the kernels hold it (`state_shapes`), every tile padded to
   (8, 128)."""
-  state = sum(_vmem_bytes(s) for s in state_shapes(kind, d, b))
-  blocks = 2 * hb * (7 * _vmem_bytes((g, d, b), in_bytes) + 2 * _vmem_bytes((g, b)))
-  ln = 2 * _vmem_bytes((d, b))
+  state = sum(_vmem_bytes(s) for s in state_shapes(kind, d, b, layout))
+  blocks = 2 * hb * (7 * _vmem_bytes((g, *_tile(layout, b, d)), in_bytes)
+                     + 2 * _vmem_bytes((g, b)))
+  ln = 2 * _vmem_bytes(_tile(layout, b, d))
   return (g + 1) * state + blocks + 4 * hb * (state + ln)  # double-buffered: in and out
 
 
-def state_shapes(kind: str, d: int, b: int) -> tuple[tuple[int, int], ...]:
+def _tile(layout: str, b: int, d: int) -> tuple[int, int]:
+  """A mini-batch's d-wide tile in `layout`: [d, b] in "db", [b, d] in "bd"."""
+  return (d, b) if layout == "db" else (b, d)
+
+
+def _token_axis(layout: str) -> int:
+  """The tokens' axis of a tile in `layout`."""
+  return -1 if layout == "db" else -2
+
+
+def _to_tiles(x, layout: str):
+  """[..., b, d] mini-batches as the kernels' tiles in `layout`, or back (in "db" a transpose,
+  which under jit XLA can fold into the layouts of the producer and the consumer)."""
+  return jnp.swapaxes(x, -1, -2) if layout == "db" else x
+
+
+def state_shapes(kind: str, d: int, b: int, layout: str = "db") -> tuple[tuple[int, int], ...]:
   """Per-head shapes of the state as the kernels hold it (scratch, checkpoints, state
-  cotangents): `tile.state_shapes` in `LAYOUT`, the bias added to the features (the state's
-  last array: TTT-MLP's b2, TTT-Linear's b1) broadcast along the tokens, [d, b], as gamma and
-  beta. In VMEM and HBM a [d, 1] column takes the (8, 128) tiles of [d, 128] anyway, so at
-  b <= 128 this costs nothing."""
-  return (*tile.state_shapes(kind, d, LAYOUT)[:-1], (d, b))
+  cotangents): `tile.state_shapes` in `layout`, the bias added to the features (the state's
+  last array: TTT-MLP's b2, TTT-Linear's b1) broadcast along the tokens, a [d, b] or [b, d]
+  tile, as gamma and beta. In VMEM and HBM a [d, 1] column takes the (8, 128) tiles of
+  [d, 128] anyway, so at b <= 128 this costs nothing in "db"."""
+  return (*tile.state_shapes(kind, d, layout)[:-1], _tile(layout, b, d))
 
 
-def _to_kernel(kind: str, state, b: int):
+def _to_kernel(kind: str, state, b: int, layout: str):
   """A state [..., *tile.state_shapes(kind, d)] as the kernels hold it (`state_shapes`)."""
-  *rest, bias = tile.to_layout(kind, state, LAYOUT)
-  return (*rest, jnp.broadcast_to(bias, (*bias.shape[:-1], b)))
+  *rest, bias = tile.to_layout(kind, state, layout)
+  d = bias.shape[-1] * bias.shape[-2]  # a [d, 1] column or a [1, d] row
+  return (*rest, jnp.broadcast_to(bias, (*bias.shape[:-2], *_tile(layout, b, d))))
 
 
-def _from_kernel(kind: str, state, reduce):
-  """Back from the kernels' form, the feature bias's tokens reduced by `reduce`."""
-  return tile.to_layout(kind, (*state[:-1], reduce(state[-1])), LAYOUT)
+def _from_kernel(kind: str, state, reduce, layout: str):
+  """Back from the kernels' form, the feature bias's tokens reduced by `reduce(w, axis)`."""
+  bias = reduce(state[-1], _token_axis(layout))
+  return tile.to_layout(kind, (*state[:-1], bias), layout)
 
 
-def checkpoint_states(kind: str, checkpoints):
+def checkpoint_states(kind: str, checkpoints, layout: str = "db"):
   """`forward`'s checkpoints as `tile.state_shapes(kind, d)` arrays [B, H, G, ...] (the
-  bias's columns are equal: the first)."""
-  return _from_kernel(kind, checkpoints, lambda w: w[..., :1])
+  bias's tokens are equal: the first)."""
+  first = lambda w, axis: jax.lax.slice_in_dim(w, 0, 1, axis=axis % w.ndim)
+  return _from_kernel(kind, checkpoints, first, layout)
 
 
-def _ln_tiles(ln_weight, ln_bias, b: int):
-  """The inner LayerNorm's gamma and beta [H, d] as [H, d, b] tiles, broadcast along the
+def _ln_tiles(ln_weight, ln_bias, b: int, layout: str):
+  """The inner LayerNorm's gamma and beta [H, d] as [H, *tile] tiles, broadcast along the
   tokens: loaded whole inside the loops, where a [d, 1] column is broadcast across the lanes
   at each use (forward 643.5 -> 627.5 bundles a mini-batch on a v5p; b2 likewise: -> 620.5)."""
-  return (jnp.broadcast_to(w[..., None], (*w.shape, b)) for w in (ln_weight, ln_bias))
+  H, d = ln_weight.shape
+  axis = 2 if layout == "db" else 1  # the tokens' axis in [H, *tile]
+  return (jnp.broadcast_to(jnp.expand_dims(w, axis), (H, *_tile(layout, b, d)))
+          for w in (ln_weight, ln_bias))
+
+
+def _transpose_vector(v):
+  """[1, n] <-> [n, 1] without a transpose (Mosaic TPU lays out a [1, n] row in one sublane and
+  an [n, 1] column across sublanes): v broadcast to [n, n], masked to the diagonal and summed
+  along v's own axis, from lane or sublane reductions only. "bd" takes eta as a column."""
+  n, axis = max(v.shape), v.shape.index(1) ^ 1
+  eye = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0) == jax.lax.broadcasted_iota(
+      jnp.int32, (n, n), 1)
+  return jnp.sum(jnp.where(eye, jnp.broadcast_to(v, (n, n)), 0), axis=axis, keepdims=True)
 
 
 def fit_vmem(sizes: BlockSizes, device_kind: str, *, kind: str, heads_per_step: int, g: int,
@@ -129,10 +163,12 @@ def fit_vmem(sizes: BlockSizes, device_kind: str, *, kind: str, heads_per_step: 
   v5p, no limit: "Scoped allocation with size 18.67M and limit 16.00M"). Devices whose VMEM
   is unknown (interpret mode on the CPU, new chips) get the need without the check.
   """
-  need = int(_VMEM_HEADROOM * vmem_estimate(heads_per_step, g, b, d, in_bytes, kind))
+  layout = sizes.tpu_layout
+  need = int(_VMEM_HEADROOM * vmem_estimate(heads_per_step, g, b, d, in_bytes, kind, layout))
   capacity = vmem_capacity(device_kind)
   if capacity and need > capacity:
-    fits = lambda hb, k: _VMEM_HEADROOM * vmem_estimate(hb, k, b, d, in_bytes, kind) <= capacity
+    fits = lambda hb, k: (_VMEM_HEADROOM * vmem_estimate(hb, k, b, d, in_bytes, kind, layout)
+                          <= capacity)
     largest_g = max((k for k in range(1, g) if fits(heads_per_step, k)), default=0)
     fix = (f"lower checkpoint_group to {largest_g} or less (model.ttt.checkpoint_group)"
            if largest_g else "use impl='xla' for this shape")
@@ -171,12 +207,13 @@ def mini_batches_per_step(requested: int, g: int) -> int:
 
 
 def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, eps, hb,
-                    g, k, num_mini_batches):
-  """Refs (tiles in `LAYOUT`): x [hb, k, d, b] (mini-batches n0 = step * k to n0 + k - 1), eta
-  [hb, E, b] (E = max(8, k) mini-batches from n0 - n0 % E, one per row), gamma/beta [hb, d, b],
-  initial state [hb, ...]; outputs out [hb, k, d, b] and the checkpoint blocks [hb, ...] of
-  group n0 // g; scratch: the running state [hb, ...]. The last step's block may run past the
-  sequence: those mini-batches are skipped (their inputs are padding, their outputs dropped)."""
+                    g, k, num_mini_batches, layout):
+  """Refs (tiles in `layout`, here "db"): x [hb, k, d, b] (mini-batches n0 = step * k to
+  n0 + k - 1), eta [hb, E, b] (E = max(8, k) mini-batches from n0 - n0 % E, one per row),
+  gamma/beta [hb, d, b], initial state [hb, ...]; outputs out [hb, k, d, b] and the
+  checkpoint blocks [hb, ...] of group n0 // g; scratch: the running state [hb, ...]. The last
+  step's block may run past the sequence: those mini-batches are skipped (their inputs are
+  padding, their outputs dropped)."""
   ns = len(refs) // 2 - 1  # refs: ns initial states, out, (ns checkpoints), ns scratch states
   init, out_ref, ckpt_refs, state_refs = refs[:ns], refs[ns], refs[ns + 1], refs[ns + 2:]
   n0 = pl.program_id(2) * k
@@ -201,8 +238,10 @@ def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs,
         state = tuple(s[h] for s in state_refs)
         xs = [r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)]
         eta = eta_ref[h, pl.ds(jax.lax.rem(n0, E) + t, 1), :]  # [1, b]
+        if layout == "bd":
+          eta = _transpose_vector(eta)
         state, out = step(kind, gamma, beta, eps, state, *xs, eta, operands=xq_ref.dtype,
-                          layout=LAYOUT)
+                          layout=layout)
         for s, w in zip(state_refs, state):
           s[h] = w
         out_ref[h, t] = out.astype(out_ref.dtype)
@@ -227,18 +266,18 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
   at the start of each group of g, in the form `backward` takes: `checkpoint_states` reads
   them).
 
-  The kernel's tiles are [d, b] (`LAYOUT`): the inputs and the output are transposed here, which
-  under jit XLA can fold into the layouts of their producer and consumer.
+  The kernel's tiles are `block_sizes.tpu_layout`'s (`_to_tiles`).
   """
   B, H, N, b, d = xq.shape
   dtype, hb, g = init[0].dtype, heads_per_step, checkpoint_group
+  layout = block_sizes.tpu_layout
   G = num_groups(N, g)
   k = mini_batches_per_step(block_sizes.mini_batches_per_step, g)
   E = max(8, k)
-  shapes = state_shapes(kind, d, b)
-  xq, xk, xv = (jnp.swapaxes(x, -1, -2) for x in (xq, xk, xv))  # [B, H, N, d, b]
+  shapes = state_shapes(kind, d, b, layout)
+  xq, xk, xv = (_to_tiles(x, layout) for x in (xq, xk, xv))  # [B, H, N, *tile]
 
-  x_spec = pl.BlockSpec((None, hb, k, d, b), lambda i, j, s: (i, j, s, 0, 0))
+  x_spec = pl.BlockSpec((None, hb, k, *_tile(layout, b, d)), lambda i, j, s: (i, j, s, 0, 0))
   # eta as rows, E = max(8, k) mini-batches per block (whole (8, 128) tiles): a [b, 1] column
   # per mini-batch would take 128 lanes per token in HBM and VMEM.
   eta = jnp.pad(eta.astype(dtype), [(0, 0), (0, 0), (0, -N % E), (0, 0)])
@@ -250,9 +289,9 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
 
   out, checkpoints = pl.pallas_call(
       functools.partial(_forward_kernel, kind=kind, eps=eps, hb=hb, g=g, k=k,
-                        num_mini_batches=N),
+                        num_mini_batches=N, layout=layout),
       grid=(B, H // hb, pl.cdiv(N, k)),
-      in_specs=[x_spec] * 3 + [eta_spec, per_head((d, b)), per_head((d, b))]
+      in_specs=[x_spec] * 3 + [eta_spec] + [per_head(_tile(layout, b, d))] * 2
       + [per_head(s) for s in shapes],
       out_specs=(x_spec, tuple(ckpt_spec(s) for s in shapes)),
       out_shape=(jax.ShapeDtypeStruct(xq.shape, xq.dtype),
@@ -262,16 +301,17 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
       interpret=interpret,
       debug=debug,
       name=f"{kind}_forward_tpu",
-  )(xq, xk, xv, eta, *_ln_tiles(ln_weight, ln_bias, b), *_to_kernel(kind, init, b))
-  return jnp.swapaxes(out, -1, -2), checkpoints
+  )(xq, xk, xv, eta, *_ln_tiles(ln_weight, ln_bias, b, layout),
+    *_to_kernel(kind, init, b, layout))
+  return _to_tiles(out, layout), checkpoints
 
 
 # ----------------------------------------------------------------------------- backward
 
 
 def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, eps, hb,
-                     g):
-  """Refs (tiles in `LAYOUT`): x [hb, g, d, b] (group G-1-k), eta [hb, g, b] (rows),
+                     g, layout):
+  """Refs (tiles in `layout`, here "db"): x [hb, g, d, b] (group G-1-k), eta [hb, g, b] (rows),
   gamma/beta [hb, d, b] (`_ln_tiles`), the group's checkpoint [hb, ...], ct_out [hb, g, d, b];
   outputs the input cotangents (blocks like the inputs), d gamma / d beta [hb, d, b] (per token
   position: the wrapper sums them) and the state cotangent [hb, ...] (all three resident: summed
@@ -293,7 +333,8 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
 
     def inputs(t, h=h):
       eta = eta_ref[h, pl.ds(t, 1), :]  # [1, b]
-      return (*(r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)), eta)
+      return (*(r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)),
+              eta if layout == "db" else _transpose_vector(eta))
 
     for s, c in zip(stack, ckpt):
       s[0] = c[h]
@@ -303,7 +344,7 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
     def recompute(t, carry, ln=ln, inputs=inputs):
       XQ, *rest = inputs(t)
       state = update(kind, *ln(), eps, tuple(s[t] for s in stack), *rest,
-                     operands=xq_ref.dtype, layout=LAYOUT)
+                     operands=xq_ref.dtype, layout=layout)
       for s, w in zip(stack, state):
         s[t + 1] = w
       return carry
@@ -317,12 +358,13 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
                                              tuple(r[h] for r in dstate),
                                              ct_ref[h, t].astype(dtype),
                                              operands=xq_ref.dtype, next_state=next_state,
-                                             layout=LAYOUT)
+                                             layout=layout)
       for r, c in zip(dstate, ct_state):
         r[h] = c
       for r, c in zip(dx_refs[:3], ct_x):
         r[h, t] = c.astype(r.dtype)
-      dx_refs[3][h, pl.ds(t, 1), :] = ct_x[3]  # d eta [1, b]
+      dx_refs[3][h, pl.ds(t, 1), :] = (ct_x[3] if layout == "db"  # d eta [1, b]
+                                       else _transpose_vector(ct_x[3]))
       dgamma[h] += ct_g
       dbeta[h] += ct_b
       return carry
@@ -347,37 +389,38 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
   """
   B, H, N, b, d = xq.shape
   G, g = checkpoints[0].shape[2], checkpoint_group
-  dtype, hb = checkpoints[0].dtype, heads_per_step
-  shapes = state_shapes(kind, d, b)
+  dtype, hb, layout = checkpoints[0].dtype, heads_per_step, block_sizes.tpu_layout
+  shapes, tile_shape = state_shapes(kind, d, b, layout), _tile(layout, b, d)
   eta_dtype = eta.dtype
-  xq, xk, xv, ct_out = (jnp.swapaxes(pad_to_groups(x, G, g), -1, -2)  # [B, H, G g, d, b]
+  xq, xk, xv, ct_out = (_to_tiles(pad_to_groups(x, G, g), layout)  # [B, H, G g, *tile]
                         for x in (xq, xk, xv, ct_out))
   eta = pad_to_groups(eta.astype(dtype), G, g).reshape(B, H, G, g, b)  # rows, as the forward
 
   rev = lambda i, j, k: (i, j, G - 1 - k, 0, 0)
-  x_spec = pl.BlockSpec((None, hb, g, d, b), rev)
+  x_spec = pl.BlockSpec((None, hb, g, *tile_shape), rev)
   eta_spec = pl.BlockSpec((None, hb, None, g, b), rev)
-  per_head = pl.BlockSpec((hb, d, b), lambda i, j, k: (j, 0, 0))
+  per_head = pl.BlockSpec((hb, *tile_shape), lambda i, j, k: (j, 0, 0))
   ckpt_spec = lambda s: pl.BlockSpec((None, hb, None, *s), rev)
   resident = lambda s: pl.BlockSpec((None, hb, *s), lambda i, j, k: (i, j, 0, 0))
 
   outs = pl.pallas_call(
-      functools.partial(_backward_kernel, kind=kind, eps=eps, hb=hb, g=g),
+      functools.partial(_backward_kernel, kind=kind, eps=eps, hb=hb, g=g, layout=layout),
       grid=(B, H // hb, G),
       in_specs=[x_spec] * 3 + [eta_spec, per_head, per_head] + [ckpt_spec(s) for s in shapes]
       + [x_spec],
-      out_specs=[x_spec] * 3 + [eta_spec, resident((d, b)), resident((d, b))]
+      out_specs=[x_spec] * 3 + [eta_spec, resident(tile_shape), resident(tile_shape)]
       + [resident(s) for s in shapes],
       out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (xq, xk, xv, eta)]
-      + [jax.ShapeDtypeStruct((B, H, d, b), dtype)] * 2
+      + [jax.ShapeDtypeStruct((B, H, *tile_shape), dtype)] * 2
       + [jax.ShapeDtypeStruct((B, H, *s), dtype) for s in shapes],
       scratch_shapes=[pltpu.VMEM((g + 1, *s), dtype) for s in shapes],
       compiler_params=_params(block_sizes),
       interpret=interpret,
       debug=debug,
       name=f"{kind}_backward_tpu",
-  )(xq, xk, xv, eta, *_ln_tiles(ln_weight, ln_bias, b), *checkpoints, ct_out)
-  ct_xs = tuple(jnp.swapaxes(o[:, :, :N], -1, -2) for o in outs[:3])
+  )(xq, xk, xv, eta, *_ln_tiles(ln_weight, ln_bias, b, layout), *checkpoints, ct_out)
+  ct_xs = tuple(_to_tiles(o[:, :, :N], layout) for o in outs[:3])
   ct_eta = outs[3].reshape(B, H, G * g, b)[:, :, :N].astype(eta_dtype)
-  return (*ct_xs, ct_eta, outs[4].sum(-1), outs[5].sum(-1),
-          _from_kernel(kind, outs[6:], lambda w: w.sum(-1, keepdims=True)))
+  tokens = _token_axis(layout)
+  return (*ct_xs, ct_eta, outs[4].sum(tokens), outs[5].sum(tokens),
+          _from_kernel(kind, outs[6:], lambda w, axis: w.sum(axis, keepdims=True), layout))

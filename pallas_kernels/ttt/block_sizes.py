@@ -60,6 +60,9 @@ DEFAULT = BlockSizes()
 def _cluster(sms: int) -> BlockSizes:  # the cluster kernels' entry on an SXM-class Hopper
   return BlockSizes(num_warps=8, cluster=4, wave_cluster=8, sms=sms)
 
+
+_TPU = BlockSizes(heads_per_step=2, mini_batches_per_step=16, vmem_limit_bytes=48 << 20)
+
 # (device kind prefix, input dtype name or None for any, head_dim or None for any) -> sizes.
 # The first matching entry wins; device kinds are matched case-insensitively by prefix.
 TABLE: tuple[tuple[tuple[str, str | None, int | None], BlockSizes], ...] = (
@@ -87,17 +90,12 @@ TABLE: tuple[tuple[tuple[str, str | None, int | None], BlockSizes], ...] = (
     # mini-batch at b = 16 and 64, v5p bf16: 1,080 -> 754 / 3,226 -> 2,345 and 1,309 ->
     # 1,244 / 4,052 -> 3,728; v5e and v6e alike (backward at b = 64 on a v6e: a tie); at
     # d <= 64 "db" wins or ties (d = 64, b = 64: 635 / 1,773 against 862 / 2,508).
-    (("TPU v5", None, 128), BlockSizes(heads_per_step=2, mini_batches_per_step=16,
-                                       vmem_limit_bytes=48 << 20, tpu_layout="bd")),  # untuned
-    (("TPU v6", None, 128), BlockSizes(heads_per_step=2, mini_batches_per_step=16,
-                                       vmem_limit_bytes=48 << 20, tpu_layout="bd")),  # untuned
-    (("TPU v5", None, None), BlockSizes(heads_per_step=2, mini_batches_per_step=16,
-                                        vmem_limit_bytes=48 << 20)),  # untuned
-    (("TPU v6", None, None), BlockSizes(heads_per_step=2, mini_batches_per_step=16,
-                                        vmem_limit_bytes=48 << 20)),  # untuned
-    # A v4 TensorCore has 16 MiB of VMEM (`VMEM_CAPACITY`): one head a step (the backward
-    # needs about 7.2 MiB at g = 16 on bf16 inputs, 11.7 MiB at two heads).
-    (("TPU v4", None, 64), BlockSizes(heads_per_step=1)),  # untuned
+    (("TPU v5", None, 128), dataclasses.replace(_TPU, tpu_layout="bd")),  # untuned
+    (("TPU v6", None, 128), dataclasses.replace(_TPU, tpu_layout="bd")),  # untuned
+    (("TPU v5", None, None), _TPU),  # untuned
+    (("TPU v6", None, None), _TPU),  # untuned
+    # A v4 takes `DEFAULT`, one head a step: its TensorCore has 16 MiB of VMEM
+    # (`VMEM_CAPACITY`), and the backward needs about 7.2 MiB at g = 16 on bf16 inputs.
 )
 
 

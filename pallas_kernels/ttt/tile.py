@@ -85,17 +85,17 @@ _narrow_dot.defvjp(_narrow_dot_fwd, _narrow_dot_bwd)
 
 # The two layouts of a mini-batch's d-wide tiles (XQ, XK, XV, the output, and the tiles the
 # inner LayerNorm normalizes: TTT-MLP's Z2 and G2, TTT-Linear's Z1): "bd", a token a row (the
-# pure op's), or "db", a feature a row. The LayerNorms reduce over the features: along the
-# rows in "bd", which on a TPU vector register is a cross-lane reduction (8 of them a [64, 64]
-# f32 tile), and down the columns in "db" (adds between registers, then one sublane
-# reduction). The TPU kernels run "db" (837 -> 620.5 bundles a forward mini-batch on a v5p),
-# except at d = 128, where "bd" wins (`BlockSizes.tpu_layout`); the GPU kernels run "bd". In "db": gamma, beta [d, 1]; eta [1, b] (a row: it scales columns);
-# TTT-MLP's W2 [d, f] (transposed) and b2 [d, 1]; TTT-Linear's b1 [d, 1]; the [b, f] tiles
-# (Z1, X2, G1 of TTT-MLP) and W1 as in "bd". `state_shapes` gives the state's shapes. gamma,
-# beta and the bias added to the features (b2, TTT-Linear's b1) may also come broadcast along
-# the tokens, [d, b], as the TPU kernels hold them (a [d, 1] column is broadcast across the
-# lanes at each use): the bias's update is then broadcast too, and the cotangents of all
-# three come per token (the caller sums them).
+# pure op's), or "db", a feature a row. The LayerNorms reduce over the features: along the rows
+# in "bd", which on a TPU vector register is a cross-lane reduction (8 of them a [64, 64] f32
+# tile), and down the columns in "db" (adds between registers, then one sublane reduction). The
+# TPU kernels run "db" (837 -> 620.5 bundles a forward mini-batch on a v5p), except at d = 128,
+# where "bd" wins (`BlockSizes.tpu_layout`); the GPU kernels run "bd". In "db": gamma, beta
+# [d, 1]; eta [1, b] (a row: it scales columns); TTT-MLP's W2 [d, f] (transposed) and b2 [d, 1];
+# TTT-Linear's b1 [d, 1]; the [b, f] tiles (Z1, X2, G1 of TTT-MLP) and W1 as in "bd".
+# `state_shapes` gives the state's shapes. gamma, beta and the bias added to the features (b2,
+# TTT-Linear's b1) may also come broadcast along the tokens, [d, b], as the TPU kernels hold
+# them (a [d, 1] column is broadcast across the lanes at each use): the bias's update is then
+# broadcast too, and the cotangents of all three come per token (the caller sums them).
 LAYOUTS = ("bd", "db")
 
 

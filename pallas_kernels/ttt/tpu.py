@@ -27,7 +27,7 @@ the tokens, [d, b] tiles, as a [d, 1] column would be broadcast across the lanes
 (`state_shapes`). eta comes as rows, max(8, k) mini-batches to a block (whole (8, 128) tiles,
 where a [b, 1] column per mini-batch would pad each token to 128 lanes in HBM and VMEM): the row
 is what the "db" math takes. At d = 128 the tuning table picks [b, d] tiles ("bd": no
-transposes, eta turned into the column that math takes by `_transpose_vector`), 5-30% fewer
+transposes, eta turned into the column that math takes by `_eta_tile`), 5-30% fewer
 bundles there (the table's comment); at d <= 64 "db" wins. The math runs one head at a time, its
 matmuls on operands of the inputs' dtype (`tile.mlp_update`'s `operands`: bf16 inputs make bf16
 operands with f32 accumulation, as the reference's kernel; the state stays f32).
@@ -112,11 +112,17 @@ def state_shapes(kind: str, d: int, b: int, layout: str = "db") -> tuple[tuple[i
   return (*tile.state_shapes(kind, d, layout)[:-1], _tile(layout, b, d))
 
 
+def _broadcast_tokens(w, b: int, layout: str):
+  """w, whose tokens' axis (`_token_axis`) has size 1, broadcast to b tokens."""
+  shape = list(w.shape)
+  shape[_token_axis(layout)] = b
+  return jnp.broadcast_to(w, shape)
+
+
 def _to_kernel(kind: str, state, b: int, layout: str):
   """A state [..., *tile.state_shapes(kind, d)] as the kernels hold it (`state_shapes`)."""
   *rest, bias = tile.to_layout(kind, state, layout)
-  d = bias.shape[-1] * bias.shape[-2]  # a [d, 1] column or a [1, d] row
-  return (*rest, jnp.broadcast_to(bias, (*bias.shape[:-2], *_tile(layout, b, d))))
+  return (*rest, _broadcast_tokens(bias, b, layout))
 
 
 def _from_kernel(kind: str, state, reduce, layout: str):
@@ -136,16 +142,20 @@ def _ln_tiles(ln_weight, ln_bias, b: int, layout: str):
   """The inner LayerNorm's gamma and beta [H, d] as [H, *tile] tiles, broadcast along the
   tokens: loaded whole inside the loops, where a [d, 1] column is broadcast across the lanes
   at each use (forward 643.5 -> 627.5 bundles a mini-batch on a v5p; b2 likewise: -> 620.5)."""
-  H, d = ln_weight.shape
-  axis = 2 if layout == "db" else 1  # the tokens' axis in [H, *tile]
-  return (jnp.broadcast_to(jnp.expand_dims(w, axis), (H, *_tile(layout, b, d)))
+  return (_broadcast_tokens(jnp.expand_dims(w, _token_axis(layout)), b, layout)
           for w in (ln_weight, ln_bias))
+
+
+def _eta_tile(v, layout: str):
+  """One mini-batch's eta [1, b] (a row, as the kernels read it) as `layout`'s math takes it, or
+  that math's cotangent back to the row: "bd" takes a column, [b, 1]."""
+  return v if layout == "db" else _transpose_vector(v)
 
 
 def _transpose_vector(v):
   """[1, n] <-> [n, 1] without a transpose (Mosaic TPU lays out a [1, n] row in one sublane and
   an [n, 1] column across sublanes): v broadcast to [n, n], masked to the diagonal and summed
-  along v's own axis, from lane or sublane reductions only. "bd" takes eta as a column."""
+  along v's own axis, from lane or sublane reductions only."""
   n, axis = max(v.shape), v.shape.index(1) ^ 1
   eye = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0) == jax.lax.broadcasted_iota(
       jnp.int32, (n, n), 1)
@@ -237,9 +247,7 @@ def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs,
         gamma, beta = gamma_ref[h].astype(dtype), beta_ref[h].astype(dtype)
         state = tuple(s[h] for s in state_refs)
         xs = [r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)]
-        eta = eta_ref[h, pl.ds(jax.lax.rem(n0, E) + t, 1), :]  # [1, b]
-        if layout == "bd":
-          eta = _transpose_vector(eta)
+        eta = _eta_tile(eta_ref[h, pl.ds(jax.lax.rem(n0, E) + t, 1), :], layout)
         state, out = step(kind, gamma, beta, eps, state, *xs, eta, operands=xq_ref.dtype,
                           layout=layout)
         for s, w in zip(state_refs, state):
@@ -333,8 +341,7 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
 
     def inputs(t, h=h):
       eta = eta_ref[h, pl.ds(t, 1), :]  # [1, b]
-      return (*(r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)),
-              eta if layout == "db" else _transpose_vector(eta))
+      return (*(r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)), _eta_tile(eta, layout))
 
     for s, c in zip(stack, ckpt):
       s[0] = c[h]
@@ -363,8 +370,7 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
         r[h] = c
       for r, c in zip(dx_refs[:3], ct_x):
         r[h, t] = c.astype(r.dtype)
-      dx_refs[3][h, pl.ds(t, 1), :] = (ct_x[3] if layout == "db"  # d eta [1, b]
-                                       else _transpose_vector(ct_x[3]))
+      dx_refs[3][h, pl.ds(t, 1), :] = _eta_tile(ct_x[3], layout)  # d eta [1, b]
       dgamma[h] += ct_g
       dbeta[h] += ct_b
       return carry

@@ -9,8 +9,9 @@ result pops, EUP, XLU), so a loop body's bundle count is its clocks per iteratio
 estimate that leaves out only what waits at run time (the DMA waits at grid-step edges, which
 the pipeline's double buffering should hide, and stalls on memory conflicts).
 
-One JSON line per kernel: the innermost loops' bundles (one mini-batch of one head each:
-forward `step`, backward `recompute` and `reverse`), the grid step's bundles outside them
+One JSON line per kernel: the innermost loops' bundles a mini-batch of one head (forward
+`step`, backward `recompute` and `reverse`; a forward loop that runs a step's heads together,
+`BlockSizes.interleave_heads`, counts as 1 / heads_per_step of its bundles each), the grid step's bundles outside them
 (`step_overhead_bundles`, shared by the k x heads_per_step mini-batches of a forward step or
 the g x heads_per_step of a backward group), `bundles_per_mini_batch` (per head, overhead
 shared out), and how busy each VLIW unit is in the loops (`unit_ops_per_bundle`: MXU pushes
@@ -102,16 +103,18 @@ def summarize(kernel: str, bundles_text: str, util_text: str, row: dict) -> dict
   inner = [l for l in found if l["innermost"]]
   grid = [l for l in found if not l["innermost"]]  # the grid loop, the first
   hb = row["heads_per_step"]
+  # A loop per head, or with interleave_heads one forward loop running the hb heads together
+  loop_heads = hb if kernel == "forward" and row.get("interleave_heads") else 1
   if kernel == "forward":
-    names, per_step = ["step"] * hb, row["mini_batches_per_step"] * hb
+    names, per_step = ["step"] * (hb // loop_heads), row["mini_batches_per_step"] * hb
   else:  # per head: recompute the group, then run it in reverse
     names, per_step = ["recompute", "reverse"] * hb, row["checkpoint_group"] * hb
   if len(inner) != len(names) or not grid:
-    raise SystemExit(f"{kernel}: expected {hb} head(s) of mini-batch loops in one grid loop, "
-                     f"found loops {found}")
+    raise SystemExit(f"{kernel}: expected {len(names)} mini-batch loop(s) in one grid loop "
+                     f"({hb} head(s) a step), found loops {found}")
   fields = {}
-  for name in dict.fromkeys(names):
-    counts = [l["bundles"] for l, n in zip(inner, names) if n == name]
+  for name in dict.fromkeys(names):  # bundles a mini-batch of one head
+    counts = [l["bundles"] / loop_heads for l, n in zip(inner, names) if n == name]
     fields[f"{name}_bundles"] = round(sum(counts) / len(counts), 1)
   overhead = grid[0]["bundles"] - sum(l["bundles"] for l in inner)
   per_mini_batch = sum(fields.values()) + overhead / per_step
@@ -153,6 +156,8 @@ def _compile(kernel: str, args) -> dict:
   for field in ("heads_per_step", "mini_batches_per_step", "tpu_layout"):  # other entries
     if getattr(args, field):
       sizes = dataclasses.replace(sizes, **{field: getattr(args, field)})
+  if args.interleave_heads:
+    sizes = dataclasses.replace(sizes, interleave_heads=args.interleave_heads == "1")
   hb = tpu.heads_per_step(sizes.heads_per_step, H)
   sizes = tpu.fit_vmem(sizes, devices[0].device_kind, kind="ttt_mlp", heads_per_step=hb,
                        g=min(g, N), b=b, d=d, in_bytes=x_dtype.itemsize)  # as ttt_jax.ops does
@@ -176,7 +181,7 @@ def _compile(kernel: str, args) -> dict:
   return dict(device_kind=devices[0].device_kind, jax=jax.__version__, batch=B, heads=H,
               mini_batches=N, mini_batch=b, head_dim=d, checkpoint_group=g, heads_per_step=hb,
               mini_batches_per_step=tpu.mini_batches_per_step(sizes.mini_batches_per_step, g),
-              tpu_layout=sizes.tpu_layout,
+              tpu_layout=sizes.tpu_layout, interleave_heads=sizes.interleave_heads,
               dtype=args.dtype, precision=args.precision, flops_per_mini_batch=flops,
               compile_s=round(time.perf_counter() - t0, 1))
 
@@ -194,7 +199,7 @@ def measure(kernel: str, topology: str, args) -> dict:
           f"--checkpoint_group={args.checkpoint_group}", f"--mini_batch={args.mini_batch}",
           f"--head_dim={args.head_dim}", f"--heads_per_step={args.heads_per_step}",
           f"--mini_batches_per_step={args.mini_batches_per_step}",
-          f"--tpu_layout={args.tpu_layout}"]
+          f"--tpu_layout={args.tpu_layout}", f"--interleave_heads={args.interleave_heads}"]
   name = f"ttt_mlp_{kernel}_tpu"
   # The two dumps read: the final bundles and the per-bundle unit use of the final schedule.
   suffixes = ("-final_bundles.txt", "final_hlo-static-per-bundle-utilization.txt")
@@ -225,6 +230,8 @@ def main(argv=None):
                  help="BlockSizes.mini_batches_per_step instead of the table's (0: the table's)")
   p.add_argument("--tpu_layout", default="", choices=("", "db", "bd"),
                  help="BlockSizes.tpu_layout instead of the table's ('': the table's)")
+  p.add_argument("--interleave_heads", default="", choices=("", "0", "1"),
+                 help="BlockSizes.interleave_heads instead of the table's ('': the table's)")
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                  help="the inputs' dtype (the state is float32 either way)")
   p.add_argument("--precision", default="default", choices=("default", "high", "highest"),

@@ -213,16 +213,22 @@ def test_tpu_schedule_reads_libtpu_bundles():
   assert fields["step_bundles"] == 4 and fields["step_overhead_bundles"] == 3
   assert fields["bundles_per_mini_batch"] == 5.5 and fields["pct_of_mxu_peak"] == 181.82
   assert fields["clock_ghz"] == 1.751  # 459 TFLOP/s over 2 TensorCores of 4 MXUs 128 x 128
-  with pytest.raises(SystemExit, match="expected 2 head"):
+  with pytest.raises(SystemExit, match="expected 4 mini-batch loop"):
     ts.summarize("backward", _BUNDLES, _UTILIZATION, dict(row, checkpoint_group=2))
+  # interleave_heads: one forward loop runs both heads (each counts half of its bundles)
+  with pytest.raises(SystemExit, match="expected 1 mini-batch loop"):
+    ts.summarize("forward", _BUNDLES, _UTILIZATION, dict(row, interleave_heads=True))
+  one_loop = _BUNDLES.replace("0x7 LB:", "0x7   :")  # the second loop's body now runs once
+  fields = ts.summarize("forward", one_loop, _UTILIZATION, dict(row, interleave_heads=True))
+  assert fields["step_bundles"] == 2 and fields["step_overhead_bundles"] == 7
 
 
 def test_tpu_schedule_compiles_with_libtpu(tmp_path):
   """Both TPU kernels compile for a compile-only v5p (libtpu, no TPU; not installed by
   .[test]) and their mini-batch loops stay within the bundles measured (jax 0.12.0.1, libtpu
-  0.0.50.1, 12 heads, bf16 inputs: 620.5 forward, 410.5 + 1,340 backward; f32 inputs: 681
-  and 477 + 2,146.5, under jax.default_matmul_precision("highest") 1,888 and 1,391 +
-  5,813)."""
+  0.0.50.1, 12 heads, bf16 inputs: 589 forward (two heads in one loop), 410.5 + 1,340
+  backward; f32 inputs: 624 and 477 + 2,146.5, under jax.default_matmul_precision("highest")
+  1,795.5 and 1,391 + 5,813)."""
   pytest.importorskip("libtpu")
   out = tmp_path / "r.jsonl"
   subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tpu_schedule.py"),

@@ -80,12 +80,14 @@ def test_linear_forward_matches_pure_op(shape, dtype, backend):
 def test_tpu_kernels_under_mosaic_interpret(dtype, layout):
   """InterpretParams: Mosaic's memory semantics (uninitialised scratch, races, out-of-bounds
   reads raise); two heads per grid step, N = 5 in groups of 2 (a padded last group), on either
-  tile layout (`BlockSizes.tpu_layout`)."""
+  tile layout (`BlockSizes.tpu_layout`); as in the tuning table, the forward on "db" tiles runs
+  the two heads in one mini-batch loop (`interleave_heads`), on "bd" a loop each."""
   shape = (1, 4, 5, 16, 16)
   args = _inputs(shape, dtype, seed=4)
   op = functools.partial(pk.ttt_mlp, checkpoint_group=2, backend="tpu",
                          interpret=pltpu.InterpretParams(),
-                         block_sizes=pk.BlockSizes(heads_per_step=2, tpu_layout=layout))
+                         block_sizes=pk.BlockSizes(heads_per_step=2, tpu_layout=layout,
+                                                   interleave_heads=layout == "db"))
   _check_out(jax.jit(op)(*args), reference.ttt_mlp(*args), args[0], TOL[dtype])
   cot = jnp.asarray(np.random.default_rng(5).normal(size=shape), dtype)
   loss = lambda fn: lambda *a: jnp.sum((fn(*a) * cot).astype(jnp.float32))
@@ -467,6 +469,8 @@ def test_block_sizes_table():
   assert pk.get_block_sizes("TPU v5 lite", jnp.bfloat16, 16).mini_batches_per_step == 16
   assert pk.get_block_sizes("TPU v6 lite", jnp.float32, 128).tpu_layout == "bd"
   assert pk.get_block_sizes("TPU v5", jnp.bfloat16, 64).tpu_layout == "db"
+  assert pk.get_block_sizes("TPU v5", jnp.bfloat16, 64).interleave_heads
+  assert not pk.get_block_sizes("TPU v6 lite", jnp.bfloat16, 128).interleave_heads
   assert pk.get_block_sizes("cpu", jnp.float32, 64) == pk.BlockSizes()
   # The backward's VMEM (state stack, double-buffered blocks) fits the table's TPU limit.
   sizes = pk.get_block_sizes("TPU v5", jnp.float32, 64)

@@ -11,7 +11,7 @@ except as a checkpoint at the start of every group of g mini-batches ([B, H, cei
 what the backward recomputes from). A grid step runs k consecutive mini-batches
 (`BlockSizes.mini_batches_per_step`: 8 by default, 16 in the table's TPU entries) in a loop:
 one mini-batch of one head at d = 64 is about 20 MFLOP, 0.09 us at a v5p TensorCore's MXU peak
-and 618.5 bundles (0.35 us) as libtpu schedules it (`benchmarks/tpu_schedule.py`), against the
+and 589 bundles (0.34 us) as libtpu schedules it (`benchmarks/tpu_schedule.py`), against the
 ~0.35 us a Pallas TPU grid step costs, so one mini-batch per step would spend about half the
 time on step overhead.
 Mini-batches n0 .. n0 + k - 1 of XQ, XK, XV are one BlockSpec block, so Pallas double-buffers
@@ -28,9 +28,15 @@ the tokens, [d, b] tiles, as a [d, 1] column would be broadcast across the lanes
 where a [b, 1] column per mini-batch would pad each token to 128 lanes in HBM and VMEM): the row
 is what the "db" math takes. At d = 128 the tuning table picks [b, d] tiles ("bd": no
 transposes, eta turned into the column that math takes by `_eta_tile`), 5-30% fewer
-bundles there (the table's comment); at d <= 64 "db" wins. The math runs one head at a time, its
-matmuls on operands of the inputs' dtype (`tile.mlp_update`'s `operands`: bf16 inputs make bf16
-operands with f32 accumulation, as the reference's kernel; the state stays f32).
+bundles there (the table's comment); at d <= 64 "db" wins. The hb heads of a step run a
+mini-batch loop each, or with `BlockSizes.interleave_heads` (the table's pick at d <= 64) one
+loop runs them side by side, hb independent chains of dependent matmuls and vector work for the
+scheduler to interleave: 2-12% fewer bundles at d <= 64 on v5p, v5e and v6e (d = 64, b = 64 on a
+v5p: 618.5 -> 589), 1-8% more at d = 128 ("bd" tiles). The backward keeps a loop per head:
+interleaved the same way (a state stack per head), its bundles a mini-batch moved by -5% to +8%
+over d <= 64 on a v5p (its reverse loop already spills). The matmuls take operands of the
+inputs' dtype (`tile.mlp_update`'s `operands`: bf16 inputs make bf16 operands with f32
+accumulation, as the reference's kernel; the state stays f32).
 
 Backward, grid (B, H / hb, G) with the group axis 'arbitrary' and walked last group first. Each
 step recomputes its group's states from the saved one (`tile.update`: no outputs), keeping the
@@ -217,7 +223,7 @@ def mini_batches_per_step(requested: int, g: int) -> int:
 
 
 def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, eps, hb,
-                    g, k, num_mini_batches, layout):
+                    g, k, num_mini_batches, layout, interleave):
   """Refs (tiles in `layout`, here "db"): x [hb, k, d, b] (mini-batches n0 = step * k to
   n0 + k - 1), eta [hb, E, b] (E = max(8, k) mini-batches from n0 - n0 % E, one per row),
   gamma/beta [hb, d, b], initial state [hb, ...]; outputs out [hb, k, d, b] and the
@@ -240,19 +246,25 @@ def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs,
       c[...] = s[...]
 
   dtype = state_refs[0].dtype
-  for h in range(hb):
-    def body(t, carry, h=h):
+
+  def mini_batch(h, t):  # the state goes through VMEM (too large to carry in vregs)
+    gamma, beta = gamma_ref[h].astype(dtype), beta_ref[h].astype(dtype)
+    state = tuple(s[h] for s in state_refs)
+    xs = [r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)]
+    eta = _eta_tile(eta_ref[h, pl.ds(jax.lax.rem(n0, E) + t, 1), :], layout)
+    state, out = step(kind, gamma, beta, eps, state, *xs, eta, operands=xq_ref.dtype,
+                      layout=layout)
+    for s, w in zip(state_refs, state):
+      s[h] = w
+    out_ref[h, t] = out.astype(out_ref.dtype)
+
+  # A loop over the k mini-batches for all hb heads side by side, or one for each head.
+  for heads in [range(hb)] if interleave else [[h] for h in range(hb)]:
+    def body(t, carry, heads=heads):
       @pl.when(n0 + t < num_mini_batches)
-      def _():  # the state goes through VMEM each mini-batch (too large to carry in vregs)
-        gamma, beta = gamma_ref[h].astype(dtype), beta_ref[h].astype(dtype)
-        state = tuple(s[h] for s in state_refs)
-        xs = [r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)]
-        eta = _eta_tile(eta_ref[h, pl.ds(jax.lax.rem(n0, E) + t, 1), :], layout)
-        state, out = step(kind, gamma, beta, eps, state, *xs, eta, operands=xq_ref.dtype,
-                          layout=layout)
-        for s, w in zip(state_refs, state):
-          s[h] = w
-        out_ref[h, t] = out.astype(out_ref.dtype)
+      def _():
+        for h in heads:
+          mini_batch(h, t)
       return carry
 
     jax.lax.fori_loop(0, k, body, 0)
@@ -297,7 +309,8 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
 
   out, checkpoints = pl.pallas_call(
       functools.partial(_forward_kernel, kind=kind, eps=eps, hb=hb, g=g, k=k,
-                        num_mini_batches=N, layout=layout),
+                        num_mini_batches=N, layout=layout,
+                        interleave=block_sizes.interleave_heads),
       grid=(B, H // hb, pl.cdiv(N, k)),
       in_specs=[x_spec] * 3 + [eta_spec] + [per_head(_tile(layout, b, d))] * 2
       + [per_head(s) for s in shapes],

@@ -11,10 +11,10 @@ the pipeline's double buffering should hide, and stalls on memory conflicts).
 
 One JSON line per kernel: the innermost loops' bundles a mini-batch of one head (forward
 `step`, backward `recompute` and `reverse`; a forward loop that runs a step's heads together,
-`BlockSizes.interleave_heads`, counts as 1 / heads_per_step of its bundles each), the grid step's bundles outside them
-(`step_overhead_bundles`, shared by the k x heads_per_step mini-batches of a forward step or
-the g x heads_per_step of a backward group), `bundles_per_mini_batch` (per head, overhead
-shared out), and how busy each VLIW unit is in the loops (`unit_ops_per_bundle`: MXU pushes
+`BlockSizes.interleave_heads`, counts as 1 / heads_per_step of its bundles each), the grid
+step's bundles outside them (`step_overhead_bundles`, shared by the k x heads_per_step
+mini-batches of a forward step or the g x heads_per_step of a backward group),
+`bundles_per_mini_batch` (per head, overhead shared out), and how busy each VLIW unit is in the loops (`unit_ops_per_bundle`: MXU pushes
 and matmuls, VALU, XLU, result pops, EUP, vector loads/stores and spills, from libtpu's
 per-bundle utilization dump). `pct_of_mxu_peak` is the dual-form matmul FLOPs of a mini-batch
 (`ttt_jax.ops.ttt_flops`; the backward counts 2x the forward's, as fwd+bwd = 3x fwd in
@@ -140,7 +140,7 @@ def _compile(kernel: str, args) -> dict:
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec, use_abstract_mesh
 
-  from pallas_kernels.ttt import get_block_sizes, tpu
+  from pallas_kernels.ttt import get_block_sizes, tpu, tpu_layout
   from pallas_kernels.ttt.tile import num_groups, state_shapes
   from ttt_jax import aot
   from ttt_jax.ops import ttt_flops
@@ -159,8 +159,9 @@ def _compile(kernel: str, args) -> dict:
   if args.interleave_heads:
     sizes = dataclasses.replace(sizes, interleave_heads=args.interleave_heads == "1")
   hb = tpu.heads_per_step(sizes.heads_per_step, H)
-  sizes = tpu.fit_vmem(sizes, devices[0].device_kind, kind="ttt_mlp", heads_per_step=hb,
-                       g=min(g, N), b=b, d=d, in_bytes=x_dtype.itemsize)  # as ttt_jax.ops does
+  sizes = tpu_layout.fit_vmem(sizes, devices[0].device_kind, kind="ttt_mlp",  # as ttt_jax.ops
+                              heads_per_step=hb, g=min(g, N), b=b, d=d,
+                              in_bytes=x_dtype.itemsize)
   kw = dict(kind="ttt_mlp", eps=1e-6, checkpoint_group=g, heads_per_step=hb, block_sizes=sizes)
   xs = [spec((B, H, N, b, d), x_dtype)] * 3 + [spec((B, H, N, b), f32), spec((H, d), f32),
                                                spec((H, d), f32)]
@@ -171,7 +172,7 @@ def _compile(kernel: str, args) -> dict:
     G = num_groups(N, g)
     fn = lambda *a: tpu.backward(*a[:6], a[6:-1], a[-1], **kw)
     shapes = (*xs, *[spec((B, H, G, *s), f32)
-                     for s in tpu.state_shapes("ttt_mlp", d, b, sizes.tpu_layout)],
+                     for s in tpu_layout.state_shapes("ttt_mlp", d, b, sizes.tpu_layout)],
               spec((B, H, N, b, d), x_dtype))
   precision = None if args.precision == "default" else args.precision  # None: jax's default
   t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from tests.oracles import random_ttt_inputs, rel_err
 
 from pallas_kernels import ttt as pk
 from pallas_kernels.ttt import (gpu, gpu_cluster, gpu_cluster_backward, gpu_cluster_lib, reference,
-                                tile, tpu)
+                                tile, tpu, tpu_layout)
 from ttt_jax import aot
 
 SHAPES = {  # name: (B, H, N, b, d)
@@ -187,7 +187,7 @@ def test_checkpoints_are_group_start_states(backend):
   kw = dict(kind="ttt_mlp", eps=1e-6, checkpoint_group=2, interpret=True)
   if backend == "tpu":  # in the kernels' layout: back to the pure op's
     _, ckpts = tpu.forward(*args[:6], args[6:], heads_per_step=2, **kw)
-    ckpts = tpu.checkpoint_states("ttt_mlp", ckpts)
+    ckpts = tpu_layout.checkpoint_states("ttt_mlp", ckpts)
   else:
     _, ckpts = gpu.forward(*args[:6], args[6:], **kw)
   _check_group_start_states(ckpts, args, groups=2, tol=1e-6)
@@ -213,7 +213,8 @@ def test_tpu_token_row_tiles_match_pure_op(kind):
   if kind == "ttt_mlp":
     _, ckpts = tpu.forward(*args[:6], args[6:], kind=kind, eps=1e-6, checkpoint_group=2,
                            heads_per_step=2, interpret=True, block_sizes=sizes)
-    _check_group_start_states(tpu.checkpoint_states(kind, ckpts, "bd"), args, groups=3, tol=1e-6)
+    _check_group_start_states(tpu_layout.checkpoint_states(kind, ckpts, "bd"), args, groups=3,
+                              tol=1e-6)
 
 
 def _check_group_start_states(ckpts, args, groups, tol):
@@ -474,21 +475,21 @@ def test_block_sizes_table():
   assert pk.get_block_sizes("cpu", jnp.float32, 64) == pk.BlockSizes()
   # The backward's VMEM (state stack, double-buffered blocks) fits the table's TPU limit.
   sizes = pk.get_block_sizes("TPU v5", jnp.float32, 64)
-  assert tpu.vmem_estimate(sizes.heads_per_step, 16, 64, 64) < sizes.vmem_limit_bytes
+  assert tpu_layout.vmem_estimate(sizes.heads_per_step, 16, 64, 64) < sizes.vmem_limit_bytes
 
 
 def test_tpu_backward_vmem_limit_fits_or_names_the_fix():
-  """`tpu.fit_vmem` leaves shapes within Mosaic's default scoped VMEM alone, raises the limit
+  """`tpu_layout.fit_vmem` leaves shapes within Mosaic's default scoped VMEM alone, raises the limit
   for those past it (d = 128 at g = 16, which libtpu refuses at the default) up to the chip's
   VMEM, and where even that cannot hold the backward names the largest checkpoint_group that
   fits (or one head a step)."""
-  fit = lambda sizes, device_kind, g=16, hb=1, d=128, in_bytes=2: tpu.fit_vmem(
+  fit = lambda sizes, device_kind, g=16, hb=1, d=128, in_bytes=2: tpu_layout.fit_vmem(
       sizes, device_kind, kind="ttt_mlp", heads_per_step=hb, g=g, b=64, d=d, in_bytes=in_bytes)
   default = pk.BlockSizes()
   table = pk.get_block_sizes("TPU v5", jnp.bfloat16, 64)
   assert fit(table, "TPU v5", hb=2, d=64) == table
   assert fit(default, "TPU v5", d=64) == default
-  need = tpu.vmem_estimate(1, 16, 64, 128, 2)
+  need = tpu_layout.vmem_estimate(1, 16, 64, 128, 2)
   raised = fit(default, "TPU v5").vmem_limit_bytes
   assert need > 16 << 20 and 1.2 * need < raised <= pk.vmem_capacity("TPU v5") == 64 << 20
   assert fit(pk.BlockSizes(vmem_limit_bytes=48 << 20), "TPU v5").vmem_limit_bytes == 48 << 20
@@ -621,7 +622,7 @@ def test_compiles_for_tpu_with_libtpu():
 def test_tpu_backward_at_head_dim_128_gets_the_vmem_it_needs(b):
   """At d = 128 and the configs' checkpoint_group = 16 the backward's state stack outgrows
   Mosaic's default 16 MiB of scoped VMEM (libtpu refused it: "Scoped allocation with size
-  18.67M and limit 16.00M"); `tpu.fit_vmem` raises the limit and libtpu compiles it."""
+  18.67M and limit 16.00M"); `tpu_layout.fit_vmem` raises the limit and libtpu compiles it."""
   _compile_for_v5p("ttt_mlp", num_devices=1, checkpoint_group=16, H=2, N=32, b=b, d=128)
 
 

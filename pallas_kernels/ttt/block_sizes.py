@@ -13,16 +13,16 @@ and `num_stages`. TPU (Mosaic, `tpu.py`):
 share a grid step (amortising the ~0.35 us per-step overhead over more matmuls: one mini-batch
 of one head is tens of nanoseconds of MXU work at d = 64; and giving the pipeline larger DMAs;
 the backward's step is already a whole checkpoint group), and `vmem_limit_bytes` raises Mosaic's
-scoped VMEM limit for the backward's per-group state stack (`tpu.fit_vmem` raises it further
-where a shape needs more, up to the chip's VMEM: `VMEM_CAPACITY`, and names the fix where even
-that is too little), `tpu_layout` picks the kernels' tiles: [d, b] ("db") or [b, d] ("bd"),
+scoped VMEM limit for the backward's per-group state stack (`tpu_layout.fit_vmem` raises it
+further where a shape needs more, up to the chip's VMEM: `VMEM_CAPACITY`, and names the fix
+where even that is too little), `tpu_layout` picks the kernels' tiles: [d, b] ("db") or [b, d] ("bd"),
 and `interleave_heads` runs a forward step's heads in one mini-batch loop instead of one each.
 
 No entry has been measured yet (no accelerator was available when they were written): 8 warps
 for d = 64 is a guess that gives the large loop-carried state (W1, W2: 2 x 64 KiB in f32) more
 registers; one stage because the loop carries the state, leaving little to software-pipeline;
 two heads per TPU step keeps the backward's VMEM (about 12 MiB a step of two heads at g = 16
-on bf16 inputs, 19 MiB on f32, tiles padded to (8, 128): `tpu.vmem_estimate`) under the
+on bf16 inputs, 19 MiB on f32, tiles padded to (8, 128): `tpu_layout.vmem_estimate`) under the
 limit. The TPU kernels compile with libtpu for v5p over the whole b x d grid
 (tests/test_pallas_ttt.py, where libtpu is installed). Replace the entries with measured
 values and say so beside each entry.
@@ -48,8 +48,8 @@ class BlockSizes:
   heads_per_step: int = 1  # TPU: heads per grid step (rounded down to a divisor of H)
   # TPU forward: mini-batches per grid step (`tpu.mini_batches_per_step` rounds it to fit g)
   mini_batches_per_step: int = 8
-  # TPU: Mosaic's scoped VMEM limit, at least (None: its default); `tpu.fit_vmem` raises it
-  # where the backward needs more
+  # TPU: Mosaic's scoped VMEM limit, at least (None: its default); `tpu_layout.fit_vmem`
+  # raises it where the backward needs more
   vmem_limit_bytes: int | None = None
   # TPU: the kernels' tiles (`tile.LAYOUTS`): "db" a feature a row, "bd" a token a row
   tpu_layout: str = "db"

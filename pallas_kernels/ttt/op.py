@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ttt import gpu, tpu
+from pallas_kernels.ttt import gpu, tpu, tpu_layout
 from pallas_kernels.ttt.block_sizes import BlockSizes, get_block_sizes
 from pallas_kernels.ttt.tile import state_shapes
 from ttt_jax import sharding
@@ -114,8 +114,8 @@ def _call(kind, xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps, checkpoint_gr
   sizes = block_sizes or get_block_sizes(device_kind, xq.dtype, d)
   hb = tpu.heads_per_step(sizes.heads_per_step, H)
   if backend == "tpu":
-    sizes = tpu.fit_vmem(sizes, device_kind, kind=kind, heads_per_step=hb, g=g, b=xq.shape[3],
-                         d=d, in_bytes=xq.dtype.itemsize)
+    sizes = tpu_layout.fit_vmem(sizes, device_kind, kind=kind, heads_per_step=hb, g=g,
+                                b=xq.shape[3], d=d, in_bytes=xq.dtype.itemsize)
   cfg = _Config(kind, float(eps), g, backend, hb, interpret, bool(debug), sizes)
   return _ttt(cfg, xq, xk, xv, eta, ln_weight, ln_bias, tuple(init))
 

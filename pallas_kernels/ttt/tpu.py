@@ -1,7 +1,8 @@
 """TTT forward and backward as Mosaic TPU Pallas kernels (interpret mode on CPU).
 
 One kernel pair for both inner models (`kind`: "ttt_mlp", state W1, b1, W2, b2; "ttt_linear",
-state W1, b1): the mini-batch math is `tile.step(kind, ...)`. Sizes below are TTT-MLP's.
+state W1, b1): the mini-batch math is `tile.step(kind, ...)`; how the kernels hold tiles and
+state, and the VMEM that takes, is `tpu_layout.py`. Sizes below are TTT-MLP's.
 
 Forward, grid (B, H / hb, ceil(N / k)) with the mini-batch axis 'arbitrary' (sequential) and
 the others 'parallel' (split over a megacore's TensorCores). The state of the grid step's hb
@@ -27,7 +28,7 @@ the tokens, [d, b] tiles, as a [d, 1] column would be broadcast across the lanes
 (`state_shapes`). eta comes as rows, max(8, k) mini-batches to a block (whole (8, 128) tiles,
 where a [b, 1] column per mini-batch would pad each token to 128 lanes in HBM and VMEM): the row
 is what the "db" math takes. At d = 128 the tuning table picks [b, d] tiles ("bd": no
-transposes, eta turned into the column that math takes by `_eta_tile`), 5-30% fewer
+transposes, eta turned into the column that math takes by `eta_tile`), 5-30% fewer
 bundles there (the table's comment); at d <= 64 "db" wins. The hb heads of a step run a
 mini-batch loop each, or with `BlockSizes.interleave_heads` (the table's pick at d <= 64) one
 loop runs them side by side, hb independent chains of dependent matmuls and vector work for the
@@ -53,152 +54,19 @@ eta = 0 and a zero output cotangent, which leaves the state and its cotangent un
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ttt.block_sizes import BlockSizes, vmem_capacity
-from pallas_kernels.ttt import tile
+from pallas_kernels.ttt.block_sizes import BlockSizes
 from pallas_kernels.ttt.tile import num_groups, pad_to_groups, step, step_vjp, update
+from pallas_kernels.ttt.tpu_layout import (eta_tile, from_kernel, ln_tiles, state_shapes,
+                                           tile_shape, to_kernel, to_tiles, token_axis)
 
 _SEMANTICS = ("parallel", "parallel", "arbitrary")
-_SCOPED_VMEM_DEFAULT = 16 << 20  # Mosaic's scoped VMEM limit where none is given
-# libtpu's VMEM use of the backward over `vmem_estimate`: 0.95 (v5p, d = 128, b = 64) to 1.13
-# (v4, d = 128, b = 64; 1.06-1.10 at the other d = 128 shapes there), compile-only.
-_VMEM_HEADROOM = 1.25
-
-
-def _vmem_bytes(shape, itemsize: int = 4) -> int:
-  """Bytes of an array in VMEM: its last two axes padded to whole (8, 128) tiles."""
-  *lead, r, c = shape
-  return math.prod(lead) * -(-r // 8) * 8 * -(-c // 128) * 128 * itemsize
-
-
-def vmem_estimate(hb: int, g: int, b: int, d: int, in_bytes: int = 4,
-                  kind: str = "ttt_mlp", layout: str = "db") -> int:
-  """Bytes of VMEM the backward kernel needs (the forward needs less): the (g + 1)-state stack,
-  the double-buffered input/output blocks (xq, xk, xv, ct_out, their cotangents: [g, *tile];
-  eta and its cotangent: [g, b]), the resident state and LayerNorm cotangents, the checkpoint
-  and gamma, beta in; f32 state as the kernels hold it (`state_shapes`), every tile padded to
-  (8, 128)."""
-  state = sum(_vmem_bytes(s) for s in state_shapes(kind, d, b, layout))
-  blocks = 2 * hb * (7 * _vmem_bytes((g, *_tile(layout, b, d)), in_bytes)
-                     + 2 * _vmem_bytes((g, b)))
-  ln = 2 * _vmem_bytes(_tile(layout, b, d))
-  return (g + 1) * state + blocks + 4 * hb * (state + ln)  # double-buffered: in and out
-
-
-def _tile(layout: str, b: int, d: int) -> tuple[int, int]:
-  """A mini-batch's d-wide tile in `layout`: [d, b] in "db", [b, d] in "bd"."""
-  return (d, b) if layout == "db" else (b, d)
-
-
-def _token_axis(layout: str) -> int:
-  """The tokens' axis of a tile in `layout`."""
-  return -1 if layout == "db" else -2
-
-
-def _to_tiles(x, layout: str):
-  """[..., b, d] mini-batches as the kernels' tiles in `layout`, or back (in "db" a transpose,
-  which under jit XLA can fold into the layouts of the producer and the consumer)."""
-  return jnp.swapaxes(x, -1, -2) if layout == "db" else x
-
-
-def state_shapes(kind: str, d: int, b: int, layout: str = "db") -> tuple[tuple[int, int], ...]:
-  """Per-head shapes of the state as the kernels hold it (scratch, checkpoints, state
-  cotangents): `tile.state_shapes` in `layout`, the bias added to the features (the state's
-  last array: TTT-MLP's b2, TTT-Linear's b1) broadcast along the tokens, a [d, b] or [b, d]
-  tile, as gamma and beta. In VMEM and HBM a [d, 1] column takes the (8, 128) tiles of
-  [d, 128] anyway, so at b <= 128 this costs nothing in "db"."""
-  return (*tile.state_shapes(kind, d, layout)[:-1], _tile(layout, b, d))
-
-
-def _broadcast_tokens(w, b: int, layout: str):
-  """w, whose tokens' axis (`_token_axis`) has size 1, broadcast to b tokens."""
-  shape = list(w.shape)
-  shape[_token_axis(layout)] = b
-  return jnp.broadcast_to(w, shape)
-
-
-def _to_kernel(kind: str, state, b: int, layout: str):
-  """A state [..., *tile.state_shapes(kind, d)] as the kernels hold it (`state_shapes`)."""
-  *rest, bias = tile.to_layout(kind, state, layout)
-  return (*rest, _broadcast_tokens(bias, b, layout))
-
-
-def _from_kernel(kind: str, state, reduce, layout: str):
-  """Back from the kernels' form, the feature bias's tokens reduced by `reduce(w, axis)`."""
-  bias = reduce(state[-1], _token_axis(layout))
-  return tile.to_layout(kind, (*state[:-1], bias), layout)
-
-
-def checkpoint_states(kind: str, checkpoints, layout: str = "db"):
-  """`forward`'s checkpoints as `tile.state_shapes(kind, d)` arrays [B, H, G, ...] (the
-  bias's tokens are equal: the first)."""
-  first = lambda w, axis: jax.lax.slice_in_dim(w, 0, 1, axis=axis % w.ndim)
-  return _from_kernel(kind, checkpoints, first, layout)
-
-
-def _ln_tiles(ln_weight, ln_bias, b: int, layout: str):
-  """The inner LayerNorm's gamma and beta [H, d] as [H, *tile] tiles, broadcast along the
-  tokens: loaded whole inside the loops, where a [d, 1] column is broadcast across the lanes
-  at each use (forward 643.5 -> 627.5 bundles a mini-batch on a v5p; b2 likewise: -> 620.5)."""
-  return (_broadcast_tokens(jnp.expand_dims(w, _token_axis(layout)), b, layout)
-          for w in (ln_weight, ln_bias))
-
-
-def _eta_tile(v, layout: str):
-  """One mini-batch's eta [1, b] (a row, as the kernels read it) as `layout`'s math takes it, or
-  that math's cotangent back to the row: "bd" takes a column, [b, 1]."""
-  return v if layout == "db" else _transpose_vector(v)
-
-
-def _transpose_vector(v):
-  """[1, n] <-> [n, 1] without a transpose (Mosaic TPU lays out a [1, n] row in one sublane and
-  an [n, 1] column across sublanes): v broadcast to [n, n], masked to the diagonal and summed
-  along v's own axis, from lane or sublane reductions only."""
-  n, axis = max(v.shape), v.shape.index(1) ^ 1
-  eye = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0) == jax.lax.broadcasted_iota(
-      jnp.int32, (n, n), 1)
-  return jnp.sum(jnp.where(eye, jnp.broadcast_to(v, (n, n)), 0), axis=axis, keepdims=True)
-
-
-def fit_vmem(sizes: BlockSizes, device_kind: str, *, kind: str, heads_per_step: int, g: int,
-             b: int, d: int, in_bytes: int) -> BlockSizes:
-  """`sizes` with a scoped VMEM limit the backward's step fits in, or a ValueError naming the
-  fix where the device's VMEM cannot hold it.
-
-  The need is `vmem_estimate` with `_VMEM_HEADROOM`; it becomes the limit (at least the table's
-  `vmem_limit_bytes`, at most the device's VMEM: `block_sizes.vmem_capacity`) where it passes
-  Mosaic's default scoped limit, which the backward outgrows at d = 128 and g = 16 (libtpu,
-  v5p, no limit: "Scoped allocation with size 18.67M and limit 16.00M"). Devices whose VMEM
-  is unknown (interpret mode on the CPU, new chips) get the need without the check.
-  """
-  layout = sizes.tpu_layout
-  need = int(_VMEM_HEADROOM * vmem_estimate(heads_per_step, g, b, d, in_bytes, kind, layout))
-  capacity = vmem_capacity(device_kind)
-  if capacity and need > capacity:
-    fits = lambda hb, k: (_VMEM_HEADROOM * vmem_estimate(hb, k, b, d, in_bytes, kind, layout)
-                          <= capacity)
-    largest_g = max((k for k in range(1, g) if fits(heads_per_step, k)), default=0)
-    fix = (f"lower checkpoint_group to {largest_g} or less (model.ttt.checkpoint_group)"
-           if largest_g else "use impl='xla' for this shape")
-    if heads_per_step > 1 and fits(1, g):
-      fix = f"use BlockSizes(heads_per_step=1) (block_sizes=...), or {fix}"
-    raise ValueError(
-        f"the TPU backward at head_dim={d}, mini_batch={b}, checkpoint_group={g}, "
-        f"heads_per_step={heads_per_step} ({in_bytes}-byte inputs) needs about {need / 2**20:.1f} "
-        f"MiB of VMEM (tpu.vmem_estimate x {_VMEM_HEADROOM}), more than the {device_kind}'s "
-        f"{capacity / 2**20:.0f} MiB: {fix}.")
-  limit = max(sizes.vmem_limit_bytes or 0, -(-need // 2**20) * 2**20)
-  if sizes.vmem_limit_bytes is None and limit <= _SCOPED_VMEM_DEFAULT:
-    return sizes
-  return dataclasses.replace(sizes, vmem_limit_bytes=min(limit, capacity or limit))
 
 
 def _params(block_sizes: BlockSizes):
@@ -251,7 +119,7 @@ def _forward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs,
     gamma, beta = gamma_ref[h].astype(dtype), beta_ref[h].astype(dtype)
     state = tuple(s[h] for s in state_refs)
     xs = [r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)]
-    eta = _eta_tile(eta_ref[h, pl.ds(jax.lax.rem(n0, E) + t, 1), :], layout)
+    eta = eta_tile(eta_ref[h, pl.ds(jax.lax.rem(n0, E) + t, 1), :], layout)
     state, out = step(kind, gamma, beta, eps, state, *xs, eta, operands=xq_ref.dtype,
                       layout=layout)
     for s, w in zip(state_refs, state):
@@ -283,10 +151,10 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
 
   Returns (out [B, H, N, b, d] in xq's dtype, checkpoints: each state array
   [B, H, ceil(N/g), ...] of `state_shapes(kind, d, b)` in the state dtype, the state
-  at the start of each group of g, in the form `backward` takes: `checkpoint_states` reads
-  them).
+  at the start of each group of g, in the form `backward` takes:
+  `tpu_layout.checkpoint_states` reads them).
 
-  The kernel's tiles are `block_sizes.tpu_layout`'s (`_to_tiles`).
+  The kernel's tiles are `block_sizes.tpu_layout`'s (`to_tiles`).
   """
   B, H, N, b, d = xq.shape
   dtype, hb, g = init[0].dtype, heads_per_step, checkpoint_group
@@ -295,9 +163,10 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
   k = mini_batches_per_step(block_sizes.mini_batches_per_step, g)
   E = max(8, k)
   shapes = state_shapes(kind, d, b, layout)
-  xq, xk, xv = (_to_tiles(x, layout) for x in (xq, xk, xv))  # [B, H, N, *tile]
+  xq, xk, xv = (to_tiles(x, layout) for x in (xq, xk, xv))  # [B, H, N, *tile]
 
-  x_spec = pl.BlockSpec((None, hb, k, *_tile(layout, b, d)), lambda i, j, s: (i, j, s, 0, 0))
+  tile_dims = tile_shape(layout, b, d)
+  x_spec = pl.BlockSpec((None, hb, k, *tile_dims), lambda i, j, s: (i, j, s, 0, 0))
   # eta as rows, E = max(8, k) mini-batches per block (whole (8, 128) tiles): a [b, 1] column
   # per mini-batch would take 128 lanes per token in HBM and VMEM.
   eta = jnp.pad(eta.astype(dtype), [(0, 0), (0, 0), (0, -N % E), (0, 0)])
@@ -312,7 +181,7 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
                         num_mini_batches=N, layout=layout,
                         interleave=block_sizes.interleave_heads),
       grid=(B, H // hb, pl.cdiv(N, k)),
-      in_specs=[x_spec] * 3 + [eta_spec] + [per_head(_tile(layout, b, d))] * 2
+      in_specs=[x_spec] * 3 + [eta_spec] + [per_head(tile_dims)] * 2
       + [per_head(s) for s in shapes],
       out_specs=(x_spec, tuple(ckpt_spec(s) for s in shapes)),
       out_shape=(jax.ShapeDtypeStruct(xq.shape, xq.dtype),
@@ -322,9 +191,9 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
       interpret=interpret,
       debug=debug,
       name=f"{kind}_forward_tpu",
-  )(xq, xk, xv, eta, *_ln_tiles(ln_weight, ln_bias, b, layout),
-    *_to_kernel(kind, init, b, layout))
-  return _to_tiles(out, layout), checkpoints
+  )(xq, xk, xv, eta, *ln_tiles(ln_weight, ln_bias, b, layout),
+    *to_kernel(kind, init, b, layout))
+  return to_tiles(out, layout), checkpoints
 
 
 # ----------------------------------------------------------------------------- backward
@@ -333,7 +202,7 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
 def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs, kind, eps, hb,
                      g, layout):
   """Refs (tiles in `layout`, here "db"): x [hb, g, d, b] (group G-1-k), eta [hb, g, b] (rows),
-  gamma/beta [hb, d, b] (`_ln_tiles`), the group's checkpoint [hb, ...], ct_out [hb, g, d, b];
+  gamma/beta [hb, d, b] (`ln_tiles`), the group's checkpoint [hb, ...], ct_out [hb, g, d, b];
   outputs the input cotangents (blocks like the inputs), d gamma / d beta [hb, d, b] (per token
   position: the wrapper sums them) and the state cotangent [hb, ...] (all three resident: summed
   over mini-batches and groups); scratch: the states [g + 1, ...] of one head before each of
@@ -354,7 +223,7 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
 
     def inputs(t, h=h):
       eta = eta_ref[h, pl.ds(t, 1), :]  # [1, b]
-      return (*(r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)), _eta_tile(eta, layout))
+      return (*(r[h, t].astype(dtype) for r in (xq_ref, xk_ref, xv_ref)), eta_tile(eta, layout))
 
     for s, c in zip(stack, ckpt):
       s[0] = c[h]
@@ -383,7 +252,7 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
         r[h] = c
       for r, c in zip(dx_refs[:3], ct_x):
         r[h, t] = c.astype(r.dtype)
-      dx_refs[3][h, pl.ds(t, 1), :] = _eta_tile(ct_x[3], layout)  # d eta [1, b]
+      dx_refs[3][h, pl.ds(t, 1), :] = eta_tile(ct_x[3], layout)  # d eta [1, b]
       dgamma[h] += ct_g
       dbeta[h] += ct_b
       return carry
@@ -409,16 +278,16 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
   B, H, N, b, d = xq.shape
   G, g = checkpoints[0].shape[2], checkpoint_group
   dtype, hb, layout = checkpoints[0].dtype, heads_per_step, block_sizes.tpu_layout
-  shapes, tile_shape = state_shapes(kind, d, b, layout), _tile(layout, b, d)
+  shapes, tile_dims = state_shapes(kind, d, b, layout), tile_shape(layout, b, d)
   eta_dtype = eta.dtype
-  xq, xk, xv, ct_out = (_to_tiles(pad_to_groups(x, G, g), layout)  # [B, H, G g, *tile]
+  xq, xk, xv, ct_out = (to_tiles(pad_to_groups(x, G, g), layout)  # [B, H, G g, *tile]
                         for x in (xq, xk, xv, ct_out))
   eta = pad_to_groups(eta.astype(dtype), G, g).reshape(B, H, G, g, b)  # rows, as the forward
 
   rev = lambda i, j, k: (i, j, G - 1 - k, 0, 0)
-  x_spec = pl.BlockSpec((None, hb, g, *tile_shape), rev)
+  x_spec = pl.BlockSpec((None, hb, g, *tile_dims), rev)
   eta_spec = pl.BlockSpec((None, hb, None, g, b), rev)
-  per_head = pl.BlockSpec((hb, *tile_shape), lambda i, j, k: (j, 0, 0))
+  per_head = pl.BlockSpec((hb, *tile_dims), lambda i, j, k: (j, 0, 0))
   ckpt_spec = lambda s: pl.BlockSpec((None, hb, None, *s), rev)
   resident = lambda s: pl.BlockSpec((None, hb, *s), lambda i, j, k: (i, j, 0, 0))
 
@@ -427,19 +296,19 @@ def backward(xq, xk, xv, eta, ln_weight, ln_bias, checkpoints, ct_out, *, kind: 
       grid=(B, H // hb, G),
       in_specs=[x_spec] * 3 + [eta_spec, per_head, per_head] + [ckpt_spec(s) for s in shapes]
       + [x_spec],
-      out_specs=[x_spec] * 3 + [eta_spec, resident(tile_shape), resident(tile_shape)]
+      out_specs=[x_spec] * 3 + [eta_spec, resident(tile_dims), resident(tile_dims)]
       + [resident(s) for s in shapes],
       out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (xq, xk, xv, eta)]
-      + [jax.ShapeDtypeStruct((B, H, *tile_shape), dtype)] * 2
+      + [jax.ShapeDtypeStruct((B, H, *tile_dims), dtype)] * 2
       + [jax.ShapeDtypeStruct((B, H, *s), dtype) for s in shapes],
       scratch_shapes=[pltpu.VMEM((g + 1, *s), dtype) for s in shapes],
       compiler_params=_params(block_sizes),
       interpret=interpret,
       debug=debug,
       name=f"{kind}_backward_tpu",
-  )(xq, xk, xv, eta, *_ln_tiles(ln_weight, ln_bias, b, layout), *checkpoints, ct_out)
-  ct_xs = tuple(_to_tiles(o[:, :, :N], layout) for o in outs[:3])
+  )(xq, xk, xv, eta, *ln_tiles(ln_weight, ln_bias, b, layout), *checkpoints, ct_out)
+  ct_xs = tuple(to_tiles(o[:, :, :N], layout) for o in outs[:3])
   ct_eta = outs[3].reshape(B, H, G * g, b)[:, :, :N].astype(eta_dtype)
-  tokens = _token_axis(layout)
+  tokens = token_axis(layout)
   return (*ct_xs, ct_eta, outs[4].sum(tokens), outs[5].sum(tokens),
-          _from_kernel(kind, outs[6:], lambda w, axis: w.sum(axis, keepdims=True), layout))
+          from_kernel(kind, outs[6:], lambda w, axis: w.sum(axis, keepdims=True), layout))

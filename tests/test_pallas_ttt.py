@@ -466,7 +466,10 @@ def test_block_sizes_table():
   assert pk.get_block_sizes("NVIDIA H100 80GB HBM3", jnp.bfloat16, 64).cluster == 4
   assert pk.get_block_sizes("NVIDIA H100 80GB HBM3", jnp.float32, 64) == pk.BlockSizes(
       num_warps=8, num_stages=1)
-  assert pk.get_block_sizes("TPU v5", jnp.bfloat16, 64).heads_per_step == 2
+  assert pk.get_block_sizes("TPU v5", jnp.bfloat16, 64).heads_per_step == 2  # two TensorCores
+  for one_core in ("TPU v5 lite", "TPU v5e", "TPU v6 lite"):  # one TensorCore a chip
+    assert [pk.get_block_sizes(one_core, jnp.bfloat16, d).heads_per_step for d in (64, 128)] == [
+        4, 4]
   assert pk.get_block_sizes("TPU v5 lite", jnp.bfloat16, 16).mini_batches_per_step == 16
   assert pk.get_block_sizes("TPU v6 lite", jnp.float32, 128).tpu_layout == "bd"
   assert pk.get_block_sizes("TPU v5", jnp.bfloat16, 64).tpu_layout == "db"
@@ -474,15 +477,16 @@ def test_block_sizes_table():
   assert not pk.get_block_sizes("TPU v6 lite", jnp.bfloat16, 128).interleave_heads
   assert pk.get_block_sizes("cpu", jnp.float32, 64) == pk.BlockSizes()
   # The backward's VMEM (state stack, double-buffered blocks) fits the table's TPU limit.
-  sizes = pk.get_block_sizes("TPU v5", jnp.float32, 64)
-  assert tpu_layout.vmem_estimate(sizes.heads_per_step, 16, 64, 64) < sizes.vmem_limit_bytes
+  for kind in ("TPU v5", "TPU v6 lite"):
+    sizes = pk.get_block_sizes(kind, jnp.float32, 64)
+    assert tpu_layout.vmem_estimate(sizes.heads_per_step, 16, 64, 64) < sizes.vmem_limit_bytes
 
 
 def test_tpu_backward_vmem_limit_fits_or_names_the_fix():
-  """`tpu_layout.fit_vmem` leaves shapes within Mosaic's default scoped VMEM alone, raises the limit
-  for those past it (d = 128 at g = 16, which libtpu refuses at the default) up to the chip's
-  VMEM, and where even that cannot hold the backward names the largest checkpoint_group that
-  fits (or one head a step)."""
+  """`tpu_layout.fit_vmem` leaves shapes within Mosaic's default scoped VMEM alone, raises the
+  limit for those past it (d = 128 at g = 16, which libtpu refuses at the default) up to the
+  chip's VMEM, and where even that cannot hold the backward names the largest checkpoint_group
+  that fits (or one head a step)."""
   fit = lambda sizes, device_kind, g=16, hb=1, d=128, in_bytes=2: tpu_layout.fit_vmem(
       sizes, device_kind, kind="ttt_mlp", heads_per_step=hb, g=g, b=64, d=d, in_bytes=in_bytes)
   default = pk.BlockSizes()

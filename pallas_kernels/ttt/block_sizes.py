@@ -21,10 +21,12 @@ and `interleave_heads` runs a forward step's heads in one mini-batch loop instea
 No entry has been measured yet (no accelerator was available when they were written): 8 warps
 for d = 64 is a guess that gives the large loop-carried state (W1, W2: 2 x 64 KiB in f32) more
 registers; one stage because the loop carries the state, leaving little to software-pipeline;
-two heads per TPU step keeps the backward's VMEM (about 12 MiB a step of two heads at g = 16
-on bf16 inputs, 19 MiB on f32, tiles padded to (8, 128): `tpu_layout.vmem_estimate`) under the
-limit. The TPU kernels compile with libtpu for v5p over the whole b x d grid
-(tests/test_pallas_ttt.py, where libtpu is installed). Replace the entries with measured
+the backward's VMEM at d = 64 and g = 16 (about 12 MiB a step of two heads on bf16 inputs, 19
+MiB on f32; 21 and 35 MiB at four heads, as on the one-core v5e and v6e; tiles padded to
+(8, 128): `tpu_layout.vmem_estimate`) stays under the 48 MiB limit. The TPU entries are picks
+from compile-only bundle counts (benchmarks/tpu_schedule.py), not timings; the kernels compile
+with libtpu for v5p over the whole b x d grid (tests/test_pallas_ttt.py, where libtpu is
+installed), and for v5e and v6e at the table's sizes (benchmarks/results). Replace the entries with measured
 values and say so beside each entry.
 """
 
@@ -68,6 +70,7 @@ def _cluster(sms: int) -> BlockSizes:  # the cluster kernels' entry on an SXM-cl
 _TPU = BlockSizes(heads_per_step=2, mini_batches_per_step=16, vmem_limit_bytes=48 << 20,
                   interleave_heads=True)
 _TPU_128 = dataclasses.replace(_TPU, tpu_layout="bd", interleave_heads=False)
+_ONE_CORE, _ONE_CORE_128 = (dataclasses.replace(s, heads_per_step=4) for s in (_TPU, _TPU_128))
 
 # (device kind prefix, input dtype name or None for any, head_dim or None for any) -> sizes.
 # The first matching entry wins; device kinds are matched case-insensitively by prefix.
@@ -100,10 +103,18 @@ TABLE: tuple[tuple[tuple[str, str | None, int | None], BlockSizes], ...] = (
     # bundles than a loop each at d <= 64 on v5p, v5e and v6e (v5p, b = 16 / 64: d = 16 210.6
     # -> 201.4 / 349.9 -> 337.8, d = 32 279.3 -> 258.8 / 417.1 -> 378.6, d = 64 470.3 -> 457.7
     # / 635.3 -> 605.7), 1-8% more at d = 128 ("bd": 754.2 -> 815.5 / 1,243.9 -> 1,306.8).
+    # A v5e or v6e chip has one TensorCore, so 12 heads in steps of 4 lose no parallelism
+    # there: 4 heads a step take 6-11% fewer forward bundles than 2 at d <= 32 (v6e also at
+    # d = 64: 418.8 -> 385.1 / 571.0 -> 525.6 at b = 16 / 64; v5e 469.9 -> 441.3 / 605.4 ->
+    # 596.1), 0.3-2% at d = 128, and 0-0.8% fewer backward ones (+0.2% at most at d = 128).
+    (("TPU v5 lite", None, 128), _ONE_CORE_128),  # untuned
+    (("TPU v5e", None, 128), _ONE_CORE_128),  # untuned
+    (("TPU v5 lite", None, None), _ONE_CORE),  # untuned
+    (("TPU v5e", None, None), _ONE_CORE),  # untuned
     (("TPU v5", None, 128), _TPU_128),  # untuned
-    (("TPU v6", None, 128), _TPU_128),  # untuned
+    (("TPU v6", None, 128), _ONE_CORE_128),  # untuned
     (("TPU v5", None, None), _TPU),  # untuned
-    (("TPU v6", None, None), _TPU),  # untuned
+    (("TPU v6", None, None), _ONE_CORE),  # untuned
     # A v4 takes `DEFAULT`, one head a step: its TensorCore has 16 MiB of VMEM
     # (`VMEM_CAPACITY`), and the backward needs about 7.2 MiB at g = 16 on bf16 inputs.
 )

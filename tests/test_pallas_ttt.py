@@ -592,16 +592,17 @@ def test_lowers_to_mosaic_for_abstract_tpu(kind, dtype):
   assert f"{kind}_forward_tpu" in grad and f"{kind}_backward_tpu" in grad
 
 
-def _compile_for_v5p(kind, num_devices, checkpoint_group, **shape_kw):
-  """libtpu compiles `ttt_jax.ops`' op of `kind` (impl "auto": the TPU kernels, per shard) and
-  its gradient for the first `num_devices` of a v5p chip (compile-only devices, no TPU
-  needed), bf16 inputs of `_abstract_shapes(**shape_kw)`, the heads over the tensor axis."""
+def _compile_for_tpu(kind, num_devices, checkpoint_group, topology="v5p:2x2x1", **shape_kw):
+  """libtpu compiles `ttt_jax.ops`' op of `kind` (impl "auto": the TPU kernels, per shard, at
+  the tuning table's sizes) and its gradient for the first `num_devices` of `topology` (a v5p
+  chip unless given; compile-only devices, no TPU needed), bf16 inputs of
+  `_abstract_shapes(**shape_kw)`, the heads over the tensor axis."""
   pytest.importorskip("libtpu")
   from jax.experimental import topologies
   from jax.sharding import NamedSharding, PartitionSpec
 
   from ttt_jax import ops, sharding
-  devices = topologies.get_topology_desc("v5p:2x2x1", platform="tpu").devices[:num_devices]
+  devices = topologies.get_topology_desc(topology, platform="tpu").devices[:num_devices]
   mesh = sharding.make_mesh((1, 1, len(devices)), devices=devices)
   replicated = NamedSharding(mesh, PartitionSpec())
   shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated)
@@ -619,7 +620,17 @@ def test_compiles_for_tpu_with_libtpu():
   """libtpu compiles both kernels for a v5p chip under a mesh with the heads over the tensor
   axis, through `ttt_jax.ops` (the model's entry point)."""
   for kind in ("ttt_mlp", "ttt_linear"):
-    _compile_for_v5p(kind, num_devices=4, checkpoint_group=16, H=8, N=32)
+    _compile_for_tpu(kind, num_devices=4, checkpoint_group=16, H=8, N=32)
+
+
+@pytest.mark.parametrize("topology", ("v5e:1x1", "v6e:1x1"))
+def test_compiles_for_one_core_tpus_at_the_tables_sizes(topology):
+  """The table gives the one-TensorCore v5e and v6e four heads a step (two at d <= 64 in one
+  forward loop, a loop each at d = 128 on [b, d] tiles): libtpu compiles both kernels there at
+  the configs' checkpoint_group = 16."""
+  for d in (64, 128):
+    _compile_for_tpu("ttt_mlp", num_devices=1, checkpoint_group=16, topology=topology, H=8,
+                     N=32, b=64, d=d)
 
 
 @pytest.mark.parametrize("b", (16, 64))
@@ -627,7 +638,7 @@ def test_tpu_backward_at_head_dim_128_gets_the_vmem_it_needs(b):
   """At d = 128 and the configs' checkpoint_group = 16 the backward's state stack outgrows
   Mosaic's default 16 MiB of scoped VMEM (libtpu refused it: "Scoped allocation with size
   18.67M and limit 16.00M"); `tpu_layout.fit_vmem` raises the limit and libtpu compiles it."""
-  _compile_for_v5p("ttt_mlp", num_devices=1, checkpoint_group=16, H=2, N=32, b=b, d=128)
+  _compile_for_tpu("ttt_mlp", num_devices=1, checkpoint_group=16, H=2, N=32, b=b, d=128)
 
 
 @pytest.mark.parametrize("b", (16, 32, 64))
@@ -636,7 +647,7 @@ def test_tpu_kernels_compile_over_the_shape_grid(b, d):
   """libtpu compiles the forward and backward kernels (bf16 inputs, TTT-MLP) for every
   mini-batch size and head dim the kernels take, not only the 5B shape: Mosaic's (8, 128)
   tiling treats 16-wide tiles apart from 64-wide ones."""
-  _compile_for_v5p("ttt_mlp", num_devices=1, checkpoint_group=4, H=4, N=6, b=b, d=d)
+  _compile_for_tpu("ttt_mlp", num_devices=1, checkpoint_group=4, H=4, N=6, b=b, d=d)
 
 
 def _dots(jaxpr):

@@ -466,7 +466,9 @@ def test_block_sizes_table():
   assert pk.get_block_sizes("NVIDIA H100 80GB HBM3", jnp.bfloat16, 64).cluster == 4
   assert pk.get_block_sizes("NVIDIA H100 80GB HBM3", jnp.float32, 64) == pk.BlockSizes(
       num_warps=8, num_stages=1)
-  assert pk.get_block_sizes("TPU v5", jnp.bfloat16, 64).heads_per_step == 2  # two TensorCores
+  # a v5p's two TensorCores: 12 heads in 4 steps of 3 (2 a core); 2 a step at d = 128
+  assert [pk.get_block_sizes("TPU v5", jnp.bfloat16, d).heads_per_step for d in (64, 128)] == [
+      3, 2]
   for one_core in ("TPU v5 lite", "TPU v5e", "TPU v6 lite"):  # one TensorCore a chip
     assert [pk.get_block_sizes(one_core, jnp.bfloat16, d).heads_per_step for d in (64, 128)] == [
         4, 4]
@@ -617,10 +619,11 @@ def _compile_for_tpu(kind, num_devices, checkpoint_group, topology="v5p:2x2x1", 
 
 
 def test_compiles_for_tpu_with_libtpu():
-  """libtpu compiles both kernels for a v5p chip under a mesh with the heads over the tensor
-  axis, through `ttt_jax.ops` (the model's entry point)."""
+  """libtpu compiles both kernels for v5p devices under a mesh with the heads over the tensor
+  axis, through `ttt_jax.ops` (the model's entry point): 48 heads over 4 devices, 12 a device
+  as the 5B layer at tensor = 4, in grid steps of 3 as the table gives a v5p."""
   for kind in ("ttt_mlp", "ttt_linear"):
-    _compile_for_tpu(kind, num_devices=4, checkpoint_group=16, H=8, N=32)
+    _compile_for_tpu(kind, num_devices=4, checkpoint_group=16, H=48, N=32)
 
 
 @pytest.mark.parametrize("topology", ("v5e:1x1", "v6e:1x1"))

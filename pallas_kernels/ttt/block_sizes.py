@@ -15,19 +15,20 @@ of one head is tens of nanoseconds of MXU work at d = 64; and giving the pipelin
 the backward's step is already a whole checkpoint group), and `vmem_limit_bytes` raises Mosaic's
 scoped VMEM limit for the backward's per-group state stack (`tpu_layout.fit_vmem` raises it
 further where a shape needs more, up to the chip's VMEM: `VMEM_CAPACITY`, and names the fix
-where even that is too little), `tpu_layout` picks the kernels' tiles: [d, b] ("db") or [b, d] ("bd"),
-and `interleave_heads` runs a forward step's heads in one mini-batch loop instead of one each.
+where even that is too little), `tpu_layout` picks the kernels' tiles: [d, b] ("db") or
+[b, d] ("bd"), and `interleave_heads` runs a forward step's heads in one mini-batch loop
+instead of one each.
 
 No entry has been measured yet (no accelerator was available when they were written): 8 warps
 for d = 64 is a guess that gives the large loop-carried state (W1, W2: 2 x 64 KiB in f32) more
 registers; one stage because the loop carries the state, leaving little to software-pipeline;
-the backward's VMEM at d = 64 and g = 16 (about 12 MiB a step of two heads on bf16 inputs, 19
-MiB on f32; 21 and 35 MiB at four heads, as on the one-core v5e and v6e; tiles padded to
-(8, 128): `tpu_layout.vmem_estimate`) stays under the 48 MiB limit. The TPU entries are picks
+the backward's VMEM at d = 64 and g = 16 (about 12 MiB a step of two heads on bf16 inputs,
+19 MiB on f32; 16 and 27 MiB at three, a v5p's; 21 and 35 MiB at four, a v5e's or v6e's;
+tiles padded to (8, 128): `tpu_layout.vmem_estimate`) stays under the 48 MiB limit. The TPU entries are picks
 from compile-only bundle counts (benchmarks/tpu_schedule.py), not timings; the kernels compile
 with libtpu for v5p over the whole b x d grid (tests/test_pallas_ttt.py, where libtpu is
-installed), and for v5e and v6e at the table's sizes (benchmarks/results). Replace the entries with measured
-values and say so beside each entry.
+installed), and for v5e and v6e at the table's sizes (benchmarks/results). Replace the entries
+with measured values and say so beside each entry.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ _TPU = BlockSizes(heads_per_step=2, mini_batches_per_step=16, vmem_limit_bytes=4
                   interleave_heads=True)
 _TPU_128 = dataclasses.replace(_TPU, tpu_layout="bd", interleave_heads=False)
 _ONE_CORE, _ONE_CORE_128 = (dataclasses.replace(s, heads_per_step=4) for s in (_TPU, _TPU_128))
+_V5P = dataclasses.replace(_TPU, heads_per_step=3)
 
 # (device kind prefix, input dtype name or None for any, head_dim or None for any) -> sizes.
 # The first matching entry wins; device kinds are matched case-insensitively by prefix.
@@ -111,9 +113,13 @@ TABLE: tuple[tuple[tuple[str, str | None, int | None], BlockSizes], ...] = (
     (("TPU v5e", None, 128), _ONE_CORE_128),  # untuned
     (("TPU v5 lite", None, None), _ONE_CORE),  # untuned
     (("TPU v5e", None, None), _ONE_CORE),  # untuned
+    # A v5p's two TensorCores split the grid's parallel steps: 12 heads in 3s make 4 steps, 2
+    # a core, as 2s made 6 (3 a core), and 3 heads in one forward loop take 1.6-9.5% fewer
+    # bundles than 2 at d <= 64 (d = 16, b = 64: 337.8 -> 305.8; d = 64, b = 64: 605.7 ->
+    # 595.9), backward 0-0.6%. At d = 128 (no interleaving) it keeps 2, within its 64 MiB.
     (("TPU v5", None, 128), _TPU_128),  # untuned
     (("TPU v6", None, 128), _ONE_CORE_128),  # untuned
-    (("TPU v5", None, None), _TPU),  # untuned
+    (("TPU v5", None, None), _V5P),  # untuned
     (("TPU v6", None, None), _ONE_CORE),  # untuned
     # A v4 takes `DEFAULT`, one head a step: its TensorCore has 16 MiB of VMEM
     # (`VMEM_CAPACITY`), and the backward needs about 7.2 MiB at g = 16 on bf16 inputs.

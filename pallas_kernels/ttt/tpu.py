@@ -12,7 +12,7 @@ except as a checkpoint at the start of every group of g mini-batches ([B, H, cei
 what the backward recomputes from). A grid step runs k consecutive mini-batches
 (`BlockSizes.mini_batches_per_step`: 8 by default, 16 in the table's TPU entries) in a loop:
 one mini-batch of one head at d = 64 is about 20 MFLOP, 0.09 us at a v5p TensorCore's MXU peak
-and 589 bundles (0.34 us) as libtpu schedules it (`benchmarks/tpu_schedule.py`), against the
+and 582 bundles (0.33 us) as libtpu schedules it (`benchmarks/tpu_schedule.py`), against the
 ~0.35 us a Pallas TPU grid step costs, so one mini-batch per step would spend about half the
 time on step overhead.
 Mini-batches n0 .. n0 + k - 1 of XQ, XK, XV are one BlockSpec block, so Pallas double-buffers
@@ -32,10 +32,11 @@ transposes, eta turned into the column that math takes by `eta_tile`), 5-30% few
 bundles there (the table's comment); at d <= 64 "db" wins. The hb heads of a step run a
 mini-batch loop each, or with `BlockSizes.interleave_heads` (the table's pick at d <= 64) one
 loop runs them side by side, hb independent chains of dependent matmuls and vector work for the
-scheduler to interleave: 2-12% fewer bundles at d <= 64 on v5p, v5e and v6e (d = 64, b = 64 on a
-v5p: 618.5 -> 589), 1-8% more at d = 128 ("bd" tiles). The backward keeps a loop per head:
-interleaved the same way (a state stack per head), its bundles a mini-batch moved by -5% to +8%
-over d <= 64 on a v5p (its reverse loop already spills). The matmuls take operands of the
+scheduler to interleave: at two heads 2-12% fewer bundles at d <= 64 on v5p, v5e and v6e
+(d = 64, b = 64 on a v5p: 618.5 -> 589; 582 at the table's 3 heads), 1-8% more at d = 128
+("bd" tiles). The backward keeps a loop per head: interleaved the same way (a state stack per
+head), its bundles a mini-batch moved by -5% to +8% over d <= 64 on a v5p (its reverse loop
+already spills). The matmuls take operands of the
 inputs' dtype (`tile.mlp_update`'s `operands`: bf16 inputs make bf16 operands with f32
 accumulation, as the reference's kernel; the state stays f32).
 

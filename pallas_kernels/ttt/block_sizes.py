@@ -24,11 +24,11 @@ for d = 64 is a guess that gives the large loop-carried state (W1, W2: 2 x 64 Ki
 registers; one stage because the loop carries the state, leaving little to software-pipeline;
 the backward's VMEM at d = 64 and g = 16 (about 12 MiB a step of two heads on bf16 inputs,
 19 MiB on f32; 16 and 27 MiB at three, a v5p's; 21 and 35 MiB at four, a v5e's or v6e's;
-tiles padded to (8, 128): `tpu_layout.vmem_estimate`) stays under the 48 MiB limit. The TPU entries are picks
-from compile-only bundle counts (benchmarks/tpu_schedule.py), not timings; the kernels compile
-with libtpu for v5p over the whole b x d grid (tests/test_pallas_ttt.py, where libtpu is
-installed), and for v5e and v6e at the table's sizes (benchmarks/results). Replace the entries
-with measured values and say so beside each entry.
+tiles padded to (8, 128): `tpu_layout.vmem_estimate`) stays under the 48 MiB limit. The TPU
+entries are picks from compile-only bundle counts (benchmarks/tpu_schedule.py), not timings;
+the kernels compile with libtpu for v5p over the whole b x d grid (tests/test_pallas_ttt.py,
+where libtpu is installed), and for v5e and v6e at the table's sizes (benchmarks/results).
+Replace the entries with measured values and say so beside each entry.
 """
 
 from __future__ import annotations

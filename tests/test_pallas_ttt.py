@@ -560,6 +560,25 @@ def _cuda_plugin():
     pytest.skip(f"needs jax's CUDA plugin (not installed by .[test]): {e}")
 
 
+@pytest.mark.parametrize("kind,d", [("ttt_linear", 64), ("ttt_mlp", 32)])
+def test_triton_backward_compiles_for_h100(kind, d):
+  """The Triton backward kernel (its reverse loop with the group's last mini-batch apart) and
+  the recompute compile for an H100, ptxas included, at shapes whose backward runs as the
+  kernel (`gpu.backward_fits_kernel`), bf16 inputs, g = 16."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  assert gpu.backward_fits_kernel(kind, d)
+  mesh = Mesh(np.array(_cuda_plugin()[:1]), ("x",))
+  shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+            for s in _abstract_shapes(jnp.bfloat16, H=6, N=23, d=d, kind=kind)]
+  op = functools.partial(getattr(pk, kind), checkpoint_group=16,
+                         block_sizes=pk.BlockSizes(num_warps=8))
+  loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
+  with use_abstract_mesh(mesh.abstract_mesh):
+    lowered = jax.jit(jax.grad(loss, range(len(shapes)))).trace(*shapes).lower()
+  assert f"{kind}_backward_triton" in lowered.as_text()
+  lowered.compile()
+
+
 @pytest.mark.parametrize("group,P", [(16, 4), (1, 4), (16, 8), (1, 8)],
                          ids=["g16", "g1-stored_states", "g16-P8", "g1-P8"])
 def test_cluster_kernel_compiles_for_h100(group, P, d=64):

@@ -118,7 +118,8 @@ def _gpu_topology(name: str):
         f"--topology={name!r} needs jax's CUDA plugin for compile-only GPU devices (no GPU "
         "needed): pip install -e '.[cuda]' (or, without the CUDA libraries, pip install --no-deps "
         "jax-cuda12-plugin==$V jax-cuda12-pjrt==$V with V the jax version, plus "
-        f"nvidia-cudnn-cu12 for attention_backend=cudnn). jax said: {e}") from e
+        "nvidia-cudnn-cu12, and set JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 so that the plugin loads "
+        f"without the other CUDA libraries). jax said: {e}") from e
 
 
 def get_topology(name: str) -> Topology:

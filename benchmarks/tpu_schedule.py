@@ -14,7 +14,8 @@ One JSON line per kernel: the innermost loops' bundles a mini-batch of one head 
 `BlockSizes.interleave_heads`, counts as 1 / heads_per_step of its bundles each), the grid
 step's bundles outside them (`step_overhead_bundles`, shared by the k x heads_per_step
 mini-batches of a forward step or the g x heads_per_step of a backward group),
-`bundles_per_mini_batch` (per head, overhead shared out), and how busy each VLIW unit is in the loops (`unit_ops_per_bundle`: MXU pushes
+`bundles_per_mini_batch` (per head, overhead shared out), and how busy each VLIW unit is in
+the loops (`unit_ops_per_bundle`: MXU pushes
 and matmuls, VALU, XLU, result pops, EUP, vector loads/stores and spills, from libtpu's
 per-bundle utilization dump). `pct_of_mxu_peak` is the dual-form matmul FLOPs of a mini-batch
 (`ttt_jax.ops.ttt_flops`; the backward counts 2x the forward's, as fwd+bwd = 3x fwd in

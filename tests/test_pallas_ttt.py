@@ -565,18 +565,25 @@ def test_triton_backward_compiles_for_h100(kind, d):
   """The Triton backward kernel (its reverse loop with the group's last mini-batch apart) and
   the recompute compile for an H100, ptxas included, at shapes whose backward runs as the
   kernel (`gpu.backward_fits_kernel`), bf16 inputs, g = 16."""
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec
   assert gpu.backward_fits_kernel(kind, d)
+  op = functools.partial(getattr(pk, kind), checkpoint_group=16,
+                         block_sizes=pk.BlockSizes(num_warps=8))
+  _, lowered = _lower_for_h100(op, kind, d)
+  assert f"{kind}_backward_triton" in lowered.as_text()
+  lowered.compile()
+
+
+def _lower_for_h100(op, kind, d):
+  """`op` and its gradient lowered for a compile-only H100 (jax's CUDA plugin) at the 5B layer's
+  per-GPU shape (6 heads, 23 mini-batches), bf16 inputs."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
   mesh = Mesh(np.array(_cuda_plugin()[:1]), ("x",))
   shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
             for s in _abstract_shapes(jnp.bfloat16, H=6, N=23, d=d, kind=kind)]
-  op = functools.partial(getattr(pk, kind), checkpoint_group=16,
-                         block_sizes=pk.BlockSizes(num_warps=8))
   loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
-  with use_abstract_mesh(mesh.abstract_mesh):
-    lowered = jax.jit(jax.grad(loss, range(len(shapes)))).trace(*shapes).lower()
-  assert f"{kind}_backward_triton" in lowered.as_text()
-  lowered.compile()
+  with use_abstract_mesh(mesh.abstract_mesh):  # the op's target: the H100, not this CPU
+    return tuple(jax.jit(f).trace(*shapes).lower()
+                 for f in (op, jax.grad(loss, range(len(shapes)))))
 
 
 @pytest.mark.parametrize("group,P", [(16, 4), (1, 4), (16, 8), (1, 8)],
@@ -586,19 +593,12 @@ def test_cluster_kernel_compiles_for_h100(group, P, d=64):
   and the op's gradient compile for an H100 at the 5B layer's shape per GPU (compile-only
   devices: jax's CUDA plugin, no GPU), with the backward's recompute (g = 16) and without
   (g = 1: the forward kernel stores bf16 states, one kernel in the gradient's module)."""
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec
-  mesh = Mesh(np.array(_cuda_plugin()[:1]), ("x",))
-  shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-            for s in _abstract_shapes(jnp.bfloat16, H=6, N=23, d=d)]
   op = functools.partial(pk.ttt_mlp, checkpoint_group=group, block_sizes=pk.BlockSizes(cluster=P))
-  loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
-  for f in (op, jax.grad(loss, range(len(shapes)))):
-    with use_abstract_mesh(mesh.abstract_mesh):  # the op's target: the H100, not this CPU
-      lowered = jax.jit(f).trace(*shapes).lower()
+  for is_grad, lowered in enumerate(_lower_for_h100(op, "ttt_mlp", d)):
     text = lowered.as_text()
     assert "ttt_mlp_forward_cluster" in text
-    assert ("ttt_mlp_backward_cluster" in text) == (f is not op)
-    if group == 1 and f is not op:
+    assert ("ttt_mlp_backward_cluster" in text) == bool(is_grad)
+    if group == 1 and is_grad:
       assert text.count("ttt_mlp_forward_cluster") == text.count("ttt_mlp_backward_cluster")
     lowered.compile()
 
@@ -647,9 +647,9 @@ def test_compiles_for_tpu_with_libtpu():
 
 @pytest.mark.parametrize("topology", ("v5e:1x1", "v6e:1x1"))
 def test_compiles_for_one_core_tpus_at_the_tables_sizes(topology):
-  """The table gives the one-TensorCore v5e and v6e four heads a step (two at d <= 64 in one
-  forward loop, a loop each at d = 128 on [b, d] tiles): libtpu compiles both kernels there at
-  the configs' checkpoint_group = 16."""
+  """The table gives the one-TensorCore v5e and v6e four heads a step (in one forward loop at
+  d <= 64, a loop each at d = 128 on [b, d] tiles): libtpu compiles both kernels there at the
+  configs' checkpoint_group = 16."""
   for d in (64, 128):
     _compile_for_tpu("ttt_mlp", num_devices=1, checkpoint_group=16, topology=topology, H=8,
                      N=32, b=64, d=d)

@@ -116,7 +116,7 @@ TABLE: tuple[tuple[tuple[str, str | None, int | None], BlockSizes], ...] = (
     # A v5p's two TensorCores split the grid's parallel steps: 12 heads in 3s make 4 steps, 2
     # a core, as 2s made 6 (3 a core), and 3 heads in one forward loop take 1.6-9.5% fewer
     # bundles than 2 at d <= 64 (d = 16, b = 64: 337.8 -> 305.8; d = 64, b = 64: 605.7 ->
-    # 595.9), backward 0-0.6%. At d = 128 (no interleaving) it keeps 2, within its 64 MiB.
+    # 595.9), backward 0-0.8%. At d = 128 (no interleaving) it keeps 2, within its 64 MiB.
     (("TPU v5", None, 128), _TPU_128),  # untuned
     (("TPU v6", None, 128), _ONE_CORE_128),  # untuned
     (("TPU v5", None, None), _V5P),  # untuned

@@ -168,10 +168,9 @@ def _backward_kernel(xq_ref, xk_ref, xv_ref, eta_ref, gamma_ref, beta_ref, *refs
 
   def vjp(t, carry, next_state=None):  # mini-batch t; next_state: the state after it
     ct_gamma, ct_beta, ct_state = carry
-    xs = tuple(x.astype(dtype) for x in at((xq_ref, xk_ref, xv_ref, eta_ref), t))
+    *xs, ct_out = (x.astype(dtype) for x in at((xq_ref, xk_ref, xv_ref, eta_ref, ct_out_ref), t))
     ct_state, *ct_x, ct_g, ct_b = step_vjp(kind, gamma, beta, eps, at(states, t), *xs, ct_state,
-                                           ct_out_ref[pl.ds(t, 1)][0].astype(dtype),
-                                           next_state=next_state)
+                                           ct_out, next_state=next_state)
     for r, c in zip(dx_refs, ct_x):
       r[pl.ds(t, 1)] = c.astype(r.dtype)[None]
     return ct_gamma + ct_g, ct_beta + ct_b, ct_state

@@ -69,7 +69,7 @@ cluster = 4 or 8 (the scratch must fit 227 KiB of shared memory: `smem_bytes`); 
 `gpu.forward` returns them (or W1, W2 in bf16: `weights_dtype`, the backward's stack of
 states). Mini-batch n + 1's inputs are loaded (TMA) while n is computed. The backward on the
 same split is `gpu_cluster_backward.py` (`gpu.backward` recomputes each group with this kernel,
-then sweeps it in reverse there); both run `gpu_cluster_lib.mini_batch`, the forward half of
+then sweeps it in reverse there); both run `gpu_cluster_step.mini_batch`, the forward half of
 a mini-batch. The recompute leaves out the output (`output=False`: XQ W1', gelu(Z1_bar),
 X2_bar W2', the [b, d] sum and LayerNorm; W2's step runs during (eta G2) W2^T instead), which
 the backward recomputes for its VJP anyway: 5,147 clocks a mini-batch on the latency timeline
@@ -93,8 +93,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW_LAYOUTS,
                                                 SMEM_LIMIT_BYTES, WGMMA, Cluster,
                                                 cluster_kernel, cols, fetch, load_col,
-                                                load_rows, mini_batch, normalize,
-                                                row_block, stage, swizzled)
+                                                load_rows, row_block, stage, swizzled)
+from pallas_kernels.ttt.gpu_cluster_step import mini_batch, normalize
 from pallas_kernels.ttt.tile import num_groups
 
 

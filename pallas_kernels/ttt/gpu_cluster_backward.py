@@ -8,7 +8,7 @@ this kernel runs the group in reverse (at checkpoint_group = 1 the forward saved
 one call runs the whole sequence: `gpu.stores_states`): CTA c of a (batch, head) holds the
 cotangent of its hidden slice of the state (dW1[:, slice], db1[slice], dW2[slice, :] in f32
 registers; db2 replicated), and for mini-batch t = g-1, ..., 0 it loads state t's slice,
-recomputes the mini-batch (`gpu_cluster_lib.mini_batch`, its two cluster sums, and the stepped
+recomputes the mini-batch (`gpu_cluster_step.mini_batch`, its two cluster sums, and the stepped
 state W1', W2' staged in bf16) and pulls the cotangents back through it.
 
 The VJP follows the primal form, f(XQ; W'): the cotangent of W' is the incoming one plus the
@@ -50,26 +50,17 @@ partial per CTA. Sums use slots 0, 1 (the forward's two), then 0, 2 (ct_eG2, ct_
 (slot, vector or shared tile) again only after passing a later cluster barrier than the one
 behind which its peers read it (`sum`'s and `share`'s barriers: seven a mini-batch).
 
-What keeps the loop short (`benchmarks/kernel_resources.py`, H100, jax 0.12.0.1): the rows split
-(12,249 SASS instructions to 8,228); `mini_batch` handing over gelu'(Z1), G1, Q = (G2 W2^T)
-gelu''(Z1) and gelu'(Z1_bar) from the tanh it computes anyway; the state cotangents accumulating
-in their own registers, with -eta G1, -eta G2 as the staged operands (every product with them is
-subtracted), so each cotangent is one accumulator; the primal form (7,571 to 7,283 clocks); W'
-from the next state (7,022 to 6,342). The matmuls (2,688 tensor clocks) are issued where their
-operands are ready and waited on where used (`gpu_cluster_lib.matmul_during`), and every product
-that nothing waits on soon goes to the longest stretch of CUDA-core work, the rows' LayerNorm-L2
-VJP: ct_X2's and ct_XK's terms from the steps, W2's cotangent step ct_P^T G2 and ct_XQ (whose
-sum then waits for ct_XK's exchange). The loop holds 255 registers a thread and spills; what the
-VJP uses only much later waits in shared memory instead (gelu'(Z1) and Q in bf16, G1 in f32 in
-the third partial-sum slot): a 2.4 KiB stack frame, 6,135 instructions and 135 clocks stalled,
-so a mini-batch takes about 6,270 clocks on the loop's timeline at an instruction a clock (the
-group's prologue and first step 8,122) but 18,790 on the latency timeline, with ptxas's stall
-clocks (6,257), seven cluster barriers (2,100 at an assumed 300) and the row statistics' shuffles
-(1,514) (prologue and first step: 21,676), 12.9% in the benchmarks' `ttt_flops` count (twice the
-forward's dual-form 1,215 clocks a CTA). Tried and slower on the timeline (before W' came from the
-next state): ct_Z1 or gelu'(Z1_bar) parked too (fewer instructions, more stalls), ct_W1' staged
-before ct_eG1 (the pure primal chain: 7,283), ct_out's rows kept in registers through the rows'
-work, and in the dual form P = G2 W2^T recomputed instead of keeping G1 and Q. Next: warp
+What keeps the loop short: the rows split; `mini_batch` handing over gelu'(Z1), G1, Q =
+(G2 W2^T) gelu''(Z1) and gelu'(Z1_bar) from the tanh it computes anyway; one accumulator for
+each state cotangent, with -eta G1, -eta G2 as the staged operands (every product with them is
+subtracted); matmuls issued where their operands are ready and waited on where used
+(`gpu_cluster_lib.matmul_during`), every product that nothing waits on soon (ct_X2's and ct_XK's
+terms from the steps, W2's cotangent step ct_P^T G2, ct_XQ) beside the longest stretch of
+CUDA-core work, the rows' LayerNorm-L2 VJP; what the VJP uses only much later parked in shared
+memory (gelu'(Z1) and Q in bf16, G1 in f32 in the third partial-sum slot). The loop still holds
+255 registers a thread and spills (a 2.4 KiB stack frame). The measured steps
+(`benchmarks/kernel_resources.py`: 18,790 clocks a mini-batch on the latency timeline at
+cluster = 4) and what was tried and lost are in the README's Benchmark section. Next: warp
 specialisation (a second warpgroup holding the state cotangents and their matmuls would take 64
 registers a thread off this one; every warp must then join the cluster barriers, or they become
 mbarrier based).
@@ -105,10 +96,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.ttt import gpu_cluster
 from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW, SMEM_LIMIT_BYTES,
-                                                WGMMA, Cluster, cluster_kernel, cols,
-                                                fetch, ln_backward, load_col, load_rows,
-                                                matmul_during, mini_batch,
-                                                normalize, row_block, rows, stage, swizzled)
+                                                WGMMA, Cluster, cluster_kernel, cols, fetch,
+                                                load_col, load_rows, matmul_during, row_block,
+                                                rows, stage, swizzled)
+from pallas_kernels.ttt.gpu_cluster_step import (ln_backward, ln_l2_grad_vjp, mini_batch,
+                                                 normalize)
 
 
 def smem_bytes(b: int, d: int, cluster: int, interpret: bool = False) -> int:
@@ -155,26 +147,6 @@ def _scratch(b, d, cluster, interpret):
       plgpu.Barrier(num_arrivals=1),
       plgpu.ClusterBarrier(collective_axes=("cluster",)),
   )
-
-
-def _ln_l2_grad_vjp(z, target, gamma, beta, eps, G, ct_G, more_gamma=0, more_beta=0):
-  """VJP of `gpu_cluster_lib.ln_l2_grad` (G = LNback(x_hat, rstd, u), u = gamma (gamma x_hat +
-  beta - target), given as computed by the forward): the cotangents of z, target, gamma [d]
-  and beta [d] given ct_G [b, d]; more_gamma, more_beta [b, d]: other per-row terms of the
-  last two, summed over the rows with them (one column sum each). LNback is self-adjoint in u;
-  x_hat and rstd are then differentiated through z."""
-  bd = z.shape
-  d = bd[1]
-  mean = lambda v: rows(v.sum(axis=1) / d, bd)
-  x_hat, rstd = normalize(z, eps)
-  g_, b_ = cols(gamma, bd), cols(beta, bd)
-  u = g_ * (g_ * x_hat + b_ - target)
-  ct_u = ln_backward(x_hat, rstd, ct_G)
-  r = rows(rstd, bd)
-  ct_x_hat = g_ * g_ * ct_u - r * (mean(u * x_hat) * ct_G + mean(ct_G * x_hat) * u)
-  ct_z = ln_backward(x_hat, rstd, ct_x_hat) - r * mean(ct_G * G) * x_hat
-  ct_gamma = (ct_u * (2 * g_ * x_hat + b_ - target) + more_gamma).sum(axis=0)
-  return ct_z, -g_ * ct_u, ct_gamma, (ct_u * g_ + more_beta).sum(axis=0)
 
 
 def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
@@ -340,7 +312,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       # fp = d; the next mini-batch's ct_out is loaded over cto_s before the sum).
       ctq_s.at[block.ds][...] = plgpu.load(cto_s.at[block.ds], layout=block.layout)
       # G2 = LN-L2 gradient of Z2 = X2 W2 + b2 at target XV - XK; X2 = gelu(Z1 = XK W1 + b1).
-      ct_Z2, ct_T, dgamma, dbeta = _ln_l2_grad_vjp(
+      ct_Z2, ct_T, dgamma, dbeta = ln_l2_grad_vjp(
           r.Z2, load_rows(xv_s, block) - load_rows(xk_s, block),
           load_col(vec_s.at[0], block.col), load_col(vec_s.at[1], block.col),
           eps, r.G2, ct_G2, ct_gamma_out, load_rows(cto_s, block))

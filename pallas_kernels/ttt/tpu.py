@@ -36,10 +36,16 @@ scheduler to interleave: at two heads 2-12% fewer bundles at d <= 64 on v5p, v5e
 (d = 64, b = 64 on a v5p: 618.5 -> 589; 582 at the table's 3 heads), 1-8% more at d = 128
 ("bd" tiles). The backward keeps a loop per head: interleaved the same way (a state stack per
 head), its bundles a mini-batch moved by -5% to +8% over d <= 64 on a v5p (its reverse loop
-already spills); with each head's recompute in one loop beside the previous head's reverse, by
--9% to +8% over the shape grid on v5p, v5e and v6e (-2.6% at d = b = 64 on a v5p). The
-matmuls take operands of the inputs' dtype (`tile.mlp_update`'s `operands`: bf16 inputs make
-bf16 operands with f32 accumulation, as the reference's kernel; the state stays f32).
+already spills); and with each head's recompute in one loop beside the previous head's reverse,
+by -9% to +8% over the shape grid on v5p, v5e and v6e (-2.6% at d = b = 64 on a v5p). With each
+mini-batch's output VJP in the recompute loop (a stack of its state cotangents, the reverse
+loop left with the update's), +3.1%, +8.8%, -4% at d = 64, 32, 16 (b = 64, v5p): not kept. Not
+kept in the forward either: passing XK and XQ as [b, d] rows too (Z1's and the output's
+products then skip the XLU transposes of their left operands) took the XLU from 0.165 ops a
+bundle to 0.068 and the bundles by only -2.2%, -1.1%, +1.6% at d = 64, 32, 16 (b = 64, v5p):
+the XLU does not bound the loop. The matmuls take operands of the inputs' dtype
+(`tile.mlp_update`'s `operands`: bf16 inputs make bf16 operands with f32 accumulation, as the
+reference's kernel; the state stays f32).
 
 Backward, grid (B, H / hb, G) with the group axis 'arbitrary' and walked last group first. Each
 step recomputes its group's states from the saved one (`tile.update`: no outputs), keeping the

@@ -28,6 +28,12 @@ export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 if ! "$PY" -c "import ml_collections" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps "$ROOT"/.whl/ml_collections-*.whl
 fi
+if ! "$PY" -c "import ml_collections" 2>/dev/null; then  # the benchmarks' configs need it
+  echo "gpu_session.sh: ml_collections is missing and .whl/ holds no wheel of it: on the dev" \
+    "machine run 'pip download --no-deps ml-collections nvidia-cuda-nvdisasm -d .whl' and" \
+    "pass carry=[\".whl\"] to the device call. Nothing was run." | tee "$OUT/summary.txt"
+  exit 2
+fi
 if ! command -v nvdisasm > /dev/null && ls "$ROOT"/.whl/nvidia_cuda_nvdisasm-*.whl > /dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps "$ROOT"/.whl/nvidia_cuda_nvdisasm-*.whl
 fi

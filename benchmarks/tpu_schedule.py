@@ -14,16 +14,16 @@ One JSON line per kernel: the innermost loops' bundles a mini-batch of one head 
 `BlockSizes.interleave_heads`, counts as 1 / heads_per_step of its bundles each), the grid
 step's bundles outside them (`step_overhead_bundles`, shared by the k x heads_per_step
 mini-batches of a forward step or the g x heads_per_step of a backward group),
-`bundles_per_mini_batch` (per head, overhead shared out), and how busy each VLIW unit is in
-the loops (`unit_ops_per_bundle`: MXU pushes
-and matmuls, VALU, XLU, result pops, EUP, vector loads/stores and spills, from libtpu's
-per-bundle utilization dump). `pct_of_mxu_peak` is the dual-form matmul FLOPs of a mini-batch
-(`ttt_jax.ops.ttt_flops`; the backward counts 2x the forward's, as fwd+bwd = 3x fwd in
-ttt_kernels.py) over bundles x the TensorCore's MXU FLOPs a clock (`CHIPS`, from published
-peaks: an assumption, not a reading). Inputs are bf16 (the kernels' matmul operands then too)
-unless `--dtype=float32` (f32 operands at jax's default precision: one bf16 pass on the MXU);
-`--precision=highest` traces under `jax.default_matmul_precision("highest")`, which makes the
-f32 products six passes, as all of them were before the kernels followed jax's default.
+`bundles_per_mini_batch` (per head, overhead shared out), and how busy each VLIW unit is in the
+loops (`unit_ops_per_bundle`: MXU pushes and matmuls, VALU, XLU, result pops, EUP, vector
+loads/stores and spills, from libtpu's per-bundle utilization dump). `pct_of_mxu_peak` is the
+dual-form matmul FLOPs of a mini-batch (`ttt_jax.ops.ttt_flops`; the backward counts 2x the
+forward's, as fwd+bwd = 3x fwd in ttt_kernels.py) over bundles x the TensorCore's MXU FLOPs a
+clock (`CHIPS`, from published peaks: an assumption, not a reading). Inputs are bf16 (the
+kernels' matmul operands then too) unless `--dtype=float32` (f32 operands at jax's default
+precision: one bf16 pass on the MXU); `--precision=highest` traces under
+`jax.default_matmul_precision("highest")`, which makes the f32 products six passes, as all of
+them were before the kernels followed jax's default.
 
   python benchmarks/tpu_schedule.py                                   # v5p, v5e, v6e
   python benchmarks/tpu_schedule.py --topologies=v5p-2 --dtype=float32 --precision=highest

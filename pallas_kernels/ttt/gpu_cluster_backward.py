@@ -11,15 +11,8 @@ registers; db2 replicated), and for mini-batch t = g-1, ..., 0 it loads state t'
 recomputes the mini-batch (`gpu_cluster_step.mini_batch`, its two cluster sums, and the stepped
 state W1', W2' staged in bf16) and pulls the cotangents back through it.
 
-The VJP follows the primal form, f(XQ; W'): the cotangent of W' is the incoming one plus the
-output's (ct_W2' = CW2 + X2_bar^T D2, ct_W1' = CW1 + XQ^T D1, with D2, D1 the cotangents of
-Z2_bar, Z1_bar), staged once, and every product with it pulls it back through the step
-W' = W - X^T eG: ct_X2 gets -eG2 ct_W2'^T, ct_eG2 gets -X2 ct_W2', and likewise for XK and eG1.
-So ct_X2_bar = D2 W2'^T and ct_XQ = D1 W1'^T, and no [b, b] Gram matrix, M = D2 eG2^T or its
-cotangent is formed: 23 matmuls instead of the dual form's 31 (21 where W' is at hand, below).
-One Gram matrix is kept:
-ct_eG1 = -(XK CW1 + (XQ XK^T)^T D1 + ct_b1'), which does not wait for ct_W1' to be staged
-(the chain D1 -> ct_eG1 -> ct_P -> ct_G2 gates the rows' work).
+The VJP of the mini-batch (its derivation, its cluster exchanges, what keeps it short) is
+`gpu_cluster_vjp.mini_batch_vjp`; this module is the kernel around it.
 
 W' = (W1', b1', W2', b2') of mini-batch t is the state after t, which mini-batch t + 1, swept
 just before, read as its W: each step copies it into W''s tiles at its start (the first, t =
@@ -28,37 +21,7 @@ step again (`mini_batch`'s `stepped`), so Z1_bar = XQ W1' starts with Z1, gelu(Z
 during X2 W2 (gelu'(Z1_bar) waits in D1's tile) and X2_bar W2' with G2 W2^T. The first step
 is traced apart from the loop over the others, so that the loop has no branch on the step.
 
-The VJP is written out by hand (jax.vjp's graph does not survive Mosaic GPU's layout
-inference); its derivation follows the forward line by line, and the tests compare it with the
-pure op's autodiff. Everything a hidden slice contributes to a [b, d] quantity is a partial sum
-over the cluster, so the backward adds two more exchanges through distributed shared memory:
-
-  ct_G2 = eta * (sum_c ct_eG2_c - db2') + sum_c (ct_G1_c * gelu'(Z1_c)) W2_c
-          (G2 feeds every slice's G1 and the W2 update; needed before LayerNorm-L2's VJP; db2'
-          is b2's cotangent so far, which meets eG2 through colsum(eG2))
-  ct_XQ, ct_XK, ct_eta: sums of the slices' parts (XQ and XK meet every W1 slice), in the
-          step's last exchange
-
-As in the forward, the [b, d] work is split by rows (`gpu_cluster_lib.row_block`): each sum
-gives CTA c its 16 rows only, and c computes the LayerNorm VJPs (the output's D2 and
-LayerNorm-L2's) on them, shares D2 and ct_Z2 (wgmma operands of every slice) with
-`Cluster.share`, and writes its rows of d XQ, d XK, d XV and d eta. The column sums over the
-rows (b2's cotangent, which every CTA needs at once, goes into the next exchange as "v"; the
-LayerNorm parameters' cotangents are returned per CTA and summed by `backward_group`) are
-partial per CTA. Sums use slots 0, 1 (the forward's two), then 0, 2 (ct_eG2, ct_P), then 2, 1
-(ct_XK, ct_XQ), so that no barrier has to end a mini-batch: a CTA writes each exchange buffer
-(slot, vector or shared tile) again only after passing a later cluster barrier than the one
-behind which its peers read it (`sum`'s and `share`'s barriers: seven a mini-batch).
-
-What keeps the loop short: the rows split; `mini_batch` handing over gelu'(Z1), G1, Q =
-(G2 W2^T) gelu''(Z1) and gelu'(Z1_bar) from the tanh it computes anyway; one accumulator for
-each state cotangent, with -eta G1, -eta G2 as the staged operands (every product with them is
-subtracted); matmuls issued where their operands are ready and waited on where used
-(`gpu_cluster_lib.matmul_during`), every product that nothing waits on soon (ct_X2's and ct_XK's
-terms from the steps, W2's cotangent step ct_P^T G2, ct_XQ) beside the longest stretch of
-CUDA-core work, the rows' LayerNorm-L2 VJP; what the VJP uses only much later parked in shared
-memory (gelu'(Z1) and Q in bf16, G1 in f32 in the third partial-sum slot). The loop still holds
-255 registers a thread and spills (a 2.4 KiB stack frame). The measured steps
+The loop holds 255 registers a thread and spills (a 2.4 KiB stack frame). The measured steps
 (`benchmarks/kernel_resources.py`: 18,790 clocks a mini-batch on the latency timeline at
 cluster = 4) and what was tried and lost are in the README's Benchmark section. Next: warp
 specialisation (a second warpgroup holding the state cotangents and their matmuls would take 64
@@ -95,12 +58,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.ttt import gpu_cluster
-from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, ROW, SMEM_LIMIT_BYTES,
-                                                WGMMA, Cluster, cluster_kernel, cols, fetch,
-                                                load_col, load_rows, matmul_during, row_block,
-                                                rows, stage, swizzled)
-from pallas_kernels.ttt.gpu_cluster_step import (ln_backward, ln_l2_grad_vjp, mini_batch,
-                                                 normalize)
+from pallas_kernels.ttt.gpu_cluster_lib import (MOSAIC_RESERVE_BYTES, SMEM_LIMIT_BYTES, WGMMA,
+                                                Cluster, cluster_kernel, fetch, load_col,
+                                                row_block, stage, swizzled)
+from pallas_kernels.ttt.gpu_cluster_step import mini_batch
+from pallas_kernels.ttt.gpu_cluster_vjp import mini_batch_vjp
 
 
 def smem_bytes(b: int, d: int, cluster: int, interpret: bool = False) -> int:
@@ -172,16 +134,14 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   w2_hid = lambda ref: gpu_cluster.w2_slice(ref, hid, d, cluster)
   if tr:
     xkn_s, ctq_s, dxv_s, part_s, g1_s, cws_s, *rest = rest
-  else:  # fp = d: tiles dead by then hold these (see `load`, `rows_work` and `xk_sum`)
+  else:  # fp = d: tiles dead by then hold these (see `load` and `gpu_cluster_vjp`)
     part_s, *rest = rest
     xkn_s, ctq_s, dxv_s, g1_s = w1p_s, x2bar_s, w2p_s, part_s.at[2]
     cws_s = part_s  # slots 0, 1: the state cotangent's staging at the start and the end
   (recv_s, eta_s, b1_s, b2_s, deta_s, parte_s, recve_s, vb1_s, vb2_s, partv_s, recvv_s,
    vec_s, ctln_s, b1n_s, b2n_s, init_bar, load_bar, recv_bar, cbar) = rest
   f32 = jnp.float32
-  bd, bf = (b, d), (b, fp)
   block = row_block(c, b, d, cluster)  # the CTA's rows of the [b, d] work
-  eta_block = block._replace(layout=block.row)  # and of [b] vectors
   # Exchange buffers: slots 0-2 [b, d], "eta" [b] and "v" [d] (vectors' partial sums;
   # `mini_batch`'s backward sums no "db2": b2' comes with the next state).
   vecs = {"eta": (parte_s, xche_g, recve_s), "v": (partv_s, xchv_g, recvv_s)}
@@ -207,13 +167,20 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   # of them cost 96 registers at n = 64, which spilled. A warpgroup barrier (`stage`, `matmul`
   # operands' commit) separates each store from the other threads' next load of the vector.
 
+  # The buffers `mini_batch` and `mini_batch_vjp` take (Q is parked in ct_P's tile).
+  bufs = types.SimpleNamespace(
+      xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s, x2_bar=x2bar_s,
+      neg_eg1=neg_eg1_s, neg_eg2=neg_eg2_s, g2=g2_s, w1_new=w1p_s, w2_new=w2p_s, attn=attn_s,
+      dx2=dx2_s, q=ctp_s, g1=g1_s, ln=vec_s, eta=eta_s, d1=d1_s, cto=cto_s, d2=d2_s,
+      cw1=cw1_s, cw2=cw2_s, ctp=ctp_s, ctq=ctq_s, dxv=dxv_s, part=part_s, vb1=vb1_s,
+      vb2=vb2_s, ctln=ctln_s, deta=deta_s)
+
   def load(t, ahead):
     """Mini-batch t's inputs, TMA, arriving on load_bar. Ahead (issued during mini-batch
     t + 1, once it has read them): XK, W1 and W2 go to tiles dead by then (those of W1' and
     its cotangent, ct_P's; XK to its own where fp < d) and are copied into their own at t's
-    start, since their own
-    are read until t + 1's end (the three pairs as alternating slots cost 315 more
-    instructions a step in dynamic wgmma descriptors; the copies about 60)."""
+    start, since their own are read until t + 1's end (the three pairs as alternating slots
+    cost 315 more instructions a step in dynamic wgmma descriptors; the copies about 60)."""
     tiles = (xkn_s, cw1_s, ctp_s) if ahead else (xk_s, w1_s, w2_s)
     fetch([(xq_g.at[i, h, t], xq_s), (xv_g.at[i, h, t], xv_s), (cto_g.at[i, h, t], cto_s),
            (eta_g.at[i, h, t], eta_s), (b1_g.at[i, h, t, 0, hid], b1_s),
@@ -222,7 +189,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
           load_bar, wait=False)
 
   def step(k, carry, first=False):
-    CW1, CW2 = carry  # cotangents of W1, W2 after mini-batch t (b1, b2: vb1_s, vb2_s)
+    # carry: (CW1, CW2), the cotangents of W1, W2 after mini-batch t (b1's, b2's: vb1_s, vb2_s)
     t = g - 1 - k
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's outputs have left
     if first:
@@ -233,133 +200,19 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
       stage(*((dst, plgpu.load(src, layout=WGMMA)) for src, dst in
               ((xkn_s, xk_s), (w1_s, w1p_s), (cw1_s, w1_s), (w2_s, w2p_s), (ctp_s, w2_s))))
     stepped = (load_col(b1n_s), load_col(b2n_s, block.col))  # b1', b2'
-    bufs = types.SimpleNamespace(xq=xq_s, xk=xk_s, xv=xv_s, w1=w1_s, w2=w2_s, x2=x2_s,
-                                 x2_bar=x2bar_s, neg_eg1=neg_eg1_s, neg_eg2=neg_eg2_s,
-                                 g2=g2_s, w1_new=w1p_s, w2_new=w2p_s, attn=attn_s, dx2=dx2_s,
-                                 q=ctp_s, g1=g1_s, ln=vec_s, eta=eta_s, d1=d1_s)
     r = mini_batch(bufs, b1, b2, eps, cl, block, interpret=interpret, stepped=stepped,
                    w2_transposed=tr)
     # b1, b2 at t for t - 1 (its b1', b2'), past mini_batch's warpgroup barriers: every
     # thread has read b1n_s, b2n_s, and the next step reads them past more.
     b1n_s[...], b2n_s[...] = b1, b2
-    T = lambda ref: ref.transpose((1, 0))
-    # A W2-shaped tile as the [fp, d] and the [d, fp] operand; a step of W2's cotangent,
-    # CW2 += A^T B (A [b, fp], B [b, d]), as CW2^T += B^T A at tr.
-    fd, df = ((T, lambda ref: ref) if tr else (lambda ref: ref, T))
-    cw2_step = lambda a, b_: (T(b_), a) if tr else (T(a), b_)
-    dX2 = lambda: plgpu.load(dx2_s, layout=WGMMA).astype(f32)  # gelu'(Z1), loaded where used
-    rd = r.Z2.shape  # [rows, d]: the CTA's rows of the [b, d] work
-    col = lambda ref: cols(load_col(ref, block.col), rd)  # a [d] vector, broadcast
-
-    def add_col(ref, v):  # accumulate into a [d] vector in shared memory
-      ref[...] = load_col(ref, block.col) + v
-
-    # out = XQ + gamma * x_hat(Z2_bar) + beta: D2 = ct of Z2_bar, on the CTA's rows, shared.
-    x_hat, rstd = normalize(r.Z2_bar, eps)
-    ct_out = load_rows(cto_s, block)
-    ct_gamma_out = ct_out * x_hat  # [rows, d], summed over the rows with LN-L2's part
-    D2 = ln_backward(x_hat, rstd, ct_out * col(vec_s.at[0]))
-    dD2 = D2.sum(axis=0)  # [d], the rows' part of b2's cotangent
-    cl.share(block, (d2_s, D2))
-    stage((cw1_s, CW1))
-
-    # Z2_bar = X2_bar W2' + b2': ct_X2_bar = D2 W2'^T, and the cotangent of W2' is
-    # CW2 + X2_bar^T D2 (staged: every later product with it pulls it back through W2's step
-    # W2' = W2 - X2^T eG2). Z1_bar = XQ W1' + b1': D1 = ct of Z1_bar, and W1' likewise.
-    def d1(done):  # D1 and ct_b1', while XK's term of ct_eG1 and ct_W2' are computed
-      D1 = done(0) * plgpu.load(d1_s, layout=WGMMA).astype(f32)  # gelu'(Z1_bar), parked
-      stage((d1_s, D1))
-      Cb1 = load_col(vb1_s) + D1.sum(axis=0)
-      vb1_s[...] = Cb1
-      stage((cw2_s, done(2)))
-      return Cb1
-    Cb1, (_, ct_eG1, CW2) = matmul_during(
-        [(bf, [(d2_s, df(w2p_s))]), (bf, [(xk_s, cw1_s)]), (CW2, [cw2_step(x2bar_s, d2_s)])], d1,
-        interpret)
-
-    # W1' = W1 - XK^T eG1, b1' = b1 - colsum(eG1): ct_eG1 = -(XK ct_W1' + ct_b1'), with
-    # XK ct_W1' = XK CW1 + (XQ XK^T)^T D1 (not waiting for ct_W1' = CW1 + XQ^T D1 to be staged).
-    # eG1 = eta G1, G1 = (G2 W2^T) gelu'(Z1), eG2 = eta G2: ct_G2 summed over the cluster.
-    def g1(done):  # while -ct_eG2's part (from W2's step) and ct_W1' are computed
-      # eta, Q (parked in ct_P's tile) and gelu'(Z1) loaded while ct_eG1 is computed
-      eta, Q, dx2 = (plgpu.load(eta_s, layout=ROW), plgpu.load(ctp_s, layout=WGMMA),
-                     plgpu.load(dx2_s, layout=WGMMA))
-      ct_eG1 = -(done(0) + cols(Cb1, bf))
-      ct_G1 = rows(eta, bf) * ct_eG1
-      ct_Z1 = ct_G1 * Q.astype(f32)
-      stage((ctp_s, ct_G1 * dx2.astype(f32)))  # ct of P = G2 W2^T
-      # ct_eta: [b], this slice's part; ct_Z1: X2's share is added below.
-      return (ct_eG1 * plgpu.load(g1_s, layout=WGMMA)).sum(axis=1), ct_Z1
-    (ct_eta, ct_Z1), (_, neg_ct_eG2, CW1) = matmul_during(
-        [(ct_eG1, [(T(attn_s), d1_s)]), (bd, [(x2_s, fd(cw2_s))]), (CW1, [(T(xq_s), d1_s)])],
-        g1, interpret)
-
-    def publish(done):  # -ct_eG2 and ct_P summed while ct_P is computed; ct_W1' staged
-      stage((cw1_s, CW1))  # (ct_XQ waits for ct_XK's sum: only d XQ needs it)
-      return cl.sum((0, neg_ct_eG2, block), (2, lambda: done(0), block), ("v", dD2, block.col))
-    (ct_eG2, ct_P, dD2), _ = matmul_during([(bd, [(ctp_s, fd(w2_s))])], publish)
-    # b2's cotangent before its update is -(ct of colsum(eG2)), in Z2_bar and in b2's update.
-    vb2 = load_col(vb2_s, block.col) + dD2
-    vb2_s[...] = vb2
-
-    def rows_work(done):  # the [rows, d] work, while X2's and XK's other terms are computed
-      del done
-      ct_eG2_ = -(ct_eG2 + cols(vb2, rd))
-      eta_rows = plgpu.load(eta_s.at[block.ds], layout=block.row)
-      ct_G2 = rows(eta_rows, rd) * ct_eG2_ + ct_P
-      ct_eta_rows = (ct_eG2_ * r.G2).sum(axis=1)  # [rows]: eG2's share of ct_eta
-      # d XQ = ct_out + ct_XQ's sum: ct_out's rows wait in ctq_s (X2_bar's tile, dead now, where
-      # fp = d; the next mini-batch's ct_out is loaded over cto_s before the sum).
-      ctq_s.at[block.ds][...] = plgpu.load(cto_s.at[block.ds], layout=block.layout)
-      # G2 = LN-L2 gradient of Z2 = X2 W2 + b2 at target XV - XK; X2 = gelu(Z1 = XK W1 + b1).
-      ct_Z2, ct_T, dgamma, dbeta = ln_l2_grad_vjp(
-          r.Z2, load_rows(xv_s, block) - load_rows(xk_s, block),
-          load_col(vec_s.at[0], block.col), load_col(vec_s.at[1], block.col),
-          eps, r.G2, ct_G2, ct_gamma_out, load_rows(cto_s, block))
-      add_col(ctln_s.at[0], dgamma)
-      add_col(ctln_s.at[1], dbeta)
-      cl.share(block, (d2_s, ct_Z2))  # D2's tile: D2 is dead
-      return ct_eta_rows, ct_T, ct_Z2.sum(axis=0)
-    # X2 meets Z2 (W2) and W2's step (-eG2 ct_W2'^T); XK meets Z1 (W1) and W1's step
-    # (-eG1 ct_W1'^T). The terms without ct_Z2 or ct_Z1 are computed during the rows' work,
-    # with W2's cotangent step ct_P^T G2 and this slice's part of ct_XQ = D1 W1'^T.
-    (ct_eta_rows, ct_T, dZ2), (ct_X2, ct_XK, CW2, ct_XQ) = matmul_during(
-        [(bf, [(neg_eg2_s, df(cw2_s))]), (bd, [(neg_eg1_s, T(cw1_s))]),
-         (CW2, [cw2_step(ctp_s, g2_s)]), (bd, [(d1_s, T(w1p_s))])], rows_work, interpret)
-
-    def d1(done):  # ct_Z1, D1's tile, while W2's cotangent is accumulated
-      # XQ, XV, ct_out, eta, b1, b2 and the three tiles `load` uses are dead here (their last
-      # readers: the matmuls above, and rows_work before its cluster barrier): the next
-      # mini-batch's inputs are loaded during the rest of this one.
-      pl.when(k + 1 < g)(lambda: load(t - 1, ahead=True))
-      part_s.at[1][...] = ct_XQ  # published for xk_sum's exchange
-      ct_Z1_ = ct_Z1 + done(0) * dX2()
-      stage((d1_s, ct_Z1_))
-      return ct_Z1_
-    ct_Z1, (_, CW2) = matmul_during(
-        [(ct_X2, [(d2_s, df(w2_s))]), (CW2, [cw2_step(x2_s, d2_s)])], d1, interpret)
-    def xk_sum(done):  # while W1's cotangent is accumulated (it reads xk_s: written after)
-      vb1_s[...] = load_col(vb1_s) + ct_Z1.sum(axis=0)
-      dxv_s.at[block.ds][...] = ct_T.astype(dxv_s.dtype)  # d XV's rows, out below
-      ct_eta_, dZ2_, ct_XQ_, ct_XK_ = cl.sum(
-          ("eta", ct_eta, eta_block), ("v", dZ2, block.col), (1, None, block),
-          (2, lambda: done(0), block))
-      add_col(vb2_s, dZ2_)
-      return ct_XK_, ct_XQ_, ct_eta_
-    (ct_XK, ct_XQ, ct_eta), (_, CW1) = matmul_during(
-        [(ct_XK, [(d1_s, T(w1_s))]), (CW1, [(T(xk_s), d1_s)])], xk_sum, interpret)
-
-    # The CTA's rows of d XQ, d XK, d XV and d eta, out through tiles free now (ctq_s, XK's
-    # and dxv_s: X2_bar's and W2''s where fp = d; the next mini-batch writes them after these
-    # leave).
-    ctq_s.at[block.ds][...] = (load_rows(ctq_s, block) + ct_XQ).astype(ctq_s.dtype)
-    xk_s.at[block.ds][...] = (ct_XK - ct_T).astype(xk_s.dtype)
-    deta_s.at[block.ds][...] = ct_eta + ct_eta_rows
+    load_next = lambda: pl.when(k + 1 < g)(lambda: load(t - 1, ahead=True))
+    CW1, CW2 = mini_batch_vjp(bufs, r, carry, eps, cl, block, load_next, interpret=interpret,
+                              w2_transposed=tr)
     plgpu.commit_smem()
     for src, dst in ((ctq_s, dxq_g), (xk_s, dxk_g), (dxv_s, dxv_g), (deta_s, deta_g)):
       plgpu.copy_smem_to_gmem(src.at[block.ds], dst.at[i, h, t, block.ds])
 
-    return CW1, CW2  # (no barrier needed here: see the module docstring)
+    return CW1, CW2  # (no barrier needed here: see `gpu_cluster_vjp`'s docstring)
 
   # The first step apart (traced twice, the loop has no branch on k): it loads its inputs
   # itself, and its W' came with the prologue.

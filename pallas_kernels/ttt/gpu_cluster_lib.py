@@ -2,7 +2,7 @@
 `gpu_cluster_backward.py` backward): wgmma matmuls on shared-memory operands, the cluster's
 barriers and partial sums, and the [b, d] rows a CTA computes (`Rows`). The TTT math they run
 on a CTA's slice of the hidden width (`mini_batch`, the row statistics) is
-`gpu_cluster_step.py`.
+`gpu_cluster_step.py`, and the backward's VJP of it `gpu_cluster_vjp.py`.
 """
 from __future__ import annotations
 

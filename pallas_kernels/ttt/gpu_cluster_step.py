@@ -1,9 +1,9 @@
 """The TTT-MLP mini-batch on one CTA's slice of the hidden width, as the cluster kernels run it
 (`gpu_cluster.py` forward, `gpu_cluster_backward.py` backward; see `gpu_cluster.py` for the
 split and why it is exact): `mini_batch`, the forward half of one mini-batch, and the row
-statistics of the [b, d] work it and the backward's VJP share (LayerNorm, the LayerNorm-L2
-gradient and its VJP). The Mosaic GPU plumbing they run on (wgmma, the cluster's sums, `Rows`)
-is `gpu_cluster_lib.py`.
+statistics of the [b, d] work it and the backward's VJP (`gpu_cluster_vjp.py`) share
+(LayerNorm, the LayerNorm-L2 gradient and its VJP). The Mosaic GPU plumbing they run on
+(wgmma, the cluster's sums, `Rows`) is `gpu_cluster_lib.py`.
 """
 from __future__ import annotations
 

@@ -66,6 +66,22 @@ def ln_l2_grad_vjp(z, target, gamma, beta, eps, G, ct_G, more_gamma=0, more_beta
   return ct_z, -g_ * ct_u, ct_gamma, (ct_u * g_ + more_beta).sum(axis=0)
 
 
+def transpose(ref):
+  """A 2-D shared-memory ref seen transposed (a wgmma operand view; no data moves)."""
+  return ref.transpose((1, 0))
+
+
+def w2_operands(w2_transposed: bool):
+  """How a W2-shaped tile (W2, W2' or their cotangent: [fp, d], or W2^T [d, fp] where
+  `w2_transposed`) enters the wgmma products: (fd, df, step), where fd(ref) and df(ref) are the
+  tile as its [fp, d] and its [d, fp] operand, and step(A, B) is the operand pair of a
+  W2-shaped product A^T B (A [b, fp], B [b, d]), taken as B^T A for the transpose."""
+  same = lambda ref: ref
+  if w2_transposed:
+    return transpose, same, lambda a, b: (transpose(b), a)
+  return same, transpose, lambda a, b: (transpose(a), b)
+
+
 class Recompute(NamedTuple):
   """What `mini_batch` computes, the registers (f32) the backward differentiates through; the
   [., d] ones hold the CTA's `Rows`."""
@@ -116,11 +132,11 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
   b, d = s.xq.shape
   fp = s.w1.shape[1]
   bf, bd, rd = (b, fp), (b, d), (block.ds.size, d)
-  T = lambda ref: ref.transpose((1, 0))
+  T = transpose
   # W2 [fp, d] and W2^T [d, fp] as wgmma operands, and W2's step -X2^T eG2 (its transpose
   # -eG2^T X2 when the state holds W2^T).
-  w2, w2_t = (T(s.w2), s.w2) if w2_transposed else (s.w2, T(s.w2))
-  w2_step = (T(s.neg_eg2), s.x2) if w2_transposed else (T(s.x2), s.neg_eg2)
+  fd, df, w2_product = w2_operands(w2_transposed)
+  w2, w2_t, w2_step = fd(s.w2), df(s.w2), w2_product(s.x2, s.neg_eg2)
 
   # Z1 = XK W1 + b1; X2 = gelu(Z1); Z2 = X2 W2 + b2 (summed over the cluster).
   def gelu(Z1):
@@ -133,7 +149,7 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
     return gelu(done(0))
   if backward:  # and XQ XK^T (its VJP's Gram matrix), Z1_bar = XQ W1' + b1'
     (dX2, ddX2), (_, attn, Z1_bar) = matmul_during(
-        [(bf, [(s.xk, s.w1)]), ((b, b), [(s.xq, s.xk.transpose((1, 0)))]),
+        [(bf, [(s.xk, s.w1)]), ((b, b), [(s.xq, T(s.xk))]),
          (cols(stepped[0], bf), [(s.xq, s.w1_new)])], first, interpret)
   else:
     (dX2, ddX2), _ = matmul_during([(bf, [(s.xk, s.w1)])], first)
@@ -164,7 +180,7 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
       s.g1[...] = G1
       stage((s.neg_eg1, -(rows(plgpu.load(s.eta, layout=ROW), bf) * G1)))
     # Z2_bar = X2_bar W2' + b2', with G2 W2^T
-    w2_new = T(s.w2_new) if w2_transposed else s.w2_new
+    w2_new = fd(s.w2_new)
     _, (_, part) = matmul_during([(bf, [(s.g2, w2_t)]), (bd, [(s.x2_bar, w2_new)])], g1,
                                  interpret)
     Z2_bar, = cl.sum((1, part, block))
@@ -185,7 +201,7 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
         before_stage()
       stage((s.w2, W2))
       return -neg_eG1.sum(axis=0)  # db1 [fp]
-    db1, (W1,) = matmul_during([(W1, [(s.xk.transpose((1, 0)), s.neg_eg1)])], w2_new,
+    db1, (W1,) = matmul_during([(W1, [(T(s.xk), s.neg_eg1)])], w2_new,
                                interpret)
     stage((s.w1, W1))
     db2, = cl.sum(("db2", db2, block.col))
@@ -196,7 +212,7 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
   # W1' = W1 - XK^T eG1, b1' = b1 - colsum(eG1) (db1, summed while W1' is computed), and
   # Z1_bar = XQ W1' + b1'; W2' = W2 - X2^T eG2 during gelu(Z1_bar).
   colsum = lambda done: -neg_eG1.sum(axis=0)  # db1 [fp]
-  db1, (W1,) = matmul_during([(W1, [(s.xk.transpose((1, 0)), s.neg_eg1)])], colsum, interpret)
+  db1, (W1,) = matmul_during([(W1, [(T(s.xk), s.neg_eg1)])], colsum, interpret)
   if before_stage:
     before_stage()
   stage((s.w1, W1))

@@ -55,7 +55,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.ttt.gpu_cluster_lib import (ROW, WGMMA, Cluster, Rows, cols, load_col,
                                                 load_rows, matmul_during, rows, stage)
 from pallas_kernels.ttt.gpu_cluster_step import (Recompute, ln_backward, ln_l2_grad_vjp,
-                                                 normalize)
+                                                 normalize, transpose, w2_operands)
 
 
 def mini_batch_vjp(s: types.SimpleNamespace, r: Recompute, carry, eps: float, cl: Cluster,
@@ -84,11 +84,10 @@ def mini_batch_vjp(s: types.SimpleNamespace, r: Recompute, carry, eps: float, cl
   b, d = s.xq.shape
   bf, bd = (b, s.w1.shape[1]), (b, d)
   eta_block = block._replace(layout=block.row)  # the CTA's rows of [b] vectors
-  T = lambda ref: ref.transpose((1, 0))
+  T = transpose
   # A W2-shaped tile as the [fp, d] and the [d, fp] operand; a step of W2's cotangent,
   # CW2 += A^T B (A [b, fp], B [b, d]), as CW2^T += B^T A at tr.
-  fd, df = ((T, lambda ref: ref) if tr else (lambda ref: ref, T))
-  cw2_step = lambda a, b_: (T(b_), a) if tr else (T(a), b_)
+  fd, df, cw2_step = w2_operands(tr)
   dX2 = lambda: plgpu.load(s.dx2, layout=WGMMA).astype(f32)  # gelu'(Z1), loaded where used
   rd = r.Z2.shape  # [rows, d]: the CTA's rows of the [b, d] work
   col = lambda ref: cols(load_col(ref, block.col), rd)  # a [d] vector, broadcast

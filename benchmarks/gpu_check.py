@@ -2,9 +2,11 @@
 
 For each kernel path (`cluster`: the Mosaic GPU forward and backward; `cluster-g1`: the same
 at checkpoint_group 1, every state stored and no recompute; `cluster8`: both on 8 CTAs a
-head, W2 held transposed; `triton`: the Triton forward with the XLA reverse sweep, as at
-d = 64; `triton-d32`: Triton forward and backward) it draws fresh random inputs, runs the op's
-output and its gradients, and compares them with `ttt_jax.ops.ttt_mlp` (the XLA scan) in
+head, W2 held transposed; `cluster-wg2`: the forward on two warpgroups a CTA, which share
+the input buffers and meet at the cluster barriers, the backward as `cluster`'s; `triton`:
+the Triton forward with the XLA reverse sweep, as at d = 64; `triton-d32`: Triton forward
+and backward) it draws fresh random inputs, runs the op's output and its gradients, and
+compares them with `ttt_jax.ops.ttt_mlp` (the XLA scan) in
 float32 at the highest matmul precision on the same bf16-rounded inputs, by ||x - ref|| /
 ||ref||. Each path runs on two independent input sets, and the first set twice: the kernels
 are deterministic, so a result that moves between identical runs points at a race (a missing
@@ -35,6 +37,7 @@ from ttt_jax import ops
 PATHS = {"cluster": (64, BlockSizes(cluster=4), None),
          "cluster-g1": (64, BlockSizes(cluster=4), 1),
          "cluster8": (64, BlockSizes(cluster=8), None),
+         "cluster-wg2": (64, BlockSizes(cluster=4, warpgroups=2), None),
          "triton": (64, BlockSizes(num_warps=8), None),
          "triton-d32": (32, BlockSizes(num_warps=4), None)}
 TOL = 2e-2  # bf16 operands against an f32 reference (measured 3e-3 to 8e-3 in the interpreter)

@@ -8,7 +8,8 @@
 #      forward+backward at 63 s with every state stored (checkpoint_group 1, no recompute);
 #      then the kernels on 4 and on 8 CTAs a head at 12 heads (a device's at tensor = 4), one
 #      wave each: whether 8 takes the four fifths of 4's time the static estimate says, and so
-#      whether the tuning table's wave_cluster holds;
+#      whether the tuning table's wave_cluster holds; then the forward at 63 s on one and on two
+#      warpgroups a CTA (`gpu_cluster.forward`'s warpgroups: what the two-warp timeline says);
 #   3. kernel_resources.py --topology=local: registers, spills, shared memory and the mini-batch
 #      loop's SASS instruction mix (nvidia-cuda-nvdisasm's wheel in .whl brings nvdisasm).
 # JSON lines and logs go to $OUT (the device tool brings them back); a summary is printed last,
@@ -50,16 +51,18 @@ stage() {  # name, seconds, command...
   echo "$name: rc=$? in $((SECONDS - t0)) s" >> "$OUT/summary.txt"
 }
 
-stage gpu_check 170 "$PY" gpu_check.py --paths=cluster,cluster-g1,cluster8,triton-d32 \
-  --out="$OUT/gpu_check.jsonl"
-stage ttt_kernels 250 "$PY" ttt_kernels.py --backend=gpu --gpu_cluster=4,0 --seconds=63,3 \
+stage gpu_check 160 "$PY" gpu_check.py \
+  --paths=cluster,cluster-g1,cluster8,cluster-wg2,triton-d32 --out="$OUT/gpu_check.jsonl"
+stage ttt_kernels 230 "$PY" ttt_kernels.py --backend=gpu --gpu_cluster=4,0 --seconds=63,3 \
   --out="$OUT/ttt_kernels.jsonl"
-stage ttt_kernels_g1 55 "$PY" ttt_kernels.py --backend=gpu --gpu_cluster=4 --impls=pallas \
+stage ttt_kernels_g1 50 "$PY" ttt_kernels.py --backend=gpu --gpu_cluster=4 --impls=pallas \
   --seconds=63 --modes=fwd_bwd --checkpoint_group=1 --out="$OUT/ttt_kernels.jsonl"
-stage ttt_kernels_waves 85 "$PY" ttt_kernels.py --backend=gpu --gpu_cluster=4,8 \
+stage ttt_kernels_waves 75 "$PY" ttt_kernels.py --backend=gpu --gpu_cluster=4,8 \
   --impls=pallas --heads=12 --seconds=63 --out="$OUT/ttt_kernels.jsonl"
+stage ttt_kernels_wg2 45 "$PY" ttt_kernels.py --backend=gpu --gpu_cluster=4 --gpu_warpgroups=2 \
+  --impls=pallas --seconds=63 --modes=fwd --out="$OUT/ttt_kernels.jsonl"
 stage kernel_resources 30 "$PY" kernel_resources.py --topology=local --cluster=4 \
-  --kernels=cluster_forward,cluster_backward --out="$OUT/kernel_resources.jsonl"
+  --kernels=cluster_forward,cluster_backward --warpgroups=2 --out="$OUT/kernel_resources.jsonl"
 
 cat "$OUT/gpu.txt" "$OUT/summary.txt"
 grep -E "FAILED|all passed" "$OUT/gpu_check.log"

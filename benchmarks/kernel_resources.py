@@ -39,10 +39,15 @@ waited, by what (`stall counts`, `HGMMA`, `cluster barrier`, an opcode: its resu
 `(operands)` its source registers being free); `prologue_latency_clocks` times what comes
 before the loop the same way (in the backward, a group's prologue and first step). It is the
 estimate to compare with a GPU run (`summarize.py --model`), which calibrates the assumed
-latencies; spills' memory traffic is still unmodelled.
+latencies; spills' memory traffic is still unmodelled. `--warpgroups=2` adds a row of the forward
+on two warpgroups a CTA (`gpu_cluster.forward`'s warpgroups): its timelines run the loop body
+for two warps on one scheduler (`_timeline`'s warps: one issue a clock between them, the
+tensor cores shared, each cluster barrier waiting for both), and its tensor clocks are the
+CTA's.
 
   python benchmarks/kernel_resources.py                      # the cluster kernels on 4 and 8
   python benchmarks/kernel_resources.py --out=benchmarks/results/h100-resources.jsonl
+  python benchmarks/kernel_resources.py --kernels=cluster_forward --cluster=4 --warpgroups=2
 """
 
 from __future__ import annotations
@@ -104,67 +109,93 @@ def _control(line: str) -> tuple[set[str], str | None, str | None, int]:
   return waits, None if read == "-" else read, None if write == "-" else write, int(stall)
 
 
-def _timeline(body, issue: bool = False, latency: bool = False) -> tuple[int, dict]:
-  """Clocks a loop body, (opcode, line) pairs, takes on a timeline of one warp (the kernels
-  run one warpgroup: one warp a scheduler, so nothing else issues in its gaps), and the clocks
-  it waits, by what it waits on. The tensor cores run the HGMMAs in order, each from when both
-  it is issued and the previous one is done, for N / 2 clocks (HGMMA.64xNx16); an HGMMA marked
-  gsb0 closes a group, and `WARPGROUP.DEPBAR.LE gsb0, k` stalls issue until all but the last k
-  groups are done. Issue: one instruction a clock, or with `issue` the stall clocks ptxas put
-  in each control code (the dependent fixed-latency chains). With `latency` also the waits on
-  variable-latency results (scoreboards, `LATENCY`) and cluster barriers
-  (`CLUSTER_BARRIER_CLOCKS`)."""
-  clock, busy_until, open_end, done_at = 0, 0, None, []
-  ready, producer, waited = {}, {}, {}
+def _timeline(body, issue: bool = False, latency: bool = False,
+              warps: int = 1) -> tuple[int, dict]:
+  """Clocks a loop body, (opcode, line) pairs, takes on a timeline of one warp scheduler, and
+  the clocks its first warp waits, by what it waits on. The kernels run one warpgroup a CTA,
+  one warp a scheduler, so nothing else issues in its gaps; `warps` > 1 runs that many copies
+  of the body (a CTA's warpgroups, which run the same code on their own slices) on the one
+  scheduler, each issuing when it may, at most one instruction a clock between them, and the
+  clocks are when the last finishes. The tensor cores run the HGMMAs in order, each from when
+  both it is issued and the previous one (any warp's) is done, for N / 2 clocks
+  (HGMMA.64xNx16); an HGMMA marked gsb0 closes a group, and `WARPGROUP.DEPBAR.LE gsb0, k`
+  stalls its warp until all but its last k groups are done. Issue: one instruction a clock, or
+  with `issue` the stall clocks ptxas put in each control code (the dependent fixed-latency
+  chains). With `latency` also the waits on variable-latency results (scoreboards, `LATENCY`)
+  and cluster barriers (`CLUSTER_BARRIER_CLOCKS` after the last warp arrives: the barrier
+  counts every thread of the cluster)."""
+  busy_until, free = 0, 0  # the tensor cores' queue; the scheduler's next free issue slot
+  w = [dict(pc=0, clock=0, open_end=None, done_at=[], ready={}, producer={}, waited={},
+            barrier=None) for _ in range(warps)]
+  arrivals = {}  # cluster barrier k -> the warps' arrival clocks
 
-  def wait_until(t, what):
-    nonlocal clock
-    if t > clock:
-      waited[what] = waited.get(what, 0) + t - clock
-      clock = t
-
-  for op, line in body:
-    waits, read, write, stall = _control(line)
+  def candidate(v):  # the clock warp v may issue its next instruction, and what it waits on
+    t, what = max(v["clock"], free), None
+    waits = _control(body[v["pc"]][1])[0]
     if latency and waits:
-      last = max(waits, key=lambda k: ready.get(k, 0))
-      wait_until(ready.get(last, 0), producer.get(last, "?"))
+      last = max(waits, key=lambda k: v["ready"].get(k, 0))
+      if v["ready"].get(last, 0) > t:
+        t, what = v["ready"][last], v["producer"].get(last, "?")
+    return t, what
+
+  def wait(v, t, what, until):
+    if until > t:
+      v["waited"][what] = v["waited"].get(what, 0) + until - t
+    return max(t, until)
+
+  while True:
+    live = [(candidate(v), v) for v in w if v["pc"] < len(body) and v["barrier"] is None]
+    if not live:
+      break
+    (t, what), v = min(live, key=lambda c: c[0][0])
+    op, line = body[v["pc"]]
+    _, read, write, stall = _control(line)
+    v["pc"] += 1
+    free = t + 1
+    at = wait(v, v["clock"], what, t) if what else t  # (the slot, not a wait, when what is None)
     if m := re.match(r"HGMMA\.64x(\d+)x16", op):
-      busy_until = max(clock, busy_until) + int(m.group(1)) // 2
-      open_end = busy_until
+      busy_until = max(at, busy_until) + int(m.group(1)) // 2
+      v["open_end"] = busy_until
       if "gsb0" in line.split(op, 1)[1]:
-        done_at.append(open_end)
-        open_end = None
+        v["done_at"].append(v["open_end"])
+        v["open_end"] = None
     elif op.startswith("WARPGROUP.DEPBAR") and (m := re.search(r"gsb0,\s*0x([0-9a-f]+)", line)):
-      keep = int(m.group(1), 16)
-      done, done_at = done_at[:max(0, len(done_at) - keep)], done_at[len(done_at) - keep:]
+      keep, done_at = int(m.group(1), 16), v["done_at"]
+      done, v["done_at"] = done_at[:max(0, len(done_at) - keep)], done_at[len(done_at) - keep:]
       if done:
-        wait_until(done[-1], "HGMMA")
-    elif latency and op.startswith("UCGABAR_WAIT"):
-      wait_until(clock + CLUSTER_BARRIER_CLOCKS, "cluster barrier")
+        at = wait(v, at, "HGMMA", done[-1])
+    step = max(1, stall) if issue else 1
+    if step > 1:
+      v["waited"]["stall counts"] = v["waited"].get("stall counts", 0) + step - 1
+    if latency and op.startswith("UCGABAR_WAIT"):  # the warp waits for the others' arrival
+      k = sum(1 for o, _ in body[:v["pc"]] if o.startswith("UCGABAR_WAIT"))
+      arrivals.setdefault(k, []).append(at)
+      v["barrier"], v["clock"] = k, at
+      if len(arrivals[k]) == warps:
+        release = max(arrivals[k]) + CLUSTER_BARRIER_CLOCKS
+        for u in w:
+          if u["barrier"] == k:
+            u["clock"] = wait(u, u["clock"], "cluster barrier", release) + step
+            u["barrier"] = None
+      continue
     if latency:
       name = op.split(".")[0]
       if write:
-        ready[write], producer[write] = clock + LATENCY.get(name, OTHER_LATENCY), name
+        v["ready"][write], v["producer"][write] = at + LATENCY.get(name, OTHER_LATENCY), name
       if read:
-        ready[read], producer[read] = clock + READ_LATENCY, name + " (operands)"
-    step = max(1, stall) if issue else 1
-    if step > 1:
-      waited["stall counts"] = waited.get("stall counts", 0) + step - 1
-    clock += step
-  return clock, waited
+        v["ready"][read], v["producer"][read] = at + READ_LATENCY, name + " (operands)"
+    v["clock"] = at + step
+  return max(v["clock"] for v in w), w[0]["waited"]
 
 
-def _exposed_tensor_clocks(body) -> int:
-  """Clocks a loop body stalls on its wgmmas at one instruction a clock (`_timeline`)."""
-  return _timeline(body)[1].get("HGMMA", 0)
 
-
-def loop_profile(sass: str) -> dict:
+def loop_profile(sass: str, warps: int = 1) -> dict:
   """The SASS loop whose body holds the most HGMMA instructions (a backward branch to an
   earlier label: the kernel's mini-batch loop; not the branches back from the out-of-line
-  barrier-wait retries that ptxas puts after EXIT): instruction and HGMMA counts, tensor clocks,
-  the clocks it stalls on them and the bounds they imply, and the two fuller timelines with
-  what they wait on (see the module docstring); {} if there is no such loop."""
+  barrier-wait retries that ptxas puts after EXIT): instruction and HGMMA counts (a warp's),
+  tensor clocks (the CTA's: `warps` warpgroups run the loop), the clocks it stalls on them and
+  the bounds they imply, and the two fuller timelines with what the first warp waits on (see
+  the module docstring); {} if there is no such loop."""
   labels, ops, targets = {}, [], []
   for line in sass.splitlines():
     if m := re.match(r"\s*(\.L_x_\d+):", line):
@@ -185,14 +216,15 @@ def loop_profile(sass: str) -> dict:
   if not best or not best[1]:
     return {}
   body, hgmma, start = best
-  tensor = sum(int(m.group(1)) // 2 for o in hgmma if (m := re.match(r"HGMMA\.64x(\d+)x16", o)))
-  exposed = _exposed_tensor_clocks(body)
-  issue_clocks, _ = _timeline(body, issue=True)
-  latency_clocks, waited = _timeline(body, issue=True, latency=True)
+  tensor = warps * sum(int(m.group(1)) // 2 for o in hgmma
+                       if (m := re.match(r"HGMMA\.64x(\d+)x16", o)))
+  clocks, on_hgmma = _timeline(body, warps=warps)  # an instruction a clock, HGMMA waits
+  issue_clocks, _ = _timeline(body, issue=True, warps=warps)
+  latency_clocks, waited = _timeline(body, issue=True, latency=True, warps=warps)
   return dict(loop_instructions=len(body), loop_hgmma=len(hgmma), loop_tensor_clocks=tensor,
-              tensor_bound_pct=round(100 * tensor / max(tensor, len(body)), 1),
-              loop_exposed_tensor_clocks=exposed, loop_clocks=len(body) + exposed,
-              serial_bound_pct=round(100 * tensor / (len(body) + exposed), 1),
+              tensor_bound_pct=round(100 * tensor / max(tensor, warps * len(body)), 1),
+              loop_exposed_tensor_clocks=on_hgmma.get("HGMMA", 0), loop_clocks=clocks,
+              serial_bound_pct=round(100 * tensor / clocks, 1),
               loop_issue_clocks=issue_clocks, loop_latency_clocks=latency_clocks,
               latency_bound_pct=round(100 * tensor / latency_clocks, 1),
               loop_waits=dict(sorted(waited.items(), key=lambda kv: -kv[1])),
@@ -223,11 +255,14 @@ def _compile(kernel: str, args) -> dict:
   from pallas_kernels.ttt import gpu_cluster, gpu_cluster_backward
   from ttt_jax import aot
 
+  if root := os.environ.get("TTT_NVDISASM_ROOT"):  # where Mosaic GPU looks for bin/nvdisasm
+    os.environ["MOSAIC_GPU_CUDA_ROOT"] = root  # (set from jax's CUDA path at its import)
+
   devices = jax.devices() if args.topology == "local" else aot.get_topology(args.topology).devices
   mesh = Mesh(np.array(devices[:1]), ("x",))
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(
       shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-  B, H, b, d, P = 1, args.heads, 64, 64, args.cluster
+  B, H, b, d, P, W = 1, args.heads, 64, 64, args.cluster, args.warpgroups
   f, bf16, f32 = 4 * d, jnp.bfloat16, jnp.float32
   state = lambda lead, w_dtype, w2=(f, d): (spec((*lead, d, f), w_dtype), spec((*lead, 1, f), f32),
                                             spec((*lead, *w2), w_dtype), spec((*lead, 1, d), f32))
@@ -235,7 +270,7 @@ def _compile(kernel: str, args) -> dict:
   if kernel == "cluster_forward":
     N, module = args.num_mini_batches, gpu_cluster
     fn = lambda *a: gpu_cluster.forward(*a, eps=1e-6, checkpoint_group=args.checkpoint_group,
-                                        cluster=P)
+                                        cluster=P, warpgroups=W)
     shapes = (*[spec((B, H, N, b, d), bf16)] * 3, spec((B, H, N, b), f32), ln, ln,
               state((H,), f32))
   elif kernel in ("cluster_recompute", "cluster_forward_g1"):  # every state saved
@@ -257,32 +292,34 @@ def _compile(kernel: str, args) -> dict:
   with use_abstract_mesh(mesh.abstract_mesh):
     jax.jit(fn).trace(*shapes).lower().compile()
   return dict(device_kind=devices[0].device_kind, jax=jax.__version__, batch=B, heads=H,
-              mini_batches=N, mini_batch=b, head_dim=d, cluster=P,
-              smem_estimate_bytes=module.smem_bytes(b, d, P),
+              mini_batches=N, mini_batch=b, head_dim=d, cluster=P, warpgroups=W,
+              smem_estimate_bytes=(gpu_cluster.smem_bytes(b, d, P, warpgroups=W)
+                                   if module is gpu_cluster else module.smem_bytes(b, d, P)),
               compile_s=round(time.perf_counter() - t0, 1))
 
 
-def measure(kernel: str, cluster: int, args) -> dict:
+def measure(kernel: str, cluster: int, args, warpgroups: int = 1) -> dict:
   """Runs the child for `kernel` on `cluster` CTAs a head with the dumps on; its row."""
   def dump_env(dump_dir):
     env = dict(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_RESOURCES="1",
                MOSAIC_GPU_DUMP_TO=dump_dir,  # compile-only: no CUDA runtime needed
                JAX_SKIP_CUDA_CONSTRAINTS_CHECK=os.environ.get("JAX_SKIP_CUDA_CONSTRAINTS_CHECK",
                                                               "1"))
-    if nvdisasm := find_nvdisasm():  # Mosaic GPU runs it from PATH for the SASS dump
+    if nvdisasm := find_nvdisasm():  # for Mosaic GPU's SASS dump: $MOSAIC_GPU_CUDA_ROOT/bin
       env.update(MOSAIC_GPU_DUMP_SASS="1", PATH=os.pathsep.join(
-          [os.path.dirname(nvdisasm), os.environ.get("PATH", "")]))
+          [os.path.dirname(nvdisasm), os.environ.get("PATH", "")]),
+                 TTT_NVDISASM_ROOT=os.path.dirname(os.path.dirname(nvdisasm)))
     return env
 
   argv = [f"--child={kernel}", f"--topology={args.topology}", f"--heads={args.heads}",
           f"--cluster={cluster}", f"--num_mini_batches={args.num_mini_batches}",
-          f"--checkpoint_group={args.checkpoint_group}"]
+          f"--checkpoint_group={args.checkpoint_group}", f"--warpgroups={warpgroups}"]
   row, log, dumps = compile_in_child(
       __file__, argv, dump_env, f"compiling {kernel}",
       lambda name: name.endswith((".ptxas", ".resources.txt", ".sass", ".sass_ctrl")))
   sass = "".join(t for n, t in dumps.items() if n.endswith((".sass", ".sass_ctrl")))
   return dict(bench="kernel_resources", kernel=kernel, topology=args.topology, **row,
-              **parse_dump(log + "".join(dumps.values())), **loop_profile(sass))
+              **parse_dump(log + "".join(dumps.values())), **loop_profile(sass, warpgroups))
 
 
 def main(argv=None):
@@ -294,6 +331,8 @@ def main(argv=None):
   p.add_argument("--cluster", default="4,8", help="CTAs per head, comma-separated: a row each")
   p.add_argument("--num_mini_batches", type=int, default=32)
   p.add_argument("--checkpoint_group", type=int, default=16)
+  p.add_argument("--warpgroups", type=int, default=1,
+                 help="2: also the forward with two warpgroups a CTA (cluster 4 only; a row)")
   p.add_argument("--out", default=None, help="append the JSON lines to this file too")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -305,12 +344,15 @@ def main(argv=None):
   if unknown := [k for k in kernels if k not in KERNELS]:
     raise SystemExit(f"--kernels: {unknown} not in {KERNELS}")
   out = open(args.out, "a") if args.out else None
-  for cluster in (int(c) for c in args.cluster.split(",")):
-    for kernel in kernels:
-      line = json.dumps(measure(kernel, cluster, args))
-      print(line, flush=True)
-      if out:
-        out.write(line + "\n")
+  rows = [(kernel, cluster, 1) for cluster in (int(c) for c in args.cluster.split(","))
+          for kernel in kernels]
+  if args.warpgroups > 1 and "cluster_forward" in kernels:
+    rows.append(("cluster_forward", 4, args.warpgroups))
+  for kernel, cluster, warpgroups in rows:
+    line = json.dumps(measure(kernel, cluster, args, warpgroups))
+    print(line, flush=True)
+    if out:
+      out.write(line + "\n")
 
 
 if __name__ == "__main__":

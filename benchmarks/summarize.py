@@ -68,22 +68,25 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-MODEL_COLUMNS = ("device", "seconds", "heads", "checkpoint_group", "gpu_cluster", "mode",
-                 "waves", "measured_clocks", "loop_clocks", "loop_issue_clocks",
+MODEL_COLUMNS = ("device", "seconds", "heads", "checkpoint_group", "gpu_cluster", "gpu_warpgroups",
+                 "mode", "waves", "measured_clocks", "loop_clocks", "loop_issue_clocks",
                  "loop_latency_clocks", "measured_over_latency")
 
 
 def model_check(rows: list[dict], resources: list[dict], clock_mhz: float, sms: int) -> list[dict]:
   """The cluster kernels' measured rows against kernel_resources' estimates of the same kernels
   (see the module docstring) on the same split: clocks a mini-batch, per CTA (each CTA runs its
-  chain's mini-batches in order, a wave after another)."""
-  model = {(r["kernel"], r["cluster"]): r for r in resources
+  chain's mini-batches in order, a wave after another). A row's forward on two warpgroups a CTA
+  (`gpu_warpgroups`) takes the estimate of that forward; the backward's kernels have one."""
+  model = {(r["kernel"], r["cluster"], r.get("warpgroups") or 1): r for r in resources
            if r.get("bench") == "kernel_resources" and "loop_latency_clocks" in r}
   out = []
   for r in rows:
     P, g, N = r.get("gpu_cluster"), r.get("checkpoint_group") or 1, r["num_mini_batches"]
     if not P or r["impl"] == "xla" or "(interpret)" in r["device"]:
       continue
+    W = r.get("gpu_warpgroups") or 1
+    model_of = lambda k: model.get((k, P, W if k == "cluster_forward" else 1))
     # (kernel, weight a mini-batch): the backward's loop runs all but the first step of a
     # group (of the whole sequence at g = 1), which its prologue does.
     first = 1 / (N if g == 1 else g)
@@ -93,18 +96,18 @@ def model_check(rows: list[dict], resources: list[dict], clock_mhz: float, sms: 
       parts = [("cluster_forward_g1", 1), ("cluster_backward", 1 - first)]
     else:
       parts = [("cluster_forward", 1), ("cluster_recompute", 1), ("cluster_backward", 1 - first)]
-    if any((k, P) not in model for k, _ in parts):
+    if any(model_of(k) is None for k, _ in parts):
       continue
-    fields = MODEL_COLUMNS[8:11]
-    estimate = {c: sum(w * model[k, P][c] for k, w in parts) for c in fields}
+    fields = MODEL_COLUMNS[9:12]
+    estimate = {c: sum(w * model_of(k)[c] for k, w in parts) for c in fields}
     if r["mode"] == "fwd_bwd":  # the prologue on timeline (c); (a), (b) count a loop step
-      m = model["cluster_backward", P]
+      m = model_of("cluster_backward")
       for c in fields:
         estimate[c] += first * m.get("prologue_latency_clocks" if c == fields[2] else c, m[c])
     per_wave = sms // P * P
     waves = -(-r["batch"] * r["heads"] * P // per_wave)
     measured = r["median_ms"] * 1e-3 * clock_mhz * 1e6 / (N * waves)
-    out.append(dict({c: r.get(c) for c in MODEL_COLUMNS[:6]}, waves=waves,
+    out.append(dict({c: r.get(c) for c in MODEL_COLUMNS[:7]}, gpu_warpgroups=W, waves=waves,
                     measured_clocks=round(measured),
                     **{c: round(v) for c, v in estimate.items()},
                     measured_over_latency=round(measured / estimate["loop_latency_clocks"], 2)))

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from bench_util import Emitter, default_matmul_size, device_fields, matmul_rate, time_fn
 from configs.default import get_config
 from pallas_kernels.ttt import get_block_sizes, gpu
+from pallas_kernels.ttt import gpu_cluster as gpu_cluster_kernel
 from pallas_kernels.ttt import op as pallas_op
 from ttt_jax import config as config_lib
 from ttt_jax import ops, sharding
@@ -50,9 +51,10 @@ def build(impl, mode, checkpoint_group, backend=None, block_sizes=None):
   return jax.jit(jax.grad(loss, argnums=tuple(range(10))))
 
 
-def variants(impls, gpu_cluster, tpu_steps, dtype, d):
+def variants(impls, gpu_cluster, tpu_steps, dtype, d, gpu_warpgroups=(1,)):
   """(impl label, block sizes or None) to time: "pallas" expands to one row per --gpu_cluster
-  value ("pallas-cluster4", "pallas-cluster8", "pallas-triton") and per
+  value ("pallas-cluster4", "pallas-cluster8", "pallas-triton"), and per --gpu_warpgroups
+  value > 1 where the cluster forward takes it ("pallas-cluster4-wg2"), and per
   --tpu_mini_batches_per_step value ("pallas-k8") when given, else it is the tuning table's
   choice. A --gpu_cluster value is the split of forward and backward, whatever the grid."""
   for impl in impls:
@@ -62,7 +64,11 @@ def variants(impls, gpu_cluster, tpu_steps, dtype, d):
     table = get_block_sizes(sharding.target_device()[1], jnp.dtype(dtype), d)
     for P in gpu_cluster or ():
       yield ((f"pallas-cluster{P}" if P else "pallas-triton"),
-             dataclasses.replace(table, cluster=P, wave_cluster=0))
+             dataclasses.replace(table, cluster=P, wave_cluster=0, warpgroups=1))
+      for W in gpu_warpgroups:
+        if W > 1 and P and gpu_cluster_kernel.supports("ttt_mlp", dtype, 64, d, P, W):
+          yield (f"pallas-cluster{P}-wg{W}",
+                 dataclasses.replace(table, cluster=P, wave_cluster=0, warpgroups=W))
     for k in tpu_steps or ():
       yield f"pallas-k{k}", dataclasses.replace(table, mini_batches_per_step=k)
 
@@ -89,6 +95,9 @@ def main(argv=None):
                  help="GPU: one pallas row per value, CTAs per head for the Mosaic GPU cluster "
                       "kernels, forward and backward (0: the Triton kernels); default: the "
                       "tuning table's")
+  p.add_argument("--gpu_warpgroups", type=csv(int), default=[1],
+                 help="GPU: also a pallas row per --gpu_cluster value and value here > 1, the "
+                      "cluster forward on that many warpgroups a CTA (where it takes it)")
   p.add_argument("--tpu_mini_batches_per_step", type=csv(int), default=None,
                  help="TPU: one pallas row per value, mini-batches per forward grid step "
                       "(rounded to divide --checkpoint_group); default: the tuning table's")
@@ -122,7 +131,8 @@ def main(argv=None):
         times = {}
         for group, (impl, sizes) in itertools.product(
             args.checkpoint_group, variants(args.impls, args.gpu_cluster,
-                                            args.tpu_mini_batches_per_step, dtype, d)):
+                                            args.tpu_mini_batches_per_step, dtype, d,
+                                            args.gpu_warpgroups)):
           if impl == "xla" and group != args.checkpoint_group[0]:
             continue
           ms = time_fn(build(impl, mode, group, args.backend, sizes), inputs, args.repeats)
@@ -133,6 +143,7 @@ def main(argv=None):
                      head_dim=d, checkpoint_group=group, dtype=dtype, mode=mode,
                      impl=impl, kernel_backend=None if impl == "xla" else kernel_backend,
                      gpu_cluster=cluster_size(impl, family, inputs[0], sizes),
+                     gpu_warpgroups=None if sizes is None else sizes.warpgroups,
                      mini_batches_per_step=None if sizes is None else sizes.mini_batches_per_step,
                      median_ms=round(ms, 3), flops=flops,
                      tflops_per_s=round(tflops, 4),

@@ -89,9 +89,11 @@ def test_summarize_model_check(tmp_path):
           dict(gpu, impl="pallas-cluster4", gpu_cluster=4, median_ms=1.0, platform="cpu")]
   rows.append(dict(rows[1], mode="fwd_bwd", median_ms=60.0))
   rows.append(dict(rows[1], mode="fwd_bwd", median_ms=30.0, checkpoint_group=1))
+  rows.append(dict(rows[1], impl="pallas-cluster4-wg2", gpu_warpgroups=2, median_ms=10.0))
   model = dict(bench="kernel_resources", cluster=4, loop_clocks=2400, loop_issue_clocks=4000,
                loop_latency_clocks=6000)
   models = [dict(model, kernel="cluster_forward"), dict(model, kernel="cluster_forward_g1"),
+            dict(model, kernel="cluster_forward", warpgroups=2, loop_latency_clocks=5000),
             dict(model, kernel="cluster_recompute", loop_latency_clocks=5000),
             dict(model, kernel="cluster_backward", loop_latency_clocks=16000,
                  prologue_latency_clocks=32000)]
@@ -107,28 +109,34 @@ def test_summarize_model_check(tmp_path):
   # 12 ms at 2 GHz over 1000 mini-batches and 2 waves: 12,000 clocks, twice the estimate.
   # Forward + backward at g = 16: forward, recompute and 15 of 16 backward steps a loop's,
   # one the prologue's: 6,000 + 5,000 + 15 / 16 x 16,000 + 32,000 / 16 = 28,000 on (c); at
-  # g = 1 the stored-states forward and 999 / 1000 x 16,000 + 32 = 22,016.
+  # g = 1 the stored-states forward and 999 / 1000 x 16,000 + 32 = 22,016. The forward on two
+  # warpgroups against its own estimate.
   assert checks == [
-      "| NVIDIA H100 80GB HBM3 | 63 | 48 | 16 | 4 | fwd | 2 | 12000 | 2400 | 4000 | 6000 | 2.0 |",
-      "| NVIDIA H100 80GB HBM3 | 63 | 48 | 16 | 4 | fwd_bwd | 2 | 60000 | 7200 | 12000 | 28000 "
-      "| 2.14 |",
-      "| NVIDIA H100 80GB HBM3 | 63 | 48 | 1 | 4 | fwd_bwd | 2 | 30000 | 4800 | 8000 | 22016 "
-      "| 1.36 |"]
+      "| NVIDIA H100 80GB HBM3 | 63 | 48 | 16 | 4 | 1 | fwd | 2 | 12000 | 2400 | 4000 | 6000 "
+      "| 2.0 |",
+      "| NVIDIA H100 80GB HBM3 | 63 | 48 | 16 | 4 | 1 | fwd_bwd | 2 | 60000 | 7200 | 12000 "
+      "| 28000 | 2.14 |",
+      "| NVIDIA H100 80GB HBM3 | 63 | 48 | 1 | 4 | 1 | fwd_bwd | 2 | 30000 | 4800 | 8000 "
+      "| 22016 | 1.36 |",
+      "| NVIDIA H100 80GB HBM3 | 63 | 48 | 16 | 4 | 2 | fwd | 2 | 10000 | 2400 | 4000 | 5000 "
+      "| 2.0 |"]
 
 
 def test_ttt_kernels_benchmark_gpu_cluster_variants(tmp_path):
   """--gpu_cluster: one pallas row per split (here the Mosaic GPU cluster forward on 4 and on
   8 CTAs a head and the Triton forward, interpreted on CPU), each timed against the same xla
-  row; the rows say which split ran."""
+  row; the rows say which split ran. --gpu_warpgroups=2 adds the forward on two warpgroups a
+  CTA where the split takes it (4, not 8 or Triton)."""
   out = tmp_path / "r.jsonl"
   subprocess.run(
       [sys.executable, str(ROOT / "benchmarks" / "ttt_kernels.py"), "--seconds=3", "--heads=1",
        "--num_mini_batches=2", "--dtypes=bfloat16", "--modes=fwd", "--repeats=1",
-       "--matmul_size=64", "--backend=gpu", "--gpu_cluster=4,8,0", f"--out={out}"],
-      capture_output=True, text=True, check=True, timeout=600)
+       "--matmul_size=64", "--backend=gpu", "--gpu_cluster=4,8,0", "--gpu_warpgroups=2",
+       f"--out={out}"], capture_output=True, text=True, check=True, timeout=600)
   rows = [json.loads(line) for line in out.read_text().splitlines()]
-  assert [(r["impl"], r["gpu_cluster"]) for r in rows] == [
-      ("xla", None), ("pallas-cluster4", 4), ("pallas-cluster8", 8), ("pallas-triton", 0)]
+  assert [(r["impl"], r["gpu_cluster"], r["gpu_warpgroups"]) for r in rows] == [
+      ("xla", None, None), ("pallas-cluster4", 4, 1), ("pallas-cluster4-wg2", 4, 2),
+      ("pallas-cluster8", 8, 1), ("pallas-triton", 0, 1)]
   assert rows[1]["kernel_backend"] == "gpu (interpret)" and rows[2]["speedup_vs_xla"] > 0
 
 
@@ -349,7 +357,28 @@ def test_kernel_resources_loop_profile():
           ("HGMMA.64x64x16.F32.BF16", "HGMMA.64x64x16.F32.BF16 R56, gdesc[UR8], RZ, gsb0"),
           ("WARPGROUP.DEPBAR.LE", "WARPGROUP.DEPBAR.LE gsb0, 0x1"), ("FADD", "FADD R3, R3, R4"),
           ("WARPGROUP.DEPBAR.LE", "WARPGROUP.DEPBAR.LE gsb0, 0x0")]
-  assert kernel_resources._exposed_tensor_clocks(body) == (32 - 2) + (64 - 34)
+  assert kernel_resources._timeline(body) == (65, {"HGMMA": (32 - 2) + (64 - 34)})
+  # Two warps (a CTA's two warpgroups) on one scheduler share the tensor cores: the second's
+  # HGMMAs, issued at clocks 3 and 4 (the first warp's took 0 to 2), queue behind the first's
+  # (done at 32, 64), so its waits end at 96 and 128; the first warp's are as alone.
+  clocks, waited = kernel_resources._timeline(body, warps=2)
+  assert clocks == 128 + 1 and waited == {"HGMMA": (32 - 2) + (64 - 34)}
+
+
+def test_kernel_resources_two_warps_meet_at_cluster_barriers():
+  """With warps=2 a cluster barrier waits for both warps: the later arrival plus the barrier's
+  clocks, for each; in between they take turns at the one issue slot a clock."""
+  kr = _kernel_resources()
+  line = lambda ctrl, text: (text.split()[0], f"   {ctrl}        /*0010*/     {text} ")
+  body = [line("-:-:-:Y:04", "FADD R3, R3, R4"), line("-:-:-:Y:01", "UCGABAR_WAIT"),
+          line("-:-:-:Y:01", "MOV R26, R31")]
+  barrier = kr.CLUSTER_BARRIER_CLOCKS
+  assert kr._timeline(body, issue=True, latency=True) == (
+      4 + barrier + 2, {"stall counts": 3, "cluster barrier": barrier})
+  # FADDs at 0 and 1; the barrier's waits issued at 4 and 5, released at 5 + barrier; the
+  # MOVs then take the slot in turn.
+  assert kr._timeline(body, issue=True, latency=True, warps=2) == (
+      5 + barrier + 3, {"stall counts": 3, "cluster barrier": barrier + 1})
 
 
 def test_kernel_resources_latency_timeline():

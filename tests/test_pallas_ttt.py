@@ -297,21 +297,25 @@ def test_gpu_backward_kernel_choice():
 
 
 # The Mosaic GPU cluster forward (TTT-MLP, bf16, b = 64): hidden width split over P CTAs.
-CLUSTER_CASES = {  # name: ((B, H, N, b, d), P)
-    "d64-P4": ((1, 2, 5, 64, 64), 4),
-    "d64-P4-batched": ((2, 1, 3, 64, 64), 4),
-    "d64-P8": ((1, 2, 3, 64, 64), 8),  # 8 rows a CTA, W2^T's slice held
+CLUSTER_CASES = {  # name: ((B, H, N, b, d), P, warpgroups a CTA)
+    "d64-P4": ((1, 2, 5, 64, 64), 4, 1),
+    "d64-P4-batched": ((2, 1, 3, 64, 64), 4, 1),
+    "d64-P8": ((1, 2, 3, 64, 64), 8, 1),  # 8 rows a CTA, W2^T's slice held
+    "d64-P4-wg2": ((1, 2, 5, 64, 64), 4, 2),  # 8 slices of 32 on 4 CTAs, as P = 8's
 }
 
 
-@pytest.mark.parametrize("shape,P", CLUSTER_CASES.values(), ids=CLUSTER_CASES.keys())
-def test_cluster_forward_matches_pure_op(shape, P):
+@pytest.mark.parametrize("shape,P,W", CLUSTER_CASES.values(), ids=CLUSTER_CASES.keys())
+def test_cluster_forward_matches_pure_op(shape, P, W):
   """Output and checkpoints of the cluster kernel (GPU interpreter; the peers' partial sums
   through global memory) against the pure op in f32 on the same bf16 inputs. The kernel's
   matmuls take bf16 operands (the state is f32), hence bf16 tolerances: measured 4e-3 to 8e-3
-  on the output, 2e-3 on the state."""
+  on the output, 2e-3 on the state. With two warpgroups a CTA the interpreter's race detector
+  checks their shared input buffers and barriers (it raises on a race: reading XQ's rows for
+  the output after the mini-batch's first cluster barrier, where the sibling's prefetch may
+  overwrite them, is one)."""
   args = _inputs(shape, jnp.bfloat16, seed=4)
-  sizes = pk.BlockSizes(cluster=P)
+  sizes = pk.BlockSizes(cluster=P, warpgroups=W)
   op = functools.partial(pk.ttt_mlp, checkpoint_group=2, backend="gpu", block_sizes=sizes)
   got = jax.jit(op)(*args)
   want = reference.ttt_mlp(*args)
@@ -319,24 +323,27 @@ def test_cluster_forward_matches_pure_op(shape, P):
   _check_out(got, want, args[0], 2e-2)
 
   _, ckpts = gpu_cluster.forward(*args[:6], tuple(w.astype(jnp.float32) for w in args[6:]),
-                                 eps=1e-6, checkpoint_group=2, cluster=P,
+                                 eps=1e-6, checkpoint_group=2, cluster=P, warpgroups=W,
                                  interpret=plgpu.InterpretGPUParams(detect_races=True))
   _check_group_start_states(ckpts, args, groups=(shape[2] + 1) // 2, tol=1e-2)
 
 
-@pytest.mark.parametrize("group,P", [(2, 4), (1, 4), (2, 8), (1, 8)],
-                         ids=["g2-recompute", "g1-stored_states", "g2-P8", "g1-P8"])
-def test_cluster_op_gradients(group, P):
+@pytest.mark.parametrize("group,P,W", [(2, 4, 1), (1, 4, 1), (2, 8, 1), (1, 8, 1), (2, 4, 2)],
+                         ids=["g2-recompute", "g1-stored_states", "g2-P8", "g1-P8", "g2-wg2"])
+def test_cluster_op_gradients(group, P, W):
   """The op on the cluster kernels against the pure op's gradients within bf16 tolerance
   (measured 3e-3 to 6e-3). g = 2: `gpu.backward` recomputes each group with the cluster forward
   and sweeps it in reverse with the cluster backward (N = 3: a padded group). g = 1: the
   forward saves every state in bf16 and one backward call sweeps them, with no recompute (the
   forward kernel appears once in the jaxpr); the forward alone writes one checkpoint. On 8
-  CTAs a head the kernels hold W2^T's slices (the stored states too)."""
+  CTAs a head the kernels hold W2^T's slices (the stored states too). With two warpgroups a
+  CTA the forward runs on them and the backward's recompute on one (its stack of states is
+  laid out for the backward's split)."""
   B, H, N, b, d = shape = (1, 2, 3, 64, 64)
   args = _inputs(shape, jnp.bfloat16, seed=5)
   cot = jnp.asarray(np.random.default_rng(6).normal(size=shape), jnp.float32)
-  kw = dict(checkpoint_group=group, backend="gpu", block_sizes=pk.BlockSizes(cluster=P))
+  sizes = pk.BlockSizes(cluster=P, warpgroups=W)
+  kw = dict(checkpoint_group=group, backend="gpu", block_sizes=sizes)
 
   def grads(op, **kw):
     loss = lambda *a: jnp.sum(op(*a, **kw).astype(jnp.float32) * cot)
@@ -353,6 +360,7 @@ def test_cluster_op_gradients(group, P):
   assert jaxpr.count("ttt_mlp_backward_cluster") == 1
   assert (f"bf16[{B},{H},{N + 1},{d},{4 * d}]" in jaxpr) == (group == 1)  # the stored W1s
   assert jaxpr.count(f"cluster=({P},)") == (2 if group == 1 else 3)  # every kernel on P
+  assert jaxpr.count("num_threads=2") == (W == 2)  # the forward only
   primal = str(jax.make_jaxpr(functools.partial(pk.ttt_mlp, **kw))(*args))
   assert f"f32[{B},{H},1,{d},{4 * d}]" in primal  # W1's one checkpoint
 
@@ -422,8 +430,13 @@ def test_cluster_supports():
   assert 200 << 10 < gpu_cluster_backward.smem_bytes(64, 64, 4) < 215 << 10
   assert not gpu_cluster_backward.supports("ttt_mlp", jnp.bfloat16, 64, 128, 8)
   assert not gpu_cluster.supports("ttt_mlp", jnp.bfloat16, 64, 64, 2)
+  # Two warpgroups a CTA: 8 slices on 4 CTAs; on 8 the slices would be 16 wide.
+  assert gpu_cluster.supports("ttt_mlp", jnp.bfloat16, 64, 64, 4, warpgroups=2)
+  assert not gpu_cluster.supports("ttt_mlp", jnp.bfloat16, 64, 64, 8, warpgroups=2)
+  assert (gpu_cluster.smem_bytes(64, 64, 4, warpgroups=2) + gpu_cluster_lib.MOSAIC_RESERVE_BYTES
+          <= gpu_cluster_lib.SMEM_LIMIT_BYTES)
   assert not gpu_cluster.supports("ttt_mlp", jnp.bfloat16, 64, 128, 8)
-  with pytest.raises(ValueError, match="cluster=2 is not supported"):
+  with pytest.raises(ValueError, match="cluster=2, warpgroups=1 is not supported"):
     gpu_cluster.forward(*_inputs((1, 1, 1, 64, 64), jnp.bfloat16)[:6], (), eps=1e-6,
                         checkpoint_group=1, cluster=2)
   # The backward's stack of states: g + 1 of them, as the forward saves them at g = 1 only.
@@ -436,6 +449,9 @@ def test_cluster_supports():
     gpu_cluster_backward.backward_group(args[:4], *args[4:6], stack(g), args[0], final, eps=1e-6)
   with pytest.raises(ValueError, match="needs checkpoint_group=1"):
     gpu_cluster.forward(*args[:6], args[6:], eps=1e-6, checkpoint_group=2,
+                        weights_dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="use warpgroups=1"):  # the stack is the backward's
+    gpu_cluster.forward(*args[:6], args[6:], eps=1e-6, checkpoint_group=1, warpgroups=2,
                         weights_dtype=jnp.bfloat16)
   # The forward's row split: 16 rows per CTA at cluster = 4, 8 at 8.
   assert gpu_cluster_lib.row_block(3, 64, 64, 4).ds.size == 16
@@ -586,14 +602,16 @@ def _lower_for_h100(op, kind, d):
                  for f in (op, jax.grad(loss, range(len(shapes)))))
 
 
-@pytest.mark.parametrize("group,P", [(16, 4), (1, 4), (16, 8), (1, 8)],
-                         ids=["g16", "g1-stored_states", "g16-P8", "g1-P8"])
-def test_cluster_kernel_compiles_for_h100(group, P, d=64):
+@pytest.mark.parametrize("group,P,W", [(16, 4, 1), (1, 4, 1), (16, 8, 1), (1, 8, 1), (16, 4, 2)],
+                         ids=["g16", "g1-stored_states", "g16-P8", "g1-P8", "g16-wg2"])
+def test_cluster_kernel_compiles_for_h100(group, P, W, d=64):
   """The cluster kernel (distributed shared memory, not the interpreter's global-memory path)
   and the op's gradient compile for an H100 at the 5B layer's shape per GPU (compile-only
   devices: jax's CUDA plugin, no GPU), with the backward's recompute (g = 16) and without
-  (g = 1: the forward kernel stores bf16 states, one kernel in the gradient's module)."""
-  op = functools.partial(pk.ttt_mlp, checkpoint_group=group, block_sizes=pk.BlockSizes(cluster=P))
+  (g = 1: the forward kernel stores bf16 states, one kernel in the gradient's module), and
+  the forward on two warpgroups a CTA (221 KiB of shared memory, 255 registers a thread)."""
+  op = functools.partial(pk.ttt_mlp, checkpoint_group=group,
+                         block_sizes=pk.BlockSizes(cluster=P, warpgroups=W))
   for is_grad, lowered in enumerate(_lower_for_h100(op, "ttt_mlp", d)):
     text = lowered.as_text()
     assert "ttt_mlp_forward_cluster" in text

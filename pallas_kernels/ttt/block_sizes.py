@@ -48,6 +48,9 @@ class BlockSizes:
   # wave of `sms` SMs (0: never; sms = 0: always)
   wave_cluster: int = 0
   sms: int = 0  # GPU: the device's SMs, for wave_cluster's count
+  # GPU: warpgroups a CTA in the cluster forward (2: each CTA's hidden slice split between two,
+  # `gpu_cluster.forward`; at cluster = 4 only, elsewhere 1; the backward keeps one)
+  warpgroups: int = 1
   heads_per_step: int = 1  # TPU: heads per grid step (rounded down to a divisor of H)
   # TPU forward: mini-batches per grid step (`tpu.mini_batches_per_step` rounds it to fit g)
   mini_batches_per_step: int = 8

@@ -113,9 +113,12 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, kind: str, eps: float,
   B, H, N, b, d = xq.shape
   if P := cluster_size(kind, xq.dtype, xq.shape, block_sizes):
     stored = stores_states(kind, xq.dtype, xq.shape, checkpoint_group, block_sizes)
+    # The backward's stack of states is laid out for its own split: one warpgroup there.
+    W = block_sizes.warpgroups
+    W = W if not stored and gpu_cluster.supports(kind, xq.dtype, b, d, P, W) else 1
     return gpu_cluster.forward(
         xq, xk, xv, eta, ln_weight, ln_bias, init, eps=eps, checkpoint_group=checkpoint_group,
-        cluster=P, interpret=_mosaic_interpret(interpret), debug=debug,
+        cluster=P, warpgroups=W, interpret=_mosaic_interpret(interpret), debug=debug,
         per_example_init=per_example_init,
         weights_dtype=jnp.bfloat16 if stored else jnp.float32)
   dtype = init[0].dtype

@@ -73,7 +73,26 @@ then sweeps it in reverse there); both run `gpu_cluster_step.mini_batch`, the fo
 a mini-batch. The recompute leaves out the output (`output=False`: XQ W1', gelu(Z1_bar),
 X2_bar W2', the [b, d] sum and LayerNorm; W2's step runs during (eta G2) W2^T instead), which
 the backward recomputes for its VJP anyway: 5,147 clocks a mini-batch on the latency timeline
-(1,757 at an instruction a clock). Not yet done: warp specialisation.
+(1,757 at an instruction a clock).
+
+Two warpgroups a CTA (`warpgroups=2`, cluster = 4 only; `BlockSizes.warpgroups`): each CTA's
+slice is split between its warpgroups, so the head runs as 8 members of 32 hidden units, as at
+cluster = 8 (W2^T held, 8 rows of the [b, d] work each), on 4 SMs. A member is then a
+warpgroup (`Cluster`: a sibling's partials are read from this CTA's own shared memory, a peer
+CTA's through distributed shared memory); `barrier.cluster` already counts every thread, so
+the cluster barriers are unchanged. The inputs' tiles and the output's are the CTA's (warpgroup
+0 issues the loads; the output's XQ rows are read before the first cluster barrier, past which
+the sibling may prefetch over them), the rest is each warpgroup's own: 216 KiB of shared
+memory, 255 registers a thread and 12 bytes of spills (228 on one warpgroup). The point is
+latency: one warpgroup is one warp a scheduler, and with two, one's stalls are the other's
+issue slots. On the latency timeline run for two warps on one scheduler
+(`kernel_resources.py --warpgroups=2`; same toolchain as the row beside it, whose one-warpgroup
+forward reads 6,208) a mini-batch takes 5,724 clocks: 8% fewer, not the 2x two chains would
+give, because both warpgroups meet at the same three cluster barriers and wait on the same
+exchanges (the first warp waits 1,495 clocks at barriers against 900 alone). The backward keeps
+one warpgroup (its recompute's stack of states is laid out for its split). Not measured on a
+GPU yet (`gpu_session.sh` times it beside one warpgroup).
+
 In interpret mode (CPU) jax's Mosaic GPU interpreter has no distributed shared memory, so there
 the partials go through a global-memory scratch instead; the compiled path is checked by
 lowering and compiling for an H100 (compile-only devices) and has not yet run on a GPU.
@@ -98,14 +117,15 @@ from pallas_kernels.ttt.gpu_cluster_step import mini_batch, normalize
 from pallas_kernels.ttt.tile import num_groups
 
 
-def smem_bytes(b: int, d: int, cluster: int, interpret: bool = False) -> int:
+def smem_bytes(b: int, d: int, cluster: int, interpret: bool = False,
+               warpgroups: int = 1) -> int:
   """Shared memory of one CTA: the sum over `forward`'s scratch list (barriers aside)."""
   return sum(math.prod(r.shape) * jnp.dtype(r.dtype).itemsize
-             for r in _scratch(b, d, cluster, jnp.bfloat16, interpret)
+             for r in _scratch(b, d, cluster, jnp.bfloat16, interpret, warpgroups)
              if isinstance(r, pl.MemoryRef))
 
 
-def supports(kind: str, dtype, b: int, d: int, cluster: int) -> bool:
+def supports(kind: str, dtype, b: int, d: int, cluster: int, warpgroups: int = 1) -> bool:
   """Whether this kernel handles the shape; otherwise `gpu.forward` (Triton) does.
 
   TTT-MLP with bf16 inputs and b = 64 (a wgmma tile has 64 rows), d = 64 with cluster = 4
@@ -113,16 +133,21 @@ def supports(kind: str, dtype, b: int, d: int, cluster: int) -> bool:
   `w2_transposed`; 134 KiB), the row split's shapes (`gpu_cluster_lib.ROW_LAYOUTS`), and the
   scratch within one SM's shared memory (cluster = 2 needs 242 KiB). d = 128 does not fit yet
   (cluster = 8: 315 KiB), nor does d < 64 (its W1 update tile has d < 64 rows).
+  `warpgroups` = 2 splits each CTA's slice between two warpgroups (`forward`): cluster = 4
+  only (211 KiB of scratch; the slices are then 8 of 32 hidden units, as at cluster = 8).
   """
-  f = 4 * d
+  f, split = 4 * d, cluster * warpgroups
   return (kind == "ttt_mlp" and jnp.dtype(dtype) == jnp.bfloat16 and b == 64 and d == 64
-          and b % cluster == 0 and b // cluster in ROW_LAYOUTS and f % cluster == 0
-          and (f // cluster) % 32 == 0
-          and smem_bytes(b, d, cluster) + MOSAIC_RESERVE_BYTES <= SMEM_LIMIT_BYTES)
+          and warpgroups in (1, 2)
+          and b % split == 0 and b // split in ROW_LAYOUTS and f % split == 0
+          and (f // split) % 32 == 0
+          and smem_bytes(b, d, cluster, warpgroups=warpgroups) + MOSAIC_RESERVE_BYTES
+          <= SMEM_LIMIT_BYTES)
 
 
 def w2_transposed(d: int, cluster: int) -> bool:
-  """Whether the CTAs hold W2^T's slice [d, f/P] instead of W2's [f/P, d]: when the slice is
+  """Whether the CTAs hold W2^T's slice [d, f/P] instead of W2's [f/P, d] (P = `cluster`, the
+  number of slices: CTAs x warpgroups in `forward`): when the slice is
   narrower than a wgmma tile's 64 rows (cluster = 8 at d = 64), W2's step is then taken as
   -(eta G2)^T X2, a [d, f/P] tile. The kernel's W2 input and checkpoints are W2^T in HBM too
   (`forward` transposes them)."""
@@ -147,61 +172,77 @@ def swap_w2(w, d: int, cluster: int):
   return jnp.swapaxes(w, -1, -2) if w2_transposed(d, cluster) else w
 
 
-def _scratch(b, d, cluster, dtype, interpret):
-  """The CTA's scratch, in `_kernel`'s order: shared-memory buffers, then barriers."""
-  fp, f32, bf16 = 4 * d // cluster, jnp.float32, jnp.bfloat16
-  w2 = w2_shape(d, cluster, fp)
+def _scratch(b, d, cluster, dtype, interpret, warpgroups=1):
+  """The CTA's scratch, in `_kernel`'s order: the inputs' and the output's shared-memory
+  tiles, each member's own buffers (with a leading [W] where W = `warpgroups` > 1), then
+  the barriers."""
+  W = warpgroups
+  fp, f32, bf16 = 4 * d // (cluster * W), jnp.float32, jnp.bfloat16
+  w2 = w2_shape(d, cluster * W, fp)
+  own = lambda shape: shape if W == 1 else (W, *shape)
   # 64-byte swizzles when the slice's tiles have 32 columns: a wgmma's operands share one.
   t = lambda shape, dt=bf16: swizzled(shape, dt, swizzle=64 if fp < 64 else None)
+  each = {} if W == 1 else {"num_barriers": W}
   return (
       t((2, b, d), dtype), t((2, b, d), dtype),  # XQ, XK (2 buffers)
       t((2, b, d), dtype), plgpu.SMEM((2, b), f32),  # XV, eta
-      t((b, d), dtype),  # out
-      t((d, fp)), t(w2),  # W1, W2 (or W2^T) operands
-      t((b, fp)), t((b, fp)),  # X2, X2_bar
-      t((b, fp)),  # -eta * G1
-      t((b, d)),  # -eta * G2
-      plgpu.SMEM((2, b, d), f32), plgpu.SMEM((d,), f32),  # this CTA's partial sums, of db2
-      plgpu.SMEM((b, d) if interpret else (8,), f32),  # a peer's, received (interpret only)
-      plgpu.SMEM((d, fp), f32), plgpu.SMEM((fp,), f32), plgpu.SMEM(w2, f32),
-      plgpu.SMEM((d,), f32), plgpu.SMEM((2, d), f32),  # state stage, gamma/beta
-      plgpu.Barrier(num_arrivals=6), plgpu.Barrier(num_arrivals=4, num_barriers=2),
-      plgpu.Barrier(num_arrivals=1),
-      plgpu.ClusterBarrier(collective_axes=("cluster",)),
+      t((b, d), dtype),  # out (each member writes its rows)
+      t(own((d, fp))), t(own(w2)),  # W1, W2 (or W2^T) operands
+      t(own((b, fp))), t(own((b, fp))),  # X2, X2_bar
+      t(own((b, fp))),  # -eta * G1
+      t(own((b, d))),  # -eta * G2
+      plgpu.SMEM(own((2, b, d)), f32), plgpu.SMEM(own((d,)), f32),  # partial sums, db2's
+      plgpu.SMEM(own((b, d) if interpret else (8,)), f32),  # a peer's (interpret only)
+      plgpu.SMEM(own((d, fp)), f32), plgpu.SMEM(own((fp,)), f32), plgpu.SMEM(own(w2), f32),
+      plgpu.SMEM(own((d,)), f32), plgpu.SMEM(own((2, d)), f32),  # state stage, gamma/beta
+      plgpu.Barrier(num_arrivals=6, **each), plgpu.Barrier(num_arrivals=4, num_barriers=2),
+      plgpu.Barrier(num_arrivals=1, **each),
+      plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=W),
   )
 
 
 def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
             out_g, ck_w1, ck_b1, ck_w2, ck_b2, xch_g, xchr_g, scratch, *, eps, g,
-            num_mini_batches, cluster, interpret, per_example_init, output):
-  """One CTA: hidden slice c of head h, batch element i. Inputs are GMEM refs
+            num_mini_batches, cluster, warpgroups, interpret, per_example_init, output):
+  """One member, hidden slice m of head h, batch element i: CTA c, or with W = `warpgroups`
+  > 1 its warpgroup wg, m = c W + wg (the inputs are the CTA's, loaded by its warpgroup 0; the
+  rest is the member's own). Inputs are GMEM refs
   x [B, H, N, b, d] bf16, eta [B, H, N, b] f32, gamma/beta [H, d] f32, the initial state
   [H, ...] ([B, H, ...] per example) f32; outputs out [B, H, N, b, d], the checkpoints
   [B, H, G, ...] (W1 and W2 in f32 or bf16) and (interpret only) the exchange scratch
   [B, H, P, 3, b, d] f32 (partial sums; db2's in slot 2, row 0) and [B, H, P, 1, 16, d] bf16
-  (-eta G2's row blocks)."""
-  (xq_2, xk_2, xv_2, eta_2, out_s, w1b_s, w2b_s, x2_s, x2bar_s, neg_eg1_s, neg_eg2_s,
-   part_s, db2_s, recv_s,
-   st_w1, st_b1, st_w2, st_b2, vec_s, init_bar, load_bar, recv_bar, cbar) = scratch
+  (-eta G2's row blocks), P the number of members."""
+  W = warpgroups
+  (xq_2, xk_2, xv_2, eta_2, out_s, *mine, load_bar, recv_bar, cbar) = scratch
   i, h, c = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("cluster")
+  wg = lax.axis_index("wg") if W > 1 else 0
+  of = (lambda ref, w: ref) if W == 1 else (lambda ref, w: ref.at[w])  # warpgroup w's
+  neg_eg2_all, part_all, db2_all = mine[5:8]  # (the sibling's are read in the exchanges)
+  (w1b_s, w2b_s, x2_s, x2bar_s, neg_eg1_s, neg_eg2_s, part_s, db2_s, recv_s,
+   st_w1, st_b1, st_w2, st_b2, vec_s, init_bar, recv_bar) = (of(r, wg) for r in (*mine, recv_bar))
   b, d = out_s.shape
   fp = w1b_s.shape[1]
-  hid = pl.ds(c * fp, fp)  # this CTA's slice of the hidden width
+  split, m = cluster * W, c * W + wg
+  hid = pl.ds(m * fp, fp)  # this member's slice of the hidden width
   bf16_weights = ck_w1.dtype == jnp.bfloat16  # the backward's state stack: W1, W2 as operands
-  w2_hid = lambda ref: w2_slice(ref, hid, d, cluster)  # (W2^T's where `w2_transposed`)
-  block = row_block(c, b, d, cluster)  # the CTA's rows of the [b, d] work
+  w2_hid = lambda ref: w2_slice(ref, hid, d, split)  # (W2^T's where `w2_transposed`)
+  block = row_block(m, b, d, split)  # the member's rows of the [b, d] work
   vec = lambda k: k == "db2"
-  cl = Cluster(c, cluster, interpret, cbar, recv_bar,
-               buf=lambda k: db2_s if vec(k) else part_s.at[k],
+  cl = Cluster(m, split, interpret, cbar, recv_bar,
+               buf=lambda k, w: of(db2_all, w) if vec(k) else of(part_all, w).at[k],
                xch=lambda k, p: xch_g.at[i, h, p, 2, 0] if vec(k) else xch_g.at[i, h, p, k],
                recv=lambda k: recv_s.at[0] if vec(k) else recv_s,
-               xch_rows=lambda j, p: xchr_g.at[i, h, p, j])
+               xch_rows=lambda j, p: xchr_g.at[i, h, p, j],
+               shared=lambda name, w: of(neg_eg2_all, w), warpgroups=W)
 
   def prefetch(n):  # mini-batch n's inputs into buffer n % 2, in flight during mini-batch n - 1
     slot = lax.rem(n, 2)
-    fetch([(xq_g.at[i, h, n], xq_2.at[slot]), (xk_g.at[i, h, n], xk_2.at[slot]),
-           (xv_g.at[i, h, n], xv_2.at[slot]), (eta_g.at[i, h, n], eta_2.at[slot])],
-          load_bar.at[slot], wait=False)
+    pairs = [(xq_g.at[i, h, n], xq_2.at[slot]), (xk_g.at[i, h, n], xk_2.at[slot]),
+             (xv_g.at[i, h, n], xv_2.at[slot]), (eta_g.at[i, h, n], eta_2.at[slot])]
+    if W == 1:
+      fetch(pairs, load_bar.at[slot], wait=False)
+    else:  # the CTA's, by its warpgroup 0; both wait on load_bar
+      pl.when(wg == 0)(lambda: fetch(pairs, load_bar.at[slot], wait=False))
 
   # LayerNorm parameters and the initial state slice, f32.
   head = (lambda r: r.at[i, h]) if per_example_init else (lambda r: r.at[h])
@@ -225,7 +266,7 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
     plgpu.copy_smem_to_gmem(st_b1, ck_b1.at[i, h, k, 0, hid])
     plgpu.copy_smem_to_gmem(w2b_s if bf16_weights else st_w2, w2_hid(ck_w2.at[i, h, k]))
 
-    @pl.when(c == 0)
+    @pl.when(m == 0)
     def _():
       plgpu.copy_smem_to_gmem(st_b2, ck_b2.at[i, h, k, 0])
 
@@ -245,13 +286,17 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
       if save:  # g = 1: every mini-batch (Z1's matmul reads W1's operand too)
         save_checkpoint(n, state)
       pl.when(n + 1 < num_mini_batches)(lambda: prefetch(n + 1))
+    # With two warpgroups, the output's XQ rows are read before the mini-batch's first cluster
+    # barrier: past it, the sibling's next prefetch may overwrite this buffer (a CTA alone
+    # prefetches only after its own output).
+    xq_rows = load_rows(bufs.xq, block) if output and W > 1 else None
     r = mini_batch(bufs, b1, b2, eps, cl, block, state=(W1, W2), interpret=interpret,
                    before_stage=wait if bf16_weights else None, during_z1=prefetch_next,
-                   output=output, w2_transposed=w2_transposed(d, cluster))
-    if output:  # the CTA's rows of the output: XQ + gamma * LN(Z2_bar) + beta
+                   output=output, w2_transposed=w2_transposed(d, split))
+    if output:  # the member's rows of the output: XQ + gamma * LN(Z2_bar) + beta
       x_hat, _ = normalize(r.Z2_bar, eps)
       ln = lambda k: cols(load_col(vec_s.at[k], block.col), x_hat.shape)
-      out = load_rows(bufs.xq, block) + ln(0) * x_hat + ln(1)
+      out = (load_rows(bufs.xq, block) if xq_rows is None else xq_rows) + ln(0) * x_hat + ln(1)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       out_s.at[block.ds][...] = out.astype(out_s.dtype)
       plgpu.commit_smem()
@@ -279,17 +324,19 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "checkpoint_group", "cluster", "interpret",
-                                             "debug", "per_example_init", "weights_dtype",
-                                             "output"))
+@functools.partial(jax.jit, static_argnames=("eps", "checkpoint_group", "cluster", "warpgroups",
+                                             "interpret", "debug", "per_example_init",
+                                             "weights_dtype", "output"))
 def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint_group: int,
-            cluster: int = 4, interpret=False, debug: bool = False,
+            cluster: int = 4, warpgroups: int = 1, interpret=False, debug: bool = False,
             per_example_init: bool = False, weights_dtype=jnp.float32, output: bool = True):
   """TTT-MLP forward; arguments and results as `gpu.forward` (kind="ttt_mlp").
 
   xq, xk, xv: [B, H, N, 64, d] bf16; eta: [B, H, N, 64]; ln_weight, ln_bias: [H, d]; init:
   (W1 [H, d, 4d], b1 [H, 1, 4d], W2 [H, 4d, d], b2 [H, 1, d]), each [B, H, ...] with
-  per_example_init (the backward's recompute from checkpoints). `cluster`: CTAs per head.
+  per_example_init (the backward's recompute from checkpoints). `cluster`: CTAs per head;
+  `warpgroups`: 2 splits each CTA's slice between two warpgroups (8 slices at cluster = 4, as
+  cluster = 8's, on half the CTAs: each warpgroup's waits are the other's issue slots).
   `weights_dtype`: of the W1 and W2 checkpoints (b1, b2 stay f32); bf16 for the backward's
   stack of states (`gpu_cluster_backward`), which are exactly the operands the kernel's
   matmuls used, at checkpoint_group = 1: N + 1 of them, the state after the last mini-batch
@@ -301,31 +348,36 @@ def forward(xq, xk, xv, eta, ln_weight, ln_bias, init, *, eps: float, checkpoint
   """
   B, H, N, b, d = xq.shape
   f = 4 * d
-  if not supports("ttt_mlp", xq.dtype, b, d, cluster):
-    raise ValueError(f"gpu_cluster.forward: b={b}, d={d}, dtype {xq.dtype}, cluster={cluster} "
-                     "is not supported (see gpu_cluster.supports: bf16, b = 64, d = 64 with "
-                     "cluster = 4 or 8); use gpu.forward.")
+  W, split = warpgroups, cluster * warpgroups
+  if not supports("ttt_mlp", xq.dtype, b, d, cluster, W):
+    raise ValueError(f"gpu_cluster.forward: b={b}, d={d}, dtype {xq.dtype}, cluster={cluster}, "
+                     f"warpgroups={W} is not supported (see gpu_cluster.supports: bf16, b = 64, "
+                     "d = 64 with cluster = 4 or 8, or 4 with warpgroups = 2); use gpu.forward.")
   stack = jnp.dtype(weights_dtype) == jnp.bfloat16  # the backward's stack of states
   if stack and checkpoint_group != 1:
     raise ValueError(f"gpu_cluster.forward: weights_dtype=bfloat16 (the backward's stack of "
                      f"states) needs checkpoint_group=1, not {checkpoint_group}.")
+  if stack and W > 1:  # the stack's W2 layout is the backward's split (`w2_transposed`)
+    raise ValueError("gpu_cluster.forward: weights_dtype=bfloat16 (the backward's stack of "
+                     "states) is laid out for the backward's split: use warpgroups=1.")
   G = num_groups(N, checkpoint_group) + stack
   f32 = jnp.float32
-  state_types = (((d, f), weights_dtype), ((1, f), f32), (w2_shape(d, cluster, f), weights_dtype),
+  state_types = (((d, f), weights_dtype), ((1, f), f32), (w2_shape(d, split, f), weights_dtype),
                  ((1, d), f32))
   out_type = (jax.ShapeDtypeStruct(xq.shape if output else (1,), xq.dtype),
               *(jax.ShapeDtypeStruct((B, H, G, *s), t) for s, t in state_types),
-              jax.ShapeDtypeStruct((B, H, cluster, 3, b, d) if interpret else (1,), f32),
-              jax.ShapeDtypeStruct((B, H, cluster, 1, b // cluster, d) if interpret else (1,),
+              jax.ShapeDtypeStruct((B, H, split, 3, b, d) if interpret else (1,), f32),
+              jax.ShapeDtypeStruct((B, H, split, 1, b // split, d) if interpret else (1,),
                                    xq.dtype))
   body = functools.partial(_kernel, eps=eps, g=checkpoint_group, num_mini_batches=N,
-                           cluster=cluster, interpret=bool(interpret),
+                           cluster=cluster, warpgroups=W, interpret=bool(interpret),
                            per_example_init=per_example_init, output=output)
   kernel = cluster_kernel(body, "ttt_mlp_forward_cluster", out_type=out_type,
-                          scratch=_scratch(b, d, cluster, xq.dtype, bool(interpret)),
-                          grid=(B, H), cluster=cluster, interpret=interpret, debug=debug)
+                          scratch=_scratch(b, d, cluster, xq.dtype, bool(interpret), W),
+                          grid=(B, H), cluster=cluster, warpgroups=W, interpret=interpret,
+                          debug=debug)
   W1, b1, W2, b2 = (w.astype(f32) for w in init)
-  swap = lambda w: swap_w2(w, d, cluster)
+  swap = lambda w: swap_w2(w, d, split)
   out, ck_w1, ck_b1, ck_w2, ck_b2, _, _ = kernel(
       xq, xk, xv, eta.astype(f32), ln_weight.astype(f32), ln_bias.astype(f32), W1, b1,
       swap(W2), b2)

@@ -146,10 +146,11 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, cto_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b
   # `mini_batch`'s backward sums no "db2": b2' comes with the next state).
   vecs = {"eta": (parte_s, xche_g, recve_s), "v": (partv_s, xchv_g, recvv_s)}
   cl = Cluster(c, cluster, interpret, cbar, recv_bar,
-               buf=lambda k: vecs[k][0] if k in vecs else part_s.at[k],
+               buf=lambda k, w: vecs[k][0] if k in vecs else part_s.at[k],
                xch=lambda k, p: vecs[k][1].at[i, h, p] if k in vecs else xch_g.at[i, h, p, k],
                recv=lambda k: vecs[k][2] if k in vecs else recv_s,
-               xch_rows=lambda j, p: xchr_g.at[i, h, p, j])
+               xch_rows=lambda j, p: xchr_g.at[i, h, p, j],
+               shared=lambda name, w: {"neg_eg2": neg_eg2_s, "g2": g2_s, "d2": d2_s}[name])
 
   # LayerNorm parameters and the cotangent of the group's final state (f32; W1's and W2's
   # through cws_s: the partial-sum slots, free until the first mini-batch, where fp = d).

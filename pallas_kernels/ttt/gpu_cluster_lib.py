@@ -42,8 +42,10 @@ def swizzled(shape, dtype, swizzle=None):
   return plgpu.SMEM(shape, dtype, transforms=transforms)
 
 
-def cluster_kernel(body, name, *, out_type, scratch, grid, cluster, interpret, debug):
-  """`plgpu.kernel` over grid (batch, heads), a cluster of `cluster` CTAs per (batch, head):
+def cluster_kernel(body, name, *, out_type, scratch, grid, cluster, interpret, debug,
+                   warpgroups=1):
+  """`plgpu.kernel` over grid (batch, heads), a cluster of `cluster` CTAs per (batch, head),
+  each of `warpgroups` warpgroups (axis "wg" where more than one; the scratch is the CTA's):
   body(*input and output refs, scratch refs), named `name` in the lowered module; `interpret`
   False or a `plgpu.InterpretGPUParams`. Math is approximate (`approx_math`: tanh, rsqrt and
   exp as one hardware instruction each; tanh's relative error is about 2^-11, the others' far
@@ -52,10 +54,11 @@ def cluster_kernel(body, name, *, out_type, scratch, grid, cluster, interpret, d
   def kernel(*refs):
     body(*refs[:-len(scratch)], refs[-len(scratch):])
   kernel.__name__ = name
+  threads = {} if warpgroups == 1 else {"num_threads": warpgroups, "thread_name": "wg"}
   return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
                       grid_names=("batch", "heads"), cluster=(cluster,),
                       cluster_names=("cluster",), interpret=interpret or None, debug=debug,
-                      compiler_params=plgpu.CompilerParams(approx_math=True))
+                      compiler_params=plgpu.CompilerParams(approx_math=True), **threads)
 
 
 def fetch(pairs, barrier, wait=True):
@@ -175,47 +178,70 @@ def cols(v, shape):  # [n] -> [m, n]
 
 
 class Cluster:
-  """The P CTAs of one (batch, head): cluster-wide barriers and sums of per-CTA partials.
+  """The P members of one (batch, head), each a slice of the hidden width: cluster-wide
+  barriers and sums of per-member partials. A member is a CTA or, with W warpgroups a CTA
+  (`warpgroups`), one warpgroup: member c is warpgroup c % W of CTA c // W.
 
-  Partials are published in shared-memory buffers, `buf(key)`, and read by the peers through
-  distributed shared memory (`plgpu.cluster_ref`) after a cluster barrier. A buffer may be
-  written again once this CTA has passed a later barrier than the one the peers read it behind
-  (they arrive there after reading), which is how the kernels choose their keys; a CTA must not
-  exit while its peers may still read it (a barrier after the loop). Interpreter: the partials
-  go through the global-memory scratch `xch(key, peer)` and are fetched into `recv(key)` (it
-  has no distributed shared memory); `share` goes through `xch_rows(j, peer)`.
+  Partials are published in shared-memory buffers, `buf(key, w)` (warpgroup w's of this CTA),
+  and read by the peers after a cluster barrier: a peer CTA's through distributed shared memory
+  (`plgpu.cluster_ref`), the other warpgroup's of the same CTA directly. A buffer may be written
+  again once this member has passed a later barrier than the one the peers read it behind (they
+  arrive there after reading), which is how the kernels choose their keys; a CTA must not exit
+  while its peers may still read it (a barrier after the loop). `share`'s tiles are
+  `shared(name, w)`. Interpreter: the partials go through the global-memory scratch `xch(key,
+  member)` and are fetched into `recv(key)` (it has no distributed shared memory); `share` goes
+  through `xch_rows(j, member)`.
   """
 
-  def __init__(self, c, size, interpret, cbar, recv_bar, buf, xch, recv, xch_rows):
+  def __init__(self, c, size, interpret, cbar, recv_bar, buf, xch, recv, xch_rows, shared,
+               warpgroups=1):
     self.c, self.size, self.interpret = c, size, interpret
     self.cbar, self.recv_bar, self.buf, self.xch, self.recv = cbar, recv_bar, buf, xch, recv
-    self.xch_rows = xch_rows
+    self.xch_rows, self.shared, self.W = xch_rows, shared, warpgroups
+    self.w = lax.rem(c, warpgroups) if warpgroups > 1 else 0
 
   def sync(self):
     if self.interpret:  # the interpreter models cluster barriers, not inline PTX
       plgpu.barrier_arrive(self.cbar)
       plgpu.barrier_wait(self.cbar)
-    else:
+    else:  # (barrier.cluster counts every thread of the cluster: all warpgroups meet)
       cluster_sync()
+
+  def peers(self):
+    """The other members as (member index, ref_of), ref_of(view) mapping a buffer view
+    view(w) -> warpgroup w's buffer to that member's: the peers' distributed shared memory (a
+    load from it is a round trip through the SM-to-SM network) or the sibling warpgroup's."""
+    W, P = self.W, self.size // self.W
+    cta = lax.div(self.c, W) if W > 1 else self.c
+    if W > 1:  # the sibling warpgroups of this CTA first (a local read)
+      for k in range(1, W):
+        w = lax.rem(self.w + k, W)
+        yield cta * W + w, lambda view, w=w: view(w)
+    for j in range(1, P):
+      peer = lax.rem(cta + j, P)
+      for w in range(W):
+        yield peer * W + w, lambda view, w=w, peer=peer: plgpu.cluster_ref(
+            view(w), {"cluster": peer})
 
   def sum(self, *parts):
     """(key, value, layout) partials -> their sums over the cluster, after one barrier. With a
     `Rows` for the layout, the sum of rows.ds only, in rows.layout (value: all b rows). A
     callable value is computed just before it is published (its registers are live only
     there); None: already written to buf(key) (with a `Rows` layout only)."""
+    own = lambda key: self.buf(key, self.w)
     published = []
     for key, value, layout in parts:
       value = value() if callable(value) else value
       if value is None:
         assert isinstance(layout, Rows), "only Rows sums read their own part back"
       else:
-        self.buf(key)[...] = value
+        own(key)[...] = value
       published.append((key, value, layout))
     parts = published
     if self.interpret:
       plgpu.commit_smem()
       for key, _, _ in parts:
-        plgpu.copy_smem_to_gmem(self.buf(key), self.xch(key, self.c))
+        plgpu.copy_smem_to_gmem(own(key), self.xch(key, self.c))
       plgpu.wait_smem_to_gmem(0)
     self.sync()
     totals = []
@@ -223,45 +249,50 @@ class Cluster:
       sliced = lambda ref: ref
       if isinstance(layout, Rows):  # the own rows from shared memory, in the rows' layout
         sliced = lambda ref, ds=layout.ds: ref.at[ds]
-        value, layout = plgpu.load(sliced(self.buf(key)), layout=layout.layout), layout.layout
+        value, layout = plgpu.load(sliced(own(key)), layout=layout.layout), layout.layout
       total = value
-      for k in range(1, self.size):
-        peer = lax.rem(self.c + k, self.size)
-        if self.interpret:
+      if self.interpret:
+        for k in range(1, self.size):
+          peer = lax.rem(self.c + k, self.size)
           plgpu.copy_gmem_to_smem(self.xch(key, peer), self.recv(key), self.recv_bar)
           plgpu.barrier_wait(self.recv_bar)
           total = total + plgpu.load(sliced(self.recv(key)), layout=layout)
           plgpu.commit_smem()  # this read before the next copy into recv (async proxy)
-        else:
-          peer_buf = plgpu.cluster_ref(self.buf(key), {"cluster": peer})
+      else:
+        for _, ref_of in self.peers():
+          peer_buf = ref_of(lambda w, key=key: self.buf(key, w))
           total = total + plgpu.load(sliced(peer_buf), layout=layout)
       totals.append(total)
     return totals
 
   def share(self, rows: Rows, *pairs):
-    """wgmma operands of which this CTA computed rows.ds, (ref, value) pairs: each CTA writes
-    its rows into its own ref and, after a cluster barrier, copies its peers' rows from theirs
-    (distributed shared memory; Mosaic GPU lowers loads from a peer's shared memory, not
-    stores), so every ref holds all b rows."""
-    for ref, value in pairs:
-      ref.at[rows.ds][...] = value.astype(ref.dtype)
+    """wgmma operands of which this member computed rows.ds, (name, value) pairs: each member
+    writes its rows into its own tile, shared(name, w), and, after a cluster barrier, copies
+    its peers' rows from theirs (distributed shared memory; Mosaic GPU lowers loads from a
+    peer's shared memory, not stores), so every tile holds all b rows."""
+    tile = lambda name: self.shared(name, self.w)
+    for name, value in pairs:
+      tile(name).at[rows.ds][...] = value.astype(tile(name).dtype)
     if self.interpret:
       plgpu.commit_smem()
-      for j, (ref, _) in enumerate(pairs):
-        plgpu.copy_smem_to_gmem(ref.at[rows.ds], self.xch_rows(j, self.c))
+      for j, (name, _) in enumerate(pairs):
+        plgpu.copy_smem_to_gmem(tile(name).at[rows.ds], self.xch_rows(j, self.c))
       plgpu.wait_smem_to_gmem(0)
     self.sync()
     n = rows.ds.size
+    theirs = lambda peer: pl.ds(pl.multiple_of(peer * n, n), n)
     received = []
-    for k in range(1, self.size):
-      peer = lax.rem(self.c + k, self.size)
-      theirs = pl.ds(pl.multiple_of(peer * n, n), n)
-      for j, (ref, _) in enumerate(pairs):
-        if self.interpret:  # recv_bar counts one arrival
-          fetch([(self.xch_rows(j, peer), ref.at[theirs])], self.recv_bar)
-        else:
-          peer_ref = plgpu.cluster_ref(ref, {"cluster": peer})
-          received.append((ref.at[theirs], plgpu.load(peer_ref.at[theirs], layout=rows.layout)))
+    if self.interpret:  # recv_bar counts one arrival
+      for k in range(1, self.size):
+        peer = lax.rem(self.c + k, self.size)
+        for j, (name, _) in enumerate(pairs):
+          fetch([(self.xch_rows(j, peer), tile(name).at[theirs(peer)])], self.recv_bar)
+    else:
+      for peer, ref_of in self.peers():
+        for name, _ in pairs:
+          peer_ref = ref_of(lambda w, name=name: self.shared(name, w))
+          received.append((tile(name).at[theirs(peer)],
+                           plgpu.load(peer_ref.at[theirs(peer)], layout=rows.layout)))
     # Every peer's load is issued before the first store waits on one: each is a round trip
     # through the SM-to-SM network (~200 clocks), and the warpgroup barriers Mosaic GPU puts
     # around shared-memory stores would otherwise serialise them (P - 1 round trips, not one).

@@ -169,7 +169,7 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
   G2 = ln_l2_grad(Z2, target, gamma, beta, eps)
   eG2 = rows(eta, rd) * G2
   if backward:  # the VJP wants G1 and Q, so G2 is shared too
-    cl.share(block, (s.neg_eg2, -eG2), (s.g2, G2))
+    cl.share(block, ("neg_eg2", -eG2), ("g2", G2))
 
     def g1(done):  # while G2 W2^T is computed
       P = done(0)
@@ -187,7 +187,7 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
     return Recompute(Z2, G2, Z2_bar + cols(stepped[1], rd), None, None, None, None)
 
   # The forward: eta scales rows, eta G1 = ((eta G2) W2^T) gelu'(Z1), and G2 is not needed.
-  cl.share(block, (s.neg_eg2, -eG2))
+  cl.share(block, ("neg_eg2", -eG2))
   W1, W2 = state
   if not output:  # the step alone: W2's during eta G1, W1's while W2' is staged
     def g1(done):

@@ -101,7 +101,7 @@ def mini_batch_vjp(s: types.SimpleNamespace, r: Recompute, carry, eps: float, cl
   ct_gamma_out = ct_out * x_hat  # [rows, d], summed over the rows with LN-L2's part
   D2 = ln_backward(x_hat, rstd, ct_out * col(s.ln.at[0]))
   dD2 = D2.sum(axis=0)  # [d], the rows' part of b2's cotangent
-  cl.share(block, (s.d2, D2))
+  cl.share(block, ("d2", D2))
   stage((s.cw1, CW1))
 
   # Z2_bar = X2_bar W2' + b2': ct_X2_bar = D2 W2'^T, and the cotangent of W2' is
@@ -159,7 +159,7 @@ def mini_batch_vjp(s: types.SimpleNamespace, r: Recompute, carry, eps: float, cl
         eps, r.G2, ct_G2, ct_gamma_out, load_rows(s.cto, block))
     add_col(s.ctln.at[0], dgamma)
     add_col(s.ctln.at[1], dbeta)
-    cl.share(block, (s.d2, ct_Z2))  # D2's tile: D2 is dead
+    cl.share(block, ("d2", ct_Z2))  # D2's tile: D2 is dead
     return ct_eta_rows, ct_T, ct_Z2.sum(axis=0)
   # X2 meets Z2 (W2) and W2's step (-eG2 ct_W2'^T); XK meets Z1 (W1) and W1's step
   # (-eG1 ct_W1'^T). The terms without ct_Z2 or ct_Z1 are computed during the rows' work,

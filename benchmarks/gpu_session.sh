@@ -47,12 +47,13 @@ stage() {  # name, seconds, command...
   local name=$1 limit=$2
   shift 2
   local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  # (-k: a kernel that hangs on the GPU, a barrier never released, may ignore SIGTERM)
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: rc=$? in $((SECONDS - t0)) s" >> "$OUT/summary.txt"
 }
 
 stage gpu_check 160 "$PY" gpu_check.py \
-  --paths=cluster,cluster-g1,cluster8,cluster-wg2,triton-d32 --out="$OUT/gpu_check.jsonl"
+  --paths=cluster,cluster-g1,cluster8,triton-d32,cluster-wg2 --out="$OUT/gpu_check.jsonl"
 stage ttt_kernels 230 "$PY" ttt_kernels.py --backend=gpu --gpu_cluster=4,0 --seconds=63,3 \
   --out="$OUT/ttt_kernels.jsonl"
 stage ttt_kernels_g1 50 "$PY" ttt_kernels.py --backend=gpu --gpu_cluster=4 --impls=pallas \

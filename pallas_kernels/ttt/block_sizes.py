@@ -85,7 +85,9 @@ TABLE: tuple[tuple[tuple[str, str | None, int | None], BlockSizes], ...] = (
     # 8 where B x H <= 16 (12 heads a device at tensor = 4): one wave either way, and a
     # mini-batch on the kernel_resources latency timeline takes 5,040 clocks instead of 6,355
     # in the forward, 13,708 instead of 18,790 in the backward. At 48 heads 4 wins there (two
-    # waves of 6,355 against three of 5,040).
+    # waves of 6,355 against three of 5,040). One warpgroup a CTA: two (`warpgroups`) take
+    # the forward's mini-batch from 6,208 to 5,724 clocks on the same timeline (two warps a
+    # scheduler), but have never run on a GPU; `gpu_session.sh` times both.
     # num_warps is for the Triton kernels, should a shape fall back to them.
     (("NVIDIA H100 PCIe", "bfloat16", 64), _cluster(sms=114)),  # untuned
     (("NVIDIA H100", "bfloat16", 64), _cluster(sms=132)),  # untuned

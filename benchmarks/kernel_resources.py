@@ -126,7 +126,7 @@ def _timeline(body, issue: bool = False, latency: bool = False,
   counts every thread of the cluster)."""
   busy_until, free = 0, 0  # the tensor cores' queue; the scheduler's next free issue slot
   w = [dict(pc=0, clock=0, open_end=None, done_at=[], ready={}, producer={}, waited={},
-            barrier=None) for _ in range(warps)]
+            barriers=0, barrier=None) for _ in range(warps)]
   arrivals = {}  # cluster barrier k -> the warps' arrival clocks
 
   def candidate(v):  # the clock warp v may issue its next instruction, and what it waits on
@@ -168,7 +168,8 @@ def _timeline(body, issue: bool = False, latency: bool = False,
     if step > 1:
       v["waited"]["stall counts"] = v["waited"].get("stall counts", 0) + step - 1
     if latency and op.startswith("UCGABAR_WAIT"):  # the warp waits for the others' arrival
-      k = sum(1 for o, _ in body[:v["pc"]] if o.startswith("UCGABAR_WAIT"))
+      v["barriers"] += 1  # its k-th: the others' k-th is the same barrier
+      k = v["barriers"]
       arrivals.setdefault(k, []).append(at)
       v["barrier"], v["clock"] = k, at
       if len(arrivals[k]) == warps:

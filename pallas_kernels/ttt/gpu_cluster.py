@@ -217,8 +217,10 @@ def _kernel(xq_g, xk_g, xv_g, eta_g, gamma_g, beta_g, w1_g, b1_g, w2_g, b2_g,
   i, h, c = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("cluster")
   wg = lax.axis_index("wg") if W > 1 else 0
   of = (lambda ref, w: ref) if W == 1 else (lambda ref, w: ref.at[w])  # warpgroup w's
-  neg_eg2_all, part_all, db2_all = mine[5:8]  # (the sibling's are read in the exchanges)
-  (w1b_s, w2b_s, x2_s, x2bar_s, neg_eg1_s, neg_eg2_s, part_s, db2_s, recv_s,
+  # -eta G2's tile and the partial sums, all warpgroups' (the exchanges read the sibling's),
+  # and this warpgroup's own buffers.
+  neg_eg2_all, part_all, db2_all = mine[5:8]
+  (w1b_s, w2b_s, x2_s, x2bar_s, neg_eg1_s, neg_eg2_s, _, _, recv_s,
    st_w1, st_b1, st_w2, st_b2, vec_s, init_bar, recv_bar) = (of(r, wg) for r in (*mine, recv_bar))
   b, d = out_s.shape
   fp = w1b_s.shape[1]

@@ -210,7 +210,8 @@ class Cluster:
   def peers(self):
     """The other members as (member index, ref_of), ref_of(view) mapping a buffer view
     view(w) -> warpgroup w's buffer to that member's: the peers' distributed shared memory (a
-    load from it is a round trip through the SM-to-SM network) or the sibling warpgroup's."""
+    load from it is a round trip through the SM-to-SM network) or the sibling warpgroup's
+    (the compiled path's; the interpreter exchanges through global memory by member index)."""
     W, P = self.W, self.size // self.W
     cta = lax.div(self.c, W) if W > 1 else self.c
     if W > 1:  # the sibling warpgroups of this CTA first (a local read)
@@ -251,15 +252,13 @@ class Cluster:
         sliced = lambda ref, ds=layout.ds: ref.at[ds]
         value, layout = plgpu.load(sliced(own(key)), layout=layout.layout), layout.layout
       total = value
-      if self.interpret:
-        for k in range(1, self.size):
-          peer = lax.rem(self.c + k, self.size)
+      for peer, ref_of in self.peers():
+        if self.interpret:
           plgpu.copy_gmem_to_smem(self.xch(key, peer), self.recv(key), self.recv_bar)
           plgpu.barrier_wait(self.recv_bar)
           total = total + plgpu.load(sliced(self.recv(key)), layout=layout)
           plgpu.commit_smem()  # this read before the next copy into recv (async proxy)
-      else:
-        for _, ref_of in self.peers():
+        else:
           peer_buf = ref_of(lambda w, key=key: self.buf(key, w))
           total = total + plgpu.load(sliced(peer_buf), layout=layout)
       totals.append(total)
@@ -282,14 +281,11 @@ class Cluster:
     n = rows.ds.size
     theirs = lambda peer: pl.ds(pl.multiple_of(peer * n, n), n)
     received = []
-    if self.interpret:  # recv_bar counts one arrival
-      for k in range(1, self.size):
-        peer = lax.rem(self.c + k, self.size)
-        for j, (name, _) in enumerate(pairs):
+    for peer, ref_of in self.peers():
+      for j, (name, _) in enumerate(pairs):
+        if self.interpret:  # recv_bar counts one arrival
           fetch([(self.xch_rows(j, peer), tile(name).at[theirs(peer)])], self.recv_bar)
-    else:
-      for peer, ref_of in self.peers():
-        for name, _ in pairs:
+        else:
           peer_ref = ref_of(lambda w, name=name: self.shared(name, w))
           received.append((tile(name).at[theirs(peer)],
                            plgpu.load(peer_ref.at[theirs(peer)], layout=rows.layout)))

@@ -122,12 +122,25 @@ def _timeline(body, issue: bool = False, latency: bool = False,
   stalls its warp until all but its last k groups are done. Issue: one instruction a clock, or
   with `issue` the stall clocks ptxas put in each control code (the dependent fixed-latency
   chains). With `latency` also the waits on variable-latency results (scoreboards, `LATENCY`)
-  and cluster barriers (`CLUSTER_BARRIER_CLOCKS` after the last warp arrives: the barrier
-  counts every thread of the cluster)."""
+  and cluster barriers: a warp arrives at its `UCGABAR_ARV` (or, with none before it, at its
+  `UCGABAR_WAIT`) and its `UCGABAR_WAIT` waits until `CLUSTER_BARRIER_CLOCKS` after the last
+  warp's arrival (the barrier counts every thread of the cluster; the peer CTAs are taken to
+  arrive with this one), so work between the two overlaps the round trip."""
   busy_until, free = 0, 0  # the tensor cores' queue; the scheduler's next free issue slot
   w = [dict(pc=0, clock=0, open_end=None, done_at=[], ready={}, producer={}, waited={},
-            barriers=0, barrier=None) for _ in range(warps)]
-  arrivals = {}  # cluster barrier k -> the warps' arrival clocks
+            arrived=0, barriers=0, barrier=None, step=1) for _ in range(warps)]
+  arrivals, release = {}, {}  # cluster barrier k -> the warps' arrival clocks, its release
+
+  def arrive(v, at):  # warp v arrives at its next cluster barrier; the last releases it
+    v["arrived"] += 1
+    k = v["arrived"]
+    arrivals.setdefault(k, []).append(at)
+    if len(arrivals[k]) == warps:
+      release[k] = max(arrivals[k]) + CLUSTER_BARRIER_CLOCKS
+      for u in w:
+        if u["barrier"] == k:
+          u["clock"] = wait(u, u["clock"], "cluster barrier", release[k]) + u["step"]
+          u["barrier"] = None
 
   def candidate(v):  # the clock warp v may issue its next instruction, and what it waits on
     t, what = max(v["clock"], free), None
@@ -167,17 +180,17 @@ def _timeline(body, issue: bool = False, latency: bool = False,
     step = max(1, stall) if issue else 1
     if step > 1:
       v["waited"]["stall counts"] = v["waited"].get("stall counts", 0) + step - 1
-    if latency and op.startswith("UCGABAR_WAIT"):  # the warp waits for the others' arrival
+    if latency and op.startswith("UCGABAR_ARV"):
+      arrive(v, at)
+    if latency and op.startswith("UCGABAR_WAIT"):  # until the barrier's release
       v["barriers"] += 1  # its k-th: the others' k-th is the same barrier
       k = v["barriers"]
-      arrivals.setdefault(k, []).append(at)
-      v["barrier"], v["clock"] = k, at
-      if len(arrivals[k]) == warps:
-        release = max(arrivals[k]) + CLUSTER_BARRIER_CLOCKS
-        for u in w:
-          if u["barrier"] == k:
-            u["clock"] = wait(u, u["clock"], "cluster barrier", release) + step
-            u["barrier"] = None
+      v["barrier"], v["clock"], v["step"] = k, at, step
+      if v["arrived"] < k:  # no arrival of its own before: it arrives here
+        arrive(v, at)
+      elif k in release:
+        v["clock"] = wait(v, at, "cluster barrier", release[k]) + step
+        v["barrier"] = None
       continue
     if latency:
       name = op.split(".")[0]

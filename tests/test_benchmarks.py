@@ -381,6 +381,26 @@ def test_kernel_resources_two_warps_meet_at_cluster_barriers():
       5 + barrier + 3, {"stall counts": 3, "cluster barrier": barrier + 1})
 
 
+def test_kernel_resources_split_cluster_barrier():
+  """A barrier arrived at (UCGABAR_ARV) before its wait: the round trip counts from the
+  arrival, so the instructions in between overlap it; with two warps, from the later arrival."""
+  kr = _kernel_resources()
+  line = lambda ctrl, text: (text.split()[0], f"   {ctrl}        /*0010*/     {text} ")
+  body = [line("-:-:-:Y:02", "UCGABAR_ARV"), *[line("-:-:-:Y:01", "FADD R3, R3, R4")] * 10,
+          line("-:-:-:Y:01", "UCGABAR_WAIT"), line("-:-:-:Y:01", "MOV R26, R31")]
+  barrier = kr.CLUSTER_BARRIER_CLOCKS
+  # Arrival at 0, the FADDs at 2 .. 11, the wait issued at 12 until the release at `barrier`.
+  assert kr._timeline(body, issue=True, latency=True) == (
+      barrier + 2, {"stall counts": 1, "cluster barrier": barrier - 12})
+  # With the wait right after the arrival the 10 FADDs come after the barrier instead.
+  moved = [body[0], body[11], *body[1:11], body[12]]
+  assert kr._timeline(moved, issue=True, latency=True)[0] == 2 + barrier - 2 + 1 + 11
+  # Two warps: arrivals at 0 and 1, released at 1 + barrier; the first warp's wait issued at
+  # 12 as alone, the MOVs after the release in turn.
+  clocks, waited = kr._timeline(body, issue=True, latency=True, warps=2)
+  assert clocks == 1 + barrier + 3 and waited["cluster barrier"] == 1 + barrier - 12
+
+
 def test_kernel_resources_latency_timeline():
   """`.sass_ctrl` control codes (wait:read:write:yield:stall): stall clocks, waits on the
   scoreboard a load set (one, `a&b`, a hex mask) after its assumed latency, cluster barriers."""

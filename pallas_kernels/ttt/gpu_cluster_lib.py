@@ -108,12 +108,19 @@ def matmul_during(pairs, work=None, interpret=False):
   return pl.run_scoped(body, *(plgpu.ACC(shape, jnp.float32) for shape in shapes))
 
 
+# A cluster barrier in two halves (as CUTLASS's cluster_arrive / cluster_wait): all threads of
+# the cluster's CTAs arrive, then wait for the others; each CTA's shared-memory writes before
+# its arrival are visible to the others after their wait (release/acquire at cluster scope).
+# Work between the two overlaps the barrier's round trip.
 @plgpu.inline_mgpu()
-def cluster_sync(ctx):
-  """All threads of the cluster's CTAs meet; each CTA's earlier shared-memory writes are then
-  visible to the others (release/acquire at cluster scope, as CUTLASS's cluster_sync)."""
+def cluster_arrive(ctx):
   del ctx
   mgpu_utils.inline_ptx("barrier.cluster.arrive.release.aligned;", has_side_effects=True)
+
+
+@plgpu.inline_mgpu()
+def cluster_wait(ctx):
+  del ctx
   mgpu_utils.inline_ptx("barrier.cluster.wait.acquire.aligned;", has_side_effects=True)
 
 
@@ -200,12 +207,19 @@ class Cluster:
     self.xch_rows, self.shared, self.W = xch_rows, shared, warpgroups
     self.w = lax.rem(c, warpgroups) if warpgroups > 1 else 0
 
-  def sync(self):
+  def sync(self, during=None):
+    """A cluster barrier; during(), work that reads nothing the peers write before it, runs
+    between this member's arrival and its wait (hiding the round trip): its result."""
     if self.interpret:  # the interpreter models cluster barriers, not inline PTX
       plgpu.barrier_arrive(self.cbar)
-      plgpu.barrier_wait(self.cbar)
     else:  # (barrier.cluster counts every thread of the cluster: all warpgroups meet)
-      cluster_sync()
+      cluster_arrive()
+    out = during() if during else None
+    if self.interpret:
+      plgpu.barrier_wait(self.cbar)
+    else:
+      cluster_wait()
+    return out
 
   def peers(self):
     """The other members as (member index, ref_of), ref_of(view) mapping a buffer view
@@ -224,11 +238,12 @@ class Cluster:
         yield peer * W + w, lambda view, w=w, peer=peer: plgpu.cluster_ref(
             view(w), {"cluster": peer})
 
-  def sum(self, *parts):
+  def sum(self, *parts, during=None):
     """(key, value, layout) partials -> their sums over the cluster, after one barrier. With a
     `Rows` for the layout, the sum of rows.ds only, in rows.layout (value: all b rows). A
     callable value is computed just before it is published (its registers are live only
-    there); None: already written to buf(key) (with a `Rows` layout only)."""
+    there); None: already written to buf(key) (with a `Rows` layout only). during(): work run
+    inside the barrier (`sync`), its result appended to the sums."""
     own = lambda key: self.buf(key, self.w)
     published = []
     for key, value, layout in parts:
@@ -244,7 +259,7 @@ class Cluster:
       for key, _, _ in parts:
         plgpu.copy_smem_to_gmem(own(key), self.xch(key, self.c))
       plgpu.wait_smem_to_gmem(0)
-    self.sync()
+    out = self.sync(during)
     totals = []
     for key, value, layout in parts:
       sliced = lambda ref: ref
@@ -262,13 +277,14 @@ class Cluster:
           peer_buf = ref_of(lambda w, key=key: self.buf(key, w))
           total = total + plgpu.load(sliced(peer_buf), layout=layout)
       totals.append(total)
-    return totals
+    return totals if during is None else [*totals, out]
 
-  def share(self, rows: Rows, *pairs):
+  def share(self, rows: Rows, *pairs, during=None):
     """wgmma operands of which this member computed rows.ds, (name, value) pairs: each member
     writes its rows into its own tile, shared(name, w), and, after a cluster barrier, copies
     its peers' rows from theirs (distributed shared memory; Mosaic GPU lowers loads from a
-    peer's shared memory, not stores), so every tile holds all b rows."""
+    peer's shared memory, not stores), so every tile holds all b rows. during(): work run
+    inside the barrier (`sync`); its result is returned."""
     tile = lambda name: self.shared(name, self.w)
     for name, value in pairs:
       tile(name).at[rows.ds][...] = value.astype(tile(name).dtype)
@@ -277,7 +293,7 @@ class Cluster:
       for j, (name, _) in enumerate(pairs):
         plgpu.copy_smem_to_gmem(tile(name).at[rows.ds], self.xch_rows(j, self.c))
       plgpu.wait_smem_to_gmem(0)
-    self.sync()
+    out = self.sync(during)
     n = rows.ds.size
     theirs = lambda peer: pl.ds(pl.multiple_of(peer * n, n), n)
     received = []
@@ -295,6 +311,7 @@ class Cluster:
     for ref, value in received:
       ref[...] = value
     plgpu.commit_smem()
+    return out
 
 
 def stage(*pairs):

@@ -187,14 +187,18 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
     return Recompute(Z2, G2, Z2_bar + cols(stepped[1], rd), None, None, None, None)
 
   # The forward: eta scales rows, eta G1 = ((eta G2) W2^T) gelu'(Z1), and G2 is not needed.
-  cl.share(block, ("neg_eg2", -eG2))
+  # db2 [d], colsum(eta G2) over the CTA's rows: in the step alone (output=False) summed
+  # inside the barrier, its shuffles and cross-warp sum overlapping the round trip; with the
+  # output, while Z2_bar's product is computed (measured both ways: `kernel_resources.py`).
+  colsum_eG2 = lambda *_: eG2.sum(axis=0)
+  db2 = cl.share(block, ("neg_eg2", -eG2), during=None if output else colsum_eG2)
   W1, W2 = state
   if not output:  # the step alone: W2's during eta G1, W1's while W2' is staged
     def g1(done):
       neg_eG1 = done(0) * dX2
       stage((s.neg_eg1, neg_eG1))
-      return neg_eG1, eG2.sum(axis=0)  # and db2 [d] on the CTA's rows
-    (neg_eG1, db2), (_, W2) = matmul_during(
+      return neg_eG1
+    neg_eG1, (_, W2) = matmul_during(
         [(bf, [(s.neg_eg2, w2_t)]), (W2, [w2_step])], g1, interpret)
     def w2_new(done):
       if before_stage:
@@ -222,8 +226,6 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
   _, (_, W2) = matmul_during([(cols(b1 - db1, bf), [(s.xq, s.w1)]),
                               (W2, [w2_step])], gelu_bar, interpret)
   stage((s.w2, W2))
-  # (db2 [d], over the CTA's rows, is summed while Z2_bar's product is computed.)
-  db2, (part,) = matmul_during([(bd, [(s.x2_bar, w2)])], lambda done: eG2.sum(axis=0),
-                               interpret)
+  db2, (part,) = matmul_during([(bd, [(s.x2_bar, w2)])], colsum_eG2, interpret)
   Z2_bar, db2 = cl.sum((1, part, block), ("db2", db2, block.col))
   return Recompute(Z2, G2, Z2_bar + cols(b2 - db2, rd), db1, db2, W1, W2)

@@ -100,9 +100,10 @@ def mini_batch_vjp(s: types.SimpleNamespace, r: Recompute, carry, eps: float, cl
   ct_out = load_rows(s.cto, block)
   ct_gamma_out = ct_out * x_hat  # [rows, d], summed over the rows with LN-L2's part
   D2 = ln_backward(x_hat, rstd, ct_out * col(s.ln.at[0]))
-  dD2 = D2.sum(axis=0)  # [d], the rows' part of b2's cotangent
-  cl.share(block, ("d2", D2))
-  stage((s.cw1, CW1))
+  def inside():  # during the barrier's round trip: ct_W1 staged, D2's column sum
+    stage((s.cw1, CW1))
+    return D2.sum(axis=0)  # [d], the rows' part of b2's cotangent
+  dD2 = cl.share(block, ("d2", D2), during=inside)
 
   # Z2_bar = X2_bar W2' + b2': ct_X2_bar = D2 W2'^T, and the cotangent of W2' is
   # CW2 + X2_bar^T D2 (staged: every later product with it pulls it back through W2's step
@@ -157,10 +158,11 @@ def mini_batch_vjp(s: types.SimpleNamespace, r: Recompute, carry, eps: float, cl
         r.Z2, load_rows(s.xv, block) - load_rows(s.xk, block),
         load_col(s.ln.at[0], block.col), load_col(s.ln.at[1], block.col),
         eps, r.G2, ct_G2, ct_gamma_out, load_rows(s.cto, block))
-    add_col(s.ctln.at[0], dgamma)
-    add_col(s.ctln.at[1], dbeta)
-    cl.share(block, ("d2", ct_Z2))  # D2's tile: D2 is dead
-    return ct_eta_rows, ct_T, ct_Z2.sum(axis=0)
+    def inside():  # during the barrier's round trip
+      add_col(s.ctln.at[0], dgamma)
+      add_col(s.ctln.at[1], dbeta)
+      return ct_Z2.sum(axis=0)
+    return ct_eta_rows, ct_T, cl.share(block, ("d2", ct_Z2), during=inside)  # (D2 is dead)
   # X2 meets Z2 (W2) and W2's step (-eG2 ct_W2'^T); XK meets Z1 (W1) and W1's step
   # (-eG1 ct_W1'^T). The terms without ct_Z2 or ct_Z1 are computed during the rows' work,
   # with W2's cotangent step ct_P^T G2 and this slice's part of ct_XQ = D1 W1'^T.
@@ -181,11 +183,12 @@ def mini_batch_vjp(s: types.SimpleNamespace, r: Recompute, carry, eps: float, cl
   ct_Z1, (_, CW2) = matmul_during(
       [(ct_X2, [(s.d2, df(s.w2))]), (CW2, [cw2_step(s.x2, s.d2)])], d1, interpret)
   def xk_sum(done):  # while W1's cotangent is accumulated (it reads s.xk: written after)
-    s.vb1[...] = load_col(s.vb1) + ct_Z1.sum(axis=0)
-    s.dxv.at[block.ds][...] = ct_T.astype(s.dxv.dtype)  # d XV's rows, out by the caller
-    ct_eta_, dZ2_, ct_XQ_, ct_XK_ = cl.sum(
+    def inside():  # during the barrier's round trip
+      s.vb1[...] = load_col(s.vb1) + ct_Z1.sum(axis=0)
+      s.dxv.at[block.ds][...] = ct_T.astype(s.dxv.dtype)  # d XV's rows, out by the caller
+    ct_eta_, dZ2_, ct_XQ_, ct_XK_, _ = cl.sum(
         ("eta", ct_eta, eta_block), ("v", dZ2, block.col), (1, None, block),
-        (2, lambda: done(0), block))
+        (2, lambda: done(0), block), during=inside)
     add_col(s.vb2, dZ2_)
     return ct_XK_, ct_XQ_, ct_eta_
   (ct_XK, ct_XQ, ct_eta), (_, CW1) = matmul_during(

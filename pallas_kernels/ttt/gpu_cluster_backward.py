@@ -24,9 +24,10 @@ is traced apart from the loop over the others, so that the loop has no branch on
 The loop holds 255 registers a thread and spills (a 2.4 KiB stack frame). The measured steps
 (`benchmarks/kernel_resources.py`: 18,790 clocks a mini-batch on the latency timeline at
 cluster = 4) and what was tried and lost are in the README's Benchmark section. Three of the
-VJP's four exchanges run work inside their cluster barrier (`Cluster.sum`/`share`'s `during`:
-between the arrive and the wait), which took a mini-batch from 19,062 to 17,989 clocks on the
-timeline (the same toolchain for both; 13,520 to 13,147 at 8). Next: warp
+VJP's four exchanges and its forward half's `share` run work inside their cluster barrier
+(`Cluster.sum`/`share`'s `during`: between the arrive and the wait), and Z2_bar's product runs
+across that `share`, which took a mini-batch from 19,062 to 17,522 clocks on the timeline (the
+same toolchain for both; 13,520 to 13,010 at 8). Next: warp
 specialisation (a second warpgroup holding the state cotangents and their matmuls would take 64
 registers a thread off this one; every warp must then join the cluster barriers, or they become
 mbarrier based).

@@ -169,20 +169,21 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
   G2 = ln_l2_grad(Z2, target, gamma, beta, eps)
   eG2 = rows(eta, rd) * G2
   if backward:  # the VJP wants G1 and Q, so G2 is shared too
-    cl.share(block, ("neg_eg2", -eG2), ("g2", G2))
+    def park():  # gelu'(Z1) parked in shared memory inside the barrier (the VJP's uses are
+      s.dx2[...] = dX2.astype(s.dx2.dtype)  # far off)
+    # Z2_bar = X2_bar W2' + b2': its product runs on the tensor cores across the barrier.
+    _, (part,) = matmul_during(
+        [(bd, [(s.x2_bar, fd(s.w2_new))])],
+        lambda done: cl.share(block, ("neg_eg2", -eG2), ("g2", G2), during=park), interpret)
 
     def g1(done):  # while G2 W2^T is computed
       P = done(0)
       G1 = P * dX2
-      # Parked in shared memory (the VJP's uses are far off): gelu'(Z1), G1 and Q.
-      s.dx2[...] = dX2.astype(s.dx2.dtype)
+      # Parked in shared memory (the VJP's uses are far off): G1 and Q.
       s.q[...] = (P * ddX2).astype(s.q.dtype)
       s.g1[...] = G1
       stage((s.neg_eg1, -(rows(plgpu.load(s.eta, layout=ROW), bf) * G1)))
-    # Z2_bar = X2_bar W2' + b2', with G2 W2^T
-    w2_new = fd(s.w2_new)
-    _, (_, part) = matmul_during([(bf, [(s.g2, w2_t)]), (bd, [(s.x2_bar, w2_new)])], g1,
-                                 interpret)
+    matmul_during([(bf, [(s.g2, w2_t)])], g1, interpret)
     Z2_bar, = cl.sum((1, part, block))
     return Recompute(Z2, G2, Z2_bar + cols(stepped[1], rd), None, None, None, None)
 

@@ -282,21 +282,22 @@ def _compile(kernel: str, args) -> dict:
                                             spec((*lead, *w2), w_dtype), spec((*lead, 1, d), f32))
   ln = spec((H, d), f32)
   if kernel == "cluster_forward":
-    N, module = args.num_mini_batches, gpu_cluster
+    N, smem = args.num_mini_batches, gpu_cluster.smem_bytes(b, d, P, warpgroups=W)
     fn = lambda *a: gpu_cluster.forward(*a, eps=1e-6, checkpoint_group=args.checkpoint_group,
                                         cluster=P, warpgroups=W)
     shapes = (*[spec((B, H, N, b, d), bf16)] * 3, spec((B, H, N, b), f32), ln, ln,
               state((H,), f32))
   elif kernel in ("cluster_recompute", "cluster_forward_g1"):  # every state saved
     recompute = kernel == "cluster_recompute"  # `gpu.backward`'s first half for one group
-    N, module = (args.checkpoint_group if recompute else args.num_mini_batches), gpu_cluster
+    N = args.checkpoint_group if recompute else args.num_mini_batches
+    smem = gpu_cluster.smem_bytes(b, d, P)
     fn = lambda *a: gpu_cluster.forward(*a, eps=1e-6, checkpoint_group=1, cluster=P,
                                         per_example_init=recompute, weights_dtype=bf16,
                                         output=not recompute)
     shapes = (*[spec((B, H, N, b, d), bf16)] * 3, spec((B, H, N, b), f32), ln, ln,
               state((B, H) if recompute else (H,), f32))
   else:  # one group of the reverse sweep
-    N, module = args.checkpoint_group, gpu_cluster_backward
+    N, smem = args.checkpoint_group, gpu_cluster_backward.smem_bytes(b, d, P)
     fn = lambda *a: gpu_cluster_backward.backward_group(*a, eps=1e-6, cluster=P)
     xs = (*[spec((B, H, N, b, d), bf16)] * 3, spec((B, H, N, b), f32))
     stack_w2 = gpu_cluster.w2_shape(d, P, f)  # as the recompute saves them
@@ -307,8 +308,7 @@ def _compile(kernel: str, args) -> dict:
     jax.jit(fn).trace(*shapes).lower().compile()
   return dict(device_kind=devices[0].device_kind, jax=jax.__version__, batch=B, heads=H,
               mini_batches=N, mini_batch=b, head_dim=d, cluster=P, warpgroups=W,
-              smem_estimate_bytes=(gpu_cluster.smem_bytes(b, d, P, warpgroups=W)
-                                   if module is gpu_cluster else module.smem_bytes(b, d, P)),
+              smem_estimate_bytes=smem,
               compile_s=round(time.perf_counter() - t0, 1))
 
 

@@ -169,8 +169,9 @@ def mini_batch(s, b1, b2, eps, cl, block, state=None, stepped=None, interpret=Fa
   G2 = ln_l2_grad(Z2, target, gamma, beta, eps)
   eG2 = rows(eta, rd) * G2
   if backward:  # the VJP wants G1 and Q, so G2 is shared too
-    def park():  # gelu'(Z1) parked in shared memory inside the barrier (the VJP's uses are
-      s.dx2[...] = dX2.astype(s.dx2.dtype)  # far off)
+    # gelu'(Z1) is parked in shared memory inside the barrier (the VJP's uses are far off).
+    def park():
+      s.dx2[...] = dX2.astype(s.dx2.dtype)
     # Z2_bar = X2_bar W2' + b2': its product runs on the tensor cores across the barrier.
     _, (part,) = matmul_during(
         [(bd, [(s.x2_bar, fd(s.w2_new))])],
